@@ -1,0 +1,116 @@
+//! Start-up and shutdown: the one entry point that the binary and the tests
+//! share, so tests exercise exactly what production runs.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::billing::catalog::Catalog;
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::store::audit::Actor;
+use crate::store::{Store, StoreOptions};
+use crate::{jobs, telemetry};
+
+/// Everything that can stop tollgate from starting, each with a message an
+/// operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Catalog(#[from] crate::billing::catalog::CatalogError),
+    #[error("database: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
+        max_connections: config.database_max_connections,
+        ..StoreOptions::default()
+    }
+}
+
+/// Serves tollgate on `listener` until `shutdown` is cancelled, then stops
+/// accepting, lets in-flight requests and jobs finish (within the grace
+/// period), and closes the database pools.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
+    let problems = config.problems();
+    if !problems.is_empty() {
+        return Err(StartError::Config(problems.join("; ")));
+    }
+    let catalog = Catalog::load(&config.catalog_path)?;
+    let store = Store::connect_and_migrate(&config.database_url, &store_options(&config)).await?;
+    let report = store.sync_catalog(&catalog, &Actor::System("catalog")).await?;
+    if !report.is_noop() {
+        tracing::info!(created = ?report.created, updated = ?report.updated, deactivated = ?report.deactivated, "catalog synced");
+    }
+    let redis = config.redis_url.as_deref().map(redis::Client::open).transpose()?;
+
+    let state = AppState {
+        store: store.clone(),
+        metrics: telemetry::metrics_handle(),
+        redis,
+        shutdown: shutdown.clone(),
+        https: config.public_url().starts_with("https://"),
+        max_body_bytes: config.max_body_bytes,
+        request_timeout_seconds: config.request_timeout_seconds as i64,
+        idempotency_ttl_seconds: (config.idempotency_key_ttl_hours * 3600) as i64,
+        config: Arc::new(config),
+    };
+    let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
+    let workers = jobs::spawn_all(&state, shutdown.clone());
+    let app = http::router(state);
+
+    tracing::info!(address = %listener.local_addr()?, "tollgate listening");
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let mut server = std::pin::pin!(server.into_future());
+    tokio::select! {
+        result = &mut server => result?,
+        () = shutdown.cancelled() => {
+            // Stop accepting at once; give in-flight requests the grace period.
+            if tokio::time::timeout(grace, &mut server).await.is_err() {
+                tracing::warn!(grace_seconds = grace.as_secs(), "requests still running after the grace period; exiting anyway");
+            }
+        }
+    }
+    if tokio::time::timeout(grace, workers.wait()).await.is_err() {
+        tracing::warn!("background jobs did not stop within the grace period");
+    }
+    store.close().await;
+    tracing::info!("tollgate stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C and cancels `token`.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested");
+    token.cancel();
+}

@@ -1,0 +1,191 @@
+//! The `tollgate` command line: one binary for the server and every
+//! operator task.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{self, store_options};
+use crate::auth::{self, KeyMode, Scope};
+use crate::config::Config;
+use crate::store::audit::Actor;
+use crate::store::Store;
+use crate::telemetry;
+
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about = "A self-hosted billing gateway")]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server and background workers.
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage API keys.
+    #[command(subcommand, name = "api-key")]
+    ApiKey(ApiKeyCommand),
+    /// Inspect the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create a key and print it once; only its digest is stored.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        scope: Scope,
+        /// `tg_test_` or `tg_live_` (default: live in production, test otherwise).
+        #[arg(long, value_parser = ["test", "live"])]
+        mode: Option<String>,
+    },
+    /// List keys (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id (`key_…`); it stops working at once.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute the hash chain; exits non-zero if anything was altered.
+    Verify,
+}
+
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(&cli.config.log_level, cli.config.log_format());
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn open_store(config: &Config) -> Result<Store, String> {
+    Store::connect_and_migrate(&config.database_url, &store_options(config))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
+    let config = cli.config;
+    match cli.command {
+        Command::Serve => {
+            let problems = config.problems();
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("error: {p}");
+                }
+                return Ok(ExitCode::from(2));
+            }
+            let address = format!("{}:{}", config.bind_address, config.port);
+            let listener = tokio::net::TcpListener::bind(&address)
+                .await
+                .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(app::cancel_on_signal(shutdown.clone()));
+            app::run(config, listener, shutdown).await.map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let store = open_store(&config).await?;
+            let status = store.schema_status().await.map_err(|e| e.to_string())?;
+            println!(
+                "database migrated ({:?}, schema version {})",
+                store.kind(),
+                status.applied_version.unwrap_or(0)
+            );
+            store.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ApiKey(cmd) => {
+            let store = open_store(&config).await?;
+            let code = api_key(&store, &config, cmd).await?;
+            store.close().await;
+            Ok(code)
+        }
+        Command::Audit(AuditCommand::Verify) => {
+            let store = open_store(&config).await?;
+            let report = store.verify_audit_chain().await.map_err(|e| e.to_string())?;
+            store.close().await;
+            match &report.broken {
+                None => {
+                    println!("✓ audit chain intact: {} entries, head {}", report.entries, report.head_hash);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some((seq, problem)) => {
+                    println!("✗ audit chain broken at entry {seq}: {problem}");
+                    println!("  {} entries before it verified", report.entries);
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
+}
+
+async fn api_key(store: &Store, config: &Config, cmd: ApiKeyCommand) -> Result<ExitCode, String> {
+    match cmd {
+        ApiKeyCommand::Create { name, scope, mode } => {
+            let name = name.trim();
+            if name.is_empty() || name.len() > 100 {
+                return Err("--name must be 1 to 100 characters".to_owned());
+            }
+            let mode = match mode.as_deref() {
+                Some("live") => KeyMode::Live,
+                Some(_) => KeyMode::Test,
+                None if config.is_production() => KeyMode::Live,
+                None => KeyMode::Test,
+            };
+            let key = auth::generate_key(mode);
+            let record = store
+                .create_api_key(name, scope, mode, &key, &Actor::Cli)
+                .await
+                .map_err(|e| e.to_string())?;
+            eprintln!("Created {} ({}, scope {}). Store the key now: it is not shown again.", record.id, name, scope);
+            println!("{}", auth::reveal(&key));
+            Ok(ExitCode::SUCCESS)
+        }
+        ApiKeyCommand::List { json } => {
+            let keys = store.list_api_keys().await.map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys).map_err(|e| e.to_string())?);
+            } else {
+                println!("{:<32} {:<20} {:<6} {:<5} {:<17} status", "id", "name", "scope", "mode", "prefix");
+                for k in keys {
+                    let status = if k.revoked_at.is_some() { "revoked" } else { "active" };
+                    println!(
+                        "{:<32} {:<20} {:<6} {:<5} {:<17} {status}",
+                        k.id,
+                        k.name,
+                        k.scope.as_str(),
+                        k.mode.as_str(),
+                        format!("{}…", k.prefix)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ApiKeyCommand::Revoke { id } => {
+            if store.revoke_api_key(&id, &Actor::Cli).await.map_err(|e| e.to_string())? {
+                println!("revoked {id}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Err(format!("no active API key with id {id}"))
+            }
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! Configuration: environment variables, the same names as CLI flags, and
+//! validation that refuses unsafe combinations before anything starts.
+//!
+//! Secrets are `SecretString`s: they print as `[REDACTED]` in `Debug`, so a
+//! logged config never leaks a key.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use secrecy::{ExposeSecret, SecretString};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+fn secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(raw.to_owned()))
+}
+
+/// Every setting of a tollgate process. Field docs are the `--help` text.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// `development` or `production`; production refuses unsafe settings.
+    #[arg(long, env = "ENVIRONMENT", value_enum, default_value = "development", global = true)]
+    pub environment: Environment,
+
+    /// `sqlite://PATH` or `postgres://…`.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://tollgate.db", global = true)]
+    pub database_url: String,
+
+    /// Connections per database pool.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10, global = true)]
+    pub database_max_connections: u32,
+
+    /// In production, SQLite must be chosen on purpose (one machine, no replicas).
+    #[arg(long, env = "ALLOW_SQLITE_IN_PRODUCTION", default_value_t = false, global = true)]
+    pub allow_sqlite_in_production: bool,
+
+    /// Optional Redis, for state shared across instances.
+    #[arg(long, env = "REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+
+    /// The catalog file.
+    #[arg(long = "catalog", env = "TOLLGATE_CATALOG", default_value = "./tollgate.toml", global = true)]
+    pub catalog_path: PathBuf,
+
+    /// Port of the HTTP server.
+    #[arg(long, env = "PORT", default_value_t = 8080, global = true)]
+    pub port: u16,
+
+    /// Address to listen on.
+    #[arg(long, env = "BIND_ADDRESS", default_value = "0.0.0.0", global = true)]
+    pub bind_address: String,
+
+    /// Where users and providers reach tollgate (default http://127.0.0.1:$PORT).
+    #[arg(long, env = "PUBLIC_URL", global = true)]
+    pub public_url: Option<String>,
+
+    /// Stripe secret key (`sk_test_…` or `sk_live_…`). Unset: the built-in emulator.
+    #[arg(long, env = "STRIPE_SECRET_KEY", value_parser = secret, hide_env_values = true, global = true)]
+    pub stripe_secret_key: Option<SecretString>,
+
+    /// Stripe webhook signing secrets, comma-separated during rotation.
+    #[arg(long, env = "STRIPE_WEBHOOK_SECRET", value_parser = secret, hide_env_values = true, global = true)]
+    pub stripe_webhook_secret: Option<SecretString>,
+
+    /// Base URL of Stripe's API (for proxies and the emulator).
+    #[arg(long, env = "STRIPE_API_BASE", global = true)]
+    pub stripe_api_base: Option<String>,
+
+    #[arg(long, env = "PAYPAL_CLIENT_ID", global = true)]
+    pub paypal_client_id: Option<String>,
+
+    #[arg(long, env = "PAYPAL_CLIENT_SECRET", value_parser = secret, hide_env_values = true, global = true)]
+    pub paypal_client_secret: Option<SecretString>,
+
+    #[arg(long, env = "PAYPAL_WEBHOOK_ID", global = true)]
+    pub paypal_webhook_id: Option<String>,
+
+    /// Secret for sessions and CSRF tokens: at least 32 random characters in production.
+    #[arg(long, env = "SECRET_KEY", value_parser = secret, hide_env_values = true, global = true)]
+    pub secret_key: Option<SecretString>,
+
+    /// Secret for entitlement tokens (otherwise a signing key pair is used).
+    #[arg(long, env = "JWT_SECRET_KEY", value_parser = secret, hide_env_values = true, global = true)]
+    pub jwt_secret_key: Option<SecretString>,
+
+    /// Browser origins allowed by CORS, comma-separated; empty means none.
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',', global = true)]
+    pub allowed_origins: Vec<String>,
+
+    /// Default checkout success URL.
+    #[arg(long, env = "PAYMENTSVC_SUCCESS_URL", global = true)]
+    pub success_url: Option<String>,
+
+    /// Default checkout cancel URL.
+    #[arg(long, env = "PAYMENTSVC_CANCEL_URL", global = true)]
+    pub cancel_url: Option<String>,
+
+    /// Default customer-portal return URL.
+    #[arg(long, env = "PAYMENTSVC_RETURN_URL", global = true)]
+    pub return_url: Option<String>,
+
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+
+    /// `json` or `pretty` (default: json in production, pretty otherwise).
+    #[arg(long, env = "LOG_FORMAT", value_enum, global = true)]
+    pub log_format: Option<LogFormat>,
+
+    /// Sustained requests per second per API key.
+    #[arg(long, env = "RATE_LIMIT_PER_KEY", default_value_t = 100, global = true)]
+    pub rate_limit_per_key: u32,
+
+    /// Sustained requests per second per client address.
+    #[arg(long, env = "RATE_LIMIT_PER_IP", default_value_t = 20, global = true)]
+    pub rate_limit_per_ip: u32,
+
+    /// Requests allowed in a burst above the sustained rate.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 200, global = true)]
+    pub rate_limit_burst: u32,
+
+    /// Accepted age of a provider webhook signature, in seconds, either way.
+    #[arg(long, env = "WEBHOOK_TOLERANCE_SECONDS", default_value_t = 300, global = true)]
+    pub webhook_tolerance_seconds: u64,
+
+    /// Lets production webhook endpoints resolve to private addresses.
+    #[arg(long, env = "ALLOW_PRIVATE_WEBHOOK_TARGETS", default_value_t = false, global = true)]
+    pub allow_private_webhook_targets: bool,
+
+    /// Longest a request may run before it is answered 408.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECONDS", default_value_t = 30, global = true)]
+    pub request_timeout_seconds: u64,
+
+    /// Largest request body accepted on the API, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024, global = true)]
+    pub max_body_bytes: usize,
+
+    /// How long an `Idempotency-Key` and its stored response are kept.
+    #[arg(long, env = "IDEMPOTENCY_KEY_TTL_HOURS", default_value_t = 24, global = true)]
+    pub idempotency_key_ttl_hours: u64,
+
+    /// Grace period before in-flight requests are abandoned at shutdown.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 25, global = true)]
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Config {
+    /// The configuration a process gets with no environment at all: what
+    /// tests and embedders start from.
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            config: Config,
+        }
+        // Parse from an empty command line, ignoring the environment, so the
+        // defaults live in one place: the attributes above.
+        let cmd = <Only as clap::CommandFactory>::command();
+        let cmd = cmd.mut_args(|a| a.env(None::<&str>));
+        let matches = cmd.get_matches_from(["tollgate"]);
+        <Only as clap::FromArgMatches>::from_arg_matches(&matches)
+            .expect("defaults parse")
+            .config
+    }
+
+    pub fn public_url(&self) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://127.0.0.1:{}", self.port))
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    pub fn is_production(&self) -> bool {
+        self.environment == Environment::Production
+    }
+
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format.unwrap_or(if self.is_production() {
+            LogFormat::Json
+        } else {
+            LogFormat::Pretty
+        })
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_seconds.max(1))
+    }
+
+    /// The configured webhook secrets, in order, for rotation.
+    pub fn stripe_webhook_secrets(&self) -> Vec<SecretString> {
+        self.stripe_webhook_secret
+            .as_ref()
+            .map(|s| {
+                s.expose_secret()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| SecretString::from(s.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether tollgate runs against its own Stripe emulator.
+    pub fn uses_stripe_emulator(&self) -> bool {
+        self.stripe_secret_key.is_none()
+    }
+
+    /// Every reason this configuration must not start, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let stripe_key = self.stripe_secret_key.as_ref().map(|k| k.expose_secret().to_owned());
+        match self.environment {
+            Environment::Production => {
+                match stripe_key.as_deref() {
+                    Some(k) if k.starts_with("sk_test_") || k.starts_with("rk_test_") => problems.push(
+                        "STRIPE_SECRET_KEY is a test key (sk_test_…) but ENVIRONMENT=production: use the live key".to_owned(),
+                    ),
+                    None if self.paypal_client_id.is_none() => problems.push(
+                        "no payment provider configured: set STRIPE_SECRET_KEY (the emulator is for development only)".to_owned(),
+                    ),
+                    _ => {}
+                }
+                if stripe_key.is_some() && self.stripe_webhook_secrets().is_empty() {
+                    problems.push(
+                        "STRIPE_WEBHOOK_SECRET is missing: without it provider webhooks cannot be verified (run `tollgate stripe setup`)"
+                            .to_owned(),
+                    );
+                }
+                if self.paypal_client_id.is_some() && self.paypal_webhook_id.is_none() {
+                    problems.push("PAYPAL_WEBHOOK_ID is missing: PayPal webhooks cannot be verified".to_owned());
+                }
+                if self.allowed_origins.iter().any(|o| o.trim() == "*") {
+                    problems.push(
+                        "ALLOWED_ORIGINS contains the wildcard '*' in production: list the exact origins".to_owned(),
+                    );
+                }
+                match &self.secret_key {
+                    None => problems.push(
+                        "SECRET_KEY is missing: set at least 32 random characters (e.g. `openssl rand -base64 48`)"
+                            .to_owned(),
+                    ),
+                    Some(k) if is_weak_secret(k.expose_secret()) => problems.push(
+                        "SECRET_KEY is weak: use at least 32 random characters (e.g. `openssl rand -base64 48`)".to_owned(),
+                    ),
+                    _ => {}
+                }
+                if self.database_url.starts_with("sqlite:") && !self.allow_sqlite_in_production {
+                    problems.push(
+                        "DATABASE_URL is SQLite in production: use PostgreSQL, or set ALLOW_SQLITE_IN_PRODUCTION=true for a single-machine deployment"
+                            .to_owned(),
+                    );
+                }
+            }
+            Environment::Development => {
+                if stripe_key.as_deref().is_some_and(|k| k.starts_with("sk_live_") || k.starts_with("rk_live_")) {
+                    problems.push(
+                        "STRIPE_SECRET_KEY is a live key (sk_live_…) but ENVIRONMENT=development: use a test key, or set ENVIRONMENT=production"
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                problems.push(format!("PUBLIC_URL {url:?} must start with http:// or https://"));
+            }
+        }
+        if let Err(e) = crate::store::DbKind::from_url(&self.database_url) {
+            problems.push(format!("DATABASE_URL: {e}"));
+        }
+        for origin in &self.allowed_origins {
+            let o = origin.trim();
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                problems.push(format!("ALLOWED_ORIGINS entry {o:?} must be an origin such as https://app.example.com"));
+            }
+        }
+        problems
+    }
+}
+
+/// Too short, or too few distinct characters to be random, or a placeholder.
+pub fn is_weak_secret(secret: &str) -> bool {
+    const PLACEHOLDERS: [&str; 6] = ["changeme", "change-me", "secret", "password", "development", "example"];
+    let distinct: std::collections::BTreeSet<char> = secret.chars().collect();
+    let lower = secret.to_ascii_lowercase();
+    secret.len() < 32 || distinct.len() < 10 || PLACEHOLDERS.iter().any(|p| lower.contains(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn production() -> Config {
+        let mut c = Config::defaults();
+        c.environment = Environment::Production;
+        c.stripe_secret_key = Some(SecretString::from("sk_live_abc".to_owned()));
+        c.stripe_webhook_secret = Some(SecretString::from("whsec_abc".to_owned()));
+        c.secret_key = Some(SecretString::from("q8Zr1vX0pL3mN7bK2yT5wE9uJ4hG6fD0sA".to_owned()));
+        c.database_url = "postgres://db/tollgate".to_owned();
+        c.allowed_origins = vec!["https://app.example.com".to_owned()];
+        c
+    }
+
+    #[track_caller]
+    fn refused(c: &Config, needle: &str) {
+        let problems = c.problems();
+        assert!(
+            problems.iter().any(|p| p.contains(needle)),
+            "expected a problem mentioning {needle:?}, got {problems:?}"
+        );
+    }
+
+    #[test]
+    fn defaults_are_a_valid_development_setup() {
+        let c = Config::defaults();
+        assert_eq!(c.environment, Environment::Development);
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.database_url, "sqlite://tollgate.db");
+        assert!(c.uses_stripe_emulator());
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert_eq!(c.public_url(), "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn a_good_production_setup_passes() {
+        assert!(production().problems().is_empty(), "{:?}", production().problems());
+    }
+
+    #[test]
+    fn production_refuses_each_unsafe_setting() {
+        let mut c = production();
+        c.stripe_secret_key = Some(SecretString::from("sk_test_123".to_owned()));
+        refused(&c, "test key");
+
+        let mut c = production();
+        c.stripe_webhook_secret = None;
+        refused(&c, "STRIPE_WEBHOOK_SECRET is missing");
+
+        let mut c = production();
+        c.allowed_origins = vec!["*".to_owned()];
+        refused(&c, "wildcard");
+
+        let mut c = production();
+        c.secret_key = None;
+        refused(&c, "SECRET_KEY is missing");
+
+        let mut c = production();
+        c.secret_key = Some(SecretString::from("short".to_owned()));
+        refused(&c, "SECRET_KEY is weak");
+
+        let mut c = production();
+        c.secret_key = Some(SecretString::from("a".repeat(64)));
+        refused(&c, "SECRET_KEY is weak");
+
+        let mut c = production();
+        c.database_url = "sqlite://tollgate.db".to_owned();
+        refused(&c, "SQLite in production");
+        c.allow_sqlite_in_production = true;
+        assert!(c.problems().is_empty());
+    }
+
+    #[test]
+    fn development_refuses_live_keys() {
+        let mut c = Config::defaults();
+        c.stripe_secret_key = Some(SecretString::from("sk_live_123".to_owned()));
+        refused(&c, "live key");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = production();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("sk_live_abc") && !debug.contains("whsec_abc") && !debug.contains("q8Zr1vX0"));
+    }
+
+    #[test]
+    fn webhook_secrets_split_for_rotation() {
+        let mut c = Config::defaults();
+        c.stripe_webhook_secret = Some(SecretString::from("whsec_a, whsec_b,".to_owned()));
+        let secrets: Vec<String> = c.stripe_webhook_secrets().iter().map(|s| s.expose_secret().to_owned()).collect();
+        assert_eq!(secrets, ["whsec_a", "whsec_b"]);
+    }
+}

@@ -1,0 +1,275 @@
+//! Layers every request passes through: request ids and tracing, metrics,
+//! JSON errors for bare statuses, authentication, and idempotency.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+
+use super::error::{ApiError, ErrorType, REQUEST_ID};
+use super::extract::Principal;
+use super::AppState;
+use crate::auth;
+use crate::store::idempotency::{Claim, StoredResponse};
+
+pub const REQUEST_ID_HEADER: &str = "request-id";
+
+/// Accepts a caller's `X-Request-Id` only if it is short and plain, so ids
+/// can be logged and echoed without escaping.
+fn incoming_request_id(headers: &HeaderMap) -> Option<String> {
+    let raw = headers.get("x-request-id")?.to_str().ok()?;
+    let ok = !raw.is_empty()
+        && raw.len() <= 128
+        && raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    ok.then(|| raw.to_owned())
+}
+
+/// Outermost layer: gives the request an id, a span, a log line and metrics.
+/// Headers are not recorded, so keys and signatures never reach the logs.
+pub async fn observe(req: Request, next: Next) -> Response {
+    let request_id = incoming_request_id(req.headers()).unwrap_or_else(|| crate::ids::new_id("req"));
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().clone();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %method,
+        route = %route,
+        api_key = tracing::field::Empty
+    );
+    let started = Instant::now();
+
+    let mut response = REQUEST_ID
+        .scope(request_id.clone(), next.run(req))
+        .instrument(span.clone())
+        .await;
+
+    let elapsed = started.elapsed();
+    let status = response.status();
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    let labels = [
+        ("method", method.to_string()),
+        ("route", route),
+        ("status", status.as_u16().to_string()),
+    ];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    span.in_scope(|| {
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), duration_ms = ms, "request failed");
+        } else {
+            tracing::info!(status = status.as_u16(), duration_ms = ms, "request");
+        }
+    });
+    response
+}
+
+/// Layers outside the handlers (routing fallback, 405, body limits, timeouts,
+/// panic catching) answer with bare statuses; this rewrites any error that is
+/// not already JSON into the API's error shape.
+pub async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return response;
+    }
+    // Keep the layers' headers (Allow, Retry-After, CORS, security); swap
+    // the body and its type.
+    let (mut parts, _) = response.into_parts();
+    let replacement = ApiError::for_status(status, &method, &path).into_response();
+    let (new_parts, body) = replacement.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if let Some(ct) = new_parts.headers.get(header::CONTENT_TYPE) {
+        parts.headers.insert(header::CONTENT_TYPE, ct.clone());
+    }
+    Response::from_parts(parts, body)
+}
+
+/// Security headers on every response. HSTS only when tollgate is served
+/// over https, where browsers honour it.
+pub async fn security_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mut response = next.run(req).await;
+    let h = response.headers_mut();
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    if !h.contains_key("content-security-policy") {
+        h.insert(
+            "content-security-policy",
+            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        );
+    }
+    if state.https {
+        h.insert(
+            "strict-transport-security",
+            HeaderValue::from_static("max-age=63072000; includeSubDomains"),
+        );
+    }
+    response
+}
+
+/// `Authorization: Bearer tg_…` on every `/v1` route: 401 without a valid,
+/// unrevoked key. Scope is checked by each handler's extractor.
+pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthenticated("No API key provided. Send Authorization: Bearer tg_…"))?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::unauthenticated("The Authorization header must be 'Bearer tg_…'."))?;
+    if !auth::looks_like_key(token) {
+        return Err(ApiError::unauthenticated("Invalid API key provided."));
+    }
+    let record = state
+        .store
+        .find_api_key_by_digest(&auth::digest_key(token))
+        .await?
+        .ok_or_else(|| ApiError::unauthenticated("Invalid API key provided."))?;
+    tracing::Span::current().record("api_key", record.id.as_str());
+    req.extensions_mut().insert(Principal {
+        key_id: record.id,
+        scope: record.scope,
+        mode: record.mode,
+    });
+    Ok(next.run(req).await)
+}
+
+const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+/// Stripe's `Idempotency-Key` semantics for every POST, PUT and PATCH:
+/// the first response (below 500) is stored and replayed for the same key
+/// and request; another request under the key is refused; a concurrent
+/// duplicate is told to wait. Keys are per API key.
+pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+    if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+        return Ok(next.run(req).await);
+    }
+    let Some(raw_key) = req.headers().get(IDEMPOTENCY_HEADER) else {
+        return Ok(next.run(req).await);
+    };
+    let key = raw_key
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorType::IdempotencyError,
+                "idempotency_key_invalid",
+                "Idempotency-Key must be 1 to 255 printable ASCII characters.",
+            )
+        })?
+        .to_owned();
+    let Some(principal) = req.extensions().get::<Principal>().cloned() else {
+        return Ok(next.run(req).await);
+    };
+
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, state.max_body_bytes)
+        .await
+        .map_err(|_| ApiError::for_status(StatusCode::PAYLOAD_TOO_LARGE, "", ""))?;
+    let mut hasher = Sha256::new();
+    hasher.update(parts.method.as_str().as_bytes());
+    hasher.update([0]);
+    hasher.update(parts.uri.path().as_bytes());
+    hasher.update([0]);
+    hasher.update(&bytes);
+    let fingerprint = hex::encode(hasher.finalize());
+
+    let ttl = state.idempotency_ttl_seconds;
+    let lease = state.request_timeout_seconds + 30;
+    match state
+        .store
+        .claim_idempotency_key(&principal.key_id, &key, &fingerprint, lease, ttl)
+        .await?
+    {
+        Claim::Acquired => {}
+        Claim::Replay(stored) => return Ok(replay(stored)),
+        Claim::InFlight => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorType::IdempotencyError,
+                "idempotency_key_in_use",
+                "A request with this Idempotency-Key is still being processed; retry shortly.",
+            ))
+        }
+        Claim::Mismatch => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorType::IdempotencyError,
+                "idempotency_key_reused",
+                "This Idempotency-Key was already used with a different request; use a new key for a new request.",
+            ))
+        }
+    }
+
+    let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    let status = response.status();
+    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        // Not an answer worth keeping: let a retry run the request again.
+        if let Err(e) = state.store.release_idempotency_key(&principal.key_id, &key).await {
+            tracing::warn!(error = %e, "could not release idempotency key");
+        }
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map_err(ApiError::internal)?;
+    let stored = StoredResponse {
+        status: status.as_u16(),
+        content_type: parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        body: body.to_vec(),
+    };
+    // The effect has happened; if recording the response fails, the lease
+    // lapses and a retry re-runs the (idempotent by design) handler.
+    if let Err(e) = state
+        .store
+        .complete_idempotency_key(&principal.key_id, &key, &stored)
+        .await
+    {
+        tracing::warn!(error = %e, "could not store idempotent response");
+    }
+    Ok(Response::from_parts(parts, Body::from(body)))
+}
+
+fn replay(stored: StoredResponse) -> Response {
+    let mut response = Response::new(Body::from(stored.body));
+    *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    if let Some(ct) = stored.content_type.and_then(|ct| HeaderValue::from_str(&ct).ok()) {
+        response.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    response
+        .headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response
+}

@@ -1,0 +1,124 @@
+//! The HTTP surface: the `/v1` API for applications, operational endpoints,
+//! and the layers that give every response the same conventions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{header, HeaderName, HeaderValue, Method};
+use axum::middleware::{from_fn, from_fn_with_state};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::config::Config;
+use crate::store::{Listed, Store};
+
+pub mod audit;
+pub mod catalog;
+pub mod customers;
+pub mod docs;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod middleware;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub metrics: PrometheusHandle,
+    pub redis: Option<redis::Client>,
+    /// Cancelled when the process begins to shut down: readiness fails at
+    /// once so load balancers drain us.
+    pub shutdown: CancellationToken,
+    pub https: bool,
+    pub max_body_bytes: usize,
+    pub request_timeout_seconds: i64,
+    pub idempotency_ttl_seconds: i64,
+}
+
+/// Stripe's list envelope.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ListResponse<T> {
+    #[schema(example = "list")]
+    pub object: &'static str,
+    pub data: Vec<T>,
+    /// Whether more objects lie beyond this page in the direction walked.
+    pub has_more: bool,
+    pub url: &'static str,
+}
+
+impl<T> ListResponse<T> {
+    pub fn new<R>(url: &'static str, listed: Listed<R>, convert: impl FnMut(R) -> T) -> Self {
+        ListResponse {
+            object: "list",
+            data: listed.data.into_iter().map(convert).collect(),
+            has_more: listed.has_more,
+            url,
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let config = state.config.clone();
+    let v1 = Router::new()
+        .merge(customers::router())
+        .merge(catalog::router())
+        .merge(audit::router())
+        // Inner to outer: a request is authenticated before its
+        // Idempotency-Key is looked up under that key.
+        .layer(from_fn_with_state(state.clone(), middleware::idempotency))
+        .layer(from_fn_with_state(state.clone(), middleware::authenticate));
+
+    Router::new()
+        .nest("/v1", v1)
+        .merge(health::router())
+        .merge(docs::router())
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(config.request_timeout_seconds.max(1)),
+        ))
+        .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
+        .layer(cors(&config))
+        .layer(CatchPanicLayer::new())
+        .layer(from_fn_with_state(state.clone(), middleware::security_headers))
+        .layer(from_fn(middleware::json_errors))
+        .layer(from_fn(middleware::observe))
+        .with_state(state)
+}
+
+/// CORS for browser callers from `ALLOWED_ORIGINS`; none listed, none allowed.
+fn cors(config: &Config) -> CorsLayer {
+    let origins: Vec<HeaderValue> = config
+        .allowed_origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty() && *o != "*")
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    let allow = if config.allowed_origins.iter().any(|o| o.trim() == "*") && !config.is_production() {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins)
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([
+            HeaderName::from_static("request-id"),
+            HeaderName::from_static("idempotent-replayed"),
+        ])
+        .max_age(Duration::from_secs(600))
+}

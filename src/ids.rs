@@ -1,0 +1,175 @@
+//! Identifiers.
+//!
+//! tollgate's own ids are a short type prefix and a ULID (`cust_01J…`): the
+//! prefix tells a reader what an id names, and the ULID sorts by creation
+//! time, which is what cursor pagination orders by. Ids from outside (the
+//! application's `external_id`, catalog keys) are validated newtypes, so no
+//! unchecked string travels past the HTTP layer.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A newly minted tollgate id with the given prefix (without the underscore).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", ulid::Ulid::new())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidId(pub String);
+
+/// The application's own key for a customer: what it already calls its user.
+///
+/// 1–255 characters of printable ASCII without spaces or `/`: the id travels
+/// in URL paths and in provider metadata, both of which mangle anything else.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ExternalId(String);
+
+impl ExternalId {
+    pub const MAX_LEN: usize = 255;
+
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+        if raw.is_empty() || raw.len() > Self::MAX_LEN {
+            return Err(InvalidId(format!(
+                "external_id must be 1 to {} characters",
+                Self::MAX_LEN
+            )));
+        }
+        if let Some(bad) = raw.chars().find(|c| !c.is_ascii_graphic() || *c == '/') {
+            return Err(InvalidId(format!(
+                "external_id may contain printable ASCII other than '/' and spaces; found {bad:?}"
+            )));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ExternalId {
+    type Error = InvalidId;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<ExternalId> for String {
+    fn from(value: ExternalId) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for ExternalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A key in the catalog file (`pro`, `pro_monthly`, `cards_5`): lowercase
+/// letters, digits, `_` and `-`, starting with a letter, at most 64 long.
+/// Stable forever, because orders and grants refer to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CatalogKey(String);
+
+impl CatalogKey {
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+        let valid = !raw.is_empty()
+            && raw.len() <= 64
+            && raw.starts_with(|c: char| c.is_ascii_lowercase())
+            && raw
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if valid {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(InvalidId(format!(
+                "{raw:?} is not a valid catalog key: use 1 to 64 lowercase letters, digits, '_' or '-', starting with a letter"
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for CatalogKey {
+    type Error = InvalidId;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<CatalogKey> for String {
+    fn from(value: CatalogKey) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for CatalogKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Whether a string looks like one of tollgate's ids with this prefix:
+/// cheap rejection of garbage cursors before they reach SQL.
+pub fn is_tollgate_id(raw: &str, prefix: &str) -> bool {
+    raw.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('_'))
+        .is_some_and(|ulid| ulid::Ulid::from_string(ulid).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn new_ids_sort_by_creation() {
+        let a = new_id("cust");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = new_id("cust");
+        assert!(a < b, "{a} should sort before {b}");
+        assert!(is_tollgate_id(&a, "cust"));
+        assert!(!is_tollgate_id(&a, "ord"));
+    }
+
+    #[test]
+    fn external_id_rejects_what_breaks_urls() {
+        assert!(ExternalId::parse("user_42").is_ok());
+        assert!(ExternalId::parse("a@b.example").is_ok());
+        assert!(ExternalId::parse("").is_err());
+        assert!(ExternalId::parse("has space").is_err());
+        assert!(ExternalId::parse("a/b").is_err());
+        assert!(ExternalId::parse("é").is_err());
+        assert!(ExternalId::parse(&"x".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn catalog_keys_are_lowercase_slugs() {
+        assert!(CatalogKey::parse("pro_monthly").is_ok());
+        assert!(CatalogKey::parse("Pro").is_err());
+        assert!(CatalogKey::parse("1pro").is_err());
+        assert!(CatalogKey::parse("pro monthly").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn external_id_parse_never_panics_and_round_trips(raw in ".{0,300}") {
+            if let Ok(id) = ExternalId::parse(&raw) {
+                prop_assert_eq!(id.as_str(), raw.as_str());
+            }
+        }
+
+        #[test]
+        fn catalog_key_parse_never_panics(raw in ".{0,80}") {
+            let _ = CatalogKey::parse(&raw);
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Customers: the application's users, keyed by its own id.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::audit::{self, Actor, AuditRecord};
+use super::{now_unix, sql, Listed, Page, SqlxResultExt, Store, StoreError, StoreResult};
+use crate::ids::{new_id, ExternalId};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CustomerRecord {
+    pub id: String,
+    pub external_id: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    /// Provider name → the provider's customer id.
+    pub providers: BTreeMap<String, String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: String,
+    external_id: String,
+    email: Option<String>,
+    name: Option<String>,
+    metadata: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl Row {
+    fn into_record(self, providers: BTreeMap<String, String>) -> StoreResult<CustomerRecord> {
+        Ok(CustomerRecord {
+            metadata: serde_json::from_str(&self.metadata)?,
+            id: self.id,
+            external_id: self.external_id,
+            email: self.email,
+            name: self.name,
+            providers,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// The fields an upsert sets. `None` leaves a field as it is; `Some(None)`
+/// clears it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CustomerChanges {
+    pub email: Option<Option<String>>,
+    pub name: Option<Option<String>>,
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upserted {
+    Created(CustomerRecord),
+    Updated(CustomerRecord),
+    Unchanged(CustomerRecord),
+}
+
+impl Upserted {
+    pub fn record(&self) -> &CustomerRecord {
+        match self {
+            Upserted::Created(c) | Upserted::Updated(c) | Upserted::Unchanged(c) => c,
+        }
+    }
+}
+
+const COLUMNS: &str = "id, external_id, email, name, metadata, created_at, updated_at";
+
+impl Store {
+    /// Creates the customer or applies `changes` to it, with an audit entry
+    /// for whatever actually changed. Two first upserts racing for one
+    /// external id both succeed: the loser retries and becomes an update.
+    pub async fn upsert_customer(
+        &self,
+        external_id: &ExternalId,
+        changes: &CustomerChanges,
+        actor: &Actor,
+        request_id: Option<&str>,
+    ) -> StoreResult<Upserted> {
+        let mut attempts = 0;
+        loop {
+            match self.upsert_customer_once(external_id, changes, actor, request_id).await {
+                Err(StoreError::Conflict(_)) if attempts < 3 => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn upsert_customer_once(
+        &self,
+        external_id: &ExternalId,
+        changes: &CustomerChanges,
+        actor: &Actor,
+        request_id: Option<&str>,
+    ) -> StoreResult<Upserted> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let lock = match tx.kind() {
+            super::DbKind::Postgres => " FOR UPDATE",
+            super::DbKind::Sqlite => "",
+        };
+        let sql = format!("SELECT {COLUMNS} FROM customers WHERE external_id = $1 AND deleted_at IS NULL{lock}");
+        let existing: Option<Row> = sql!(tx, query_as::<Row>(&sql, external_id.as_str()).fetch_optional).db()?;
+
+        let outcome = match existing {
+            None => {
+                let metadata = changes.metadata.clone().unwrap_or_default();
+                let record = CustomerRecord {
+                    id: new_id("cust"),
+                    external_id: external_id.to_string(),
+                    email: changes.email.clone().flatten(),
+                    name: changes.name.clone().flatten(),
+                    metadata,
+                    providers: BTreeMap::new(),
+                    created_at: now,
+                    updated_at: now,
+                };
+                sql!(
+                    tx,
+                    query(
+                        "INSERT INTO customers (id, external_id, email, name, metadata, created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                        &record.id,
+                        &record.external_id,
+                        &record.email,
+                        &record.name,
+                        serde_json::to_string(&record.metadata)?,
+                        now,
+                        now
+                    )
+                    .execute
+                )
+                .map_err(|e| {
+                    if super::is_unique_violation(&e) {
+                        StoreError::Conflict("customer was created concurrently; retry".to_owned())
+                    } else {
+                        StoreError::from_sqlx(e)
+                    }
+                })?;
+                audit::append(
+                    &mut tx,
+                    AuditRecord {
+                        actor,
+                        action: "customer.created",
+                        object_type: "customer",
+                        object_id: &record.id,
+                        data: serde_json::json!({
+                            "external_id": record.external_id,
+                            "email": record.email,
+                            "name": record.name,
+                            "metadata": record.metadata,
+                        }),
+                        request_id,
+                    },
+                )
+                .await?;
+                Upserted::Created(record)
+            }
+            Some(row) => {
+                let providers = provider_links(&mut tx, &row.id).await?;
+                let before = row.into_record(providers)?;
+                let mut after = before.clone();
+                if let Some(email) = &changes.email {
+                    after.email = email.clone();
+                }
+                if let Some(name) = &changes.name {
+                    after.name = name.clone();
+                }
+                if let Some(metadata) = &changes.metadata {
+                    after.metadata = metadata.clone();
+                }
+                if after == before {
+                    Upserted::Unchanged(before)
+                } else {
+                    after.updated_at = now;
+                    sql!(
+                        tx,
+                        query(
+                            "UPDATE customers SET email = $1, name = $2, metadata = $3, updated_at = $4 WHERE id = $5",
+                            &after.email,
+                            &after.name,
+                            serde_json::to_string(&after.metadata)?,
+                            now,
+                            &after.id
+                        )
+                        .execute
+                    )
+                    .db()?;
+                    let mut diff = serde_json::Map::new();
+                    if after.email != before.email {
+                        diff.insert("email".into(), serde_json::json!([before.email, after.email]));
+                    }
+                    if after.name != before.name {
+                        diff.insert("name".into(), serde_json::json!([before.name, after.name]));
+                    }
+                    if after.metadata != before.metadata {
+                        diff.insert("metadata".into(), serde_json::json!([before.metadata, after.metadata]));
+                    }
+                    audit::append(
+                        &mut tx,
+                        AuditRecord {
+                            actor,
+                            action: "customer.updated",
+                            object_type: "customer",
+                            object_id: &after.id,
+                            data: serde_json::json!({ "changes": diff }),
+                            request_id,
+                        },
+                    )
+                    .await?;
+                    Upserted::Updated(after)
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    pub async fn get_customer(&self, external_id: &ExternalId) -> StoreResult<Option<CustomerRecord>> {
+        let sql = format!("SELECT {COLUMNS} FROM customers WHERE external_id = $1 AND deleted_at IS NULL");
+        let Some(row) = sql!(self, query_as::<Row>(&sql, external_id.as_str()).fetch_optional).db()? else {
+            return Ok(None);
+        };
+        let providers = self.provider_links_for(&[row.id.clone()]).await?;
+        let links = providers.get(&row.id).cloned().unwrap_or_default();
+        Ok(Some(row.into_record(links)?))
+    }
+
+    /// Newest first, optionally only those with this email.
+    pub async fn list_customers(&self, page: &Page, email: Option<&str>) -> StoreResult<Listed<CustomerRecord>> {
+        let (op, order) = if page.is_backwards() { (">", "ASC") } else { ("<", "DESC") };
+        let cursor = page.cursor().map(str::to_owned);
+        let sql = format!(
+            "SELECT {COLUMNS} FROM customers WHERE deleted_at IS NULL \
+             AND ($1 IS NULL OR id {op} $1) AND ($2 IS NULL OR email = $2) \
+             ORDER BY id {order} LIMIT $3"
+        );
+        let rows: Vec<Row> = sql!(self, query_as::<Row>(&sql, cursor, email, page.fetch_limit()).fetch_all).db()?;
+        let listed = page.finish(rows);
+        let ids: Vec<String> = listed.data.iter().map(|r| r.id.clone()).collect();
+        let mut links = self.provider_links_for(&ids).await?;
+        let data = listed
+            .data
+            .into_iter()
+            .map(|row| {
+                let l = links.remove(&row.id).unwrap_or_default();
+                row.into_record(l)
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(Listed {
+            data,
+            has_more: listed.has_more,
+        })
+    }
+
+    async fn provider_links_for(&self, ids: &[String]) -> StoreResult<BTreeMap<String, BTreeMap<String, String>>> {
+        let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        // A JSON array parameter keeps this one query on both engines,
+        // whatever the page size.
+        let sql = match self.kind() {
+            super::DbKind::Sqlite => {
+                "SELECT customer_id, provider, provider_customer_id FROM provider_customers \
+                 WHERE customer_id IN (SELECT value FROM json_each($1))"
+            }
+            super::DbKind::Postgres => {
+                "SELECT customer_id, provider, provider_customer_id FROM provider_customers \
+                 WHERE customer_id IN (SELECT jsonb_array_elements_text($1::jsonb))"
+            }
+        };
+        let rows: Vec<(String, String, String)> =
+            sql!(self, query_as::<(String, String, String)>(sql, serde_json::to_string(ids)?).fetch_all).db()?;
+        for (customer, provider, provider_id) in rows {
+            out.entry(customer).or_default().insert(provider, provider_id);
+        }
+        Ok(out)
+    }
+}
+
+async fn provider_links(tx: &mut super::Tx, customer_id: &str) -> StoreResult<BTreeMap<String, String>> {
+    let rows: Vec<(String, String)> = sql!(
+        tx,
+        query_as::<(String, String)>(
+            "SELECT provider, provider_customer_id FROM provider_customers WHERE customer_id = $1",
+            customer_id
+        )
+        .fetch_all
+    )
+    .db()?;
+    Ok(rows.into_iter().collect())
+}

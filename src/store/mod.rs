@@ -1,0 +1,456 @@
+//! Persistence for both supported databases.
+//!
+//! One `Store` hides whether tollgate runs on SQLite or PostgreSQL. Queries are
+//! written once in SQL that both engines accept (`$1` placeholders, `ON
+//! CONFLICT`, `RETURNING`) and dispatched to the concrete pool by the `sql!`
+//! macro, so the HTTP layer and the workers are compiled once, not once per
+//! backend. Where the engines really differ (locking, migrations), the
+//! difference is spelled out next to the query.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgConnection, PgPool, Postgres, Sqlite, SqliteConnection, SqlitePool, Transaction};
+
+pub mod api_keys;
+pub mod audit;
+pub mod catalog;
+pub mod customers;
+pub mod idempotency;
+
+/// Runs one sqlx query on whichever backend `$target` holds.
+///
+/// `$target` is anything with an `exec()` method returning [`Exec`]: the read
+/// side of a [`Store`] or an open [`Tx`]. The query text and binds are the
+/// same tokens for both engines; each match arm is type-checked against its
+/// own database.
+macro_rules! sql {
+    // `execute` answers with the number of rows affected: the engines'
+    // own result types differ.
+    ($target:expr, query ($sql:expr $(, $arg:expr)* $(,)?) . execute) => {
+        match $target.exec() {
+            $crate::store::Exec::Sqlite(e) => {
+                sqlx::query($sql) $(.bind($arg))* .execute(e).await.map(|r| r.rows_affected())
+            }
+            $crate::store::Exec::Postgres(e) => {
+                sqlx::query($sql) $(.bind($arg))* .execute(e).await.map(|r| r.rows_affected())
+            }
+        }
+    };
+    ($target:expr, $kind:ident $(::<$ty:ty>)? ($sql:expr $(, $arg:expr)* $(,)?) . $method:ident) => {
+        match $target.exec() {
+            $crate::store::Exec::Sqlite(e) => {
+                sqlx::$kind $(::<_, $ty>)? ($sql) $(.bind($arg))* .$method(e).await
+            }
+            $crate::store::Exec::Postgres(e) => {
+                sqlx::$kind $(::<_, $ty>)? ($sql) $(.bind($arg))* .$method(e).await
+            }
+        }
+    };
+}
+pub(crate) use sql;
+
+/// An executor for one backend or the other; see [`sql!`].
+pub enum Exec<S, P> {
+    Sqlite(S),
+    Postgres(P),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or did not answer in time: callers
+    /// answer 503 so clients and providers retry.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("invalid DATABASE_URL: {0}")]
+    InvalidUrl(String),
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+    /// A uniqueness rule stopped the change; the caller may retry.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A pagination cursor that names no object.
+    #[error("no such object: {0}")]
+    UnknownCursor(String),
+}
+
+impl StoreError {
+    /// Separates "try again later" from bugs, so the HTTP layer can answer 503
+    /// for the first and log the second.
+    pub fn from_sqlx(err: sqlx::Error) -> Self {
+        match &err {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err),
+            sqlx::Error::Database(db) => {
+                // PostgreSQL: admin shutdown, cannot connect now, too many
+                // connections. SQLite: busy or locked beyond the timeout.
+                let code = db.code().unwrap_or_default();
+                if matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "5" | "6" | "517") {
+                    StoreError::Unavailable(err)
+                } else {
+                    StoreError::Database(err)
+                }
+            }
+            _ => StoreError::Database(err),
+        }
+    }
+
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Turns sqlx results into store results with the availability distinction.
+pub(crate) trait SqlxResultExt<T> {
+    fn db(self) -> StoreResult<T>;
+}
+
+impl<T> SqlxResultExt<T> for Result<T, sqlx::Error> {
+    fn db(self) -> StoreResult<T> {
+        self.map_err(StoreError::from_sqlx)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbKind {
+    Sqlite,
+    Postgres,
+}
+
+impl DbKind {
+    pub fn from_url(url: &str) -> StoreResult<Self> {
+        if url.starts_with("sqlite:") {
+            Ok(DbKind::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DbKind::Postgres)
+        } else {
+            Err(StoreError::InvalidUrl(
+                "expected sqlite://PATH or postgres://…".to_owned(),
+            ))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Backend {
+    /// SQLite allows one writer at a time. Funnelling every write through a
+    /// one-connection pool makes that explicit (writers queue in-process
+    /// instead of failing with SQLITE_BUSY), while reads use their own pool
+    /// and, thanks to WAL, never wait for the writer.
+    Sqlite {
+        writer: SqlitePool,
+        reader: SqlitePool,
+    },
+    Postgres(PgPool),
+}
+
+/// The database, whichever it is. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("kind", &self.kind()).finish()
+    }
+}
+
+impl Store {
+    /// Opens the pools without touching the schema.
+    pub async fn connect(url: &str, options: &StoreOptions) -> StoreResult<Self> {
+        let backend = match DbKind::from_url(url)? {
+            DbKind::Sqlite => {
+                let connect = SqliteConnectOptions::from_str(url)
+                    .map_err(|e| StoreError::InvalidUrl(e.to_string()))?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    // With WAL, NORMAL still never corrupts the database; FULL
+                    // additionally makes every commit survive power loss,
+                    // which is what "acknowledged is never lost" asks for.
+                    .synchronous(SqliteSynchronous::Full)
+                    .foreign_keys(true)
+                    .busy_timeout(Duration::from_secs(5));
+                let writer = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_with(connect.clone())
+                    .await
+                    .db()?;
+                let reader = SqlitePoolOptions::new()
+                    .max_connections(options.max_connections.max(1))
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_with(connect.read_only(true))
+                    .await
+                    .db()?;
+                Backend::Sqlite { writer, reader }
+            }
+            DbKind::Postgres => {
+                let connect = PgConnectOptions::from_str(url)
+                    .map_err(|e| StoreError::InvalidUrl(e.to_string()))?
+                    .application_name("tollgate");
+                let pool = PgPoolOptions::new()
+                    .max_connections(options.max_connections.max(1))
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_with(connect)
+                    .await
+                    .db()?;
+                Backend::Postgres(pool)
+            }
+        };
+        Ok(Store { backend })
+    }
+
+    /// Opens the pools and brings the schema up to date.
+    pub async fn connect_and_migrate(url: &str, options: &StoreOptions) -> StoreResult<Self> {
+        let store = Self::connect(url, options).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn kind(&self) -> DbKind {
+        match self.backend {
+            Backend::Sqlite { .. } => DbKind::Sqlite,
+            Backend::Postgres(_) => DbKind::Postgres,
+        }
+    }
+
+    pub async fn migrate(&self) -> StoreResult<()> {
+        match &self.backend {
+            Backend::Sqlite { writer, .. } => sqlx::migrate!("./migrations/sqlite").run(writer).await?,
+            Backend::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// The newest migration applied, and whether every embedded migration is.
+    pub async fn schema_status(&self) -> StoreResult<SchemaStatus> {
+        let (expected, applied): (i64, Option<i64>) = match &self.backend {
+            Backend::Sqlite { reader, .. } => {
+                let m = sqlx::migrate!("./migrations/sqlite");
+                let expected = m.iter().map(|m| m.version).max().unwrap_or(0);
+                let applied = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                    .fetch_one(reader)
+                    .await
+                    .ok()
+                    .flatten();
+                (expected, applied)
+            }
+            Backend::Postgres(pool) => {
+                let m = sqlx::migrate!("./migrations/postgres");
+                let expected = m.iter().map(|m| m.version).max().unwrap_or(0);
+                let applied = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                    .fetch_one(pool)
+                    .await
+                    .ok()
+                    .flatten();
+                (expected, applied)
+            }
+        };
+        Ok(SchemaStatus {
+            expected_version: expected,
+            applied_version: applied,
+        })
+    }
+
+    /// A round trip to the database, for readiness checks.
+    pub async fn ping(&self) -> StoreResult<()> {
+        sql!(self, query("SELECT 1").execute).db()?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        match &self.backend {
+            Backend::Sqlite { writer, reader } => {
+                writer.close().await;
+                reader.close().await;
+            }
+            Backend::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    /// The read side: on SQLite a separate pool, so reads never queue behind
+    /// the single writer.
+    pub(crate) fn exec(&self) -> Exec<&SqlitePool, &PgPool> {
+        match &self.backend {
+            Backend::Sqlite { reader, .. } => Exec::Sqlite(reader),
+            Backend::Postgres(pool) => Exec::Postgres(pool),
+        }
+    }
+
+    /// Starts a write transaction. On SQLite it is `BEGIN IMMEDIATE`, taking
+    /// the write lock up front: a deferred transaction that reads first and
+    /// writes later can fail at commit when another process wrote meanwhile.
+    pub(crate) async fn begin(&self) -> StoreResult<Tx> {
+        let inner = match &self.backend {
+            Backend::Sqlite { writer, .. } => TxInner::Sqlite(writer.begin_with("BEGIN IMMEDIATE").await.db()?),
+            Backend::Postgres(pool) => TxInner::Postgres(pool.begin().await.db()?),
+        };
+        Ok(Tx { inner })
+    }
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct SchemaStatus {
+    pub expected_version: i64,
+    pub applied_version: Option<i64>,
+}
+
+impl SchemaStatus {
+    pub fn is_current(&self) -> bool {
+        self.applied_version == Some(self.expected_version)
+    }
+}
+
+enum TxInner {
+    Sqlite(Transaction<'static, Sqlite>),
+    Postgres(Transaction<'static, Postgres>),
+}
+
+/// A write transaction on either backend. Dropped without `commit`, it rolls back.
+pub struct Tx {
+    inner: TxInner,
+}
+
+impl Tx {
+    pub(crate) fn exec(&mut self) -> Exec<&mut SqliteConnection, &mut PgConnection> {
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => Exec::Sqlite(&mut **tx),
+            TxInner::Postgres(tx) => Exec::Postgres(&mut **tx),
+        }
+    }
+
+    pub(crate) fn kind(&self) -> DbKind {
+        match self.inner {
+            TxInner::Sqlite(_) => DbKind::Sqlite,
+            TxInner::Postgres(_) => DbKind::Postgres,
+        }
+    }
+
+    pub async fn commit(self) -> StoreResult<()> {
+        match self.inner {
+            TxInner::Sqlite(tx) => tx.commit().await.db(),
+            TxInner::Postgres(tx) => tx.commit().await.db(),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch: the unit every stored timestamp uses, so
+/// that comparisons and sorting behave the same on both engines.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Whether an error is a unique-constraint violation, on either engine.
+pub(crate) fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// Which way a list walks from its cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cursor {
+    None,
+    /// `starting_after`: the page after this object, in list order.
+    After(String),
+    /// `ending_before`: the page before this object, in list order.
+    Before(String),
+}
+
+/// A validated page request (Stripe's `limit`, `starting_after`,
+/// `ending_before`). Queries fetch one row more than asked to learn
+/// `has_more` without a count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    limit: i64,
+    cursor: Cursor,
+}
+
+/// One page of results in list order, and whether more lie beyond it in the
+/// direction walked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed<T> {
+    pub data: Vec<T>,
+    pub has_more: bool,
+}
+
+impl Page {
+    pub const DEFAULT_LIMIT: i64 = 10;
+    pub const MAX_LIMIT: i64 = 100;
+
+    pub fn first(limit: i64) -> Self {
+        Self {
+            limit: limit.clamp(1, Self::MAX_LIMIT),
+            cursor: Cursor::None,
+        }
+    }
+
+    pub fn after(limit: i64, id: String) -> Self {
+        Self {
+            cursor: Cursor::After(id),
+            ..Self::first(limit)
+        }
+    }
+
+    pub fn before(limit: i64, id: String) -> Self {
+        Self {
+            cursor: Cursor::Before(id),
+            ..Self::first(limit)
+        }
+    }
+
+    pub fn cursor(&self) -> Option<&str> {
+        match &self.cursor {
+            Cursor::None => None,
+            Cursor::After(id) | Cursor::Before(id) => Some(id),
+        }
+    }
+
+    /// `ending_before` walks against list order: the query sorts the other
+    /// way and [`Page::finish`] puts the rows back.
+    pub fn is_backwards(&self) -> bool {
+        matches!(self.cursor, Cursor::Before(_))
+    }
+
+    pub fn fetch_limit(&self) -> i64 {
+        self.limit + 1
+    }
+
+    pub fn finish<T>(&self, mut rows: Vec<T>) -> Listed<T> {
+        let has_more = rows.len() as i64 > self.limit;
+        rows.truncate(self.limit as usize);
+        if self.is_backwards() {
+            rows.reverse();
+        }
+        Listed { data: rows, has_more }
+    }
+}
