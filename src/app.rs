@@ -33,62 +33,86 @@ pub enum StartError {
 }
 
 pub fn store_options(config: &Config) -> StoreOptions {
-    StoreOptions {
-        max_connections: config.database_max_connections,
-        ..StoreOptions::default()
-    }
+    StoreOptions { max_connections: config.database_max_connections, ..StoreOptions::default() }
 }
 
 /// Serves tollgate on `listener` until `shutdown` is cancelled, then stops
 /// accepting, lets in-flight requests and jobs finish (within the grace
 /// period), and closes the database pools.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
-    let problems = config.problems();
-    if !problems.is_empty() {
-        return Err(StartError::Config(problems.join("; ")));
-    }
-    let catalog = Catalog::load(&config.catalog_path)?;
-    let store = Store::connect_and_migrate(&config.database_url, &store_options(&config)).await?;
-    let report = store.sync_catalog(&catalog, &Actor::System("catalog")).await?;
-    if !report.is_noop() {
-        tracing::info!(created = ?report.created, updated = ?report.updated, deactivated = ?report.deactivated, "catalog synced");
-    }
-    let redis = config.redis_url.as_deref().map(redis::Client::open).transpose()?;
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    Server::build(config, shutdown).await?.serve(listener).await
+}
 
-    let state = AppState {
-        store: store.clone(),
-        metrics: telemetry::metrics_handle(),
-        redis,
-        shutdown: shutdown.clone(),
-        https: config.public_url().starts_with("https://"),
-        max_body_bytes: config.max_body_bytes,
-        request_timeout_seconds: config.request_timeout_seconds as i64,
-        idempotency_ttl_seconds: (config.idempotency_key_ttl_hours * 3600) as i64,
-        config: Arc::new(config),
-    };
-    let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
-    let workers = jobs::spawn_all(&state, shutdown.clone());
-    let app = http::router(state);
+/// A tollgate ready to serve: configuration validated, database migrated,
+/// catalog synced. Split from [`run`] so tests can reach the store.
+pub struct Server {
+    state: AppState,
+}
 
-    tracing::info!(address = %listener.local_addr()?, "tollgate listening");
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let mut server = std::pin::pin!(server.into_future());
-    tokio::select! {
-        result = &mut server => result?,
-        () = shutdown.cancelled() => {
-            // Stop accepting at once; give in-flight requests the grace period.
-            if tokio::time::timeout(grace, &mut server).await.is_err() {
-                tracing::warn!(grace_seconds = grace.as_secs(), "requests still running after the grace period; exiting anyway");
+impl Server {
+    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(StartError::Config(problems.join("; ")));
+        }
+        let catalog = Catalog::load(&config.catalog_path)?;
+        let store = Store::connect_and_migrate(&config.database_url, &store_options(&config)).await?;
+        let report = store.sync_catalog(&catalog, &Actor::System("catalog")).await?;
+        if !report.is_noop() {
+            tracing::info!(created = ?report.created, updated = ?report.updated, deactivated = ?report.deactivated, "catalog synced");
+        }
+        let redis = config.redis_url.as_deref().map(redis::Client::open).transpose()?;
+        let state = AppState {
+            store,
+            metrics: telemetry::metrics_handle(),
+            redis,
+            shutdown,
+            https: config.public_url().starts_with("https://"),
+            max_body_bytes: config.max_body_bytes,
+            request_timeout_seconds: config.request_timeout_seconds as i64,
+            idempotency_ttl_seconds: (config.idempotency_key_ttl_hours * 3600) as i64,
+            config: Arc::new(config),
+            in_flight: Default::default(),
+        };
+        Ok(Server { state })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    pub async fn serve(self, listener: TcpListener) -> Result<(), StartError> {
+        let state = self.state;
+        let shutdown = state.shutdown.clone();
+        let store = state.store.clone();
+        let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
+        let workers = jobs::spawn_all(&state, shutdown.clone());
+        let app = http::router(state);
+
+        tracing::info!(address = %listener.local_addr()?, "tollgate listening");
+        let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let mut server = std::pin::pin!(server.into_future());
+        tokio::select! {
+            result = &mut server => result?,
+            () = shutdown.cancelled() => {
+                // Stop accepting at once; give in-flight requests the grace period.
+                if tokio::time::timeout(grace, &mut server).await.is_err() {
+                    tracing::warn!(grace_seconds = grace.as_secs(), "requests still running after the grace period; exiting anyway");
+                }
             }
         }
+        if tokio::time::timeout(grace, workers.wait()).await.is_err() {
+            tracing::warn!("background jobs did not stop within the grace period");
+        }
+        store.close().await;
+        tracing::info!("tollgate stopped");
+        Ok(())
     }
-    if tokio::time::timeout(grace, workers.wait()).await.is_err() {
-        tracing::warn!("background jobs did not stop within the grace period");
-    }
-    store.close().await;
-    tracing::info!("tollgate stopped");
-    Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C and cancels `token`.

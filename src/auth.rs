@@ -15,7 +15,19 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// What a key may do. Scopes nest: `admin` ⊇ `write` ⊇ `read`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     Read,
@@ -98,11 +110,7 @@ pub fn generate_key(mode: KeyMode) -> NewApiKey {
     let plaintext = format!("tg_{}_{}", mode.as_str(), base62_encode(&bytes));
     let digest = digest_key(&plaintext);
     let display_prefix = plaintext[..plaintext.len().min(16)].to_owned();
-    NewApiKey {
-        plaintext: SecretString::from(plaintext),
-        digest,
-        display_prefix,
-    }
+    NewApiKey { plaintext: SecretString::from(plaintext), digest, display_prefix }
 }
 
 /// Big-endian base62 of the whole 256-bit number, left-padded to a fixed
@@ -130,9 +138,7 @@ pub fn digest_key(plaintext: &str) -> String {
 
 /// Cheap shape check before any database lookup, so junk never costs a query.
 pub fn looks_like_key(candidate: &str) -> bool {
-    let rest = candidate
-        .strip_prefix("tg_test_")
-        .or_else(|| candidate.strip_prefix("tg_live_"));
+    let rest = candidate.strip_prefix("tg_test_").or_else(|| candidate.strip_prefix("tg_live_"));
     rest.is_some_and(|r| r.len() == SECRET_LEN && r.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 

@@ -76,9 +76,7 @@ pub async fn main() -> ExitCode {
 }
 
 async fn open_store(config: &Config) -> Result<Store, String> {
-    Store::connect_and_migrate(&config.database_url, &store_options(config))
-        .await
-        .map_err(|e| e.to_string())
+    Store::connect_and_migrate(&config.database_url, &store_options(config)).await.map_err(|e| e.to_string())
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
@@ -155,7 +153,10 @@ async fn api_key(store: &Store, config: &Config, cmd: ApiKeyCommand) -> Result<E
                 .create_api_key(name, scope, mode, &key, &Actor::Cli)
                 .await
                 .map_err(|e| e.to_string())?;
-            eprintln!("Created {} ({}, scope {}). Store the key now: it is not shown again.", record.id, name, scope);
+            eprintln!(
+                "Created {} ({}, scope {}). Store the key now: it is not shown again.",
+                record.id, name, scope
+            );
             println!("{}", auth::reveal(&key));
             Ok(ExitCode::SUCCESS)
         }

@@ -170,9 +170,7 @@ impl Config {
         let cmd = <Only as clap::CommandFactory>::command();
         let cmd = cmd.mut_args(|a| a.env(None::<&str>));
         let matches = cmd.get_matches_from(["tollgate"]);
-        <Only as clap::FromArgMatches>::from_arg_matches(&matches)
-            .expect("defaults parse")
-            .config
+        <Only as clap::FromArgMatches>::from_arg_matches(&matches).expect("defaults parse").config
     }
 
     pub fn public_url(&self) -> String {
@@ -188,11 +186,7 @@ impl Config {
     }
 
     pub fn log_format(&self) -> LogFormat {
-        self.log_format.unwrap_or(if self.is_production() {
-            LogFormat::Json
-        } else {
-            LogFormat::Pretty
-        })
+        self.log_format.unwrap_or(if self.is_production() { LogFormat::Json } else { LogFormat::Pretty })
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -241,11 +235,13 @@ impl Config {
                     );
                 }
                 if self.paypal_client_id.is_some() && self.paypal_webhook_id.is_none() {
-                    problems.push("PAYPAL_WEBHOOK_ID is missing: PayPal webhooks cannot be verified".to_owned());
+                    problems
+                        .push("PAYPAL_WEBHOOK_ID is missing: PayPal webhooks cannot be verified".to_owned());
                 }
                 if self.allowed_origins.iter().any(|o| o.trim() == "*") {
                     problems.push(
-                        "ALLOWED_ORIGINS contains the wildcard '*' in production: list the exact origins".to_owned(),
+                        "ALLOWED_ORIGINS contains the wildcard '*' in production: list the exact origins"
+                            .to_owned(),
                     );
                 }
                 match &self.secret_key {
@@ -266,7 +262,10 @@ impl Config {
                 }
             }
             Environment::Development => {
-                if stripe_key.as_deref().is_some_and(|k| k.starts_with("sk_live_") || k.starts_with("rk_live_")) {
+                if stripe_key
+                    .as_deref()
+                    .is_some_and(|k| k.starts_with("sk_live_") || k.starts_with("rk_live_"))
+                {
                     problems.push(
                         "STRIPE_SECRET_KEY is a live key (sk_live_…) but ENVIRONMENT=development: use a test key, or set ENVIRONMENT=production"
                             .to_owned(),
@@ -285,7 +284,9 @@ impl Config {
         for origin in &self.allowed_origins {
             let o = origin.trim();
             if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
-                problems.push(format!("ALLOWED_ORIGINS entry {o:?} must be an origin such as https://app.example.com"));
+                problems.push(format!(
+                    "ALLOWED_ORIGINS entry {o:?} must be an origin such as https://app.example.com"
+                ));
             }
         }
         problems
@@ -384,14 +385,17 @@ mod tests {
     fn secrets_never_print() {
         let c = production();
         let debug = format!("{c:?}");
-        assert!(!debug.contains("sk_live_abc") && !debug.contains("whsec_abc") && !debug.contains("q8Zr1vX0"));
+        assert!(
+            !debug.contains("sk_live_abc") && !debug.contains("whsec_abc") && !debug.contains("q8Zr1vX0")
+        );
     }
 
     #[test]
     fn webhook_secrets_split_for_rotation() {
         let mut c = Config::defaults();
         c.stripe_webhook_secret = Some(SecretString::from("whsec_a, whsec_b,".to_owned()));
-        let secrets: Vec<String> = c.stripe_webhook_secrets().iter().map(|s| s.expose_secret().to_owned()).collect();
+        let secrets: Vec<String> =
+            c.stripe_webhook_secrets().iter().map(|s| s.expose_secret().to_owned()).collect();
         assert_eq!(secrets, ["whsec_a", "whsec_b"]);
     }
 }

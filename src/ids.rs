@@ -32,10 +32,7 @@ impl ExternalId {
 
     pub fn parse(raw: &str) -> Result<Self, InvalidId> {
         if raw.is_empty() || raw.len() > Self::MAX_LEN {
-            return Err(InvalidId(format!(
-                "external_id must be 1 to {} characters",
-                Self::MAX_LEN
-            )));
+            return Err(InvalidId(format!("external_id must be 1 to {} characters", Self::MAX_LEN)));
         }
         if let Some(bad) = raw.chars().find(|c| !c.is_ascii_graphic() || *c == '/') {
             return Err(InvalidId(format!(
@@ -81,9 +78,7 @@ impl CatalogKey {
         let valid = !raw.is_empty()
             && raw.len() <= 64
             && raw.starts_with(|c: char| c.is_ascii_lowercase())
-            && raw
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            && raw.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
         if valid {
             Ok(Self(raw.to_owned()))
         } else {

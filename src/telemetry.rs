@@ -16,9 +16,7 @@ pub fn init_logging(level: &str, format: LogFormat) {
         format!("{level},sqlx=warn,hyper=warn,tower_http=warn")
     })
     .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
@@ -27,9 +25,8 @@ pub fn init_logging(level: &str, format: LogFormat) {
 
 /// Latency buckets in seconds, from sub-millisecond entitlement checks to
 /// slow provider calls.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// The process-wide Prometheus recorder. Installed once; several servers in
 /// one process (the tests) share it.

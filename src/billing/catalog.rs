@@ -14,10 +14,7 @@ use crate::ids::CatalogKey;
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("cannot read catalog {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("catalog {path}: {message}")]
     Invalid { path: String, message: String },
 }
@@ -169,19 +166,20 @@ fn yes() -> bool {
 impl Catalog {
     pub fn load(path: &std::path::Path) -> Result<Self, CatalogError> {
         let display = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
-            path: display.clone(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|message| CatalogError::Invalid {
-            path: display,
-            message,
-        })
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| CatalogError::Read { path: display.clone(), source })?;
+        Self::parse(&text).map_err(|message| CatalogError::Invalid { path: display, message })
     }
 
     /// Parses and validates catalog text; the error names the offending entry.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let raw: RawCatalog = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+        let raw: RawCatalog = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!("line {line}: {}", e.message())
+            }
+            None => e.message().to_owned(),
+        })?;
         let mut catalog = Catalog::default();
         let mut provider_ids = BTreeSet::new();
         let mut claim = |id: &Option<String>, owner: &str| -> Result<(), String> {
@@ -217,11 +215,7 @@ impl Catalog {
                     name: p.name,
                     description: p.description,
                     active: p.active,
-                    grants: Grants {
-                        features: p.features,
-                        limits: p.limits,
-                        credits: p.credits,
-                    },
+                    grants: Grants { features: p.features, limits: p.limits, credits: p.credits },
                     stripe_product: p.stripe_product,
                 },
             );
@@ -232,10 +226,13 @@ impl Catalog {
             let owner = format!("price {id}");
             let product = CatalogKey::parse(&p.product).map_err(|e| format!("{owner}: {e}"))?;
             if !catalog.products.contains_key(&product) {
-                return Err(format!("{owner}: product {product:?} is not declared under [products]"));
+                return Err(format!(
+                    "{owner}: product {:?} is not declared under [products]",
+                    product.as_str()
+                ));
             }
             if catalog.products.contains_key(&id) {
-                return Err(format!("{owner}: a product already uses the key {id:?}"));
+                return Err(format!("{owner}: a product already uses the key {:?}", id.as_str()));
             }
             let currency = Currency::parse(&p.currency).map_err(|e| format!("{owner}: {e}"))?;
             let unit_amount = MinorUnits::new(p.amount).map_err(|e| format!("{owner}: {e}"))?;
@@ -253,10 +250,7 @@ impl Catalog {
                             interval.max_count()
                         ));
                     }
-                    Some(Recurring {
-                        interval,
-                        interval_count: count,
-                    })
+                    Some(Recurring { interval, interval_count: count })
                 }
             };
             if recurring.is_none() && p.trial_days.is_some() {
@@ -321,13 +315,7 @@ mod tests {
         assert!(pro.grants.features.contains("exports"));
         assert_eq!(pro.grants.limits["projects"], 50);
         let monthly = &c.prices[&CatalogKey::parse("pro_monthly").unwrap()];
-        assert_eq!(
-            monthly.recurring,
-            Some(Recurring {
-                interval: Interval::Month,
-                interval_count: 1
-            })
-        );
+        assert_eq!(monthly.recurring, Some(Recurring { interval: Interval::Month, interval_count: 1 }));
         assert!(c.prices[&CatalogKey::parse("cards_5").unwrap()].recurring.is_none());
     }
 
@@ -357,7 +345,7 @@ mod tests {
         );
         rejects(
             "[products.pro]\nname=\"P\"\n[prices.x]\nproduct=\"pro\"\ncurrency=\"usd\"\namount=1.5",
-            "integer",
+            "line 6: invalid type: floating point `1.5`, expected i64",
         );
         rejects(
             "[products.pro]\nname=\"P\"\n[prices.x]\nproduct=\"pro\"\ncurrency=\"USD\"\namount=1",

@@ -14,9 +14,7 @@ use crate::billing::catalog::{Grants, Recurring};
 use crate::store::catalog::{PriceFilter, PriceRecord, ProductRecord};
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/products", get(list_products))
-        .route("/prices", get(list_prices))
+    Router::new().route("/products", get(list_products)).route("/prices", get(list_prices))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -156,11 +154,7 @@ pub async fn list_prices(
             return Err(ApiError::invalid_param("type", "type must be one_time or recurring."));
         }
     }
-    let filter = PriceFilter {
-        active: query.active,
-        product: query.product,
-        kind: query.kind,
-    };
+    let filter = PriceFilter { active: query.active, product: query.product, kind: query.kind };
     let listed = state.store.list_prices(&params.page()?, &filter).await?;
     Ok(Json(ListResponse::new("/v1/prices", listed, Price::from)))
 }

@@ -116,11 +116,7 @@ impl UpsertCustomer {
                 }
             }
         }
-        Ok(CustomerChanges {
-            email: self.email,
-            name: self.name,
-            metadata: self.metadata,
-        })
+        Ok(CustomerChanges { email: self.email, name: self.name, metadata: self.metadata })
     }
 }
 
@@ -159,11 +155,7 @@ pub async fn upsert_customer(
         .store
         .upsert_customer(&external_id, &changes, &principal.actor(), request_id.as_deref())
         .await?;
-    let status = if matches!(outcome, Upserted::Created(_)) {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = if matches!(outcome, Upserted::Created(_)) { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(outcome.record().clone().into())))
 }
 

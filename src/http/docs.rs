@@ -53,7 +53,9 @@ impl Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .bearer_format("tg_test_… or tg_live_…")
-                    .description(Some("An API key from `tollgate api-key create`; scopes read ⊂ write ⊂ admin."))
+                    .description(Some(
+                        "An API key from `tollgate api-key create`; scopes read ⊂ write ⊂ admin.",
+                    ))
                     .build(),
             ),
         );
@@ -68,9 +70,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/openapi.json", get(|| async { Json(openapi()) }))
-        .route("/docs", get(docs_page))
+    Router::new().route("/openapi.json", get(|| async { Json(openapi()) })).route("/docs", get(docs_page))
 }
 
 const DOCS_PAGE: &str = include_str!("docs.html");

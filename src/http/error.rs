@@ -65,14 +65,7 @@ pub struct ErrorDetail {
 
 impl ApiError {
     pub fn new(status: StatusCode, kind: ErrorType, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            kind,
-            code,
-            message: message.into(),
-            param: None,
-            retry_after: None,
-        }
+        Self { status, kind, code, message: message.into(), param: None, retry_after: None }
     }
 
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
@@ -108,7 +101,8 @@ impl ApiError {
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, ErrorType::ApiError, "service_unavailable", message);
+        let mut e =
+            Self::new(StatusCode::SERVICE_UNAVAILABLE, ErrorType::ApiError, "service_unavailable", message);
         e.retry_after = Some(1);
         e
     }
@@ -219,16 +213,12 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(error = %cause, "database unavailable");
                 ApiError::unavailable("The database is unavailable; retry shortly.")
             }
-            StoreError::UnknownCursor(id) => ApiError::invalid_param(
-                "starting_after",
-                format!("No object with id '{id}' to page from."),
-            ),
-            StoreError::Conflict(message) => ApiError::new(
-                StatusCode::CONFLICT,
-                ErrorType::InvalidRequestError,
-                "conflict",
-                message,
-            ),
+            StoreError::UnknownCursor(id) => {
+                ApiError::invalid_param("starting_after", format!("No object with id '{id}' to page from."))
+            }
+            StoreError::Conflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, ErrorType::InvalidRequestError, "conflict", message)
+            }
             other => ApiError::internal(other),
         }
     }

@@ -21,14 +21,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|ct| {
-                let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-                mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
-            });
+        let is_json = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|ct| {
+            let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+        });
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::for_status(StatusCode::PAYLOAD_TOO_LARGE, "", "")
@@ -56,8 +52,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: Result<T, _> = serde_path_to_error::deserialize(&mut de);
     if value.is_ok() {
-        de.end()
-            .map_err(|e| ApiError::invalid("body_invalid_json", format!("The request body is not valid JSON: {e}.")))?;
+        de.end().map_err(|e| {
+            ApiError::invalid("body_invalid_json", format!("The request body is not valid JSON: {e}."))
+        })?;
     }
     value.map_err(|err| {
         let path = err.path().to_string();
@@ -72,13 +69,21 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
                 let message = inner.to_string();
                 // serde reports unknown fields by name in its message; the path
                 // points at the object holding it.
-                if let Some(field) = message
-                    .strip_prefix("unknown field `")
-                    .and_then(|rest| rest.split('`').next())
+                if let Some(field) =
+                    message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next())
                 {
-                    let param = if path == "." { field.to_owned() } else { format!("{path}.{field}") };
-                    return ApiError::invalid("parameter_unknown", format!("Received unknown parameter: {param}"))
-                        .with_param(param);
+                    let param = if path == "." {
+                        field.to_owned()
+                    } else if path == field || path.ends_with(&format!(".{field}")) {
+                        path.clone()
+                    } else {
+                        format!("{path}.{field}")
+                    };
+                    return ApiError::invalid(
+                        "parameter_unknown",
+                        format!("Received unknown parameter: {param}"),
+                    )
+                    .with_param(param);
                 }
                 let message = strip_position(&message);
                 if path == "." {
@@ -108,12 +113,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         serde_path_to_error::deserialize(de).map(ApiQuery).map_err(|err| {
             let path = err.path().to_string();
             let message = err.into_inner().to_string();
-            if let Some(field) = message
-                .strip_prefix("unknown field `")
-                .and_then(|rest| rest.split('`').next())
+            if let Some(field) =
+                message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next())
             {
-                return ApiError::invalid("parameter_unknown", format!("Received unknown parameter: {field}"))
-                    .with_param(field.to_owned());
+                return ApiError::invalid(
+                    "parameter_unknown",
+                    format!("Received unknown parameter: {field}"),
+                )
+                .with_param(field.to_owned());
             }
             if path == "." {
                 ApiError::invalid("parameter_invalid", format!("Invalid query string: {message}."))
@@ -131,10 +138,11 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|p| ApiPath(p.0))
-            .map_err(|rejection| ApiError::invalid("path_invalid", format!("Invalid URL path: {}", rejection.body_text())))
+        axum::extract::Path::<T>::from_request_parts(parts, state).await.map(|p| ApiPath(p.0)).map_err(
+            |rejection| {
+                ApiError::invalid("path_invalid", format!("Invalid URL path: {}", rejection.body_text()))
+            },
+        )
     }
 }
 
@@ -193,11 +201,10 @@ impl Principal {
 }
 
 fn principal_with(parts: &Parts, needed: Scope) -> ApiResult<Principal> {
-    let principal = parts
-        .extensions
-        .get::<Principal>()
-        .cloned()
-        .ok_or_else(|| ApiError::unauthenticated("No API key provided. Send Authorization: Bearer tg_…"))?;
+    let principal =
+        parts.extensions.get::<Principal>().cloned().ok_or_else(|| {
+            ApiError::unauthenticated("No API key provided. Send Authorization: Bearer tg_…")
+        })?;
     if principal.scope.allows(needed) {
         Ok(principal)
     } else {

@@ -35,11 +35,7 @@ pub struct Check {
 
 impl Check {
     fn failing(detail: impl Into<String>) -> Self {
-        Check {
-            status: "failing",
-            latency_ms: None,
-            detail: Some(detail.into()),
-        }
+        Check { status: "failing", latency_ms: None, detail: Some(detail.into()) }
     }
 
     fn is_failing(&self) -> bool {
@@ -53,6 +49,8 @@ pub struct Health {
     /// `shutting_down` while draining.
     pub status: &'static str,
     pub checks: BTreeMap<&'static str, Check>,
+    /// Requests being handled, this one included.
+    pub in_flight_requests: usize,
     pub version: &'static str,
     /// RFC 3339, UTC.
     pub timestamp: String,
@@ -84,17 +82,10 @@ async fn run_checks(state: &AppState) -> Health {
     }
     checks.insert(
         "database",
-        Check {
-            detail: database.is_failing().then(|| "database unreachable".to_owned()),
-            ..database
-        },
+        Check { detail: database.is_failing().then(|| "database unreachable".to_owned()), ..database },
     );
     let redis = match &state.redis {
-        None => Check {
-            status: "not_configured",
-            latency_ms: None,
-            detail: None,
-        },
+        None => Check { status: "not_configured", latency_ms: None, detail: None },
         Some(client) => {
             let client = client.clone();
             let check = timed(async move {
@@ -105,10 +96,7 @@ async fn run_checks(state: &AppState) -> Health {
             if let Some(detail) = &check.detail {
                 tracing::warn!(error = %detail, "redis check failed");
             }
-            Check {
-                detail: check.is_failing().then(|| "redis unreachable".to_owned()),
-                ..check
-            }
+            Check { detail: check.is_failing().then(|| "redis unreachable".to_owned()), ..check }
         }
     };
     checks.insert("redis", redis);
@@ -123,6 +111,7 @@ async fn run_checks(state: &AppState) -> Health {
     Health {
         status,
         checks,
+        in_flight_requests: state.in_flight.count(),
         version: env!("CARGO_PKG_VERSION"),
         timestamp: time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
@@ -146,11 +135,7 @@ pub async fn livez() -> Json<serde_json::Value> {
 )]
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let health = run_checks(&state).await;
-    let code = if health.status == "ok" {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let code = if health.status == "ok" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(health))
 }
 
@@ -164,8 +149,5 @@ pub async fn health(State(state): State<AppState>) -> Json<Health> {
 /// Prometheus metrics in the text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
 }

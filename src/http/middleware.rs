@@ -31,7 +31,7 @@ fn incoming_request_id(headers: &HeaderMap) -> Option<String> {
 
 /// Outermost layer: gives the request an id, a span, a log line and metrics.
 /// Headers are not recorded, so keys and signatures never reach the logs.
-pub async fn observe(req: Request, next: Next) -> Response {
+pub async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let request_id = incoming_request_id(req.headers()).unwrap_or_else(|| crate::ids::new_id("req"));
     let route = req
         .extensions()
@@ -47,22 +47,16 @@ pub async fn observe(req: Request, next: Next) -> Response {
         api_key = tracing::field::Empty
     );
     let started = Instant::now();
+    let _in_flight = state.in_flight.enter();
 
-    let mut response = REQUEST_ID
-        .scope(request_id.clone(), next.run(req))
-        .instrument(span.clone())
-        .await;
+    let mut response = REQUEST_ID.scope(request_id.clone(), next.run(req)).instrument(span.clone()).await;
 
     let elapsed = started.elapsed();
     let status = response.status();
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
-    let labels = [
-        ("method", method.to_string()),
-        ("route", route),
-        ("status", status.as_u16().to_string()),
-    ];
+    let labels = [("method", method.to_string()), ("route", route), ("status", status.as_u16().to_string())];
     metrics::counter!("http_requests_total", &labels).increment(1);
     metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
     span.in_scope(|| {
@@ -131,7 +125,11 @@ pub async fn security_headers(State(state): State<AppState>, req: Request, next:
 
 /// `Authorization: Bearer tg_…` on every `/v1` route: 401 without a valid,
 /// unrevoked key. Scope is checked by each handler's extractor.
-pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn authenticate(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let header = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -151,11 +149,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         .await?
         .ok_or_else(|| ApiError::unauthenticated("Invalid API key provided."))?;
     tracing::Span::current().record("api_key", record.id.as_str());
-    req.extensions_mut().insert(Principal {
-        key_id: record.id,
-        scope: record.scope,
-        mode: record.mode,
-    });
+    req.extensions_mut().insert(Principal { key_id: record.id, scope: record.scope, mode: record.mode });
     Ok(next.run(req).await)
 }
 
@@ -165,7 +159,11 @@ const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// the first response (below 500) is stored and replayed for the same key
 /// and request; another request under the key is refused; a concurrent
 /// duplicate is told to wait. Keys are per API key.
-pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn idempotency(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
         return Ok(next.run(req).await);
     }
@@ -196,7 +194,9 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
     let mut hasher = Sha256::new();
     hasher.update(parts.method.as_str().as_bytes());
     hasher.update([0]);
-    hasher.update(parts.uri.path().as_bytes());
+    // Inside `/v1` the router has stripped the prefix; hash what the client sent.
+    let uri = parts.extensions.get::<axum::extract::OriginalUri>().map_or(&parts.uri, |o| &o.0);
+    hasher.update(uri.path().as_bytes());
     hasher.update([0]);
     hasher.update(&bytes);
     let fingerprint = hex::encode(hasher.finalize());
@@ -238,9 +238,7 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
-    let body = axum::body::to_bytes(body, usize::MAX)
-        .await
-        .map_err(ApiError::internal)?;
+    let body = axum::body::to_bytes(body, usize::MAX).await.map_err(ApiError::internal)?;
     let stored = StoredResponse {
         status: status.as_u16(),
         content_type: parts
@@ -252,11 +250,7 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
     };
     // The effect has happened; if recording the response fails, the lease
     // lapses and a retry re-runs the (idempotent by design) handler.
-    if let Err(e) = state
-        .store
-        .complete_idempotency_key(&principal.key_id, &key, &stored)
-        .await
-    {
+    if let Err(e) = state.store.complete_idempotency_key(&principal.key_id, &key, &stored).await {
         tracing::warn!(error = %e, "could not store idempotent response");
     }
     Ok(Response::from_parts(parts, Body::from(body)))
@@ -268,8 +262,6 @@ fn replay(stored: StoredResponse) -> Response {
     if let Some(ct) = stored.content_type.and_then(|ct| HeaderValue::from_str(&ct).ok()) {
         response.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
-    response
-        .headers_mut()
-        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     response
 }

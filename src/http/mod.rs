@@ -41,6 +41,32 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub request_timeout_seconds: i64,
     pub idempotency_ttl_seconds: i64,
+    /// Requests being handled now, reported by `/health` so operators can
+    /// watch a drain.
+    pub in_flight: InFlight,
+}
+
+/// A counter of requests in progress; `enter` returns a guard that leaves on drop.
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+pub struct InFlightGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    pub fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlightGuard(self.0.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Stripe's list envelope.
@@ -89,7 +115,7 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::new())
         .layer(from_fn_with_state(state.clone(), middleware::security_headers))
         .layer(from_fn(middleware::json_errors))
-        .layer(from_fn(middleware::observe))
+        .layer(from_fn_with_state(state.clone(), middleware::observe))
         .with_state(state)
 }
 

@@ -115,12 +115,8 @@ impl Store {
         let mut tx = self.begin().await?;
         let revoked = sql!(
             tx,
-            query(
-                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
-                now_unix(),
-                id
-            )
-            .execute
+            query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL", now_unix(), id)
+                .execute
         )
         .db()?
             == 1;

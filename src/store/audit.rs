@@ -86,7 +86,8 @@ pub async fn append(tx: &mut Tx, record: AuditRecord<'_>) -> StoreResult<AuditEn
         super::DbKind::Postgres => "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
         super::DbKind::Sqlite => "SELECT seq, hash FROM audit_head WHERE id = 1",
     };
-    let (prev_seq, prev_hash): (i64, String) = sql!(tx, query_as::<(i64, String)>(head_sql).fetch_one).db()?;
+    let (prev_seq, prev_hash): (i64, String) =
+        sql!(tx, query_as::<(i64, String)>(head_sql).fetch_one).db()?;
     let mut entry = AuditEntry {
         seq: prev_seq + 1,
         id: new_id("aud"),
@@ -121,11 +122,8 @@ pub async fn append(tx: &mut Tx, record: AuditRecord<'_>) -> StoreResult<AuditEn
         .execute
     )
     .db()?;
-    sql!(
-        tx,
-        query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", entry.seq, &entry.hash).execute
-    )
-    .db()?;
+    sql!(tx, query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", entry.seq, &entry.hash).execute)
+        .db()?;
     Ok(entry)
 }
 
@@ -191,24 +189,22 @@ impl Store {
             }
         }
         let (head_seq, head_hash): (i64, String) =
-            sql!(self, query_as::<(i64, String)>("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one).db()?;
+            sql!(self, query_as::<(i64, String)>("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one)
+                .db()?;
         let broken = (head_seq != entries || head_hash != expected_prev).then(|| {
             (
                 entries + 1,
                 format!("chain ends at entry {entries} but the head records entry {head_seq} (entries removed from the end)"),
             )
         });
-        Ok(ChainReport {
-            entries,
-            head_hash: expected_prev,
-            broken,
-        })
+        Ok(ChainReport { entries, head_hash: expected_prev, broken })
     }
 
     /// Newest first, with the same cursor rules as every list. The cursor is
     /// an entry id; entries are ordered by their place in the chain.
     pub async fn list_audit_entries(&self, page: &super::Page) -> StoreResult<super::Listed<AuditEntry>> {
-        const COLUMNS: &str = "seq, id, at, actor, action, object_type, object_id, data, request_id, prev_hash, hash";
+        const COLUMNS: &str =
+            "seq, id, at, actor, action, object_type, object_id, data, request_id, prev_hash, hash";
         let cursor_seq = match page.cursor() {
             None => None,
             Some(id) => Some(
@@ -222,7 +218,10 @@ impl Store {
             sql!(self, query_as::<AuditEntry>(&sql, cursor_seq.unwrap_or(0), page.fetch_limit()).fetch_all)
         } else {
             let sql = format!("SELECT {COLUMNS} FROM audit_log WHERE seq < $1 ORDER BY seq DESC LIMIT $2");
-            sql!(self, query_as::<AuditEntry>(&sql, cursor_seq.unwrap_or(i64::MAX), page.fetch_limit()).fetch_all)
+            sql!(
+                self,
+                query_as::<AuditEntry>(&sql, cursor_seq.unwrap_or(i64::MAX), page.fetch_limit()).fetch_all
+            )
         }
         .db()?;
         Ok(page.finish(rows))

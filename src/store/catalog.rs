@@ -103,7 +103,8 @@ impl CatalogSyncReport {
 }
 
 const PRODUCT_COLUMNS: &str = "id, name, description, active, grants, created_at, updated_at";
-const PRICE_COLUMNS: &str = "id, product_id, currency, unit_amount, kind, recurring_interval, interval_count, \
+const PRICE_COLUMNS: &str =
+    "id, product_id, currency, unit_amount, kind, recurring_interval, interval_count, \
      trial_days, nickname, active, created_at, updated_at";
 
 impl Store {
@@ -118,8 +119,10 @@ impl Store {
         let mut tx = self.begin().await?;
 
         let existing: Vec<ProductRow> =
-            sql!(tx, query_as::<ProductRow>(&format!("SELECT {PRODUCT_COLUMNS} FROM products")).fetch_all).db()?;
-        let existing: BTreeMap<String, ProductRow> = existing.into_iter().map(|r| (r.id.clone(), r)).collect();
+            sql!(tx, query_as::<ProductRow>(&format!("SELECT {PRODUCT_COLUMNS} FROM products")).fetch_all)
+                .db()?;
+        let existing: BTreeMap<String, ProductRow> =
+            existing.into_iter().map(|r| (r.id.clone(), r)).collect();
         for product in catalog.products.values() {
             let id = product.id.as_str();
             let grants = serde_json::to_string(&product.grants)?;
@@ -129,7 +132,8 @@ impl Store {
                     if row.name == product.name
                         && row.description == product.description
                         && row.active == product.active
-                        && serde_json::from_str::<Grants>(&row.grants).ok().as_ref() == Some(&product.grants) =>
+                        && serde_json::from_str::<Grants>(&row.grants).ok().as_ref()
+                            == Some(&product.grants) =>
                 {
                     continue
                 }
@@ -152,16 +156,24 @@ impl Store {
                 .execute
             )
             .db()?;
-            record(&mut tx, actor, action, "product", id, serde_json::json!({
-                "name": product.name, "active": product.active, "grants": product.grants
-            }))
+            record(
+                &mut tx,
+                actor,
+                action,
+                "product",
+                id,
+                serde_json::json!({
+                    "name": product.name, "active": product.active, "grants": product.grants
+                }),
+            )
             .await?;
             push(&mut report, action, format!("product {id}"));
         }
         for (id, row) in &existing {
             if row.active && !catalog.products.keys().any(|k| k.as_str() == id) {
                 deactivate(&mut tx, "products", id, now).await?;
-                record(&mut tx, actor, "catalog.product.deactivated", "product", id, serde_json::json!({})).await?;
+                record(&mut tx, actor, "catalog.product.deactivated", "product", id, serde_json::json!({}))
+                    .await?;
                 report.deactivated.push(format!("product {id}"));
             }
         }
@@ -217,17 +229,25 @@ impl Store {
                 .execute
             )
             .db()?;
-            record(&mut tx, actor, action, "price", id, serde_json::json!({
-                "product": price.product, "currency": price.currency, "unit_amount": price.unit_amount,
-                "recurring": price.recurring, "trial_days": price.trial_days, "active": price.active
-            }))
+            record(
+                &mut tx,
+                actor,
+                action,
+                "price",
+                id,
+                serde_json::json!({
+                    "product": price.product, "currency": price.currency, "unit_amount": price.unit_amount,
+                    "recurring": price.recurring, "trial_days": price.trial_days, "active": price.active
+                }),
+            )
             .await?;
             push(&mut report, action, format!("price {id}"));
         }
         for (id, row) in &existing {
             if row.active && !catalog.prices.keys().any(|k| k.as_str() == id) {
                 deactivate(&mut tx, "prices", id, now).await?;
-                record(&mut tx, actor, "catalog.price.deactivated", "price", id, serde_json::json!({})).await?;
+                record(&mut tx, actor, "catalog.price.deactivated", "price", id, serde_json::json!({}))
+                    .await?;
                 report.deactivated.push(format!("price {id}"));
             }
         }
@@ -262,9 +282,16 @@ impl Store {
             )
             .db()?;
             if changed > 0 {
-                record(&mut tx, actor, "catalog.provider_link.set", kind, catalog_id, serde_json::json!({
-                    "provider": "stripe", "provider_id": provider_id
-                }))
+                record(
+                    &mut tx,
+                    actor,
+                    "catalog.provider_link.set",
+                    kind,
+                    catalog_id,
+                    serde_json::json!({
+                        "provider": "stripe", "provider_id": provider_id
+                    }),
+                )
                 .await?;
                 report.updated.push(format!("{kind} {catalog_id} ↔ stripe {provider_id}"));
             }
@@ -274,14 +301,19 @@ impl Store {
         Ok(report)
     }
 
-    pub async fn list_products(&self, page: &Page, active: Option<bool>) -> StoreResult<Listed<ProductRecord>> {
+    pub async fn list_products(
+        &self,
+        page: &Page,
+        active: Option<bool>,
+    ) -> StoreResult<Listed<ProductRecord>> {
         let (op, order) = if page.is_backwards() { ("<", "DESC") } else { (">", "ASC") };
         let sql = format!(
             "SELECT {PRODUCT_COLUMNS} FROM products WHERE ($1 IS NULL OR id {op} $1) AND ($2 IS NULL OR active = $2) \
              ORDER BY id {order} LIMIT $3"
         );
         let rows: Vec<ProductRow> =
-            sql!(self, query_as::<ProductRow>(&sql, page.cursor(), active, page.fetch_limit()).fetch_all).db()?;
+            sql!(self, query_as::<ProductRow>(&sql, page.cursor(), active, page.fetch_limit()).fetch_all)
+                .db()?;
         let listed = page.finish(rows);
         let mut links = self.catalog_links("product").await?;
         let data = listed
@@ -384,17 +416,7 @@ async fn record(
     object_id: &str,
     data: serde_json::Value,
 ) -> StoreResult<()> {
-    audit::append(
-        tx,
-        AuditRecord {
-            actor,
-            action,
-            object_type,
-            object_id,
-            data,
-            request_id: None,
-        },
-    )
-    .await
-    .map(|_| ())
+    audit::append(tx, AuditRecord { actor, action, object_type, object_id, data, request_id: None })
+        .await
+        .map(|_| ())
 }

@@ -106,8 +106,10 @@ impl Store {
             super::DbKind::Postgres => " FOR UPDATE",
             super::DbKind::Sqlite => "",
         };
-        let sql = format!("SELECT {COLUMNS} FROM customers WHERE external_id = $1 AND deleted_at IS NULL{lock}");
-        let existing: Option<Row> = sql!(tx, query_as::<Row>(&sql, external_id.as_str()).fetch_optional).db()?;
+        let sql =
+            format!("SELECT {COLUMNS} FROM customers WHERE external_id = $1 AND deleted_at IS NULL{lock}");
+        let existing: Option<Row> =
+            sql!(tx, query_as::<Row>(&sql, external_id.as_str()).fetch_optional).db()?;
 
         let outcome = match existing {
             None => {
@@ -228,13 +230,17 @@ impl Store {
         let Some(row) = sql!(self, query_as::<Row>(&sql, external_id.as_str()).fetch_optional).db()? else {
             return Ok(None);
         };
-        let providers = self.provider_links_for(&[row.id.clone()]).await?;
+        let providers = self.provider_links_for(std::slice::from_ref(&row.id)).await?;
         let links = providers.get(&row.id).cloned().unwrap_or_default();
         Ok(Some(row.into_record(links)?))
     }
 
     /// Newest first, optionally only those with this email.
-    pub async fn list_customers(&self, page: &Page, email: Option<&str>) -> StoreResult<Listed<CustomerRecord>> {
+    pub async fn list_customers(
+        &self,
+        page: &Page,
+        email: Option<&str>,
+    ) -> StoreResult<Listed<CustomerRecord>> {
         let (op, order) = if page.is_backwards() { (">", "ASC") } else { ("<", "DESC") };
         let cursor = page.cursor().map(str::to_owned);
         let sql = format!(
@@ -242,7 +248,8 @@ impl Store {
              AND ($1 IS NULL OR id {op} $1) AND ($2 IS NULL OR email = $2) \
              ORDER BY id {order} LIMIT $3"
         );
-        let rows: Vec<Row> = sql!(self, query_as::<Row>(&sql, cursor, email, page.fetch_limit()).fetch_all).db()?;
+        let rows: Vec<Row> =
+            sql!(self, query_as::<Row>(&sql, cursor, email, page.fetch_limit()).fetch_all).db()?;
         let listed = page.finish(rows);
         let ids: Vec<String> = listed.data.iter().map(|r| r.id.clone()).collect();
         let mut links = self.provider_links_for(&ids).await?;
@@ -254,13 +261,13 @@ impl Store {
                 row.into_record(l)
             })
             .collect::<StoreResult<Vec<_>>>()?;
-        Ok(Listed {
-            data,
-            has_more: listed.has_more,
-        })
+        Ok(Listed { data, has_more: listed.has_more })
     }
 
-    async fn provider_links_for(&self, ids: &[String]) -> StoreResult<BTreeMap<String, BTreeMap<String, String>>> {
+    async fn provider_links_for(
+        &self,
+        ids: &[String],
+    ) -> StoreResult<BTreeMap<String, BTreeMap<String, String>>> {
         let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         if ids.is_empty() {
             return Ok(out);
@@ -278,7 +285,8 @@ impl Store {
             }
         };
         let rows: Vec<(String, String, String)> =
-            sql!(self, query_as::<(String, String, String)>(sql, serde_json::to_string(ids)?).fetch_all).db()?;
+            sql!(self, query_as::<(String, String, String)>(sql, serde_json::to_string(ids)?).fetch_all)
+                .db()?;
         for (customer, provider, provider_id) in rows {
             out.entry(customer).or_default().insert(provider, provider_id);
         }

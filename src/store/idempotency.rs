@@ -166,11 +166,7 @@ impl Store {
         let mut tx = self.begin().await?;
         let n = sql!(
             tx,
-            query(
-                "DELETE FROM idempotency_keys WHERE created_at < $1",
-                now_unix() - ttl_seconds
-            )
-            .execute
+            query("DELETE FROM idempotency_keys WHERE created_at < $1", now_unix() - ttl_seconds).execute
         )
         .db()?;
         tx.commit().await?;

@@ -136,9 +136,7 @@ impl DbKind {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(DbKind::Postgres)
         } else {
-            Err(StoreError::InvalidUrl(
-                "expected sqlite://PATH or postgres://…".to_owned(),
-            ))
+            Err(StoreError::InvalidUrl("expected sqlite://PATH or postgres://…".to_owned()))
         }
     }
 }
@@ -151,10 +149,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self {
-            max_connections: 10,
-            acquire_timeout: Duration::from_secs(5),
-        }
+        Self { max_connections: 10, acquire_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -274,10 +269,20 @@ impl Store {
                 (expected, applied)
             }
         };
-        Ok(SchemaStatus {
-            expected_version: expected,
-            applied_version: applied,
-        })
+        Ok(SchemaStatus { expected_version: expected, applied_version: applied })
+    }
+
+    /// Runs SQL (one or more statements) outside any transaction, on the
+    /// write side: maintenance that cannot run in a transaction, such as
+    /// `CREATE DATABASE`.
+    pub async fn execute_raw(&self, sql: &str) -> StoreResult<u64> {
+        let result = match &self.backend {
+            Backend::Sqlite { writer, .. } => {
+                sqlx::raw_sql(sql).execute(writer).await.map(|r| r.rows_affected())
+            }
+            Backend::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|r| r.rows_affected()),
+        };
+        result.db()
     }
 
     /// A round trip to the database, for readiness checks.
@@ -310,7 +315,9 @@ impl Store {
     /// writes later can fail at commit when another process wrote meanwhile.
     pub(crate) async fn begin(&self) -> StoreResult<Tx> {
         let inner = match &self.backend {
-            Backend::Sqlite { writer, .. } => TxInner::Sqlite(writer.begin_with("BEGIN IMMEDIATE").await.db()?),
+            Backend::Sqlite { writer, .. } => {
+                TxInner::Sqlite(writer.begin_with("BEGIN IMMEDIATE").await.db()?)
+            }
             Backend::Postgres(pool) => TxInner::Postgres(pool.begin().await.db()?),
         };
         Ok(Tx { inner })
@@ -408,24 +415,15 @@ impl Page {
     pub const MAX_LIMIT: i64 = 100;
 
     pub fn first(limit: i64) -> Self {
-        Self {
-            limit: limit.clamp(1, Self::MAX_LIMIT),
-            cursor: Cursor::None,
-        }
+        Self { limit: limit.clamp(1, Self::MAX_LIMIT), cursor: Cursor::None }
     }
 
     pub fn after(limit: i64, id: String) -> Self {
-        Self {
-            cursor: Cursor::After(id),
-            ..Self::first(limit)
-        }
+        Self { cursor: Cursor::After(id), ..Self::first(limit) }
     }
 
     pub fn before(limit: i64, id: String) -> Self {
-        Self {
-            cursor: Cursor::Before(id),
-            ..Self::first(limit)
-        }
+        Self { cursor: Cursor::Before(id), ..Self::first(limit) }
     }
 
     pub fn cursor(&self) -> Option<&str> {

@@ -1,1 +1,15 @@
-fn main(){}
+//! tollgate's integration tests: one binary, each test against a real
+//! server on 127.0.0.1:0 and its own database (SQLite, or PostgreSQL with
+//! `TEST_DATABASE_URL`).
+
+mod helpers;
+
+mod api_conventions;
+mod audit;
+mod catalog;
+mod cli;
+mod customers;
+mod idempotency;
+mod openapi;
+mod operations;
+mod store;

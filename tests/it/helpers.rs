@@ -1,0 +1,230 @@
+//! Test harness: each test gets its own database and a real tollgate on
+//! 127.0.0.1:0. The backend is SQLite, or PostgreSQL when
+//! `TEST_DATABASE_URL` names a server (a fresh database per test, dropped
+//! afterwards).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tollgate::app::Server;
+use tollgate::auth::{self, KeyMode, Scope};
+use tollgate::store::audit::Actor;
+use tollgate::store::{Store, StoreOptions};
+use tollgate::Config;
+
+pub fn manifest_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// A database that exists for one test.
+pub struct TestDb {
+    pub url: String,
+    admin_url: Option<String>,
+    name: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        match std::env::var("TEST_DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+            Some(admin_url) => {
+                let name = format!("tollgate_test_{}", ulid::Ulid::new().to_string().to_lowercase());
+                let admin = Store::connect(&admin_url, &StoreOptions::default())
+                    .await
+                    .expect("TEST_DATABASE_URL must reach a PostgreSQL server");
+                admin.execute_raw(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+                admin.close().await;
+                let (base, query) = match admin_url.split_once('?') {
+                    Some((b, q)) => (b.to_owned(), format!("?{q}")),
+                    None => (admin_url.clone(), String::new()),
+                };
+                let base = base.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(base);
+                TestDb { url: format!("{base}/{name}{query}"), admin_url: Some(admin_url), name, _dir: None }
+            }
+            None => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+                TestDb { url, admin_url: None, name: String::new(), _dir: Some(dir) }
+            }
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.admin_url.is_some()
+    }
+
+    /// A separate connection to the test database, as an operator would have.
+    pub async fn store(&self) -> Store {
+        Store::connect_and_migrate(&self.url, &StoreOptions::default())
+            .await
+            .expect("connect to test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(admin_url) = self.admin_url.clone() else { return };
+        let name = std::mem::take(&mut self.name);
+        // Drop runs inside the test's runtime; a fresh one on a plain thread
+        // can block without upsetting it.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let admin = Store::connect(&admin_url, &StoreOptions::default()).await.ok()?;
+                let _ = admin.execute_raw(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                admin.close().await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
+pub fn test_config(db: &TestDb) -> Config {
+    let mut config = Config::defaults();
+    config.database_url = db.url.clone();
+    config.catalog_path = manifest_path("tollgate.toml");
+    config.database_max_connections = 5;
+    config.shutdown_grace_seconds = 5;
+    config
+}
+
+/// A running tollgate and what a test needs to talk to it.
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    /// The server's own store handle (closing it simulates an outage).
+    pub server_store: Store,
+    pub shutdown: CancellationToken,
+    pub handle: Option<JoinHandle<Result<(), tollgate::app::StartError>>>,
+    pub read_key: String,
+    pub write_key: String,
+    pub admin_key: String,
+    pub db: TestDb,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    let db = TestDb::new().await;
+    spawn_on(db, adjust).await
+}
+
+pub async fn spawn_on(db: TestDb, adjust: impl FnOnce(&mut Config)) -> TestApp {
+    let mut config = test_config(&db);
+    adjust(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = Server::build(config, shutdown.clone()).await.expect("server builds");
+    let server_store = server.store().clone();
+    let handle = tokio::spawn(server.serve(listener));
+
+    let mut keys = Vec::new();
+    for scope in [Scope::Read, Scope::Write, Scope::Admin] {
+        keys.push(create_key(&server_store, scope).await);
+    }
+    let [read_key, write_key, admin_key]: [String; 3] = keys.try_into().unwrap();
+    TestApp {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+        server_store,
+        shutdown,
+        handle: Some(handle),
+        read_key,
+        write_key,
+        admin_key,
+        db,
+    }
+}
+
+pub async fn create_key(store: &Store, scope: Scope) -> String {
+    let key = auth::generate_key(KeyMode::Test);
+    store
+        .create_api_key(&format!("test {scope}"), scope, KeyMode::Test, &key, &Actor::Cli)
+        .await
+        .expect("create key");
+    auth::reveal(&key).to_owned()
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn get(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(path)).bearer_auth(key)
+    }
+
+    pub fn put_json(&self, path: &str, key: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
+        self.client.put(self.url(path)).bearer_auth(key).json(&body)
+    }
+
+    pub async fn upsert_customer(&self, external_id: &str, body: serde_json::Value) -> serde_json::Value {
+        let resp = self
+            .put_json(&format!("/v1/customers/{external_id}"), &self.write_key, body)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "upsert failed: {}", resp.status());
+        resp.json().await.unwrap()
+    }
+
+    /// Cancels the shutdown token and waits for `run` to return.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .expect("server stops within 10s")
+                .expect("server task")
+                .expect("server exits cleanly");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Asserts the Stripe-style error shape and returns the error object.
+pub async fn expect_error(resp: reqwest::Response, status: u16, kind: &str, code: &str) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "unexpected status");
+    let request_id =
+        resp.headers().get("request-id").expect("every response has Request-Id").to_str().unwrap().to_owned();
+    assert!(
+        resp.headers()["content-type"].to_str().unwrap().starts_with("application/json"),
+        "errors are JSON"
+    );
+    let body: serde_json::Value = resp.json().await.expect("error body is JSON");
+    let error = body["error"].clone();
+    assert_eq!(error["type"], kind, "error type in {body}");
+    assert_eq!(error["code"], code, "error code in {body}");
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "message in {body}");
+    assert_eq!(error["request_id"], request_id.as_str(), "request_id matches the header");
+    error
+}
+
+/// Polls `check` until it returns `Some`, failing after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < deadline, "condition not met within {deadline:?}");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
