@@ -78,12 +78,15 @@ pub struct Config {
     #[arg(long, env = "STRIPE_API_BASE", global = true)]
     pub stripe_api_base: Option<String>,
 
+    /// PayPal REST app client id.
     #[arg(long, env = "PAYPAL_CLIENT_ID", global = true)]
     pub paypal_client_id: Option<String>,
 
+    /// PayPal REST app secret.
     #[arg(long, env = "PAYPAL_CLIENT_SECRET", value_parser = secret, hide_env_values = true, global = true)]
     pub paypal_client_secret: Option<SecretString>,
 
+    /// The PayPal webhook id its signatures are bound to.
     #[arg(long, env = "PAYPAL_WEBHOOK_ID", global = true)]
     pub paypal_webhook_id: Option<String>,
 
@@ -100,15 +103,15 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
 
     /// Default checkout success URL.
-    #[arg(long, env = "PAYMENTSVC_SUCCESS_URL", global = true)]
+    #[arg(long = "paymentsvc-success-url", env = "PAYMENTSVC_SUCCESS_URL", global = true)]
     pub success_url: Option<String>,
 
     /// Default checkout cancel URL.
-    #[arg(long, env = "PAYMENTSVC_CANCEL_URL", global = true)]
+    #[arg(long = "paymentsvc-cancel-url", env = "PAYMENTSVC_CANCEL_URL", global = true)]
     pub cancel_url: Option<String>,
 
     /// Default customer-portal return URL.
-    #[arg(long, env = "PAYMENTSVC_RETURN_URL", global = true)]
+    #[arg(long = "paymentsvc-return-url", env = "PAYMENTSVC_RETURN_URL", global = true)]
     pub return_url: Option<String>,
 
     /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter.
