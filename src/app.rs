@@ -60,12 +60,12 @@ impl Server {
             return Err(StartError::Config(problems.join("; ")));
         }
         let catalog = Catalog::load(&config.catalog_path)?;
-        let store = Store::connect_and_migrate(&config.database_url, &store_options(&config)).await?;
+        let store = Store::connect_and_migrate(config.database_url.expose(), &store_options(&config)).await?;
         let report = store.sync_catalog(&catalog, &Actor::System("catalog")).await?;
         if !report.is_noop() {
             tracing::info!(created = ?report.created, updated = ?report.updated, deactivated = ?report.deactivated, "catalog synced");
         }
-        let redis = config.redis_url.as_deref().map(redis::Client::open).transpose()?;
+        let redis = config.redis_url.as_ref().map(|u| redis::Client::open(u.expose())).transpose()?;
         let state = AppState {
             store,
             metrics: telemetry::metrics_handle(),

@@ -76,7 +76,9 @@ pub async fn main() -> ExitCode {
 }
 
 async fn open_store(config: &Config) -> Result<Store, String> {
-    Store::connect_and_migrate(&config.database_url, &store_options(config)).await.map_err(|e| e.to_string())
+    Store::connect_and_migrate(config.database_url.expose(), &store_options(config))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode, String> {

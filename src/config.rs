@@ -27,6 +27,45 @@ fn secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
     Ok(SecretString::from(raw.to_owned()))
 }
 
+/// A connection URL that may carry a password (`postgres://user:pw@host/db`):
+/// usable as a string, but its `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectionUrl(String);
+
+impl ConnectionUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`, for messages and logs.
+    pub fn redacted(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else { return self.0.clone() };
+        let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
+                format!("{scheme}://{masked}@{host}{tail}")
+            }
+            None => self.0.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ConnectionUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+fn connection_url(raw: &str) -> Result<ConnectionUrl, std::convert::Infallible> {
+    Ok(ConnectionUrl::new(raw))
+}
+
 /// Every setting of a tollgate process. Field docs are the `--help` text.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
@@ -35,8 +74,8 @@ pub struct Config {
     pub environment: Environment,
 
     /// `sqlite://PATH` or `postgres://…`.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://tollgate.db", global = true)]
-    pub database_url: String,
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://tollgate.db", value_parser = connection_url, hide_env_values = true, global = true)]
+    pub database_url: ConnectionUrl,
 
     /// Connections per database pool.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10, global = true)]
@@ -47,8 +86,8 @@ pub struct Config {
     pub allow_sqlite_in_production: bool,
 
     /// Optional Redis, for state shared across instances.
-    #[arg(long, env = "REDIS_URL", global = true)]
-    pub redis_url: Option<String>,
+    #[arg(long, env = "REDIS_URL", value_parser = connection_url, hide_env_values = true, global = true)]
+    pub redis_url: Option<ConnectionUrl>,
 
     /// The catalog file.
     #[arg(long = "catalog", env = "TOLLGATE_CATALOG", default_value = "./tollgate.toml", global = true)]
@@ -226,8 +265,8 @@ impl Config {
                     Some(k) if k.starts_with("sk_test_") || k.starts_with("rk_test_") => problems.push(
                         "STRIPE_SECRET_KEY is a test key (sk_test_…) but ENVIRONMENT=production: use the live key".to_owned(),
                     ),
-                    None if self.paypal_client_id.is_none() => problems.push(
-                        "no payment provider configured: set STRIPE_SECRET_KEY (the emulator is for development only)".to_owned(),
+                    None => problems.push(
+                        "STRIPE_SECRET_KEY is missing: the built-in Stripe emulator is for development only".to_owned(),
                     ),
                     _ => {}
                 }
@@ -240,6 +279,11 @@ impl Config {
                 if self.paypal_client_id.is_some() && self.paypal_webhook_id.is_none() {
                     problems
                         .push("PAYPAL_WEBHOOK_ID is missing: PayPal webhooks cannot be verified".to_owned());
+                }
+                if self.paypal_client_id.is_some() && self.paypal_client_secret.is_none() {
+                    problems.push(
+                        "PAYPAL_CLIENT_SECRET is missing: PAYPAL_CLIENT_ID needs its secret".to_owned(),
+                    );
                 }
                 if self.allowed_origins.iter().any(|o| o.trim() == "*") {
                     problems.push(
@@ -257,7 +301,7 @@ impl Config {
                     ),
                     _ => {}
                 }
-                if self.database_url.starts_with("sqlite:") && !self.allow_sqlite_in_production {
+                if self.database_url.expose().starts_with("sqlite:") && !self.allow_sqlite_in_production {
                     problems.push(
                         "DATABASE_URL is SQLite in production: use PostgreSQL, or set ALLOW_SQLITE_IN_PRODUCTION=true for a single-machine deployment"
                             .to_owned(),
@@ -281,7 +325,7 @@ impl Config {
                 problems.push(format!("PUBLIC_URL {url:?} must start with http:// or https://"));
             }
         }
-        if let Err(e) = crate::store::DbKind::from_url(&self.database_url) {
+        if let Err(e) = crate::store::DbKind::from_url(self.database_url.expose()) {
             problems.push(format!("DATABASE_URL: {e}"));
         }
         for origin in &self.allowed_origins {
@@ -314,7 +358,7 @@ mod tests {
         c.stripe_secret_key = Some(SecretString::from("sk_live_abc".to_owned()));
         c.stripe_webhook_secret = Some(SecretString::from("whsec_abc".to_owned()));
         c.secret_key = Some(SecretString::from("q8Zr1vX0pL3mN7bK2yT5wE9uJ4hG6fD0sA".to_owned()));
-        c.database_url = "postgres://db/tollgate".to_owned();
+        c.database_url = ConnectionUrl::new("postgres://tollgate:hunter2secret@db/tollgate");
         c.allowed_origins = vec!["https://app.example.com".to_owned()];
         c
     }
@@ -333,7 +377,7 @@ mod tests {
         let c = Config::defaults();
         assert_eq!(c.environment, Environment::Development);
         assert_eq!(c.port, 8080);
-        assert_eq!(c.database_url, "sqlite://tollgate.db");
+        assert_eq!(c.database_url.expose(), "sqlite://tollgate.db");
         assert!(c.uses_stripe_emulator());
         assert!(c.problems().is_empty(), "{:?}", c.problems());
         assert_eq!(c.public_url(), "http://127.0.0.1:8080");
@@ -371,10 +415,20 @@ mod tests {
         refused(&c, "SECRET_KEY is weak");
 
         let mut c = production();
-        c.database_url = "sqlite://tollgate.db".to_owned();
+        c.database_url = ConnectionUrl::new("sqlite://tollgate.db");
         refused(&c, "SQLite in production");
         c.allow_sqlite_in_production = true;
         assert!(c.problems().is_empty());
+    }
+
+    #[test]
+    fn production_never_runs_the_emulator() {
+        let mut c = production();
+        c.stripe_secret_key = None;
+        c.paypal_client_id = Some("paypal-app".to_owned());
+        refused(&c, "STRIPE_SECRET_KEY is missing");
+        refused(&c, "PAYPAL_WEBHOOK_ID is missing");
+        refused(&c, "PAYPAL_CLIENT_SECRET is missing");
     }
 
     #[test]

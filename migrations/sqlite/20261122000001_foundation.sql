@@ -4,7 +4,7 @@
 
 CREATE TABLE customers (
     id          TEXT PRIMARY KEY,
-    external_id TEXT NOT NULL UNIQUE,
+    external_id TEXT NOT NULL,
     email       TEXT,
     name        TEXT,
     metadata    TEXT NOT NULL DEFAULT '{}',
@@ -12,6 +12,8 @@ CREATE TABLE customers (
     updated_at  INTEGER NOT NULL,
     deleted_at  INTEGER
 );
+-- A deleted customer's external id may be used again by a new customer.
+CREATE UNIQUE INDEX customers_external_id ON customers (external_id) WHERE deleted_at IS NULL;
 CREATE INDEX customers_email ON customers (email);
 
 -- One provider customer per provider and tollgate customer; a provider id is

@@ -4,13 +4,14 @@ use std::collections::BTreeMap;
 
 use axum::routing::get;
 use axum::{extract::State, Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiQuery, ListParams, ReadKey};
+use super::extract::{list_query, ApiQuery, ReadKey};
 use super::{AppState, ListResponse};
 use crate::billing::catalog::{Grants, Recurring};
+use crate::ids::CatalogKey;
 use crate::store::catalog::{PriceFilter, PriceRecord, ProductRecord};
 
 pub fn router() -> Router<AppState> {
@@ -94,19 +95,19 @@ impl From<PriceRecord> for Price {
     }
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ProductFilter {
-    /// Only active (or only inactive) products.
-    pub active: Option<bool>,
-}
+list_query!(
+    pub struct ProductListQuery {
+        /// Only active (or only inactive) products.
+        pub active: Option<bool>,
+    }
+);
 
 /// List products, by catalog key
 #[utoipa::path(
     get,
     path = "/v1/products",
     tag = "catalog",
-    params(ListParams, ProductFilter),
+    params(ProductListQuery),
     responses((status = 200, body = ListResponse<Product>)),
     security(("api_key" = []))
 )]
@@ -114,31 +115,31 @@ pub struct ProductFilter {
 pub async fn list_products(
     State(state): State<AppState>,
     ReadKey(_caller): ReadKey,
-    ApiQuery(params): ApiQuery<ListParams>,
-    ApiQuery(filter): ApiQuery<ProductFilter>,
+    ApiQuery(query): ApiQuery<ProductListQuery>,
 ) -> ApiResult<Json<ListResponse<Product>>> {
-    let listed = state.store.list_products(&params.page()?, filter.active).await?;
+    let listed = state.store.list_products(&query.page()?, query.active).await?;
     Ok(Json(ListResponse::new("/v1/products", listed, Product::from)))
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct PriceQuery {
-    pub active: Option<bool>,
-    /// Only prices of this product.
-    pub product: Option<String>,
-    /// `one_time` or `recurring`.
-    #[serde(rename = "type")]
-    #[param(rename = "type")]
-    pub kind: Option<String>,
-}
+list_query!(
+    pub struct PriceListQuery {
+        /// Only active (or only inactive) prices.
+        pub active: Option<bool>,
+        /// Only prices of this product.
+        pub product: Option<String>,
+        /// `one_time` or `recurring`.
+        #[serde(rename = "type")]
+        #[param(rename = "type")]
+        pub kind: Option<String>,
+    }
+);
 
 /// List prices, by catalog key
 #[utoipa::path(
     get,
     path = "/v1/prices",
     tag = "catalog",
-    params(ListParams, PriceQuery),
+    params(PriceListQuery),
     responses((status = 200, body = ListResponse<Price>)),
     security(("api_key" = []))
 )]
@@ -146,15 +147,18 @@ pub struct PriceQuery {
 pub async fn list_prices(
     State(state): State<AppState>,
     ReadKey(_caller): ReadKey,
-    ApiQuery(params): ApiQuery<ListParams>,
-    ApiQuery(query): ApiQuery<PriceQuery>,
+    ApiQuery(query): ApiQuery<PriceListQuery>,
 ) -> ApiResult<Json<ListResponse<Price>>> {
+    let page = query.page()?;
     if let Some(kind) = &query.kind {
         if kind != "one_time" && kind != "recurring" {
             return Err(ApiError::invalid_param("type", "type must be one_time or recurring."));
         }
     }
+    if let Some(product) = &query.product {
+        CatalogKey::parse(product).map_err(|e| ApiError::invalid_param("product", e.0))?;
+    }
     let filter = PriceFilter { active: query.active, product: query.product, kind: query.kind };
-    let listed = state.store.list_prices(&params.page()?, &filter).await?;
+    let listed = state.store.list_prices(&page, &filter).await?;
     Ok(Json(ListResponse::new("/v1/prices", listed, Price::from)))
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{current_request_id, ApiError, ApiResult, ErrorBody};
-use super::extract::{ApiJson, ApiPath, ApiQuery, ListParams, ReadKey, WriteKey};
+use super::extract::{list_query, text_filter, ApiJson, ApiPath, ApiQuery, ReadKey, WriteKey};
 use super::{AppState, ListResponse};
 use crate::ids::ExternalId;
 use crate::store::customers::{CustomerChanges, CustomerRecord, Upserted};
@@ -102,10 +102,20 @@ impl UpsertCustomer {
                 return Err(ApiError::invalid_param("metadata", "metadata may have at most 50 keys."));
             }
             for (k, v) in metadata {
-                if k.is_empty() || k.chars().count() > 40 || k.contains('[') || k.contains(']') {
+                if k.is_empty()
+                    || k.chars().count() > 40
+                    || k.contains(['[', ']'])
+                    || k.chars().any(char::is_control)
+                {
                     return Err(ApiError::invalid_param(
                         format!("metadata.{k}"),
-                        "metadata keys must be 1 to 40 characters, without square brackets.",
+                        "metadata keys must be 1 to 40 characters, without square brackets or control characters.",
+                    ));
+                }
+                if v.contains('\0') {
+                    return Err(ApiError::invalid_param(
+                        format!("metadata.{k}"),
+                        "metadata values may not contain NUL characters.",
                     ));
                 }
                 if v.chars().count() > 500 {
@@ -186,19 +196,19 @@ pub async fn get_customer(
     Ok(Json(customer.into()))
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct CustomerFilter {
-    /// Only customers with exactly this email.
-    pub email: Option<String>,
-}
+list_query!(
+    pub struct CustomerListQuery {
+        /// Only customers with exactly this email.
+        pub email: Option<String>,
+    }
+);
 
 /// List customers, newest first
 #[utoipa::path(
     get,
     path = "/v1/customers",
     tag = "customers",
-    params(ListParams, CustomerFilter),
+    params(CustomerListQuery),
     responses((status = 200, body = ListResponse<Customer>)),
     security(("api_key" = []))
 )]
@@ -206,10 +216,10 @@ pub struct CustomerFilter {
 pub async fn list_customers(
     State(state): State<AppState>,
     ReadKey(_caller): ReadKey,
-    ApiQuery(params): ApiQuery<ListParams>,
-    ApiQuery(filter): ApiQuery<CustomerFilter>,
+    ApiQuery(query): ApiQuery<CustomerListQuery>,
 ) -> ApiResult<Json<ListResponse<Customer>>> {
-    let page = params.page()?;
-    let listed = state.store.list_customers(&page, filter.email.as_deref()).await?;
+    let page = query.page()?;
+    let email = text_filter("email", query.email)?;
+    let listed = state.store.list_customers(&page, email.as_deref()).await?;
     Ok(Json(ListResponse::new("/v1/customers", listed, Customer::from)))
 }

@@ -147,7 +147,7 @@ impl ApiError {
                 status,
                 ErrorType::ApiError,
                 "request_timeout",
-                "The request took too long and was abandoned; it is safe to retry with the same Idempotency-Key.",
+                "The request took too long and was abandoned; retry it (with the same Idempotency-Key, if it had one).",
             ),
             StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::new(
                 status,
@@ -213,8 +213,8 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(error = %cause, "database unavailable");
                 ApiError::unavailable("The database is unavailable; retry shortly.")
             }
-            StoreError::UnknownCursor(id) => {
-                ApiError::invalid_param("starting_after", format!("No object with id '{id}' to page from."))
+            StoreError::UnknownCursor { param, id } => {
+                ApiError::invalid_param(param, format!("No object with id '{id}' in this list to page from."))
             }
             StoreError::Conflict(message) => {
                 ApiError::new(StatusCode::CONFLICT, ErrorType::InvalidRequestError, "conflict", message)

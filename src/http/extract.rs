@@ -6,7 +6,6 @@ use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 
 use super::error::{ApiError, ApiResult, ErrorType};
 use crate::auth::{KeyMode, Scope};
@@ -146,43 +145,80 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
     }
 }
 
-/// Stripe's list parameters.
-#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ListParams {
-    /// 1 to 100, default 10.
-    pub limit: Option<i64>,
-    /// An object id: return the page after it.
-    pub starting_after: Option<String>,
-    /// An object id: return the page before it.
-    pub ending_before: Option<String>,
+/// Declares a list endpoint's query: Stripe's `limit`, `starting_after` and
+/// `ending_before` plus the endpoint's own filters, in one struct that
+/// refuses unknown parameters (serde's `flatten` cannot be combined with
+/// that, hence a macro).
+macro_rules! list_query {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident : $ty:ty),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+        #[serde(deny_unknown_fields)]
+        #[into_params(parameter_in = Query)]
+        pub struct $name {
+            /// 1 to 100, default 10.
+            pub limit: Option<i64>,
+            /// An object id: return the page after it.
+            pub starting_after: Option<String>,
+            /// An object id: return the page before it.
+            pub ending_before: Option<String>,
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            pub fn page(&self) -> $crate::http::error::ApiResult<$crate::store::Page> {
+                $crate::http::extract::page_from(self.limit, &self.starting_after, &self.ending_before)
+            }
+        }
+    };
+}
+pub(crate) use list_query;
+
+list_query!(
+    /// A list with no filters of its own.
+    pub struct ListParams {}
+);
+
+/// Validates Stripe's list parameters into a [`Page`].
+pub fn page_from(
+    limit: Option<i64>,
+    starting_after: &Option<String>,
+    ending_before: &Option<String>,
+) -> ApiResult<Page> {
+    let limit = limit.unwrap_or(Page::DEFAULT_LIMIT);
+    if !(1..=Page::MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::invalid_param(
+            "limit",
+            format!("limit must be between 1 and {}.", Page::MAX_LIMIT),
+        ));
+    }
+    let check = |name: &str, id: &String| {
+        if id.is_empty() || id.len() > 255 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            Err(ApiError::invalid_param(name.to_owned(), format!("{name} must be an object id.")))
+        } else {
+            Ok(())
+        }
+    };
+    match (starting_after, ending_before) {
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "parameters_exclusive",
+            "Pass at most one of starting_after and ending_before.",
+        )),
+        (Some(id), None) => check("starting_after", id).map(|_| Page::after(limit, id.clone())),
+        (None, Some(id)) => check("ending_before", id).map(|_| Page::before(limit, id.clone())),
+        (None, None) => Ok(Page::first(limit)),
+    }
 }
 
-impl ListParams {
-    pub fn page(&self) -> ApiResult<Page> {
-        let limit = self.limit.unwrap_or(Page::DEFAULT_LIMIT);
-        if !(1..=Page::MAX_LIMIT).contains(&limit) {
-            return Err(ApiError::invalid_param(
-                "limit",
-                format!("limit must be between 1 and {}.", Page::MAX_LIMIT),
-            ));
-        }
-        let check = |name: &str, id: &String| {
-            if id.is_empty() || id.len() > 255 || !id.bytes().all(|b| b.is_ascii_graphic()) {
-                Err(ApiError::invalid_param(name.to_owned(), format!("{name} must be an object id.")))
-            } else {
-                Ok(())
-            }
-        };
-        match (&self.starting_after, &self.ending_before) {
-            (Some(_), Some(_)) => Err(ApiError::invalid(
-                "parameters_exclusive",
-                "Pass at most one of starting_after and ending_before.",
-            )),
-            (Some(id), None) => check("starting_after", id).map(|_| Page::after(limit, id.clone())),
-            (None, Some(id)) => check("ending_before", id).map(|_| Page::before(limit, id.clone())),
-            (None, None) => Ok(Page::first(limit)),
-        }
+/// A free-text filter value: no control characters (PostgreSQL refuses NUL
+/// in text, and no legitimate filter has any).
+pub fn text_filter(param: &str, value: Option<String>) -> ApiResult<Option<String>> {
+    match value {
+        Some(v) if v.chars().any(char::is_control) || v.len() > 512 => Err(ApiError::invalid_param(
+            param.to_owned(),
+            format!("{param} must be at most 512 characters, without control characters."),
+        )),
+        other => Ok(other),
     }
 }
 
@@ -251,7 +287,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    #[derive(Debug, Deserialize)]
+    #[derive(Debug, serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     #[allow(dead_code)]
     struct Body {

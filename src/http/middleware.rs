@@ -39,10 +39,16 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().clone();
+    // Any token is a valid HTTP method; only known ones become label values,
+    // so junk requests cannot mint unbounded metric series.
+    let method_label = match method.as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => m,
+        _ => "other",
+    };
     let span = tracing::info_span!(
         "request",
         request_id = %request_id,
-        method = %method,
+        method = method_label,
         route = %route,
         api_key = tracing::field::Empty
     );
@@ -56,7 +62,8 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
-    let labels = [("method", method.to_string()), ("route", route), ("status", status.as_u16().to_string())];
+    let labels =
+        [("method", method_label.to_owned()), ("route", route), ("status", status.as_u16().to_string())];
     metrics::counter!("http_requests_total", &labels).increment(1);
     metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
     span.in_scope(|| {
@@ -228,13 +235,15 @@ pub async fn idempotency(
         }
     }
 
+    // If the request is abandoned (timeout, client gone, panic), the guard
+    // frees the key so that the client's retry runs instead of waiting out
+    // the lease.
+    let mut guard =
+        ReleaseOnDrop { store: state.store.clone(), api_key_id: principal.key_id.clone(), key, armed: true };
     let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
     let status = response.status();
-    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::CONFLICT {
         // Not an answer worth keeping: let a retry run the request again.
-        if let Err(e) = state.store.release_idempotency_key(&principal.key_id, &key).await {
-            tracing::warn!(error = %e, "could not release idempotency key");
-        }
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
@@ -250,10 +259,37 @@ pub async fn idempotency(
     };
     // The effect has happened; if recording the response fails, the lease
     // lapses and a retry re-runs the (idempotent by design) handler.
-    if let Err(e) = state.store.complete_idempotency_key(&principal.key_id, &key, &stored).await {
+    guard.armed = false;
+    if let Err(e) = state.store.complete_idempotency_key(&guard.api_key_id, &guard.key, &stored).await {
         tracing::warn!(error = %e, "could not store idempotent response");
     }
     Ok(Response::from_parts(parts, Body::from(body)))
+}
+
+/// Releases an idempotency claim unless disarmed: runs on every path that
+/// does not store a response, including the request future being dropped.
+struct ReleaseOnDrop {
+    store: crate::store::Store,
+    api_key_id: String,
+    key: String,
+    armed: bool,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (store, api_key_id, key) =
+            (self.store.clone(), std::mem::take(&mut self.api_key_id), std::mem::take(&mut self.key));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = store.release_idempotency_key(&api_key_id, &key).await {
+                    tracing::warn!(error = %e, "could not release idempotency key");
+                }
+            });
+        }
+    }
 }
 
 fn replay(stored: StoredResponse) -> Response {

@@ -143,25 +143,25 @@ impl ChainReport {
 }
 
 impl Store {
-    /// Walks the whole chain in pages, recomputing every hash, and checks the
-    /// head row agrees with the last entry (a truncated tail is detected).
+    /// Walks the chain in pages, recomputing every hash, up to the head as
+    /// it was when the walk began (entries appended meanwhile are not
+    /// judged), and checks the last entry is the one the head records, so a
+    /// truncated tail is detected.
     pub async fn verify_audit_chain(&self) -> StoreResult<ChainReport> {
         const PAGE: i64 = 1000;
+        const COLUMNS: &str =
+            "seq, id, at, actor, action, object_type, object_id, data, request_id, prev_hash, hash";
+        let (head_seq, head_hash): (i64, String) =
+            sql!(self, query_as::<(i64, String)>("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one)
+                .db()?;
         let mut expected_prev = GENESIS_HASH.to_owned();
         let mut expected_seq = 1i64;
         let mut entries = 0i64;
+        let page_sql =
+            format!("SELECT {COLUMNS} FROM audit_log WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3");
         loop {
-            let page: Vec<AuditEntry> = sql!(
-                self,
-                query_as::<AuditEntry>(
-                    "SELECT seq, id, at, actor, action, object_type, object_id, data, request_id, prev_hash, hash \
-                     FROM audit_log WHERE seq >= $1 ORDER BY seq LIMIT $2",
-                    expected_seq,
-                    PAGE
-                )
-                .fetch_all
-            )
-            .db()?;
+            let page: Vec<AuditEntry> =
+                sql!(self, query_as::<AuditEntry>(&page_sql, expected_seq, head_seq, PAGE).fetch_all).db()?;
             let done = (page.len() as i64) < PAGE;
             for e in page {
                 let problem = if e.seq != expected_seq {
@@ -188,13 +188,12 @@ impl Store {
                 break;
             }
         }
-        let (head_seq, head_hash): (i64, String) =
-            sql!(self, query_as::<(i64, String)>("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one)
-                .db()?;
-        let broken = (head_seq != entries || head_hash != expected_prev).then(|| {
+        let broken = (entries != head_seq || expected_prev != head_hash).then(|| {
             (
                 entries + 1,
-                format!("chain ends at entry {entries} but the head records entry {head_seq} (entries removed from the end)"),
+                format!(
+                    "chain ends at entry {entries} but the head records entry {head_seq} (entries removed from the end)"
+                ),
             )
         });
         Ok(ChainReport { entries, head_hash: expected_prev, broken })
@@ -210,7 +209,10 @@ impl Store {
             Some(id) => Some(
                 sql!(self, query_scalar::<i64>("SELECT seq FROM audit_log WHERE id = $1", id).fetch_optional)
                     .db()?
-                    .ok_or_else(|| StoreError::UnknownCursor(id.to_owned()))?,
+                    .ok_or_else(|| StoreError::UnknownCursor {
+                        param: page.cursor_param(),
+                        id: id.to_owned(),
+                    })?,
             ),
         };
         let rows: Vec<AuditEntry> = if page.is_backwards() {

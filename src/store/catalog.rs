@@ -117,6 +117,12 @@ impl Store {
         let now = now_unix();
         let mut report = CatalogSyncReport::default();
         let mut tx = self.begin().await?;
+        // Instances starting together must not both plan the same changes:
+        // the audit head row is the one lock every writer of history takes
+        // (SQLite's writer is already exclusive).
+        if tx.kind() == super::DbKind::Postgres {
+            sql!(tx, query("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE").execute).db()?;
+        }
 
         let existing: Vec<ProductRow> =
             sql!(tx, query_as::<ProductRow>(&format!("SELECT {PRODUCT_COLUMNS} FROM products")).fetch_all)
@@ -336,6 +342,7 @@ impl Store {
     }
 
     pub async fn list_prices(&self, page: &Page, filter: &PriceFilter) -> StoreResult<Listed<PriceRecord>> {
+        self.ensure_cursor("prices", page).await?;
         let (op, order) = if page.is_backwards() { ("<", "DESC") } else { (">", "ASC") };
         let sql = format!(
             "SELECT {PRICE_COLUMNS} FROM prices WHERE ($1 IS NULL OR id {op} $1) AND ($2 IS NULL OR active = $2) \

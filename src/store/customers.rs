@@ -241,6 +241,7 @@ impl Store {
         page: &Page,
         email: Option<&str>,
     ) -> StoreResult<Listed<CustomerRecord>> {
+        self.ensure_cursor("customers", page).await?;
         let (op, order) = if page.is_backwards() { (">", "ASC") } else { ("<", "DESC") };
         let cursor = page.cursor().map(str::to_owned);
         let sql = format!(

@@ -75,9 +75,9 @@ pub enum StoreError {
     /// A uniqueness rule stopped the change; the caller may retry.
     #[error("conflict: {0}")]
     Conflict(String),
-    /// A pagination cursor that names no object.
-    #[error("no such object: {0}")]
-    UnknownCursor(String),
+    /// A pagination cursor that names no object in the list.
+    #[error("no such object: {id} (from {param})")]
+    UnknownCursor { param: &'static str, id: String },
 }
 
 impl StoreError {
@@ -132,6 +132,11 @@ pub enum DbKind {
 impl DbKind {
     pub fn from_url(url: &str) -> StoreResult<Self> {
         if url.starts_with("sqlite:") {
+            if url.contains(":memory:") || url.contains("mode=memory") {
+                return Err(StoreError::InvalidUrl(
+                    "an in-memory SQLite database would be lost on restart and is not shared between connections; use a file".to_owned(),
+                ));
+            }
             Ok(DbKind::Sqlite)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(DbKind::Postgres)
@@ -285,6 +290,18 @@ impl Store {
         result.db()
     }
 
+    /// Stripe's rule for cursors: one that names no object in the list is an
+    /// error, not a silent position.
+    pub(crate) async fn ensure_cursor(&self, table: &'static str, page: &Page) -> StoreResult<()> {
+        let Some(id) = page.cursor() else { return Ok(()) };
+        let sql = format!("SELECT id FROM {table} WHERE id = $1");
+        let found = sql!(self, query_scalar::<String>(&sql, id).fetch_optional).db()?;
+        match found {
+            Some(_) => Ok(()),
+            None => Err(StoreError::UnknownCursor { param: page.cursor_param(), id: id.to_owned() }),
+        }
+    }
+
     /// A round trip to the database, for readiness checks.
     pub async fn ping(&self) -> StoreResult<()> {
         sql!(self, query("SELECT 1").execute).db()?;
@@ -430,6 +447,14 @@ impl Page {
         match &self.cursor {
             Cursor::None => None,
             Cursor::After(id) | Cursor::Before(id) => Some(id),
+        }
+    }
+
+    /// The query parameter the cursor came from, for error messages.
+    pub fn cursor_param(&self) -> &'static str {
+        match self.cursor {
+            Cursor::Before(_) => "ending_before",
+            _ => "starting_after",
         }
     }
 

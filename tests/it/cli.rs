@@ -130,3 +130,81 @@ async fn a_broken_catalog_stops_start_up_with_the_reason() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("price x: product \"missing\""), "{}", stderr(&out));
 }
+
+/// The real binary, as an operator runs it: JSON logs carrying request ids
+/// and no secrets, and a clean exit on SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_logs_json_without_secrets_and_exits_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+
+    let db = TestDb::new().await;
+    let out = tokio::task::block_in_place(|| {
+        tollgate(&db, &["api-key", "create", "--name", "l", "--scope", "read"], &[])
+    });
+    let key = stdout(&out).trim().to_owned();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("TOLLGATE_CATALOG", manifest_path("tollgate.toml"))
+        .env("LOG_FORMAT", "json")
+        .env("LOG_LEVEL", "info")
+        .env("PORT", "0")
+        .env("BIND_ADDRESS", "127.0.0.1")
+        .arg("serve")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    let stderr_pipe = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let address = loop {
+        let line = lines_rx.recv_timeout(Duration::from_secs(20)).expect("server starts and logs");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        lines.push(line);
+        if v["message"] == "tollgate listening" {
+            break v["address"].as_str().unwrap().to_owned();
+        }
+    };
+
+    let client = reqwest::Client::new();
+    let resp = client
+        .get(format!("http://{address}/v1/customers"))
+        .bearer_auth(&key)
+        .header("x-request-id", "log-check-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "tollgate did not exit after SIGTERM");
+        std::thread::yield_now();
+        let _ = lines_rx.recv_timeout(Duration::from_millis(20)).map(|l| lines.push(l));
+    };
+    assert!(exit.success(), "clean exit: {exit:?}");
+    lines.extend(lines_rx.try_iter());
+
+    for line in &lines {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "every line is JSON: {line}");
+        assert!(!line.contains(&key[8..]), "the API key never appears in logs");
+    }
+    let request_line =
+        lines.iter().find(|l| l.contains("log-check-1")).expect("the request is logged with its id");
+    let v: serde_json::Value = serde_json::from_str(request_line).unwrap();
+    assert_eq!(v["status"], 200);
+    assert!(lines.iter().any(|l| l.contains("tollgate stopped")), "{lines:?}");
+}

@@ -136,6 +136,22 @@ async fn list_parameters_are_validated() {
     }
     let resp = app.get("/v1/customers?starting_after=a&ending_before=b", &app.read_key).send().await.unwrap();
     expect_error(resp, 400, "invalid_request_error", "parameters_exclusive").await;
+
+    let resp = app.get("/v1/customers?limt=5", &app.read_key).send().await.unwrap();
+    let e = expect_error(resp, 400, "invalid_request_error", "parameter_unknown").await;
+    assert_eq!(e["param"], "limt");
+    let resp = app.get("/v1/customers?email=a%00b", &app.read_key).send().await.unwrap();
+    let e = expect_error(resp, 400, "invalid_request_error", "parameter_invalid").await;
+    assert_eq!(e["param"], "email");
+    for param in ["starting_after", "ending_before"] {
+        let resp =
+            app.get(&format!("/v1/customers?{param}=cust_01NOSUCH"), &app.read_key).send().await.unwrap();
+        let e = expect_error(resp, 400, "invalid_request_error", "parameter_invalid").await;
+        assert_eq!(e["param"], param);
+    }
+    let resp = app.get("/v1/prices?product=%00", &app.read_key).send().await.unwrap();
+    let e = expect_error(resp, 400, "invalid_request_error", "parameter_invalid").await;
+    assert_eq!(e["param"], "product");
 }
 
 #[tokio::test]

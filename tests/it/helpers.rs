@@ -85,7 +85,7 @@ impl Drop for TestDb {
 
 pub fn test_config(db: &TestDb) -> Config {
     let mut config = Config::defaults();
-    config.database_url = db.url.clone();
+    config.database_url = tollgate::config::ConnectionUrl::new(db.url.clone());
     config.catalog_path = manifest_path("tollgate.toml");
     config.database_max_connections = 5;
     config.shutdown_grace_seconds = 5;

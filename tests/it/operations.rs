@@ -41,7 +41,9 @@ async fn when_the_database_is_gone_readyz_fails_and_the_api_answers_503() {
 
 #[tokio::test]
 async fn redis_is_checked_when_configured() {
-    let app = spawn_app_with(|c| c.redis_url = Some("redis://127.0.0.1:1/".into())).await;
+    let app =
+        spawn_app_with(|c| c.redis_url = Some(tollgate::config::ConnectionUrl::new("redis://127.0.0.1:1/")))
+            .await;
     let resp = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(resp.status(), 503);
     let body: serde_json::Value = resp.json().await.unwrap();
@@ -123,4 +125,25 @@ fn tokio_stream_from(
     mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
 ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn a_request_that_outlives_the_timeout_gets_a_json_408() {
+    let app = spawn_app_with(|c| c.request_timeout_seconds = 1).await;
+    // A body that never finishes arriving.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    tx.send(Ok(b"{\"name\":".to_vec())).await.unwrap();
+    let resp = app
+        .client
+        .put(app.url("/v1/customers/stalled"))
+        .bearer_auth(&app.write_key)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(tokio_stream_from(rx)))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 408, "api_error", "request_timeout").await;
+    drop(tx);
+    let resp = app.get("/v1/customers/stalled", &app.read_key).send().await.unwrap();
+    assert_eq!(resp.status(), 404, "nothing was half-written");
 }
