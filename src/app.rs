@@ -65,6 +65,15 @@ impl Server {
         if !report.is_noop() {
             tracing::info!(created = ?report.created, updated = ?report.updated, deactivated = ?report.deactivated, "catalog synced");
         }
+        let emulator = config.uses_stripe_emulator().then(|| {
+            use crate::providers::stripe_emulator::{Emulator, EmulatorConfig};
+            tracing::info!(api_base = %format!("{}{}", config.public_url(), http::EMULATOR_PREFIX), "no STRIPE_SECRET_KEY: serving the built-in Stripe emulator");
+            Emulator::new(EmulatorConfig {
+                public_url: format!("{}{}", config.public_url(), http::EMULATOR_PREFIX),
+                api_key: None,
+                delivery: Default::default(),
+            })
+        });
         let redis = config.redis_url.as_ref().map(|u| redis::Client::open(u.expose())).transpose()?;
         let state = AppState {
             store,
@@ -77,6 +86,7 @@ impl Server {
             idempotency_ttl_seconds: (config.idempotency_key_ttl_hours * 3600) as i64,
             config: Arc::new(config),
             in_flight: Default::default(),
+            emulator,
         };
         Ok(Server { state })
     }

@@ -34,6 +34,19 @@ pub enum Command {
     /// Inspect the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Run the Stripe emulator alone: Stripe's API at /v1 on PORT, hosted
+    /// checkout and portal pages, signed webhook deliveries.
+    StripeEmulator {
+        /// Deliver due webhook events in random order.
+        #[arg(long)]
+        shuffle_deliveries: bool,
+        /// Deliver every webhook event twice.
+        #[arg(long)]
+        duplicate_deliveries: bool,
+        /// Accept only this secret key (default: any sk_test_ key).
+        #[arg(long, env = "EMULATOR_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +130,27 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             let code = api_key(&store, &config, cmd).await?;
             store.close().await;
             Ok(code)
+        }
+        Command::StripeEmulator { shuffle_deliveries, duplicate_deliveries, api_key } => {
+            use crate::providers::stripe_emulator::{DeliveryOptions, Emulator, EmulatorConfig};
+            let address = format!("{}:{}", config.bind_address, config.port);
+            let listener = tokio::net::TcpListener::bind(&address)
+                .await
+                .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+            let emulator = Emulator::new(EmulatorConfig {
+                public_url: config.public_url(),
+                api_key,
+                delivery: DeliveryOptions {
+                    shuffle: shuffle_deliveries,
+                    duplicate: duplicate_deliveries,
+                    ..DeliveryOptions::default()
+                },
+            });
+            let shutdown = CancellationToken::new();
+            tokio::spawn(app::cancel_on_signal(shutdown.clone()));
+            tracing::info!(address = %listener.local_addr().map_err(|e| e.to_string())?, api_base = %config.public_url(), "Stripe emulator listening");
+            emulator.serve(listener, shutdown).await.map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Audit(AuditCommand::Verify) => {
             let store = open_store(&config).await?;

@@ -44,6 +44,8 @@ pub struct AppState {
     /// Requests being handled now, reported by `/health` so operators can
     /// watch a drain.
     pub in_flight: InFlight,
+    /// The built-in Stripe emulator, when no Stripe key is configured.
+    pub emulator: Option<crate::providers::stripe_emulator::Emulator>,
 }
 
 /// A counter of requests in progress; `enter` returns a guard that leaves on drop.
@@ -91,8 +93,12 @@ impl<T> ListResponse<T> {
     }
 }
 
+/// Where `serve` mounts the Stripe emulator when no Stripe key is set.
+pub const EMULATOR_PREFIX: &str = "/emulator/stripe";
+
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
+    let emulator = state.emulator.clone();
     let v1 = Router::new()
         .merge(customers::router())
         .merge(catalog::router())
@@ -102,7 +108,7 @@ pub fn router(state: AppState) -> Router {
         .layer(from_fn_with_state(state.clone(), middleware::idempotency))
         .layer(from_fn_with_state(state.clone(), middleware::authenticate));
 
-    Router::new()
+    let app = Router::new()
         .nest("/v1", v1)
         .merge(health::router())
         .merge(docs::router())
@@ -116,7 +122,13 @@ pub fn router(state: AppState) -> Router {
         .layer(from_fn_with_state(state.clone(), middleware::security_headers))
         .layer(from_fn(middleware::json_errors))
         .layer(from_fn_with_state(state.clone(), middleware::observe))
-        .with_state(state)
+        .with_state(state);
+    // The emulator speaks Stripe's conventions, not tollgate's, so it sits
+    // outside tollgate's layers.
+    match emulator {
+        Some(em) => app.nest(EMULATOR_PREFIX, em.router()),
+        None => app,
+    }
 }
 
 /// CORS for browser callers from `ALLOWED_ORIGINS`; none listed, none allowed.

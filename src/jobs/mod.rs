@@ -23,6 +23,9 @@ impl Workers {
 
 pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     let mut tasks = JoinSet::new();
-    tasks.spawn(retention::run(state.clone(), shutdown, Duration::from_secs(3600)));
+    tasks.spawn(retention::run(state.clone(), shutdown.clone(), Duration::from_secs(3600)));
+    if let Some(emulator) = &state.emulator {
+        tasks.spawn(crate::providers::stripe_emulator::delivery::run(emulator.clone(), shutdown));
+    }
     Workers { tasks }
 }

@@ -1,0 +1,459 @@
+//! A stateful emulator of the part of Stripe's API that tollgate uses.
+//!
+//! It speaks Stripe's wire format (form-encoded requests with bracketed keys,
+//! Stripe's JSON objects and errors, `Idempotency-Key`, `Stripe-Version`),
+//! keeps objects in memory, serves a hosted checkout page and a billing
+//! portal page, emits the events Stripe emits and delivers them to webhook
+//! endpoints signed exactly as Stripe signs. Development, demos and tests
+//! run against it through the same client code as production.
+//!
+//! Runs standalone (`tollgate stripe-emulator --port N`, API at `/v1`) or
+//! mounted by `tollgate serve` under `/emulator/stripe` when no Stripe key is
+//! configured.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, RawPathParams, Request, State as AxumState};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+pub mod billing;
+pub mod checkout;
+pub mod delivery;
+pub mod error;
+pub mod form;
+pub mod objects;
+pub mod pages;
+pub mod params;
+pub mod payments;
+pub mod state;
+
+use error::{StripeError, StripeResult};
+use params::Params;
+use state::State;
+
+/// The API version whose shapes the emulator returns by default.
+pub const CURRENT_API_VERSION: &str = "2025-10-29.clover";
+/// The first version with the "basil" shapes: subscription periods on items,
+/// invoice subscription under `parent`, no `invoice.charge`.
+const BASIL: &str = "2025-03-31";
+
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    /// Where the emulator is reachable, including any mount prefix: hosted
+    /// page URLs are built from it.
+    pub public_url: String,
+    /// If set, the one secret key accepted; otherwise any `sk_test_…` key.
+    pub api_key: Option<String>,
+    pub delivery: DeliveryOptions,
+}
+
+/// How webhook deliveries behave. Stripe does not promise order or
+/// uniqueness; the knobs let tests exercise both.
+#[derive(Debug, Clone)]
+pub struct DeliveryOptions {
+    /// Deliver due events in random order.
+    pub shuffle: bool,
+    /// Deliver every event twice.
+    pub duplicate: bool,
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubled each attempt, capped at a minute.
+    pub first_retry: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for DeliveryOptions {
+    fn default() -> Self {
+        Self {
+            shuffle: false,
+            duplicate: false,
+            max_attempts: 8,
+            first_retry: Duration::from_secs(1),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Emulator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    config: EmulatorConfig,
+    /// Woken when deliveries are queued.
+    wake: Notify,
+    http: reqwest::Client,
+}
+
+/// What a request carries besides its parameters.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub version: String,
+    pub path: Vec<String>,
+    pub public_url: String,
+}
+
+impl Ctx {
+    /// The first path parameter (`/v1/customers/{id}`).
+    pub fn id(&self) -> &str {
+        self.path.first().map(String::as_str).unwrap_or("")
+    }
+}
+
+type Operation = fn(&mut State, &Ctx, &Params) -> StripeResult<Value>;
+
+impl Emulator {
+    pub fn new(config: EmulatorConfig) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(config.delivery.timeout)
+            .user_agent("Stripe/1.0 (+https://stripe.com/docs/webhooks)")
+            .build()
+            .expect("HTTP client builds");
+        let mut state = State::default();
+        state.duplicate_deliveries = config.delivery.duplicate;
+        Emulator { inner: Arc::new(Inner { state: Mutex::new(state), config, wake: Notify::new(), http }) }
+    }
+
+    pub fn config(&self) -> &EmulatorConfig {
+        &self.inner.config
+    }
+
+    /// The state, for the hosted pages and tests. Never held across an await.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn wake_delivery(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Runs one API operation: authentication, idempotency, the operation
+    /// itself under the state lock, `expand[]`, and version shaping.
+    async fn handle(&self, req: ApiRequest, op: Operation) -> Response {
+        let ApiRequest { method, key, idempotency_key, ctx, params, fingerprint } = req;
+        let expand = params.expand();
+        let (status, body, replayed) = {
+            let mut state = self.lock();
+            let idem = idempotency_key.filter(|_| method == Method::POST || method == Method::DELETE);
+            match idem.as_ref().and_then(|k| state.idempotency.get(&(key.clone(), k.clone())).cloned()) {
+                Some(stored) if stored.fingerprint != fingerprint => {
+                    let k = idem.as_deref().unwrap_or_default();
+                    let e = StripeError::idempotency(format!(
+                        "Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than '{k}' if you meant to execute a different request."
+                    ));
+                    (e.status, e.body(), false)
+                }
+                Some(stored) => {
+                    (StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK), stored.body, true)
+                }
+                None => {
+                    let (status, body) = match op(&mut state, &ctx, &params) {
+                        Ok(mut value) => {
+                            for path in &expand {
+                                expand_path(&state, &mut value, path);
+                            }
+                            shape_for_version(&state, &mut value, &ctx.version);
+                            state::strip_private(&mut value);
+                            (StatusCode::OK, value)
+                        }
+                        Err(e) => (e.status, e.body()),
+                    };
+                    if let Some(k) = idem {
+                        if !status.is_server_error() {
+                            state.idempotency.insert(
+                                (key, k),
+                                state::StoredResponse {
+                                    fingerprint,
+                                    status: status.as_u16(),
+                                    body: body.clone(),
+                                },
+                            );
+                        }
+                    }
+                    (status, body, false)
+                }
+            }
+        };
+        self.wake_delivery();
+        let mut response = (status, axum::Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert("request-id", HeaderValue::from_str(&state::new_id("req")).expect("ascii"));
+        response.headers_mut().insert(
+            "stripe-version",
+            HeaderValue::from_str(&ctx.version).unwrap_or(HeaderValue::from_static(CURRENT_API_VERSION)),
+        );
+        if replayed {
+            response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+        }
+        response
+    }
+
+    pub fn router(&self) -> Router {
+        fn api(
+            op: Operation,
+        ) -> impl Fn(
+            AxumState<Emulator>,
+            ApiRequest,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>
+               + Clone
+               + Send
+               + Sync
+               + 'static {
+            move |AxumState(em): AxumState<Emulator>, req: ApiRequest| {
+                Box::pin(async move { em.handle(req, op).await })
+            }
+        }
+        use billing as b;
+        use checkout as c;
+        use objects as o;
+        use payments as p;
+        Router::new()
+            .route("/v1/customers", get(api(o::list_customers)).post(api(o::create_customer)))
+            .route("/v1/customers/{id}", get(api(o::get_customer)).post(api(o::update_customer)).delete(api(o::delete_customer)))
+            .route("/v1/products", get(api(o::list_products)).post(api(o::create_product)))
+            .route("/v1/products/{id}", get(api(o::get_product)).post(api(o::update_product)))
+            .route("/v1/prices", get(api(o::list_prices)).post(api(o::create_price)))
+            .route("/v1/prices/{id}", get(api(o::get_price)).post(api(o::update_price)))
+            .route("/v1/events", get(api(o::list_events)))
+            .route("/v1/events/{id}", get(api(o::get_event)))
+            .route("/v1/webhook_endpoints", get(api(o::list_webhook_endpoints)).post(api(o::create_webhook_endpoint)))
+            .route(
+                "/v1/webhook_endpoints/{id}",
+                get(api(o::get_webhook_endpoint)).post(api(o::update_webhook_endpoint)).delete(api(o::delete_webhook_endpoint)),
+            )
+            .route("/v1/checkout/sessions", get(api(c::list_sessions)).post(api(c::create_session)))
+            .route("/v1/checkout/sessions/{id}", get(api(c::get_session)))
+            .route("/v1/checkout/sessions/{id}/expire", post(api(c::expire_session)))
+            .route("/v1/checkout/sessions/{id}/line_items", get(api(c::session_line_items)))
+            .route("/v1/payment_intents", get(api(p::list_payment_intents)))
+            .route("/v1/payment_intents/{id}", get(api(p::get_payment_intent)))
+            .route("/v1/payment_methods/{id}", get(api(p::get_payment_method)))
+            .route("/v1/charges", get(api(p::list_charges)))
+            .route("/v1/charges/{id}", get(api(p::get_charge)))
+            .route("/v1/refunds", get(api(p::list_refunds)).post(api(p::create_refund)))
+            .route("/v1/refunds/{id}", get(api(p::get_refund)))
+            .route("/v1/disputes", get(api(p::list_disputes)))
+            .route("/v1/disputes/{id}", get(api(p::get_dispute)).post(api(p::update_dispute)))
+            .route("/v1/disputes/{id}/close", post(api(p::close_dispute)))
+            .route("/v1/subscriptions", get(api(b::list_subscriptions)))
+            .route(
+                "/v1/subscriptions/{id}",
+                get(api(b::get_subscription)).post(api(b::update_subscription)).delete(api(b::cancel_subscription)),
+            )
+            .route("/v1/subscriptions/{id}/resume", post(api(b::resume_subscription)))
+            .route("/v1/invoices", get(api(b::list_invoices)))
+            .route("/v1/invoices/{id}", get(api(b::get_invoice)))
+            .route("/v1/invoices/{id}/pay", post(api(b::pay_invoice)))
+            .route("/v1/billing_portal/sessions", post(api(b::create_portal_session)))
+            .route("/v1/test_helpers/test_clocks", get(api(b::list_clocks)).post(api(b::create_clock)))
+            .route("/v1/test_helpers/test_clocks/{id}", get(api(b::get_clock)).delete(api(b::delete_clock)))
+            .route("/v1/test_helpers/test_clocks/{id}/advance", post(api(b::advance_clock)))
+            .merge(pages::router())
+            .fallback(|method: Method, uri: axum::http::Uri| async move {
+                StripeError {
+                    status: StatusCode::NOT_FOUND,
+                    ..StripeError::invalid(format!(
+                        "Unrecognized request URL ({method}: {}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/.",
+                        uri.path()
+                    ))
+                }
+            })
+            .with_state(self.clone())
+    }
+
+    /// Serves the emulator alone on `listener` (API at `/v1`), delivering
+    /// webhooks, until `shutdown`.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> std::io::Result<()> {
+        let deliveries = tokio::spawn(delivery::run(self.clone(), shutdown.clone()));
+        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        let _ = deliveries.await;
+        Ok(())
+    }
+}
+
+/// A decoded Stripe API request.
+pub struct ApiRequest {
+    method: Method,
+    key: String,
+    idempotency_key: Option<String>,
+    ctx: Ctx,
+    params: Params,
+    fingerprint: String,
+}
+
+fn api_key(headers: &HeaderMap, expected: Option<&str>) -> StripeResult<String> {
+    let raw = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(|| {
+        StripeError::unauthenticated(
+            "You did not provide an API key. You need to provide your API key in the Authorization header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY').",
+        )
+    })?;
+    let key = if let Some(k) = raw.strip_prefix("Bearer ") {
+        k.trim().to_owned()
+    } else if let Some(b) = raw.strip_prefix("Basic ") {
+        let decoded = base64::engine::general_purpose::STANDARD.decode(b.trim()).unwrap_or_default();
+        String::from_utf8_lossy(&decoded).split(':').next().unwrap_or_default().to_owned()
+    } else {
+        return Err(StripeError::unauthenticated("Invalid API Key provided: use Bearer authentication."));
+    };
+    let masked = format!("{}****{}", &key[..key.len().min(8)], &key[key.len().saturating_sub(4)..]);
+    let valid = match expected {
+        Some(e) => key == e,
+        None => key.starts_with("sk_test_") || key.starts_with("rk_test_"),
+    };
+    if valid {
+        Ok(key)
+    } else {
+        Err(StripeError::unauthenticated(format!("Invalid API Key provided: {masked}")))
+    }
+}
+
+impl FromRequest<Emulator> for ApiRequest {
+    type Rejection = StripeError;
+
+    async fn from_request(req: Request, em: &Emulator) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let path = RawPathParams::from_request_parts(&mut parts, em)
+            .await
+            .map(|p| p.iter().map(|(_, v)| v.to_owned()).collect())
+            .unwrap_or_default();
+        let key = api_key(&parts.headers, em.config().api_key.as_deref())?;
+        let version = parts
+            .headers
+            .get("stripe-version")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| CURRENT_API_VERSION.to_owned());
+        let idempotency_key = match parts.headers.get("idempotency-key") {
+            None => None,
+            Some(v) => match v.to_str() {
+                Ok(k) if !k.is_empty() && k.len() <= 255 => Some(k.to_owned()),
+                _ => {
+                    return Err(StripeError::idempotency(
+                        "Idempotency-Key must be 1 to 255 printable characters.",
+                    ))
+                }
+            },
+        };
+        let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), em)
+            .await
+            .map_err(|_| StripeError::invalid("The request body could not be read (it may be too large)."))?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| StripeError::invalid("The request body is not UTF-8."))?;
+        let is_json = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/json"));
+        if is_json && !text.trim().is_empty() {
+            return Err(StripeError::invalid(
+                "Invalid request: Stripe's API takes form-encoded bodies (application/x-www-form-urlencoded), not JSON.",
+            ));
+        }
+        let mut params =
+            Params::new(form::decode(text).map_err(|e| StripeError::param(&e.param, e.message))?);
+        if let Some(query) = parts.uri.query() {
+            params.merge(Params::new(
+                form::decode(query).map_err(|e| StripeError::param(&e.param, e.message))?,
+            ));
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(parts.method.as_str());
+        hasher.update([0]);
+        hasher.update(parts.uri.path());
+        hasher.update([0]);
+        hasher.update(&bytes);
+        Ok(ApiRequest {
+            method: parts.method,
+            key,
+            idempotency_key,
+            ctx: Ctx { version, path, public_url: em.config().public_url.clone() },
+            params,
+            fingerprint: hex::encode(hasher.finalize()),
+        })
+    }
+}
+
+/// Replaces the id at `path` (`customer`, `data.customer`,
+/// `latest_invoice.payment_intent`) with the object it names.
+pub fn expand_path(state: &State, value: &mut Value, path: &str) {
+    let (head, rest) = match path.split_once('.') {
+        Some((h, r)) => (h, Some(r)),
+        None => (path, None),
+    };
+    if let Value::Array(items) = value {
+        for item in items {
+            expand_path(state, item, path);
+        }
+        return;
+    }
+    let Some(field) = value.get_mut(head) else { return };
+    if let Some(id) = field.as_str() {
+        if let Some(object) = state.get(id) {
+            *field = object.clone();
+        }
+    }
+    if let Some(rest) = rest {
+        expand_path(state, field, rest);
+    }
+}
+
+/// Adds the fields that requests pinned to versions before 2025-03-31 still
+/// expect, where the current version moved them.
+pub fn shape_for_version(state: &State, value: &mut Value, version: &str) {
+    if version.get(..10).is_none_or(|date| date >= BASIL) {
+        return;
+    }
+    legacy_fields(state, value);
+}
+
+fn legacy_fields(state: &State, value: &mut Value) {
+    match value {
+        Value::Array(items) => items.iter_mut().for_each(|v| legacy_fields(state, v)),
+        Value::Object(map) => {
+            let kind = map.get("object").and_then(Value::as_str).unwrap_or("").to_owned();
+            for (_, v) in map.iter_mut() {
+                if v.is_object() || v.is_array() {
+                    legacy_fields(state, v);
+                }
+            }
+            match kind.as_str() {
+                "subscription" => {
+                    let item = map["items"]["data"][0].clone();
+                    map.insert("current_period_start".into(), item["current_period_start"].clone());
+                    map.insert("current_period_end".into(), item["current_period_end"].clone());
+                    map.insert("plan".into(), item["price"].clone());
+                }
+                "invoice" => {
+                    let sub = map["parent"]["subscription_details"]["subscription"].clone();
+                    map.insert("subscription".into(), sub);
+                    let pi = map["payments"]["data"][0]["payment"]["payment_intent"].clone();
+                    let charge = pi
+                        .as_str()
+                        .and_then(|id| state.get(id))
+                        .map(|p| p["latest_charge"].clone())
+                        .unwrap_or(Value::Null);
+                    map.insert("payment_intent".into(), pi);
+                    map.insert("charge".into(), charge);
+                    map.insert("paid".into(), json!(map["status"] == "paid"));
+                }
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+}
