@@ -9,6 +9,7 @@ mod audit;
 mod catalog;
 mod cli;
 mod customers;
+mod emulator;
 mod idempotency;
 mod openapi;
 mod operations;

@@ -290,7 +290,6 @@ pub fn create_price(state: &mut State, _ctx: &Ctx, p: &Params) -> StripeResult<V
         "tax_behavior",
     ])?;
     let product = p.required("product")?;
-    state.fetch("product", product, "product")?;
     let currency = p.required("currency")?.to_ascii_lowercase();
     if currency.len() != 3 || !currency.chars().all(|c| c.is_ascii_lowercase()) {
         return Err(StripeError::param("currency", format!("Invalid currency: {currency}")));
@@ -334,6 +333,7 @@ pub fn create_price(state: &mut State, _ctx: &Ctx, p: &Params) -> StripeResult<V
             })
         }
     };
+    state.fetch("product", product, "product")?;
     if let Some(key) = p.nonempty("lookup_key")? {
         if state.all("price").iter().any(|pr| pr["lookup_key"] == key) {
             return Err(StripeError::param(

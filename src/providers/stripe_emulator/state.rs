@@ -160,6 +160,8 @@ impl State {
             "pending_webhooks": endpoints.len(),
             "request": { "id": null, "idempotency_key": null },
             "type": kind,
+            // Retention follows the wall clock, whatever a test clock says.
+            "_stored_at": real_now(),
         });
         self.insert(event);
         let copies = if self.duplicate_deliveries { 2 } else { 1 };
@@ -182,7 +184,7 @@ impl State {
         let old: Vec<String> = self
             .all("event")
             .into_iter()
-            .filter(|e| e["created"].as_i64().is_some_and(|c| c < cutoff))
+            .filter(|e| e["_stored_at"].as_i64().is_some_and(|c| c < cutoff))
             .filter_map(|e| e["id"].as_str().map(str::to_owned))
             .collect();
         for id in old {
