@@ -51,6 +51,7 @@ pub async fn run(
 /// catalog synced. Split from [`run`] so tests can reach the store.
 pub struct Server {
     state: AppState,
+    inbox_writers: tokio::task::JoinSet<()>,
 }
 
 impl Server {
@@ -74,6 +75,18 @@ impl Server {
                 delivery: Default::default(),
             })
         });
+        let mut stripe_webhook_secrets = config.stripe_webhook_secrets();
+        if let (Some(em), true) = (&emulator, stripe_webhook_secrets.is_empty()) {
+            // Development with the emulator: register tollgate's own endpoint
+            // with it, so its deliveries are verified like Stripe's.
+            let url = format!("{}/webhooks/stripe", config.public_url());
+            stripe_webhook_secrets.push(secrecy::SecretString::from(em.register_webhook_endpoint(&url)));
+        }
+        let writers = match store.kind() {
+            crate::store::DbKind::Sqlite => 1,
+            crate::store::DbKind::Postgres => 4,
+        };
+        let (inbox, inbox_writers) = crate::webhooks::inbox::Inbox::start(store.clone(), writers);
         let redis = config.redis_url.as_ref().map(|u| redis::Client::open(u.expose())).transpose()?;
         let state = AppState {
             store,
@@ -87,8 +100,11 @@ impl Server {
             config: Arc::new(config),
             in_flight: Default::default(),
             emulator,
+            inbox,
+            webhook_failures: Arc::new(crate::webhooks::FailureLimiter::new(60)),
+            stripe_webhook_secrets: Arc::new(stripe_webhook_secrets),
         };
-        Ok(Server { state })
+        Ok(Server { state, inbox_writers })
     }
 
     pub fn store(&self) -> &Store {
@@ -96,7 +112,7 @@ impl Server {
     }
 
     pub async fn serve(self, listener: TcpListener) -> Result<(), StartError> {
-        let state = self.state;
+        let Server { state, mut inbox_writers } = self;
         let shutdown = state.shutdown.clone();
         let store = state.store.clone();
         let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
@@ -106,7 +122,7 @@ impl Server {
         tracing::info!(address = %listener.local_addr()?, "tollgate listening");
         let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let mut server = std::pin::pin!(server.into_future());
+        let mut server = Box::pin(server.into_future());
         tokio::select! {
             result = &mut server => result?,
             () = shutdown.cancelled() => {
@@ -116,8 +132,17 @@ impl Server {
                 }
             }
         }
+        // Dropping the server drops the router's state, and with it the
+        // requests' handles on the inbox.
+        drop(server);
         if tokio::time::timeout(grace, workers.wait()).await.is_err() {
             tracing::warn!("background jobs did not stop within the grace period");
+        }
+        // Every inbox handle is gone now: the writers store what was queued and stop.
+        let drained =
+            tokio::time::timeout(grace, async { while inbox_writers.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!("inbox writers did not drain within the grace period");
         }
         store.close().await;
         tracing::info!("tollgate stopped");

@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod providers;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;
 
 pub use app::run;
 pub use config::Config;

@@ -4,3 +4,4 @@
 
 pub mod catalog;
 pub mod money;
+pub mod ordering;

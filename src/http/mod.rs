@@ -46,6 +46,10 @@ pub struct AppState {
     pub in_flight: InFlight,
     /// The built-in Stripe emulator, when no Stripe key is configured.
     pub emulator: Option<crate::providers::stripe_emulator::Emulator>,
+    /// Where verified provider webhooks are made durable.
+    pub inbox: crate::webhooks::inbox::Inbox,
+    pub webhook_failures: Arc<crate::webhooks::FailureLimiter>,
+    pub stripe_webhook_secrets: crate::webhooks::Secrets,
 }
 
 /// A counter of requests in progress; `enter` returns a guard that leaves on drop.
@@ -117,6 +121,8 @@ pub fn router(state: AppState) -> Router {
             Duration::from_secs(config.request_timeout_seconds.max(1)),
         ))
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
+        // Webhooks enforce their own size limit, answering 400 as providers expect.
+        .merge(crate::webhooks::router())
         .layer(cors(&config))
         .layer(CatchPanicLayer::new())
         .layer(from_fn_with_state(state.clone(), middleware::security_headers))

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::AppState;
 
+pub mod inbox;
 pub mod retention;
 
 /// The running workers, to be awaited at shutdown.

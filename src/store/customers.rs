@@ -307,3 +307,158 @@ async fn provider_links(tx: &mut super::Tx, customer_id: &str) -> StoreResult<BT
     .db()?;
     Ok(rows.into_iter().collect())
 }
+
+/// A provider's customer as its events describe it.
+#[derive(Debug, Clone, Default)]
+pub struct ProviderCustomer {
+    pub provider: &'static str,
+    pub id: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+    /// `metadata.tollgate_external_id`, set when tollgate created it.
+    pub external_id: Option<ExternalId>,
+    pub deleted: bool,
+}
+
+/// Mirrors a provider customer into tollgate: linked to the tollgate
+/// customer its metadata names, or adopted (created with the provider id
+/// as external id) when it was made outside tollgate. Empty email and name
+/// are filled from the provider; values the application set are kept.
+pub async fn apply_provider_customer(
+    tx: &mut super::Tx,
+    pc: &ProviderCustomer,
+    actor: &Actor,
+) -> StoreResult<()> {
+    let now = now_unix();
+    let linked: Option<String> = sql!(
+        tx,
+        query_scalar::<String>(
+            "SELECT customer_id FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2",
+            pc.provider,
+            &pc.id
+        )
+        .fetch_optional
+    )
+    .db()?;
+    if pc.deleted {
+        if let Some(customer_id) = linked {
+            sql!(
+                tx,
+                query(
+                    "DELETE FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2",
+                    pc.provider,
+                    &pc.id
+                )
+                .execute
+            )
+            .db()?;
+            let data = serde_json::json!({ "provider": pc.provider, "provider_customer_id": pc.id });
+            let record = AuditRecord {
+                actor,
+                action: "customer.provider_unlinked",
+                object_type: "customer",
+                object_id: &customer_id,
+                data,
+                request_id: None,
+            };
+            audit::append(tx, record).await?;
+        }
+        return Ok(());
+    }
+    let customer_id = match linked {
+        Some(id) => id,
+        None => {
+            let external = match &pc.external_id {
+                Some(e) => e.clone(),
+                None => ExternalId::parse(&pc.id).map_err(|e| StoreError::Corrupt(e.0))?,
+            };
+            let sql =
+                format!("SELECT {COLUMNS} FROM customers WHERE external_id = $1 AND deleted_at IS NULL");
+            let existing: Option<Row> =
+                sql!(tx, query_as::<Row>(&sql, external.as_str()).fetch_optional).db()?;
+            let id = match existing {
+                Some(row) => row.id,
+                None => {
+                    let id = new_id("cust");
+                    sql!(
+                        tx,
+                        query(
+                            "INSERT INTO customers (id, external_id, email, name, metadata, created_at, updated_at) \
+                             VALUES ($1, $2, $3, $4, '{}', $5, $5)",
+                            &id,
+                            external.as_str(),
+                            &pc.email,
+                            &pc.name,
+                            now
+                        )
+                        .execute
+                    )
+                    .map_err(|e| if super::is_unique_violation(&e) { StoreError::Conflict("customer created concurrently".into()) } else { StoreError::from_sqlx(e) })?;
+                    let data = serde_json::json!({ "external_id": external.as_str(), "adopted_from": pc.provider, "email": pc.email, "name": pc.name });
+                    let record = AuditRecord {
+                        actor,
+                        action: "customer.created",
+                        object_type: "customer",
+                        object_id: &id,
+                        data,
+                        request_id: None,
+                    };
+                    audit::append(tx, record).await?;
+                    id
+                }
+            };
+            let linked = sql!(
+                tx,
+                query(
+                    "INSERT INTO provider_customers (provider, provider_customer_id, customer_id, created_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    pc.provider,
+                    &pc.id,
+                    &id,
+                    now
+                )
+                .execute
+            )
+            .db()?;
+            if linked == 1 {
+                let data = serde_json::json!({ "provider": pc.provider, "provider_customer_id": pc.id });
+                let record = AuditRecord {
+                    actor,
+                    action: "customer.provider_linked",
+                    object_type: "customer",
+                    object_id: &id,
+                    data,
+                    request_id: None,
+                };
+                audit::append(tx, record).await?;
+            }
+            id
+        }
+    };
+    let filled = sql!(
+        tx,
+        query(
+            "UPDATE customers SET email = COALESCE(email, $1), name = COALESCE(name, $2), updated_at = $3 \
+             WHERE id = $4 AND ((email IS NULL AND $1 IS NOT NULL) OR (name IS NULL AND $2 IS NOT NULL))",
+            &pc.email,
+            &pc.name,
+            now,
+            &customer_id
+        )
+        .execute
+    )
+    .db()?;
+    if filled == 1 {
+        let data = serde_json::json!({ "filled_from": pc.provider, "email": pc.email, "name": pc.name });
+        let record = AuditRecord {
+            actor,
+            action: "customer.updated",
+            object_type: "customer",
+            object_id: &customer_id,
+            data,
+            request_id: None,
+        };
+        audit::append(tx, record).await?;
+    }
+    Ok(())
+}

@@ -19,6 +19,8 @@ pub mod audit;
 pub mod catalog;
 pub mod customers;
 pub mod idempotency;
+pub mod provider_events;
+pub mod watermarks;
 
 /// Runs one sqlx query on whichever backend `$target` holds.
 ///

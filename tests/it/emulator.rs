@@ -847,3 +847,57 @@ async fn hostile_input_never_breaks_the_emulator() {
         }
     }
 }
+
+#[tokio::test]
+async fn metadata_that_looks_like_an_object_and_odd_keys_do_not_break_old_versions() {
+    let emu = spawn_emulator(fast_retries()).await;
+    let (receiver, url) = Receiver::start(0).await;
+    emu.ok(
+        "/v1/webhook_endpoints",
+        &[("url", &url), ("enabled_events[]", "customer.created"), ("api_version", "2017-08-15")],
+    )
+    .await;
+    let c =
+        emu.ok("/v1/customers", &[("metadata[object]", "subscription"), ("metadata[id]", "sub_fake")]).await;
+    let old = emu
+        .client
+        .get(format!("{}/v1/customers/{}", emu.base, c["id"].as_str().unwrap()))
+        .bearer_auth(KEY)
+        .header("stripe-version", "2017-08-15")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), 200);
+    let old: Value = old.json().await.unwrap();
+    assert_eq!(
+        old["metadata"],
+        serde_json::json!({ "object": "subscription", "id": "sub_fake" }),
+        "metadata untouched"
+    );
+    let event = receiver.wait_for("customer.created").await;
+    assert_eq!(event["api_version"], "2017-08-15");
+    assert!(event.get("_stored_at").is_none(), "no private fields in deliveries");
+
+    let resp = emu
+        .client
+        .get(format!("{}/v1/customers", emu.base))
+        .basic_auth("€€€€€€€€€€€€", Some(""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "odd keys are refused, not a panic");
+    let (status, body) =
+        emu.post("/v1/test_helpers/test_clocks", &[("frozen_time", "9223372036854775807")]).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("frozen_time")));
+    // A refused request is not saved under its Idempotency-Key.
+    let send = |form: &'static [(&'static str, &'static str)]| {
+        emu.client
+            .post(format!("{}/v1/products", emu.base))
+            .bearer_auth(KEY)
+            .header("idempotency-key", "retry-me")
+            .form(form)
+            .send()
+    };
+    assert_eq!(send(&[]).await.unwrap().status(), 400);
+    assert_eq!(send(&[("name", "Fixed")]).await.unwrap().status(), 200);
+}

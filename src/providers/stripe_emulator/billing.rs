@@ -90,7 +90,7 @@ pub fn start_subscription(state: &mut State, new: NewSubscription<'_>) -> Stripe
         "id": sub_id,
         "object": "subscription",
         "application": null,
-        "billing_cycle_anchor": period_end,
+        "billing_cycle_anchor": trial_end.unwrap_or(now),
         "cancel_at": null,
         "cancel_at_period_end": false,
         "canceled_at": null,
@@ -121,7 +121,7 @@ pub fn start_subscription(state: &mut State, new: NewSubscription<'_>) -> Stripe
         customer["invoice_settings"]["default_payment_method"] = json!(new.payment_method);
     }
     let lines = period_lines(state, &sub_id, now, period_end, trial_end.is_some());
-    let invoice = create_invoice(state, &sub_id, "subscription_create", lines, now, period_end);
+    let invoice = create_invoice(state, &sub_id, "subscription_create", lines, now);
     let invoice_id = invoice["id"].as_str().unwrap_or_default().to_owned();
     let mut changes = Map::new();
     changes.insert("latest_invoice".into(), json!(invoice_id));
@@ -180,14 +180,7 @@ fn period_lines(state: &State, sub_id: &str, start: i64, end: i64, trial: bool) 
 }
 
 /// Creates and finalises an invoice for a subscription.
-fn create_invoice(
-    state: &mut State,
-    sub_id: &str,
-    reason: &str,
-    mut lines: Vec<Value>,
-    now: i64,
-    period_end: i64,
-) -> Value {
+fn create_invoice(state: &mut State, sub_id: &str, reason: &str, mut lines: Vec<Value>, now: i64) -> Value {
     let sub = state.get(sub_id).cloned().unwrap_or(Value::Null);
     lines.extend(state.pending_invoice_items.remove(sub_id).unwrap_or_default());
     let total: i64 = lines.iter().filter_map(|l| l["amount"].as_i64()).sum();
@@ -241,8 +234,10 @@ fn create_invoice(
             "type": "subscription_details",
         },
         "payments": { "object": "list", "data": [], "has_more": false, "url": format!("/v1/invoice_payments?invoice={id}") },
-        "period_end": if reason == "subscription_create" { now } else { period_end },
-        "period_start": now,
+        // As on Stripe: an invoice's own period is the one that just ended
+        // (its lines cover what is billed next).
+        "period_end": now,
+        "period_start": if reason == "subscription_cycle" { sub["_previous_period_start"].as_i64().unwrap_or(now) } else { now },
         "starting_balance": balance.min(0),
         "status": "open",
         "status_transitions": { "finalized_at": now, "marked_uncollectible_at": null, "paid_at": null, "voided_at": null },
@@ -389,9 +384,10 @@ fn renew(state: &mut State, sub_id: &str, at: i64) {
     }
     let mut changes = Map::new();
     changes.insert("items".into(), items);
+    changes.insert("_previous_period_start".into(), first["current_period_start"].clone());
     state.update(sub_id, changes);
     let lines = period_lines(state, sub_id, start, end, false);
-    let invoice = create_invoice(state, sub_id, "subscription_cycle", lines, at, end);
+    let invoice = create_invoice(state, sub_id, "subscription_cycle", lines, at);
     let invoice_id = invoice["id"].as_str().unwrap_or_default().to_owned();
     let mut changes = Map::new();
     changes.insert("latest_invoice".into(), json!(invoice_id));
@@ -481,7 +477,17 @@ fn advance(state: &mut State, clock_id: &str, target: i64) {
                 let s = public(state.get(&sub).cloned().unwrap_or(Value::Null));
                 state.emit("customer.subscription.trial_will_end", &s, None, now);
             }
-            Due::Renewal(sub) => renew(state, &sub, now),
+            Due::Renewal(sub) => {
+                let before = state.get(&sub).map(|s| s["items"]["data"][0]["current_period_end"].clone());
+                renew(state, &sub, now);
+                let after = state.get(&sub).map(|s| s["items"]["data"][0]["current_period_end"].clone());
+                let ended = state.get(&sub).is_some_and(|s| s["status"] == "canceled");
+                if before == after && !ended {
+                    // A period that does not move would renew forever.
+                    tracing::warn!(subscription = %sub, "renewal did not advance the period; stopping the clock here");
+                    break;
+                }
+            }
             Due::Retry(sub) => {
                 let invoice =
                     state.get(&sub).and_then(|s| s["latest_invoice"].as_str()).unwrap_or_default().to_owned();
@@ -554,7 +560,6 @@ pub fn update_subscription(state: &mut State, ctx: &Ctx, p: &Params) -> StripeRe
         "cancel_at_period_end",
         "metadata",
         "default_payment_method",
-        "pause_collection",
         "description",
     ])?;
     let sub = state.fetch("subscription", ctx.id(), "id")?;
@@ -617,14 +622,20 @@ pub fn update_subscription(state: &mut State, ctx: &Ctx, p: &Params) -> StripeRe
         let mut items = sub["items"].clone();
         for (i, raw) in item_changes.into_iter().enumerate() {
             let change = Params::new(raw);
-            change.allow(&["id", "price", "quantity", "deleted"])?;
+            change.allow(&["id", "price", "quantity"])?;
             let data = items["data"].as_array_mut().expect("items list");
             let index = match change.nonempty("id")? {
                 Some(id) => data.iter().position(|it| it["id"] == id).ok_or_else(|| {
                     StripeError::no_such("subscription item", id, &format!("items[{i}][id]"))
                 })?,
-                None if data.len() == 1 => 0,
-                None => return Err(StripeError::missing(&format!("items[{i}][id]"))),
+                // Stripe adds an item when no id is given; the emulator
+                // supports changing existing items only, and says so.
+                None => {
+                    return Err(StripeError::param(
+                        &format!("items[{i}][id]"),
+                        "The emulator changes existing subscription items only: pass items[][id].",
+                    ))
+                }
             };
             let old = data[index].clone();
             let new_price = match change.nonempty("price")? {
@@ -689,9 +700,7 @@ pub fn update_subscription(state: &mut State, ctx: &Ctx, p: &Params) -> StripeRe
     if !proration_lines.is_empty() {
         match proration {
             "always_invoice" => {
-                let end = updated["items"]["data"][0]["current_period_end"].as_i64().unwrap_or(now);
-                let invoice =
-                    create_invoice(state, ctx.id(), "subscription_update", proration_lines, now, end);
+                let invoice = create_invoice(state, ctx.id(), "subscription_update", proration_lines, now);
                 let invoice_id = invoice["id"].as_str().unwrap_or_default().to_owned();
                 let mut changes = Map::new();
                 changes.insert("latest_invoice".into(), json!(invoice_id));
@@ -712,7 +721,7 @@ pub fn update_subscription(state: &mut State, ctx: &Ctx, p: &Params) -> StripeRe
 
 /// `DELETE /v1/subscriptions/{id}`: cancels at once.
 pub fn cancel_subscription(state: &mut State, ctx: &Ctx, p: &Params) -> StripeResult<Value> {
-    p.allow(&["invoice_now", "prorate", "cancellation_details"])?;
+    p.allow(&["prorate"])?;
     let sub = state.fetch("subscription", ctx.id(), "id")?;
     if sub["status"] == "canceled" {
         return Err(StripeError::invalid(format!(
@@ -789,9 +798,24 @@ pub fn pay_invoice(state: &mut State, ctx: &Ctx, p: &Params) -> StripeResult<Val
 
 // ---- API: test clocks ----
 
+/// Stripe's range for timestamps: the year 1970 to 9999.
+const MAX_TIMESTAMP: i64 = 253_402_300_799;
+
+fn clock_time(p: &Params) -> StripeResult<i64> {
+    let t = p.int("frozen_time")?.ok_or_else(|| StripeError::missing("frozen_time"))?;
+    if (0..=MAX_TIMESTAMP).contains(&t) {
+        Ok(t)
+    } else {
+        Err(StripeError::param(
+            "frozen_time",
+            "frozen_time must be a Unix timestamp in seconds between 1970 and 9999.",
+        ))
+    }
+}
+
 pub fn create_clock(state: &mut State, _ctx: &Ctx, p: &Params) -> StripeResult<Value> {
     p.allow(&["frozen_time", "name"])?;
-    let frozen = p.int("frozen_time")?.ok_or_else(|| StripeError::missing("frozen_time"))?;
+    let frozen = clock_time(p)?;
     let now = real_now();
     Ok(state.insert(json!({
         "id": new_id("clock"),
@@ -829,7 +853,7 @@ pub fn delete_clock(state: &mut State, ctx: &Ctx, p: &Params) -> StripeResult<Va
 pub fn advance_clock(state: &mut State, ctx: &Ctx, p: &Params) -> StripeResult<Value> {
     p.allow(&["frozen_time"])?;
     let clock = state.fetch("test_helpers.test_clock", ctx.id(), "test_clock")?;
-    let target = p.int("frozen_time")?.ok_or_else(|| StripeError::missing("frozen_time"))?;
+    let target = clock_time(p)?;
     let current = clock["frozen_time"].as_i64().unwrap_or(0);
     if target <= current {
         return Err(StripeError::param(

@@ -33,9 +33,9 @@ fn expire(state: &mut State, id: &str, now: i64) -> Value {
     let mut changes = Map::new();
     changes.insert("status".into(), json!("expired"));
     changes.insert("url".into(), Value::Null);
-    let (session, previous) = state.update(id, changes);
+    let (session, _) = state.update(id, changes);
     let session = public(session);
-    state.emit("checkout.session.expired", &session, Some(previous), now);
+    state.emit("checkout.session.expired", &session, None, now);
     session
 }
 
@@ -166,7 +166,7 @@ pub fn create_session(state: &mut State, ctx: &Ctx, p: &Params) -> StripeResult<
     }
     let trial_days = match p.object("subscription_data")? {
         Some(sd) => {
-            sd.allow(&["trial_period_days", "metadata", "description", "trial_end"])?;
+            sd.allow(&["trial_period_days", "metadata", "description"])?;
             if mode != "subscription" {
                 return Err(StripeError::param(
                     "subscription_data",

@@ -64,6 +64,7 @@ async fn deliver(em: Emulator, delivery: Delivery) {
             (Some(endpoint), Some(mut event)) if endpoint["status"] == "enabled" => {
                 // The payload follows the endpoint's API version.
                 let version = endpoint["api_version"].as_str().unwrap_or(CURRENT_API_VERSION).to_owned();
+                super::state::strip_private(&mut event);
                 shape_for_version(&state, &mut event, &version);
                 event["api_version"] = serde_json::json!(version);
                 let secret = endpoint["secret"].as_str().unwrap_or_default().to_owned();

@@ -133,6 +133,20 @@ impl Emulator {
         self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Registers a webhook endpoint for every event type and returns its
+    /// signing secret: how `tollgate serve` subscribes itself in development.
+    pub fn register_webhook_endpoint(&self, url: &str) -> String {
+        let mut state = self.lock();
+        let params = Params::new(json!({ "url": url, "enabled_events": ["*"] }));
+        let ctx = Ctx {
+            version: CURRENT_API_VERSION.to_owned(),
+            path: vec![],
+            public_url: self.config().public_url.clone(),
+        };
+        let endpoint = objects::create_webhook_endpoint(&mut state, &ctx, &params).expect("a valid endpoint");
+        endpoint["secret"].as_str().unwrap_or_default().to_owned()
+    }
+
     pub(crate) fn wake_delivery(&self) {
         self.inner.wake.notify_one();
     }
@@ -159,6 +173,7 @@ impl Emulator {
                 None => {
                     let (status, body) = match op(&mut state, &ctx, &params) {
                         Ok(mut value) => {
+                            shape_for_version(&state, &mut value, &ctx.version);
                             for path in &expand {
                                 expand_path(&state, &mut value, path);
                             }
@@ -169,7 +184,9 @@ impl Emulator {
                         Err(e) => (e.status, e.body()),
                     };
                     if let Some(k) = idem {
-                        if !status.is_server_error() {
+                        // As on Stripe: a request refused before it ran (400,
+                        // 401, 404) is not saved; one that ran (2xx, 402) is.
+                        if status.is_success() || status == StatusCode::PAYMENT_REQUIRED {
                             state.idempotency.insert(
                                 (key, k),
                                 state::StoredResponse {
@@ -310,7 +327,10 @@ fn api_key(headers: &HeaderMap, expected: Option<&str>) -> StripeResult<String> 
     } else {
         return Err(StripeError::unauthenticated("Invalid API Key provided: use Bearer authentication."));
     };
-    let masked = format!("{}****{}", &key[..key.len().min(8)], &key[key.len().saturating_sub(4)..]);
+    let chars: Vec<char> = key.chars().collect();
+    let head: String = chars.iter().take(8).collect();
+    let tail: String = chars.iter().skip(chars.len().saturating_sub(4)).collect();
+    let masked = format!("{head}****{tail}");
     let valid = match expected {
         Some(e) => key == e,
         None => key.starts_with("sk_test_") || key.starts_with("rk_test_"),
@@ -425,35 +445,53 @@ fn legacy_fields(state: &State, value: &mut Value) {
     match value {
         Value::Array(items) => items.iter_mut().for_each(|v| legacy_fields(state, v)),
         Value::Object(map) => {
-            let kind = map.get("object").and_then(Value::as_str).unwrap_or("").to_owned();
-            for (_, v) in map.iter_mut() {
-                if v.is_object() || v.is_array() {
+            for (key, v) in map.iter_mut() {
+                // Metadata is the user's; previous attributes are partial.
+                if key != "metadata" && key != "previous_attributes" && (v.is_object() || v.is_array()) {
                     legacy_fields(state, v);
                 }
             }
-            match kind.as_str() {
-                "subscription" => {
-                    let item = map["items"]["data"][0].clone();
-                    map.insert("current_period_start".into(), item["current_period_start"].clone());
-                    map.insert("current_period_end".into(), item["current_period_end"].clone());
-                    map.insert("plan".into(), item["price"].clone());
-                }
-                "invoice" => {
-                    let sub = map["parent"]["subscription_details"]["subscription"].clone();
-                    map.insert("subscription".into(), sub);
-                    let pi = map["payments"]["data"][0]["payment"]["payment_intent"].clone();
-                    let charge = pi
-                        .as_str()
-                        .and_then(|id| state.get(id))
-                        .map(|p| p["latest_charge"].clone())
-                        .unwrap_or(Value::Null);
-                    map.insert("payment_intent".into(), pi);
-                    map.insert("charge".into(), charge);
-                    map.insert("paid".into(), json!(map["status"] == "paid"));
-                }
-                _ => {}
+            let id = map.get("id").and_then(Value::as_str).unwrap_or("");
+            let kind = map.get("object").and_then(Value::as_str).unwrap_or("");
+            let pointer = |m: &serde_json::Map<String, Value>, path: &str| {
+                Value::Object(m.clone()).pointer(path).cloned().unwrap_or(Value::Null)
+            };
+            if kind == "subscription" && id.starts_with("sub_") {
+                map.insert("current_period_start".into(), pointer(map, "/items/data/0/current_period_start"));
+                map.insert("current_period_end".into(), pointer(map, "/items/data/0/current_period_end"));
+                let plan = plan_from_price(&pointer(map, "/items/data/0/price"));
+                map.insert("plan".into(), plan);
+            } else if kind == "invoice" && id.starts_with("in_") {
+                map.insert("subscription".into(), pointer(map, "/parent/subscription_details/subscription"));
+                let pi = pointer(map, "/payments/data/0/payment/payment_intent");
+                let charge = pi
+                    .as_str()
+                    .and_then(|id| state.get(id))
+                    .map(|p| p["latest_charge"].clone())
+                    .unwrap_or(Value::Null);
+                map.insert("payment_intent".into(), pi);
+                map.insert("charge".into(), charge);
+                let paid = map.get("status").and_then(Value::as_str) == Some("paid");
+                map.insert("paid".into(), json!(paid));
+            } else if kind == "subscription_item" && id.starts_with("si_") {
+                let plan = plan_from_price(map.get("price").unwrap_or(&Value::Null));
+                map.insert("plan".into(), plan);
             }
         }
         _ => {}
     }
+}
+
+/// The legacy `plan` object older clients read, built from a recurring price.
+fn plan_from_price(price: &Value) -> Value {
+    if !price.is_object() {
+        return Value::Null;
+    }
+    json!({
+        "id": price["id"], "object": "plan", "active": price["active"], "amount": price["unit_amount"],
+        "amount_decimal": price["unit_amount_decimal"], "billing_scheme": "per_unit", "created": price["created"],
+        "currency": price["currency"], "interval": price["recurring"]["interval"],
+        "interval_count": price["recurring"]["interval_count"], "livemode": false, "metadata": price["metadata"],
+        "nickname": price["nickname"], "product": price["product"], "trial_period_days": null, "usage_type": "licensed",
+    })
 }

@@ -170,7 +170,6 @@ pub fn create_product(state: &mut State, _ctx: &Ctx, p: &Params) -> StripeResult
         "description",
         "active",
         "metadata",
-        "default_price_data",
         "url",
         "statement_descriptor",
         "unit_label",
@@ -259,7 +258,7 @@ pub fn update_product(state: &mut State, ctx: &Ctx, p: &Params) -> StripeResult<
         changes.insert("updated".into(), json!(now));
     }
     let (product, previous) = state.update(ctx.id(), changes);
-    if previous.as_object().is_some_and(|m| m.len() > 1) {
+    if previous.as_object().is_some_and(|m| m.keys().any(|k| k != "updated")) {
         state.emit("product.updated", &product, Some(previous), now);
     }
     Ok(product)

@@ -1,0 +1,121 @@
+//! The inbox worker: applies stored provider events, retrying failures with
+//! exponential backoff and jitter until they succeed or are dead.
+
+use std::time::Duration;
+
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+use crate::webhooks::apply::{self, Applied};
+
+#[derive(Debug, Clone)]
+pub struct InboxWorkerOptions {
+    pub max_attempts: i64,
+    pub batch: i64,
+    /// Longer than any one event takes; a crashed worker's claims lapse after it.
+    pub lease_seconds: i64,
+    pub idle_poll: Duration,
+}
+
+impl Default for InboxWorkerOptions {
+    fn default() -> Self {
+        Self { max_attempts: 10, batch: 32, lease_seconds: 60, idle_poll: Duration::from_millis(200) }
+    }
+}
+
+/// Seconds before attempt `attempts + 1`: 5 s doubling to an hour, ±20 %.
+pub fn backoff_seconds(attempts: i64) -> i64 {
+    let base = (5i64 << attempts.clamp(0, 10)).min(3600);
+    let jitter = rand::thread_rng().gen_range(-(base / 5)..=(base / 5));
+    (base + jitter).max(1)
+}
+
+#[tracing::instrument(name = "job.inbox", skip_all)]
+pub async fn run(
+    store: Store,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    options: InboxWorkerOptions,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let worked = match work_once(&store, &options).await {
+            Ok(n) => n > 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "inbox worker could not claim events; retrying");
+                false
+            }
+        };
+        if let Ok((depth, lag)) = store.inbox_depth().await {
+            metrics::gauge!("inbox_depth").set(depth as f64);
+            metrics::gauge!("inbox_lag_seconds").set(lag.unwrap_or(0) as f64);
+        }
+        if !worked {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = wake.notified() => {}
+                () = tokio::time::sleep(options.idle_poll) => {}
+            }
+        }
+    }
+}
+
+/// Claims and applies one batch; returns how many events it handled.
+pub async fn work_once(store: &Store, options: &InboxWorkerOptions) -> crate::store::StoreResult<usize> {
+    let events = store.claim_provider_events(options.batch, options.lease_seconds).await?;
+    let mut handled = 0;
+    for event in &events {
+        let outcome = apply::apply(store, event).await;
+        let label = match &outcome {
+            Ok(Applied::Processed) => "processed",
+            Ok(Applied::Stale) => "stale",
+            Ok(Applied::Ignored) => "ignored",
+            Ok(Applied::AlreadyDone) => "already_done",
+            Ok(Applied::Deferred) => "deferred",
+            Err(_) => "failed",
+        };
+        metrics::counter!("provider_events_total", "provider" => event.provider.clone(), "outcome" => label)
+            .increment(1);
+        match outcome {
+            Ok(Applied::Deferred) => {
+                // Not counted as an attempt; looked at again in an hour (and
+                // at every start, when a newer version may map it).
+                store.defer_provider_event(&event.id, 3600).await?;
+            }
+            Ok(_) => handled += 1,
+            Err(e) => {
+                let attempts = event.attempts + 1;
+                let retry_at = (attempts < options.max_attempts)
+                    .then(|| crate::store::now_unix() + backoff_seconds(attempts));
+                if retry_at.is_none() {
+                    metrics::counter!("provider_events_dead_total", "provider" => event.provider.clone())
+                        .increment(1);
+                    tracing::error!(event = %event.provider_event_id, error = %e, "provider event is dead after {attempts} attempts");
+                } else {
+                    tracing::warn!(event = %event.provider_event_id, error = %e, attempts, "provider event failed; will retry");
+                }
+                store.fail_provider_event(&event.id, &e.to_string(), retry_at).await?;
+                handled += 1;
+            }
+        }
+    }
+    Ok(handled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempts in 0..20 {
+            let b = backoff_seconds(attempts);
+            let base = (5i64 << attempts.clamp(0, 10)).min(3600);
+            assert!(b >= base - base / 5 && b <= base + base / 5, "{attempts}: {b}");
+        }
+        assert!(backoff_seconds(20) <= 4320);
+    }
+}

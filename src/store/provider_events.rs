@@ -1,0 +1,285 @@
+//! The inbox of provider events.
+//!
+//! Inserts come in batches from the ingest path's group commit: one
+//! transaction makes many webhooks durable at once, and each request learns
+//! whether its event was new or a duplicate. Workers claim due events with a
+//! lease (`locked_until`), so a crashed worker's events become claimable
+//! again, and on PostgreSQL `FOR UPDATE SKIP LOCKED` keeps concurrent
+//! workers on different events.
+
+use serde::Serialize;
+
+use super::{now_unix, sql, Listed, Page, SqlxResultExt, Store, StoreResult};
+use crate::ids::new_id;
+
+/// An event to store, already verified and parsed enough to index.
+#[derive(Debug, Clone)]
+pub struct NewProviderEvent {
+    pub provider: &'static str,
+    pub provider_event_id: String,
+    pub event_type: String,
+    pub object_id: Option<String>,
+    pub provider_created: i64,
+    pub api_version: Option<String>,
+    pub livemode: bool,
+    pub body: String,
+    pub source: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct ProviderEventRecord {
+    pub id: String,
+    pub provider: String,
+    pub provider_event_id: String,
+    pub event_type: String,
+    pub object_id: Option<String>,
+    pub provider_created: i64,
+    pub api_version: Option<String>,
+    pub livemode: bool,
+    pub body: String,
+    pub source: String,
+    pub status: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub next_attempt_at: i64,
+    pub received_at: i64,
+    pub processed_at: Option<i64>,
+}
+
+const COLUMNS: &str =
+    "id, provider, provider_event_id, event_type, object_id, provider_created, api_version, livemode, \
+     body, source, status, attempts, last_error, next_attempt_at, received_at, processed_at";
+
+/// What happened to each event of a batch, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    New,
+    Duplicate,
+}
+
+impl Store {
+    /// Stores a batch in one transaction. Duplicates (already in the inbox,
+    /// or twice in the batch) change nothing.
+    pub async fn insert_provider_events(&self, events: &[NewProviderEvent]) -> StoreResult<Vec<Stored>> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let mut outcomes = Vec::with_capacity(events.len());
+        for e in events {
+            // One statement per row inside one transaction: the commit (the
+            // fsync) is what costs, and it is shared by the whole batch.
+            let inserted = sql!(
+                tx,
+                query(
+                    "INSERT INTO provider_events (id, provider, provider_event_id, event_type, object_id, provider_created, \
+                     api_version, livemode, body, source, status, attempts, next_attempt_at, received_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'received', 0, $11, $11) \
+                     ON CONFLICT (provider, provider_event_id) DO NOTHING",
+                    new_id("pe"),
+                    e.provider,
+                    &e.provider_event_id,
+                    &e.event_type,
+                    &e.object_id,
+                    e.provider_created,
+                    &e.api_version,
+                    e.livemode,
+                    &e.body,
+                    e.source,
+                    now
+                )
+                .execute
+            )
+            .db()?;
+            outcomes.push(if inserted == 1 { Stored::New } else { Stored::Duplicate });
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    pub async fn get_provider_event(&self, id: &str) -> StoreResult<Option<ProviderEventRecord>> {
+        let q = format!("SELECT {COLUMNS} FROM provider_events WHERE id = $1");
+        sql!(self, query_as::<ProviderEventRecord>(&q, id).fetch_optional).db()
+    }
+
+    pub async fn find_provider_event(
+        &self,
+        provider: &str,
+        provider_event_id: &str,
+    ) -> StoreResult<Option<ProviderEventRecord>> {
+        let q =
+            format!("SELECT {COLUMNS} FROM provider_events WHERE provider = $1 AND provider_event_id = $2");
+        sql!(self, query_as::<ProviderEventRecord>(&q, provider, provider_event_id).fetch_optional).db()
+    }
+
+    /// Newest first, optionally by status.
+    pub async fn list_provider_events(
+        &self,
+        page: &Page,
+        status: Option<&str>,
+    ) -> StoreResult<Listed<ProviderEventRecord>> {
+        self.ensure_cursor("provider_events", page).await?;
+        let (op, order) = if page.is_backwards() { (">", "ASC") } else { ("<", "DESC") };
+        let q = format!(
+            "SELECT {COLUMNS} FROM provider_events WHERE ($1 IS NULL OR id {op} $1) AND ($2 IS NULL OR status = $2) \
+             ORDER BY id {order} LIMIT $3"
+        );
+        let rows = sql!(
+            self,
+            query_as::<ProviderEventRecord>(&q, page.cursor(), status, page.fetch_limit()).fetch_all
+        )
+        .db()?;
+        Ok(page.finish(rows))
+    }
+
+    /// Claims up to `limit` due events for `lease_seconds`, oldest first by
+    /// the provider's clock. Claimed events are invisible to other workers
+    /// until the lease lapses or the worker records an outcome.
+    pub async fn claim_provider_events(
+        &self,
+        limit: i64,
+        lease_seconds: i64,
+    ) -> StoreResult<Vec<ProviderEventRecord>> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let skip_locked = match tx.kind() {
+            super::DbKind::Postgres => " FOR UPDATE SKIP LOCKED",
+            super::DbKind::Sqlite => "",
+        };
+        let q = format!(
+            "SELECT {COLUMNS} FROM provider_events \
+             WHERE status IN ('received', 'failed') AND next_attempt_at <= $1 AND (locked_until IS NULL OR locked_until < $1) \
+             ORDER BY provider_created, id LIMIT $2{skip_locked}"
+        );
+        let rows: Vec<ProviderEventRecord> =
+            sql!(tx, query_as::<ProviderEventRecord>(&q, now, limit).fetch_all).db()?;
+        for row in &rows {
+            sql!(
+                tx,
+                query(
+                    "UPDATE provider_events SET locked_until = $1 WHERE id = $2",
+                    now + lease_seconds,
+                    &row.id
+                )
+                .execute
+            )
+            .db()?;
+        }
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    /// Records a failed attempt: retried at `retry_at`, or `dead` if out of attempts.
+    pub async fn fail_provider_event(&self, id: &str, error: &str, retry_at: Option<i64>) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let status = if retry_at.is_some() { "failed" } else { "dead" };
+        sql!(
+            tx,
+            query(
+                "UPDATE provider_events SET status = $1, attempts = attempts + 1, last_error = $2, \
+                 next_attempt_at = $3, locked_until = NULL WHERE id = $4",
+                status,
+                error,
+                retry_at.unwrap_or(0),
+                id
+            )
+            .execute
+        )
+        .db()?;
+        tx.commit().await
+    }
+
+    /// Sends a dead, failed or ignored event back to be applied again now.
+    pub async fn replay_provider_event(&self, id: &str, actor: &super::audit::Actor) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let changed = sql!(
+            tx,
+            query(
+                "UPDATE provider_events SET status = 'received', next_attempt_at = $1, locked_until = NULL, last_error = NULL \
+                 WHERE id = $2 AND status IN ('dead', 'failed', 'ignored', 'processed')",
+                now_unix(),
+                id
+            )
+            .execute
+        )
+        .db()?;
+        if changed == 1 {
+            super::audit::append(
+                &mut tx,
+                super::audit::AuditRecord {
+                    actor,
+                    action: "provider_event.replayed",
+                    object_type: "provider_event",
+                    object_id: id,
+                    data: serde_json::json!({}),
+                    request_id: None,
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(changed == 1)
+    }
+
+    /// Leaves an event the running version cannot apply yet for later,
+    /// without counting an attempt.
+    pub async fn defer_provider_event(&self, id: &str, seconds: i64) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sql!(
+            tx,
+            query(
+                "UPDATE provider_events SET next_attempt_at = $1, locked_until = NULL WHERE id = $2",
+                now_unix() + seconds,
+                id
+            )
+            .execute
+        )
+        .db()?;
+        tx.commit().await
+    }
+
+    /// At start-up, events deferred by an older version are due again now.
+    pub async fn wake_deferred_provider_events(&self) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let n = sql!(
+            tx,
+            query(
+                "UPDATE provider_events SET next_attempt_at = $1 WHERE status = 'received' AND next_attempt_at > $1",
+                now_unix()
+            )
+            .execute
+        )
+        .db()?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// How many events wait to be applied, and the oldest one's age.
+    pub async fn inbox_depth(&self) -> StoreResult<(i64, Option<i64>)> {
+        let (count, oldest): (i64, Option<i64>) = sql!(
+            self,
+            query_as::<(i64, Option<i64>)>(
+                "SELECT COUNT(*), MIN(received_at) FROM provider_events WHERE status IN ('received', 'failed')"
+            )
+            .fetch_one
+        )
+        .db()?;
+        Ok((count, oldest.map(|t| now_unix() - t)))
+    }
+}
+
+/// Finishes an event inside the transaction that applied it, so the effect
+/// and the inbox status commit together.
+pub async fn mark_applied(tx: &mut super::Tx, id: &str, status: &str) -> StoreResult<()> {
+    sql!(
+        tx,
+        query(
+            "UPDATE provider_events SET status = $1, processed_at = $2, attempts = attempts + 1, locked_until = NULL, \
+             last_error = NULL WHERE id = $3",
+            status,
+            now_unix(),
+            id
+        )
+        .execute
+    )
+    .db()?;
+    Ok(())
+}
