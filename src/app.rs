@@ -103,6 +103,7 @@ impl Server {
             inbox,
             webhook_failures: Arc::new(crate::webhooks::FailureLimiter::new(60)),
             stripe_webhook_secrets: Arc::new(stripe_webhook_secrets),
+            inbox_wake: Arc::new(tokio::sync::Notify::new()),
         };
         Ok(Server { state, inbox_writers })
     }

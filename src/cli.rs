@@ -34,6 +34,9 @@ pub enum Command {
     /// Inspect the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Inspect and replay provider events (the webhook inbox).
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// Run the Stripe emulator alone: Stripe's API at /v1 on PORT, hosted
     /// checkout and portal pages, signed webhook deliveries.
     StripeEmulator {
@@ -68,6 +71,17 @@ pub enum ApiKeyCommand {
     },
     /// Revoke a key by id (`key_…`); it stops working at once.
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Send events back to be applied: by id (`pe_…`), or every dead one.
+    Replay {
+        ids: Vec<String>,
+        /// Replay every event whose status is `dead`.
+        #[arg(long, conflicts_with = "ids")]
+        dead: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +144,40 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             let code = api_key(&store, &config, cmd).await?;
             store.close().await;
             Ok(code)
+        }
+        Command::Events(EventsCommand::Replay { ids, dead }) => {
+            let store = open_store(&config).await?;
+            let mut targets = ids;
+            if dead {
+                let mut page = crate::store::Page::first(100);
+                loop {
+                    let listed =
+                        store.list_provider_events(&page, Some("dead")).await.map_err(|e| e.to_string())?;
+                    let last = listed.data.last().map(|e| e.id.clone());
+                    targets.extend(listed.data.into_iter().map(|e| e.id));
+                    match (listed.has_more, last) {
+                        (true, Some(last)) => page = crate::store::Page::after(100, last),
+                        _ => break,
+                    }
+                }
+            }
+            if targets.is_empty() {
+                println!("nothing to replay");
+            }
+            let mut failed = false;
+            for id in &targets {
+                match store.replay_provider_event(id, &Actor::Cli).await.map_err(|e| e.to_string())? {
+                    true => println!("replaying {id}"),
+                    false => {
+                        failed = true;
+                        eprintln!(
+                            "error: {id} is not a finished provider event (unknown id, or still pending)"
+                        );
+                    }
+                }
+            }
+            store.close().await;
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Command::StripeEmulator { shuffle_deliveries, duplicate_deliveries, api_key } => {
             use crate::providers::stripe_emulator::{DeliveryOptions, Emulator, EmulatorConfig};

@@ -193,6 +193,10 @@ pub struct Config {
     #[arg(long, env = "IDEMPOTENCY_KEY_TTL_HOURS", default_value_t = 24, global = true)]
     pub idempotency_key_ttl_hours: u64,
 
+    /// Attempts before a provider event that keeps failing is marked dead.
+    #[arg(long, env = "PROVIDER_EVENT_MAX_ATTEMPTS", default_value_t = 10, global = true)]
+    pub provider_event_max_attempts: i64,
+
     /// Grace period before in-flight requests are abandoned at shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 25, global = true)]
     pub shutdown_grace_seconds: u64,

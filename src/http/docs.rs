@@ -26,6 +26,9 @@ use super::AppState;
         super::catalog::list_products,
         super::catalog::list_prices,
         super::audit::list_audit_log,
+        super::provider_events::list_provider_events,
+        super::provider_events::get_provider_event,
+        super::provider_events::replay_provider_event,
         super::health::livez,
         super::health::readyz,
         super::health::health,
@@ -37,6 +40,7 @@ use super::AppState;
         (name = "customers", description = "The application's users"),
         (name = "catalog", description = "Products and prices from tollgate.toml"),
         (name = "audit", description = "The tamper-evident change log (admin scope)"),
+        (name = "provider events", description = "The inbox of provider webhooks (admin scope)"),
         (name = "operations", description = "Health and metrics, without an API key"),
     )
 )]

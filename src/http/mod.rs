@@ -26,6 +26,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod middleware;
+pub mod provider_events;
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -50,6 +51,8 @@ pub struct AppState {
     pub inbox: crate::webhooks::inbox::Inbox,
     pub webhook_failures: Arc<crate::webhooks::FailureLimiter>,
     pub stripe_webhook_secrets: crate::webhooks::Secrets,
+    /// Nudges the inbox workers when new events are stored.
+    pub inbox_wake: Arc<tokio::sync::Notify>,
 }
 
 /// A counter of requests in progress; `enter` returns a guard that leaves on drop.
@@ -107,6 +110,7 @@ pub fn router(state: AppState) -> Router {
         .merge(customers::router())
         .merge(catalog::router())
         .merge(audit::router())
+        .merge(provider_events::router())
         // Inner to outer: a request is authenticated before its
         // Idempotency-Key is looked up under that key.
         .layer(from_fn_with_state(state.clone(), middleware::idempotency))

@@ -25,6 +25,28 @@ impl Workers {
 pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     let mut tasks = JoinSet::new();
     tasks.spawn(retention::run(state.clone(), shutdown.clone(), Duration::from_secs(3600)));
+    let workers = match state.store.kind() {
+        crate::store::DbKind::Sqlite => 1,
+        crate::store::DbKind::Postgres => 2,
+    };
+    let options = inbox::InboxWorkerOptions {
+        max_attempts: state.config.provider_event_max_attempts.max(1),
+        ..Default::default()
+    };
+    let store = state.store.clone();
+    let wake = state.inbox_wake.clone();
+    let token = shutdown.clone();
+    tasks.spawn(async move {
+        // Events an older version deferred may be mappable now.
+        if let Err(e) = store.wake_deferred_provider_events().await {
+            tracing::warn!(error = %e, "could not wake deferred provider events");
+        }
+        let mut inner = JoinSet::new();
+        for _ in 0..workers {
+            inner.spawn(inbox::run(store.clone(), wake.clone(), options.clone(), token.clone()));
+        }
+        while inner.join_next().await.is_some() {}
+    });
     if let Some(emulator) = &state.emulator {
         tasks.spawn(crate::providers::stripe_emulator::delivery::run(emulator.clone(), shutdown));
     }

@@ -320,16 +320,20 @@ pub struct ProviderCustomer {
     pub deleted: bool,
 }
 
-/// Mirrors a provider customer into tollgate: linked to the tollgate
-/// customer its metadata names, or adopted (created with the provider id
-/// as external id) when it was made outside tollgate. Empty email and name
-/// are filled from the provider; values the application set are kept.
+/// Mirrors a provider customer into tollgate. A customer whose metadata
+/// names a tollgate customer is linked to it; one created outside tollgate
+/// is adopted (a tollgate customer with the provider id as external id,
+/// whose email and name follow the provider's). A deleted provider customer
+/// is unlinked; its tollgate customer remains, since it is the
+/// application's user. Called only for events newer than the object's
+/// watermark, so any delivery order ends in the same state.
 pub async fn apply_provider_customer(
     tx: &mut super::Tx,
     pc: &ProviderCustomer,
     actor: &Actor,
 ) -> StoreResult<()> {
     let now = now_unix();
+    let adopted = pc.external_id.is_none();
     let linked: Option<String> = sql!(
         tx,
         query_scalar::<String>(
@@ -340,32 +344,7 @@ pub async fn apply_provider_customer(
         .fetch_optional
     )
     .db()?;
-    if pc.deleted {
-        if let Some(customer_id) = linked {
-            sql!(
-                tx,
-                query(
-                    "DELETE FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2",
-                    pc.provider,
-                    &pc.id
-                )
-                .execute
-            )
-            .db()?;
-            let data = serde_json::json!({ "provider": pc.provider, "provider_customer_id": pc.id });
-            let record = AuditRecord {
-                actor,
-                action: "customer.provider_unlinked",
-                object_type: "customer",
-                object_id: &customer_id,
-                data,
-                request_id: None,
-            };
-            audit::append(tx, record).await?;
-        }
-        return Ok(());
-    }
-    let customer_id = match linked {
+    let customer_id = match linked.clone() {
         Some(id) => id,
         None => {
             let external = match &pc.external_id {
@@ -376,10 +355,12 @@ pub async fn apply_provider_customer(
                 format!("SELECT {COLUMNS} FROM customers WHERE external_id = $1 AND deleted_at IS NULL");
             let existing: Option<Row> =
                 sql!(tx, query_as::<Row>(&sql, external.as_str()).fetch_optional).db()?;
-            let id = match existing {
+            match existing {
                 Some(row) => row.id,
                 None => {
                     let id = new_id("cust");
+                    let (email, name) =
+                        if adopted { (pc.email.clone(), pc.name.clone()) } else { (None, None) };
                     sql!(
                         tx,
                         query(
@@ -387,14 +368,20 @@ pub async fn apply_provider_customer(
                              VALUES ($1, $2, $3, $4, '{}', $5, $5)",
                             &id,
                             external.as_str(),
-                            &pc.email,
-                            &pc.name,
+                            &email,
+                            &name,
                             now
                         )
                         .execute
                     )
-                    .map_err(|e| if super::is_unique_violation(&e) { StoreError::Conflict("customer created concurrently".into()) } else { StoreError::from_sqlx(e) })?;
-                    let data = serde_json::json!({ "external_id": external.as_str(), "adopted_from": pc.provider, "email": pc.email, "name": pc.name });
+                    .map_err(|e| {
+                        if super::is_unique_violation(&e) {
+                            StoreError::Conflict("customer created concurrently".into())
+                        } else {
+                            StoreError::from_sqlx(e)
+                        }
+                    })?;
+                    let data = serde_json::json!({ "external_id": external.as_str(), "from_provider": pc.provider, "email": email, "name": name });
                     let record = AuditRecord {
                         actor,
                         action: "customer.created",
@@ -406,59 +393,87 @@ pub async fn apply_provider_customer(
                     audit::append(tx, record).await?;
                     id
                 }
+            }
+        }
+    };
+    if adopted {
+        let changed = sql!(
+            tx,
+            query(
+                "UPDATE customers SET email = $1, name = $2, updated_at = $3 WHERE id = $4 \
+                 AND (email IS DISTINCT FROM $1 OR name IS DISTINCT FROM $2)",
+                &pc.email,
+                &pc.name,
+                now,
+                &customer_id
+            )
+            .execute
+        )
+        .db()?;
+        if changed == 1 {
+            let data =
+                serde_json::json!({ "from_provider": pc.provider, "email": pc.email, "name": pc.name });
+            let record = AuditRecord {
+                actor,
+                action: "customer.updated",
+                object_type: "customer",
+                object_id: &customer_id,
+                data,
+                request_id: None,
             };
-            let linked = sql!(
+            audit::append(tx, record).await?;
+        }
+    }
+    let link_data = serde_json::json!({ "provider": pc.provider, "provider_customer_id": pc.id });
+    if pc.deleted {
+        if linked.is_some() {
+            sql!(
                 tx,
                 query(
-                    "INSERT INTO provider_customers (provider, provider_customer_id, customer_id, created_at) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    "DELETE FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2",
                     pc.provider,
-                    &pc.id,
-                    &id,
-                    now
+                    &pc.id
                 )
                 .execute
             )
             .db()?;
-            if linked == 1 {
-                let data = serde_json::json!({ "provider": pc.provider, "provider_customer_id": pc.id });
-                let record = AuditRecord {
-                    actor,
-                    action: "customer.provider_linked",
-                    object_type: "customer",
-                    object_id: &id,
-                    data,
-                    request_id: None,
-                };
-                audit::append(tx, record).await?;
-            }
-            id
+            let record = AuditRecord {
+                actor,
+                action: "customer.provider_unlinked",
+                object_type: "customer",
+                object_id: &customer_id,
+                data: link_data,
+                request_id: None,
+            };
+            audit::append(tx, record).await?;
         }
-    };
-    let filled = sql!(
-        tx,
-        query(
-            "UPDATE customers SET email = COALESCE(email, $1), name = COALESCE(name, $2), updated_at = $3 \
-             WHERE id = $4 AND ((email IS NULL AND $1 IS NOT NULL) OR (name IS NULL AND $2 IS NOT NULL))",
-            &pc.email,
-            &pc.name,
-            now,
-            &customer_id
+        return Ok(());
+    }
+    if linked.is_none() {
+        let inserted = sql!(
+            tx,
+            query(
+                "INSERT INTO provider_customers (provider, provider_customer_id, customer_id, created_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                pc.provider,
+                &pc.id,
+                &customer_id,
+                now
+            )
+            .execute
         )
-        .execute
-    )
-    .db()?;
-    if filled == 1 {
-        let data = serde_json::json!({ "filled_from": pc.provider, "email": pc.email, "name": pc.name });
-        let record = AuditRecord {
-            actor,
-            action: "customer.updated",
-            object_type: "customer",
-            object_id: &customer_id,
-            data,
-            request_id: None,
-        };
-        audit::append(tx, record).await?;
+        .db()?;
+        if inserted == 1 {
+            let record = AuditRecord {
+                actor,
+                action: "customer.provider_linked",
+                object_type: "customer",
+                object_id: &customer_id,
+                data: link_data,
+                request_id: None,
+            };
+            audit::append(tx, record).await?;
+        }
     }
     Ok(())
 }

@@ -169,6 +169,8 @@ async fn receive(
     let duplicate = outcome == Stored::Duplicate;
     if duplicate {
         metrics::counter!("webhooks_duplicates_total", "provider" => provider.name()).increment(1);
+    } else {
+        state.inbox_wake.notify_one();
     }
     Ok(Json(serde_json::json!({ "received": true, "duplicate": duplicate })))
 }

@@ -116,10 +116,11 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
 }
 
 pub async fn spawn_on(db: TestDb, adjust: impl FnOnce(&mut Config)) -> TestApp {
-    let mut config = test_config(&db);
-    adjust(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().unwrap();
+    let mut config = test_config(&db);
+    config.port = addr.port();
+    adjust(&mut config);
     let shutdown = CancellationToken::new();
     let server = Server::build(config, shutdown.clone()).await.expect("server builds");
     let server_store = server.store().clone();

@@ -14,3 +14,4 @@ mod idempotency;
 mod openapi;
 mod operations;
 mod store;
+mod webhooks;

@@ -1,0 +1,344 @@
+//! Provider webhooks in: verification, the durable inbox, exactly-once
+//! application and ordering.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use crate::helpers::*;
+
+const SECRET_A: &str = "whsec_test_primary";
+const SECRET_B: &str = "whsec_test_rotated";
+
+async fn spawn_with_secrets() -> TestApp {
+    spawn_app_with(|c| {
+        c.stripe_webhook_secret = Some(secrecy::SecretString::from(format!("{SECRET_A},{SECRET_B}")))
+    })
+    .await
+}
+
+fn sign(secret: &str, t: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn event(id: &str, kind: &str, created: i64, object: Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": id, "object": "event", "api_version": "2025-10-29.clover", "created": created,
+        "data": { "object": object }, "livemode": false, "pending_webhooks": 1,
+        "request": { "id": null, "idempotency_key": null }, "type": kind,
+    }))
+    .unwrap()
+}
+
+fn customer(id: &str, external: Option<&str>, email: &str) -> Value {
+    let metadata = match external {
+        Some(e) => json!({ "tollgate_external_id": e }),
+        None => json!({}),
+    };
+    json!({ "id": id, "object": "customer", "email": email, "name": null, "metadata": metadata })
+}
+
+impl TestApp {
+    async fn deliver(&self, path: &str, body: &[u8], signature: Option<String>) -> reqwest::Response {
+        let mut req =
+            self.client.post(self.url(path)).header("content-type", "application/json").body(body.to_vec());
+        if let Some(sig) = signature {
+            req = req.header("stripe-signature", sig);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn deliver_signed(&self, body: &[u8]) -> reqwest::Response {
+        self.deliver("/webhooks/stripe", body, Some(sign(SECRET_A, tollgate::store::now_unix(), body))).await
+    }
+
+    async fn provider_events(&self, query: &str) -> Vec<Value> {
+        let v: Value = self
+            .get(&format!("/v1/provider-events?limit=100{query}"), &self.admin_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["data"].as_array().unwrap().clone()
+    }
+
+    async fn wait_status(&self, provider_event_id: &str, status: &str) -> Value {
+        eventually(Duration::from_secs(10), || async {
+            self.provider_events("")
+                .await
+                .into_iter()
+                .find(|e| e["provider_event_id"] == provider_event_id && e["status"] == status)
+        })
+        .await
+    }
+}
+
+#[tokio::test]
+async fn a_signed_event_is_stored_before_the_2xx_and_applied_once() {
+    let app = spawn_with_secrets().await;
+    let body = event(
+        "evt_link_1",
+        "customer.created",
+        1_800_000_000,
+        customer("cus_link1", Some("u_hook"), "hook@example.com"),
+    );
+    let resp = app.deliver_signed(&body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({ "received": true, "duplicate": false }));
+    let again = app.deliver_signed(&body).await;
+    assert_eq!(again.json::<Value>().await.unwrap()["duplicate"], true);
+
+    let stored = app.wait_status("evt_link_1", "processed").await;
+    assert_eq!(stored["type"], "customer.created");
+    assert_eq!(stored["payload"]["data"]["object"]["id"], "cus_link1", "the body is kept as received");
+    assert_eq!(app.provider_events("").await.len(), 1);
+
+    let c: Value = app.get("/v1/customers/u_hook", &app.read_key).send().await.unwrap().json().await.unwrap();
+    assert_eq!(c["providers"]["stripe"], "cus_link1");
+    assert_eq!(c["email"], Value::Null, "tollgate's customers keep the application's own fields");
+}
+
+#[tokio::test]
+async fn ten_concurrent_deliveries_of_one_event_have_one_effect() {
+    let app = spawn_with_secrets().await;
+    let body =
+        event("evt_dup", "customer.created", 1_800_000_000, customer("cus_dup", None, "dup@example.com"));
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (client, url, body) = (app.client.clone(), app.url("/webhooks/stripe"), body.clone());
+        let sig = sign(SECRET_A, tollgate::store::now_unix(), &body);
+        tasks.push(tokio::spawn(async move {
+            let resp = client.post(url).header("stripe-signature", sig).body(body).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.json::<Value>().await.unwrap()["duplicate"].as_bool().unwrap()
+        }));
+    }
+    let mut fresh = 0;
+    for t in tasks {
+        if !t.await.unwrap() {
+            fresh += 1;
+        }
+    }
+    assert_eq!(fresh, 1, "exactly one delivery stored the event");
+    app.wait_status("evt_dup", "processed").await;
+    // Adopted: a customer created outside tollgate, keyed by the provider id.
+    let c: Value =
+        app.get("/v1/customers/cus_dup", &app.read_key).send().await.unwrap().json().await.unwrap();
+    assert_eq!(c["email"], "dup@example.com");
+    let audit: Value =
+        app.get("/v1/audit-log?limit=100", &app.admin_key).send().await.unwrap().json().await.unwrap();
+    let links = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "customer.provider_linked")
+        .count();
+    assert_eq!(links, 1, "one effect");
+}
+
+#[tokio::test]
+async fn every_bad_delivery_is_a_400_saying_why_and_stores_nothing() {
+    let app = spawn_with_secrets().await;
+    let now = tollgate::store::now_unix();
+    let body = event("evt_bad", "customer.created", now, customer("cus_bad", None, "b@example.com"));
+    let cases: Vec<(&str, Vec<u8>, Option<String>)> = vec![
+        ("signature_missing", body.clone(), None),
+        ("signature_malformed", body.clone(), Some("t=abc,v1=zz".into())),
+        ("signature_malformed", body.clone(), Some("nonsense".into())),
+        ("signature_timestamp_out_of_tolerance", body.clone(), Some(sign(SECRET_A, now - 301, &body))),
+        ("signature_timestamp_out_of_tolerance", body.clone(), Some(sign(SECRET_A, now + 301, &body))),
+        ("signature_mismatch", body.clone(), Some(sign("whsec_forged", now, &body))),
+        ("signature_mismatch", b"{\"tampered\":1}".to_vec(), Some(sign(SECRET_A, now, &body))),
+        ("event_invalid", b"not json".to_vec(), Some(sign(SECRET_A, now, b"not json"))),
+        ("event_invalid", b"{\"id\":\"evt_1\"}".to_vec(), Some(sign(SECRET_A, now, b"{\"id\":\"evt_1\"}"))),
+        ("event_invalid", b"[1,2]".to_vec(), Some(sign(SECRET_A, now, b"[1,2]"))),
+    ];
+    for (code, body, sig) in cases {
+        let resp = app.deliver("/webhooks/stripe", &body, sig).await;
+        let e = expect_error(resp, 400, "invalid_request_error", code).await;
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let big = vec![b' '; tollgate::webhooks::MAX_WEBHOOK_BYTES + 10];
+    let resp = app.deliver("/webhooks/stripe", &big, Some(sign(SECRET_A, now, &big))).await;
+    expect_error(resp, 400, "invalid_request_error", "body_too_large").await;
+    let resp = app.deliver("/webhooks/payments", &body, None).await;
+    expect_error(resp, 400, "invalid_request_error", "provider_unrecognised").await;
+
+    assert!(app.provider_events("").await.is_empty(), "nothing stored");
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(r#"webhooks_rejected_total{provider="stripe",reason="signature_mismatch"}"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn rotated_secrets_both_verify_and_payments_recognises_stripe() {
+    let app = spawn_with_secrets().await;
+    let body = event("evt_rot", "plan.created", 1_800_000_000, json!({ "id": "plan_1", "object": "plan" }));
+    let resp = app
+        .deliver("/webhooks/payments", &body, Some(sign(SECRET_B, tollgate::store::now_unix(), &body)))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let ignored = app.wait_status("evt_rot", "ignored").await;
+    assert_eq!(ignored["provider"], "stripe");
+}
+
+#[tokio::test]
+async fn an_address_that_keeps_failing_is_rate_limited() {
+    let app = spawn_with_secrets().await;
+    let mut statuses = Vec::new();
+    for _ in 0..70 {
+        statuses
+            .push(app.deliver("/webhooks/stripe", b"{}", Some("t=1,v1=00".into())).await.status().as_u16());
+    }
+    assert!(statuses[..50].iter().all(|s| *s == 400), "{statuses:?}");
+    assert_eq!(*statuses.last().unwrap(), 429);
+}
+
+#[tokio::test]
+async fn unknown_types_are_ignored_and_mapped_types_wait_for_their_mapping() {
+    let app = spawn_with_secrets().await;
+    let later = event("evt_inv", "invoice.paid", 1_700_000_000, json!({ "id": "in_1", "object": "invoice" }));
+    let unknown =
+        event("evt_unknown", "radar.early_fraud_warning.created", 1_700_000_001, json!({ "id": "issfr_1" }));
+    assert_eq!(app.deliver_signed(&later).await.status(), 200);
+    assert_eq!(app.deliver_signed(&unknown).await.status(), 200);
+    app.wait_status("evt_unknown", "ignored").await;
+    let pending = app.provider_events("&status=received").await;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0]["provider_event_id"].as_str(), pending[0]["attempts"].as_i64()),
+        (Some("evt_inv"), Some(0))
+    );
+}
+
+#[tokio::test]
+async fn any_delivery_order_of_a_customers_events_ends_the_same() {
+    let app = spawn_with_secrets().await;
+    let kinds = ["customer.created", "customer.updated", "customer.deleted"];
+    let orders = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+    for (n, order) in orders.iter().enumerate() {
+        let cus = format!("cus_perm{n}");
+        for (step, &k) in order.iter().enumerate() {
+            // All in the same second: the tie-break decides.
+            let body = event(
+                &format!("evt_p{n}_{k}"),
+                kinds[k],
+                1_800_000_000,
+                customer(&cus, None, &format!("v{k}@example.com")),
+            );
+            assert_eq!(app.deliver_signed(&body).await.status(), 200, "permutation {n} step {step}");
+            app.wait_status(&format!("evt_p{n}_{k}"), "processed").await;
+        }
+        let c: Value = app
+            .get(&format!("/v1/customers/{cus}"), &app.read_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(c["providers"], json!({}), "permutation {order:?}: unlinked at the end");
+        assert_eq!(
+            c["email"], "v2@example.com",
+            "permutation {order:?}: the deleted event's data is the last word"
+        );
+    }
+    // An older event after a newer one changes nothing.
+    let newer =
+        event("evt_new", "customer.updated", 1_800_000_100, customer("cus_order", None, "new@example.com"));
+    let older =
+        event("evt_old", "customer.updated", 1_800_000_050, customer("cus_order", None, "old@example.com"));
+    app.deliver_signed(&newer).await;
+    app.wait_status("evt_new", "processed").await;
+    app.deliver_signed(&older).await;
+    app.wait_status("evt_old", "processed").await;
+    let c: Value =
+        app.get("/v1/customers/cus_order", &app.read_key).send().await.unwrap().json().await.unwrap();
+    assert_eq!(c["email"], "new@example.com");
+}
+
+#[tokio::test]
+async fn an_event_that_keeps_failing_goes_dead_and_can_be_replayed() {
+    let app = spawn_app_with(|c| {
+        c.stripe_webhook_secret = Some(secrecy::SecretString::from(SECRET_A.to_owned()));
+        c.provider_event_max_attempts = 1;
+    })
+    .await;
+    // A customer event whose object has an id no external id can hold.
+    let body = event(
+        "evt_broken",
+        "customer.created",
+        1_800_000_000,
+        json!({ "id": "cus with spaces", "object": "customer" }),
+    );
+    assert_eq!(app.deliver_signed(&body).await.status(), 200);
+    let dead = app.wait_status("evt_broken", "dead").await;
+    assert_eq!(dead["attempts"], 1);
+    assert!(dead["last_error"].as_str().is_some_and(|e| !e.is_empty()));
+    let id = dead["id"].as_str().unwrap();
+    let resp = app
+        .client
+        .post(app.url(&format!("/v1/provider-events/{id}/replay")))
+        .bearer_auth(&app.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // It fails again (the data is still bad) and is dead again, with one more attempt.
+    eventually(Duration::from_secs(10), || async {
+        let e = app.provider_events("&status=dead").await.into_iter().next()?;
+        (e["attempts"] == 2).then_some(())
+    })
+    .await;
+    let resp = app
+        .client
+        .post(app.url("/v1/provider-events/pe_nope/replay"))
+        .bearer_auth(&app.admin_key)
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 404, "invalid_request_error", "resource_missing").await;
+    let resp = app.get("/v1/provider-events", &app.write_key).send().await.unwrap();
+    expect_error(resp, 403, "permission_error", "insufficient_scope").await;
+}
+
+#[tokio::test]
+async fn storage_unavailable_answers_503_so_the_provider_retries() {
+    let app = spawn_with_secrets().await;
+    app.server_store.close().await;
+    let body =
+        event("evt_down", "customer.created", 1_800_000_000, customer("cus_down", None, "d@example.com"));
+    let resp = app.deliver_signed(&body).await;
+    assert!(resp.headers().contains_key("retry-after"));
+    expect_error(resp, 503, "api_error", "service_unavailable").await;
+}
+
+#[tokio::test]
+async fn the_built_in_emulator_delivers_to_tollgate_end_to_end() {
+    let app = spawn_app().await;
+    let resp = app
+        .client
+        .post(app.url("/emulator/stripe/v1/customers"))
+        .bearer_auth("sk_test_local")
+        .form(&[("email", "e2e@example.com"), ("metadata[tollgate_external_id]", "u_e2e")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cus: Value = resp.json().await.unwrap();
+    let c = eventually(Duration::from_secs(10), || async {
+        let c: Value = app.get("/v1/customers/u_e2e", &app.read_key).send().await.ok()?.json().await.ok()?;
+        (c["providers"]["stripe"] == cus["id"]).then_some(c)
+    })
+    .await;
+    assert_eq!(c["external_id"], "u_e2e");
+}
