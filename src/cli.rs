@@ -37,6 +37,9 @@ pub enum Command {
     /// Inspect and replay provider events (the webhook inbox).
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Load tests, run against this machine.
+    #[command(subcommand)]
+    Loadtest(LoadtestCommand),
     /// Run the Stripe emulator alone: Stripe's API at /v1 on PORT, hosted
     /// checkout and portal pages, signed webhook deliveries.
     StripeEmulator {
@@ -81,6 +84,25 @@ pub enum EventsCommand {
         /// Replay every event whose status is `dead`.
         #[arg(long, conflicts_with = "ids")]
         dead: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LoadtestCommand {
+    /// Signed ~3 KB Stripe events against /webhooks/stripe; prints events/s,
+    /// p50/p99 latency and status counts, then checks the inbox holds every
+    /// acknowledged event.
+    Webhooks {
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Seconds.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 3000)]
+        event_bytes: usize,
+        /// A running tollgate (default: one started in-process on DATABASE_URL).
+        #[arg(long)]
+        url: Option<String>,
     },
 }
 
@@ -178,6 +200,24 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             }
             store.close().await;
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Command::Loadtest(LoadtestCommand::Webhooks { connections, duration, event_bytes, url }) => {
+            let load = crate::ops::loadtest::WebhookLoad {
+                connections: connections.max(1),
+                duration: std::time::Duration::from_secs(duration.max(1)),
+                event_bytes,
+                url,
+            };
+            match crate::ops::loadtest::webhooks(config, load).await {
+                Ok(report) => {
+                    print!("{report}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(report) => {
+                    print!("{report}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Command::StripeEmulator { shuffle_deliveries, duplicate_deliveries, api_key } => {
             use crate::providers::stripe_emulator::{DeliveryOptions, Emulator, EmulatorConfig};

@@ -14,6 +14,7 @@ pub mod config;
 pub mod http;
 pub mod ids;
 pub mod jobs;
+pub mod ops;
 pub mod providers;
 pub mod store;
 pub mod telemetry;

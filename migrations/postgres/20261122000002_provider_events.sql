@@ -20,5 +20,6 @@ CREATE TABLE provider_events (
     processed_at      BIGINT,
     UNIQUE (provider, provider_event_id)
 );
-CREATE INDEX provider_events_due ON provider_events (status, next_attempt_at);
+-- Covers the workers' claim and the depth/lag gauges without touching bodies.
+CREATE INDEX provider_events_due ON provider_events (status, next_attempt_at, received_at);
 CREATE INDEX provider_events_object ON provider_events (provider, object_id);

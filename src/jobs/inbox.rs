@@ -20,7 +20,7 @@ pub struct InboxWorkerOptions {
 
 impl Default for InboxWorkerOptions {
     fn default() -> Self {
-        Self { max_attempts: 10, batch: 32, lease_seconds: 60, idle_poll: Duration::from_millis(200) }
+        Self { max_attempts: 10, batch: 32, lease_seconds: 15, idle_poll: Duration::from_millis(200) }
     }
 }
 
@@ -38,6 +38,7 @@ pub async fn run(
     options: InboxWorkerOptions,
     shutdown: CancellationToken,
 ) {
+    let mut last_gauge: Option<std::time::Instant> = None;
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -49,9 +50,12 @@ pub async fn run(
                 false
             }
         };
-        if let Ok((depth, lag)) = store.inbox_depth().await {
-            metrics::gauge!("inbox_depth").set(depth as f64);
-            metrics::gauge!("inbox_lag_seconds").set(lag.unwrap_or(0) as f64);
+        if last_gauge.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            last_gauge = Some(std::time::Instant::now());
+            if let Ok((depth, lag)) = store.inbox_depth().await {
+                metrics::gauge!("inbox_depth").set(depth as f64);
+                metrics::gauge!("inbox_lag_seconds").set(lag.unwrap_or(0) as f64);
+            }
         }
         if !worked {
             tokio::select! {
@@ -81,9 +85,9 @@ pub async fn work_once(store: &Store, options: &InboxWorkerOptions) -> crate::st
             .increment(1);
         match outcome {
             Ok(Applied::Deferred) => {
-                // Not counted as an attempt; looked at again in an hour (and
-                // at every start, when a newer version may map it).
-                store.defer_provider_event(&event.id, 3600).await?;
+                // Not counted as an attempt; a newer version that maps the
+                // type wakes it at start-up.
+                store.defer_provider_event(&event.id, i64::MAX / 4).await?;
             }
             Ok(_) => handled += 1,
             Err(e) => {

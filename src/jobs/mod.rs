@@ -38,7 +38,14 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     let token = shutdown.clone();
     tasks.spawn(async move {
         // Events an older version deferred may be mappable now.
-        if let Err(e) = store.wake_deferred_provider_events().await {
+        let applicable: Vec<&str> = crate::webhooks::apply::STRIPE_HANDLED
+            .iter()
+            .copied()
+            .filter(|t| {
+                crate::webhooks::apply::disposition("stripe", t) == crate::webhooks::apply::Disposition::Apply
+            })
+            .collect();
+        if let Err(e) = store.wake_deferred_provider_events("stripe", &applicable).await {
             tracing::warn!(error = %e, "could not wake deferred provider events");
         }
         let mut inner = JoinSet::new();

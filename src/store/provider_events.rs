@@ -24,6 +24,11 @@ pub struct NewProviderEvent {
     pub livemode: bool,
     pub body: String,
     pub source: &'static str,
+    /// `received`, or `ignored` for a type tollgate does not use.
+    pub initial_status: &'static str,
+    /// When workers should first look at it: now, or (for a type this
+    /// version cannot apply yet) far later, woken at the next start.
+    pub first_attempt_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -71,8 +76,8 @@ impl Store {
                 tx,
                 query(
                     "INSERT INTO provider_events (id, provider, provider_event_id, event_type, object_id, provider_created, \
-                     api_version, livemode, body, source, status, attempts, next_attempt_at, received_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'received', 0, $11, $11) \
+                     api_version, livemode, body, source, status, attempts, next_attempt_at, received_at, processed_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, $12, $13, $14) \
                      ON CONFLICT (provider, provider_event_id) DO NOTHING",
                     new_id("pe"),
                     e.provider,
@@ -84,7 +89,10 @@ impl Store {
                     e.livemode,
                     &e.body,
                     e.source,
-                    now
+                    e.initial_status,
+                    e.first_attempt_at.max(now),
+                    now,
+                    (e.initial_status == "ignored").then_some(now)
                 )
                 .execute
             )
@@ -227,7 +235,7 @@ impl Store {
             tx,
             query(
                 "UPDATE provider_events SET next_attempt_at = $1, locked_until = NULL WHERE id = $2",
-                now_unix() + seconds,
+                now_unix().saturating_add(seconds),
                 id
             )
             .execute
@@ -236,28 +244,47 @@ impl Store {
         tx.commit().await
     }
 
-    /// At start-up, events deferred by an older version are due again now.
-    pub async fn wake_deferred_provider_events(&self) -> StoreResult<u64> {
+    /// At start-up: events an older version deferred whose type this version
+    /// applies (`types`) are due now.
+    pub async fn wake_deferred_provider_events(&self, provider: &str, types: &[&str]) -> StoreResult<u64> {
         let mut tx = self.begin().await?;
-        let n = sql!(
-            tx,
-            query(
-                "UPDATE provider_events SET next_attempt_at = $1 WHERE status = 'received' AND next_attempt_at > $1",
-                now_unix()
-            )
-            .execute
-        )
-        .db()?;
+        let in_list = match tx.kind() {
+            super::DbKind::Sqlite => "SELECT value FROM json_each($3)",
+            super::DbKind::Postgres => "SELECT jsonb_array_elements_text($3::jsonb)",
+        };
+        let q = format!(
+            "UPDATE provider_events SET next_attempt_at = $1 WHERE provider = $2 AND status = 'received' \
+             AND next_attempt_at > $1 AND event_type IN ({in_list})"
+        );
+        let n = sql!(tx, query(&q, now_unix(), provider, serde_json::to_string(types)?).execute).db()?;
         tx.commit().await?;
         Ok(n)
     }
 
-    /// How many events wait to be applied, and the oldest one's age.
+    /// Provider event ids starting with `prefix` (load tests check their own).
+    pub async fn provider_event_ids_with_prefix(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        let pattern = format!("{}%", prefix.replace('%', "").replace('_', "\\_"));
+        sql!(
+            self,
+            query_scalar::<String>(
+                "SELECT provider_event_id FROM provider_events WHERE provider_event_id LIKE $1 ESCAPE '\\'",
+                pattern
+            )
+            .fetch_all
+        )
+        .db()
+    }
+
+    /// How many events are due to be applied now, and the oldest one's age
+    /// (deferred events are not due). Answered from the `provider_events_due`
+    /// index alone.
     pub async fn inbox_depth(&self) -> StoreResult<(i64, Option<i64>)> {
         let (count, oldest): (i64, Option<i64>) = sql!(
             self,
             query_as::<(i64, Option<i64>)>(
-                "SELECT COUNT(*), MIN(received_at) FROM provider_events WHERE status IN ('received', 'failed')"
+                "SELECT COUNT(*), MIN(received_at) FROM provider_events \
+                 WHERE status IN ('received', 'failed') AND next_attempt_at <= $1",
+                now_unix()
             )
             .fetch_one
         )

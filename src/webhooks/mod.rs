@@ -219,7 +219,15 @@ pub fn parse_stripe_event(body: &[u8]) -> Result<NewProviderEvent, String> {
     if body.contains('\0') {
         return Err("The body contains a NUL character.".to_owned());
     }
+    // Decided at ingest, so workers only ever see events they can apply.
+    let (initial_status, first_attempt_at) = match apply::disposition(Provider::Stripe.name(), kind) {
+        apply::Disposition::Apply => ("received", 0),
+        apply::Disposition::Ignore => ("ignored", 0),
+        apply::Disposition::Defer => ("received", i64::MAX / 2),
+    };
     Ok(NewProviderEvent {
+        initial_status,
+        first_attempt_at,
         provider: Provider::Stripe.name(),
         provider_event_id: id.to_owned(),
         event_type: kind.to_owned(),

@@ -13,5 +13,6 @@ mod emulator;
 mod idempotency;
 mod openapi;
 mod operations;
+mod processes;
 mod store;
 mod webhooks;

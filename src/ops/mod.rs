@@ -1,0 +1,4 @@
+//! Operator commands that are more than a store call: load tests now;
+//! backups, drills, doctor and reconciliation as they arrive.
+
+pub mod loadtest;
