@@ -33,7 +33,11 @@ pub enum StartError {
 }
 
 pub fn store_options(config: &Config) -> StoreOptions {
-    StoreOptions { max_connections: config.database_max_connections, ..StoreOptions::default() }
+    StoreOptions {
+        max_connections: config.database_max_connections,
+        sqlite_full_sync: config.sqlite_synchronous == crate::config::SqliteSync::Full,
+        ..StoreOptions::default()
+    }
 }
 
 /// Serves tollgate on `listener` until `shutdown` is cancelled, then stops

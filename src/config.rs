@@ -17,6 +17,15 @@ pub enum Environment {
     Production,
 }
 
+/// How SQLite makes commits durable (see README, "Durability").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SqliteSync {
+    /// fsync at every commit: acknowledged events survive power loss.
+    Full,
+    /// fsync at checkpoints: survives a killed process, not power loss.
+    Normal,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Json,
@@ -84,6 +93,10 @@ pub struct Config {
     /// In production, SQLite must be chosen on purpose (one machine, no replicas).
     #[arg(long, env = "ALLOW_SQLITE_IN_PRODUCTION", default_value_t = false, global = true)]
     pub allow_sqlite_in_production: bool,
+
+    /// SQLite durability: `full` (fsync every commit) or `normal`.
+    #[arg(long, env = "SQLITE_SYNCHRONOUS", value_enum, default_value = "full", global = true)]
+    pub sqlite_synchronous: SqliteSync,
 
     /// Optional Redis, for state shared across instances.
     #[arg(long, env = "REDIS_URL", value_parser = connection_url, hide_env_values = true, global = true)]

@@ -152,11 +152,15 @@ impl DbKind {
 pub struct StoreOptions {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// SQLite only: fsync every commit (`true`, survives power loss) or
+    /// only at checkpoints (`false`, survives a killed process but may lose
+    /// the last commits on power loss or an OS crash).
+    pub sqlite_full_sync: bool,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { max_connections: 10, acquire_timeout: Duration::from_secs(5) }
+        Self { max_connections: 10, acquire_timeout: Duration::from_secs(5), sqlite_full_sync: true }
     }
 }
 

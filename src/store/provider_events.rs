@@ -66,41 +66,67 @@ impl Store {
     /// Stores a batch in one transaction. Duplicates (already in the inbox,
     /// or twice in the batch) change nothing.
     pub async fn insert_provider_events(&self, events: &[NewProviderEvent]) -> StoreResult<Vec<Stored>> {
+        // Multi-row statements (one round trip per chunk) inside one
+        // transaction (one commit, one fsync, for the whole batch).
+        const COLUMNS_PER_ROW: usize = 14;
+        const ROWS_PER_STATEMENT: usize = 256;
         let now = now_unix();
         let mut tx = self.begin().await?;
-        let mut outcomes = Vec::with_capacity(events.len());
-        for e in events {
-            // One statement per row inside one transaction: the commit (the
-            // fsync) is what costs, and it is shared by the whole batch.
-            let inserted = sql!(
-                tx,
-                query(
-                    "INSERT INTO provider_events (id, provider, provider_event_id, event_type, object_id, provider_created, \
-                     api_version, livemode, body, source, status, attempts, next_attempt_at, received_at, processed_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, $12, $13, $14) \
-                     ON CONFLICT (provider, provider_event_id) DO NOTHING",
-                    new_id("pe"),
-                    e.provider,
-                    &e.provider_event_id,
-                    &e.event_type,
-                    &e.object_id,
-                    e.provider_created,
-                    &e.api_version,
-                    e.livemode,
-                    &e.body,
-                    e.source,
-                    e.initial_status,
-                    e.first_attempt_at.max(now),
-                    now,
-                    (e.initial_status == "ignored").then_some(now)
-                )
-                .execute
-            )
+        let mut inserted = std::collections::HashSet::new();
+        for chunk in events.chunks(ROWS_PER_STATEMENT) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|r| {
+                    let p: Vec<String> =
+                        (1..=COLUMNS_PER_ROW).map(|c| format!("${}", r * COLUMNS_PER_ROW + c)).collect();
+                    format!("({})", p.join(", "))
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO provider_events (id, provider, provider_event_id, event_type, object_id, provider_created, \
+                 api_version, livemode, body, source, status, next_attempt_at, received_at, processed_at) VALUES {} \
+                 ON CONFLICT (provider, provider_event_id) DO NOTHING RETURNING provider_event_id",
+                rows.join(", ")
+            );
+            macro_rules! bind_rows {
+                ($query:expr) => {{
+                    let mut q = $query;
+                    for e in chunk {
+                        q = q
+                            .bind(new_id("pe"))
+                            .bind(e.provider)
+                            .bind(&e.provider_event_id)
+                            .bind(&e.event_type)
+                            .bind(&e.object_id)
+                            .bind(e.provider_created)
+                            .bind(&e.api_version)
+                            .bind(e.livemode)
+                            .bind(&e.body)
+                            .bind(e.source)
+                            .bind(e.initial_status)
+                            .bind(e.first_attempt_at.max(now))
+                            .bind(now)
+                            .bind((e.initial_status == "ignored").then_some(now));
+                    }
+                    q
+                }};
+            }
+            let returned: Vec<String> = match tx.exec() {
+                super::Exec::Sqlite(c) => {
+                    bind_rows!(sqlx::query_scalar::<_, String>(&sql)).fetch_all(c).await
+                }
+                super::Exec::Postgres(c) => {
+                    bind_rows!(sqlx::query_scalar::<_, String>(&sql)).fetch_all(c).await
+                }
+            }
             .db()?;
-            outcomes.push(if inserted == 1 { Stored::New } else { Stored::Duplicate });
+            inserted.extend(returned);
         }
         tx.commit().await?;
-        Ok(outcomes)
+        // An id inserted by this batch is new for its first occurrence only.
+        Ok(events
+            .iter()
+            .map(|e| if inserted.remove(&e.provider_event_id) { Stored::New } else { Stored::Duplicate })
+            .collect())
     }
 
     pub async fn get_provider_event(&self, id: &str) -> StoreResult<Option<ProviderEventRecord>> {

@@ -159,7 +159,7 @@ async fn serve_logs_json_without_secrets_and_exits_cleanly_on_sigterm() {
         .unwrap();
     let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
     let stderr_pipe = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
             let _ = lines_tx.send(line);
         }
@@ -196,6 +196,8 @@ async fn serve_logs_json_without_secrets_and_exits_cleanly_on_sigterm() {
         let _ = lines_rx.recv_timeout(Duration::from_millis(20)).map(|l| lines.push(l));
     };
     assert!(exit.success(), "clean exit: {exit:?}");
+    // The pipe closed with the process: read to its end.
+    reader.join().unwrap();
     lines.extend(lines_rx.try_iter());
 
     for line in &lines {

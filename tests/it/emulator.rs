@@ -901,3 +901,44 @@ async fn metadata_that_looks_like_an_object_and_odd_keys_do_not_break_old_versio
     assert_eq!(send(&[]).await.unwrap().status(), 400);
     assert_eq!(send(&[("name", "Fixed")]).await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn a_one_time_price_in_a_subscription_checkout_is_billed_once() {
+    let emu = spawn_emulator(fast_retries()).await;
+    let clock = emu.ok("/v1/test_helpers/test_clocks", &[("frozen_time", &T0.to_string())]).await;
+    let clock_id = clock["id"].as_str().unwrap().to_owned();
+    let customer = emu.ok("/v1/customers", &[("test_clock", &clock_id)]).await;
+    let setup_fee = emu.price("1000", None).await;
+    let monthly = emu.price("2500", Some("month")).await;
+    let session = emu
+        .ok(
+            "/v1/checkout/sessions",
+            &[
+                ("mode", "subscription"),
+                ("customer", customer["id"].as_str().unwrap()),
+                ("line_items[0][price]", &setup_fee),
+                ("line_items[1][price]", &monthly),
+                ("success_url", "https://x.example/ok"),
+            ],
+        )
+        .await;
+    assert_eq!(emu.pay(&session, "4242424242424242").await.status(), 303);
+    let session = emu.fetch(&format!("/v1/checkout/sessions/{}", session["id"].as_str().unwrap())).await;
+    let sub = emu.fetch(&format!("/v1/subscriptions/{}", session["subscription"].as_str().unwrap())).await;
+    assert_eq!(sub["items"]["data"].as_array().unwrap().len(), 1, "only the recurring price is an item");
+    assert_eq!(sub["items"]["data"][0]["current_period_end"], billing_month_after(T0));
+    let first = emu.fetch(&format!("/v1/invoices/{}", sub["latest_invoice"].as_str().unwrap())).await;
+    assert_eq!(first["amount_paid"], 3500);
+    emu.ok(
+        &format!("/v1/test_helpers/test_clocks/{clock_id}/advance"),
+        &[("frozen_time", &(T0 + 35 * 86_400).to_string())],
+    )
+    .await;
+    let sub = emu.fetch(&format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap())).await;
+    let renewal = emu.fetch(&format!("/v1/invoices/{}", sub["latest_invoice"].as_str().unwrap())).await;
+    assert_eq!(renewal["amount_paid"], 2500, "the setup fee is not billed again");
+}
+
+fn billing_month_after(t: i64) -> i64 {
+    tollgate::providers::stripe_emulator::billing::add_interval(t, "month", 1)
+}

@@ -48,9 +48,12 @@ fn price_interval(price: &Value) -> (String, i64) {
     )
 }
 
+/// A price object and how many of it.
+pub type PricedQuantity = (Value, i64);
+
 pub struct NewSubscription<'a> {
     pub customer: &'a str,
-    pub items: Vec<(Value, i64)>,
+    pub items: Vec<PricedQuantity>,
     pub trial_days: Option<i64>,
     pub metadata: Value,
     pub payment_method: &'a str,
@@ -62,12 +65,15 @@ pub struct NewSubscription<'a> {
 pub fn start_subscription(state: &mut State, new: NewSubscription<'_>) -> StripeResult<(Value, Value)> {
     let sub_id = new_id("sub");
     let now = new.now;
-    let first_price = new.items.first().map(|(p, _)| p.clone()).unwrap_or(Value::Null);
+    // One-time prices in a subscription checkout are billed once, on the
+    // first invoice; only recurring prices become subscription items.
+    let (recurring, one_time): (Vec<PricedQuantity>, Vec<PricedQuantity>) =
+        new.items.into_iter().partition(|(price, _)| !price["recurring"].is_null());
+    let first_price = recurring.first().map(|(p, _)| p.clone()).unwrap_or(Value::Null);
     let (interval, count) = price_interval(&first_price);
     let trial_end = new.trial_days.map(|d| now + d * 86_400);
     let period_end = trial_end.unwrap_or_else(|| add_interval(now, &interval, count));
-    let items: Vec<Value> = new
-        .items
+    let items: Vec<Value> = recurring
         .iter()
         .map(|(price, quantity)| {
             json!({
@@ -103,7 +109,7 @@ pub fn start_subscription(state: &mut State, new: NewSubscription<'_>) -> Stripe
         "description": null,
         "discounts": [],
         "ended_at": null,
-        "items": { "object": "list", "data": items, "has_more": false, "total_count": new.items.len(), "url": format!("/v1/subscription_items?subscription={sub_id}") },
+        "items": { "object": "list", "data": items, "has_more": false, "total_count": recurring.len(), "url": format!("/v1/subscription_items?subscription={sub_id}") },
         "latest_invoice": null,
         "livemode": false,
         "metadata": new.metadata,
@@ -120,7 +126,28 @@ pub fn start_subscription(state: &mut State, new: NewSubscription<'_>) -> Stripe
     if let Some(customer) = state.get_mut(new.customer) {
         customer["invoice_settings"]["default_payment_method"] = json!(new.payment_method);
     }
-    let lines = period_lines(state, &sub_id, now, period_end, trial_end.is_some());
+    let mut lines = period_lines(state, &sub_id, now, period_end, trial_end.is_some());
+    for (price, quantity) in &one_time {
+        let unit = price["unit_amount"].as_i64().unwrap_or(0);
+        let name = price["product"]
+            .as_str()
+            .and_then(|p| state.get(p))
+            .and_then(|p| p["name"].as_str())
+            .unwrap_or("");
+        lines.push(json!({
+            "id": new_id("il"),
+            "object": "line_item",
+            "amount": unit * quantity,
+            "currency": price["currency"],
+            "description": format!("{quantity} × {name}"),
+            "livemode": false,
+            "metadata": {},
+            "parent": null,
+            "period": { "end": now, "start": now },
+            "pricing": { "price_details": { "price": price["id"], "product": price["product"] }, "type": "price_details" },
+            "quantity": quantity,
+        }));
+    }
     let invoice = create_invoice(state, &sub_id, "subscription_create", lines, now);
     let invoice_id = invoice["id"].as_str().unwrap_or_default().to_owned();
     let mut changes = Map::new();

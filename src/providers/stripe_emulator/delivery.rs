@@ -25,12 +25,16 @@ pub fn sign(secret: &str, t: i64, payload: &[u8]) -> String {
 /// Runs until `shutdown`, delivering whatever is due.
 pub async fn run(em: Emulator, shutdown: CancellationToken) {
     loop {
+        // Sessions expire on time even when nobody reads them, with their event.
+        super::checkout::expire_due(&mut em.lock());
         let (due, next) = take_due(&em);
         for delivery in due {
             tokio::spawn(deliver(em.clone(), delivery));
         }
-        let wait =
-            next.map(|at| at.saturating_duration_since(Instant::now())).unwrap_or(Duration::from_secs(3600));
+        let wait = next
+            .map(|at| at.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(30))
+            .min(Duration::from_secs(30));
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = em.inner.wake.notified() => {}
