@@ -37,6 +37,12 @@ pub enum Command {
     /// Inspect and replay provider events (the webhook inbox).
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Store in the inbox every provider event of the window that it lacks.
+    Reconcile {
+        /// How far back: `3d`, `12h`, `30m`.
+        #[arg(long, default_value = "3d")]
+        since: String,
+    },
     /// Load tests, run against this machine.
     #[command(subcommand)]
     Loadtest(LoadtestCommand),
@@ -200,6 +206,22 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             }
             store.close().await;
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Command::Reconcile { since } => {
+            let window = crate::ops::reconcile::parse_window(&since)
+                .ok_or_else(|| format!("--since {since:?}: use a number and d, h, m or s (e.g. 3d)"))?;
+            let store = open_store(&config).await?;
+            let client = crate::providers::stripe::StripeClient::from_config(&config);
+            let report =
+                crate::ops::reconcile::reconcile_stripe(&store, &client, crate::store::now_unix() - window)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            store.close().await;
+            println!(
+                "reconciled: {} events listed by Stripe, {} were missing and are now in the inbox",
+                report.seen, report.ingested
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Loadtest(LoadtestCommand::Webhooks { connections, duration, event_bytes, url }) => {
             let load = crate::ops::loadtest::WebhookLoad {

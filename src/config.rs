@@ -206,6 +206,10 @@ pub struct Config {
     #[arg(long, env = "IDEMPOTENCY_KEY_TTL_HOURS", default_value_t = 24, global = true)]
     pub idempotency_key_ttl_hours: u64,
 
+    /// How often to reconcile with the provider's event list (0 turns it off).
+    #[arg(long, env = "RECONCILE_INTERVAL_SECONDS", default_value_t = 900, global = true)]
+    pub reconcile_interval_seconds: u64,
+
     /// Attempts before a provider event that keeps failing is marked dead.
     #[arg(long, env = "PROVIDER_EVENT_MAX_ATTEMPTS", default_value_t = 10, global = true)]
     pub provider_event_max_attempts: i64,

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::http::AppState;
 
 pub mod inbox;
+pub mod reconcile;
 pub mod retention;
 
 /// The running workers, to be awaited at shutdown.
@@ -54,6 +55,10 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         }
         while inner.join_next().await.is_some() {}
     });
+    if state.config.reconcile_interval_seconds > 0 {
+        let every = Duration::from_secs(state.config.reconcile_interval_seconds);
+        tasks.spawn(reconcile::run(state.clone(), shutdown.clone(), every));
+    }
     if let Some(emulator) = &state.emulator {
         tasks.spawn(crate::providers::stripe_emulator::delivery::run(emulator.clone(), shutdown));
     }

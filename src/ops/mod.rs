@@ -2,3 +2,4 @@
 //! backups, drills, doctor and reconciliation as they arrive.
 
 pub mod loadtest;
+pub mod reconcile;

@@ -342,3 +342,68 @@ async fn the_built_in_emulator_delivers_to_tollgate_end_to_end() {
     .await;
     assert_eq!(c["external_id"], "u_e2e");
 }
+
+#[tokio::test]
+async fn reconciliation_ingests_events_whose_webhooks_never_arrived() {
+    let app = spawn_app().await;
+    let em = |path: &str| app.url(&format!("/emulator/stripe{path}"));
+    // Tollgate's own endpoint at the emulator stops receiving.
+    let endpoints: Value = app
+        .client
+        .get(em("/v1/webhook_endpoints"))
+        .bearer_auth("sk_test_x")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let endpoint = endpoints["data"][0]["id"].as_str().unwrap().to_owned();
+    let resp = app
+        .client
+        .post(em(&format!("/v1/webhook_endpoints/{endpoint}")))
+        .bearer_auth("sk_test_x")
+        .form(&[("disabled", "true")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = app
+        .client
+        .post(em("/v1/customers"))
+        .bearer_auth("sk_test_x")
+        .form(&[("email", "missed@example.com"), ("metadata[tollgate_external_id]", "u_missed")])
+        .send()
+        .await
+        .unwrap();
+    let cus: Value = resp.json().await.unwrap();
+    assert!(app.provider_events("").await.is_empty(), "no webhook arrived");
+
+    let config = {
+        let mut c = test_config(&app.db);
+        c.public_url = Some(app.base.clone());
+        c
+    };
+    let client = tollgate::providers::stripe::StripeClient::from_config(&config);
+    let store = app.db.store().await;
+    let report =
+        tollgate::ops::reconcile::reconcile_stripe(&store, &client, tollgate::store::now_unix() - 3600)
+            .await
+            .unwrap();
+    assert!(report.ingested >= 1, "{report:?}");
+    let again =
+        tollgate::ops::reconcile::reconcile_stripe(&store, &client, tollgate::store::now_unix() - 3600)
+            .await
+            .unwrap();
+    assert_eq!(again.ingested, 0, "a second pass finds nothing new");
+
+    let c = eventually(Duration::from_secs(15), || async {
+        let c: Value =
+            app.get("/v1/customers/u_missed", &app.read_key).send().await.ok()?.json().await.ok()?;
+        (c["providers"]["stripe"] == cus["id"]).then_some(c)
+    })
+    .await;
+    assert_eq!(c["external_id"], "u_missed");
+    let events = app.provider_events("").await;
+    assert!(events.iter().all(|e| e["source"] == "reconcile"));
+}
