@@ -198,10 +198,14 @@ impl Store {
                     .map_err(|e| StoreError::InvalidUrl(e.to_string()))?
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
-                    // With WAL, NORMAL still never corrupts the database; FULL
-                    // additionally makes every commit survive power loss,
-                    // which is what "acknowledged is never lost" asks for.
-                    .synchronous(SqliteSynchronous::Full)
+                    // With WAL, NORMAL never corrupts the database and loses
+                    // nothing when the process dies; FULL (the default) also
+                    // keeps every acknowledged commit through power loss.
+                    .synchronous(if options.sqlite_full_sync {
+                        SqliteSynchronous::Full
+                    } else {
+                        SqliteSynchronous::Normal
+                    })
                     .foreign_keys(true)
                     .busy_timeout(Duration::from_secs(5));
                 let writer = SqlitePoolOptions::new()

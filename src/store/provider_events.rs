@@ -74,10 +74,17 @@ impl Store {
         let mut tx = self.begin().await?;
         let mut inserted = std::collections::HashSet::new();
         for chunk in events.chunks(ROWS_PER_STATEMENT) {
+            // SQLite resolves a numbered parameter's name with a linear
+            // search, which makes hundreds of `$n` quadratic; plain `?` is
+            // positional there.
+            let sqlite = tx.kind() == super::DbKind::Sqlite;
             let rows: Vec<String> = (0..chunk.len())
                 .map(|r| {
-                    let p: Vec<String> =
-                        (1..=COLUMNS_PER_ROW).map(|c| format!("${}", r * COLUMNS_PER_ROW + c)).collect();
+                    let p: Vec<String> = (1..=COLUMNS_PER_ROW)
+                        .map(
+                            |c| if sqlite { "?".to_owned() } else { format!("${}", r * COLUMNS_PER_ROW + c) },
+                        )
+                        .collect();
                     format!("({})", p.join(", "))
                 })
                 .collect();
