@@ -206,6 +206,11 @@ pub struct Config {
     #[arg(long, env = "IDEMPOTENCY_KEY_TTL_HOURS", default_value_t = 24, global = true)]
     pub idempotency_key_ttl_hours: u64,
 
+    /// Apply the object as Stripe has it now (fetched from its API) rather
+    /// than the event's snapshot.
+    #[arg(long, env = "STRIPE_REFETCH", default_value_t = false, global = true)]
+    pub stripe_refetch: bool,
+
     /// How often to reconcile with the provider's event list (0 turns it off).
     #[arg(long, env = "RECONCILE_INTERVAL_SECONDS", default_value_t = 900, global = true)]
     pub reconcile_interval_seconds: u64,

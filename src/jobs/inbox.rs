@@ -16,11 +16,19 @@ pub struct InboxWorkerOptions {
     /// Longer than any one event takes; a crashed worker's claims lapse after it.
     pub lease_seconds: i64,
     pub idle_poll: Duration,
+    /// `STRIPE_REFETCH=true`: apply the provider's current object, not the payload.
+    pub refetch: Option<crate::providers::stripe::StripeClient>,
 }
 
 impl Default for InboxWorkerOptions {
     fn default() -> Self {
-        Self { max_attempts: 10, batch: 32, lease_seconds: 15, idle_poll: Duration::from_millis(200) }
+        Self {
+            max_attempts: 10,
+            batch: 32,
+            lease_seconds: 15,
+            idle_poll: Duration::from_millis(200),
+            refetch: None,
+        }
     }
 }
 
@@ -72,7 +80,7 @@ pub async fn work_once(store: &Store, options: &InboxWorkerOptions) -> crate::st
     let events = store.claim_provider_events(options.batch, options.lease_seconds).await?;
     let mut handled = 0;
     for event in &events {
-        let outcome = apply::apply(store, event).await;
+        let outcome = apply::apply(store, event, options.refetch.as_ref()).await;
         let label = match &outcome {
             Ok(Applied::Processed) => "processed",
             Ok(Applied::Stale) => "stale",

@@ -96,7 +96,12 @@ impl StoreError {
                 // PostgreSQL: admin shutdown, cannot connect now, too many
                 // connections. SQLite: busy or locked beyond the timeout.
                 let code = db.code().unwrap_or_default();
-                if matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "5" | "6" | "517") {
+                // 40001/40P01: serialization failure or deadlock, which a
+                // retry resolves; answered like an outage so callers retry.
+                if matches!(
+                    &*code,
+                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "5" | "6" | "517"
+                ) {
                     StoreError::Unavailable(err)
                 } else {
                     StoreError::Database(err)

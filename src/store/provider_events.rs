@@ -73,7 +73,12 @@ impl Store {
         let now = now_unix();
         let mut tx = self.begin().await?;
         let mut inserted = std::collections::HashSet::new();
-        for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        // Every writer inserts in the same key order, so two batches holding
+        // the same events (several instances receiving one redelivery)
+        // wait for each other instead of deadlocking.
+        let mut ordered: Vec<&NewProviderEvent> = events.iter().collect();
+        ordered.sort_by(|a, b| (a.provider, &a.provider_event_id).cmp(&(b.provider, &b.provider_event_id)));
+        for chunk in ordered.chunks(ROWS_PER_STATEMENT) {
             // SQLite resolves a numbered parameter's name with a linear
             // search, which makes hundreds of `$n` quadratic; plain `?` is
             // positional there.

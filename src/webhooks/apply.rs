@@ -78,12 +78,56 @@ pub enum Applied {
     AlreadyDone,
 }
 
-pub async fn apply(store: &Store, event: &ProviderEventRecord) -> Result<Applied, ApplyError> {
+/// The provider API path of an object, for refetching it.
+fn object_path(object: &Value) -> Option<String> {
+    let id = object["id"].as_str()?;
+    let collection = match object["object"].as_str()? {
+        "customer" => "customers",
+        "subscription" => "subscriptions",
+        "invoice" => "invoices",
+        "charge" => "charges",
+        "payment_intent" => "payment_intents",
+        "checkout.session" => "checkout/sessions",
+        "refund" => "refunds",
+        "dispute" => "disputes",
+        _ => return None,
+    };
+    Some(format!("/v1/{collection}/{id}"))
+}
+
+/// `STRIPE_REFETCH`: the object as the provider has it now, instead of the
+/// payload's snapshot. Fetched before any transaction opens. An object the
+/// provider no longer has (deleted) keeps the payload.
+pub async fn refetch(
+    client: &crate::providers::stripe::StripeClient,
+    body: &mut Value,
+) -> Result<(), ApplyError> {
+    let Some(path) = object_path(&body["data"]["object"]) else { return Ok(()) };
+    match client.get(&path, &[]).await {
+        Ok(current) => {
+            body["data"]["object"] = current;
+            Ok(())
+        }
+        Err(crate::providers::stripe::StripeClientError::Api { status: 404, .. }) => Ok(()),
+        Err(e) => Err(ApplyError::Payload(format!("refetch failed: {e}"))),
+    }
+}
+
+pub async fn apply(
+    store: &Store,
+    event: &ProviderEventRecord,
+    refetch_with: Option<&crate::providers::stripe::StripeClient>,
+) -> Result<Applied, ApplyError> {
     let disposition = disposition(&event.provider, &event.event_type);
     if disposition == Disposition::Defer {
         return Ok(Applied::Deferred);
     }
-    let body: Value = serde_json::from_str(&event.body).map_err(|e| ApplyError::Payload(e.to_string()))?;
+    let mut body: Value =
+        serde_json::from_str(&event.body).map_err(|e| ApplyError::Payload(e.to_string()))?;
+    if let (Some(client), Disposition::Apply, "stripe") = (refetch_with, disposition, event.provider.as_str())
+    {
+        refetch(client, &mut body).await?;
+    }
     let mut tx = store.begin().await?;
     // Claim the event for this transaction first: a second worker holding a
     // lapsed lease finds it done and changes nothing.

@@ -407,3 +407,32 @@ async fn reconciliation_ingests_events_whose_webhooks_never_arrived() {
     let events = app.provider_events("").await;
     assert!(events.iter().all(|e| e["source"] == "reconcile"));
 }
+
+#[tokio::test]
+async fn refetch_mode_applies_the_providers_current_object_not_the_payload() {
+    let app = spawn_app_with(|c| {
+        c.stripe_webhook_secret = Some(secrecy::SecretString::from(SECRET_A.to_owned()));
+        c.stripe_refetch = true;
+    })
+    .await;
+    // The customer as the provider has it now.
+    let resp = app
+        .client
+        .post(app.url("/emulator/stripe/v1/customers"))
+        .bearer_auth("sk_test_x")
+        .form(&[("email", "current@example.com")])
+        .send()
+        .await
+        .unwrap();
+    let cus: Value = resp.json().await.unwrap();
+    let id = cus["id"].as_str().unwrap();
+    // A delivery whose snapshot is out of date.
+    let body =
+        event("evt_refetch", "customer.updated", 1_800_000_000, customer(id, None, "stale@example.com"));
+    assert_eq!(app.deliver_signed(&body).await.status(), 200);
+    app.wait_status("evt_refetch", "processed").await;
+    let c: Value =
+        app.get(&format!("/v1/customers/{id}"), &app.read_key).send().await.unwrap().json().await.unwrap();
+    assert_eq!(c["email"], "current@example.com", "the refetched object wins over the payload");
+    assert_eq!(c["providers"]["stripe"], id);
+}
