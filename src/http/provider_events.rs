@@ -117,12 +117,12 @@ pub async fn get_provider_event(
     AdminKey(_caller): AdminKey,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<ProviderEvent>> {
-    let event = state
-        .store
-        .get_provider_event(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("provider event", &id))?;
+    let event = find(&state, &id).await?;
     Ok(Json(event.into()))
+}
+
+async fn find(state: &AppState, id: &str) -> ApiResult<ProviderEventRecord> {
+    state.store.get_provider_event(id).await?.ok_or_else(|| ApiError::not_found("provider event", id))
 }
 
 /// Replay a provider event
@@ -144,11 +144,7 @@ pub async fn replay_provider_event(
     AdminKey(caller): AdminKey,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<ProviderEvent>> {
-    let existing = state
-        .store
-        .get_provider_event(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("provider event", &id))?;
+    let existing = find(&state, &id).await?;
     if !state.store.replay_provider_event(&id, &caller.actor()).await? {
         return Err(ApiError::new(
             axum::http::StatusCode::CONFLICT,
@@ -158,10 +154,6 @@ pub async fn replay_provider_event(
         ));
     }
     state.inbox_wake.notify_one();
-    let event = state
-        .store
-        .get_provider_event(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("provider event", &id))?;
+    let event = find(&state, &id).await?;
     Ok(Json(event.into()))
 }

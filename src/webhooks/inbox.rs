@@ -69,22 +69,24 @@ async fn write_batches(store: Store, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
             }
         }
         metrics::histogram!("inbox_batch_size").record(batch.len() as f64);
-        let events: Vec<NewProviderEvent> = batch.iter().map(|j| j.event.clone()).collect();
+        // Events move into the insert; replies wait for its outcome.
+        let (events, replies): (Vec<NewProviderEvent>, Vec<_>) =
+            batch.into_iter().map(|j| (j.event, j.reply)).unzip();
         match store.insert_provider_events(&events).await {
             Ok(outcomes) => {
-                for (job, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = job.reply.send(Ok(outcome));
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
                 }
             }
             Err(e) => {
                 let unavailable = e.is_unavailable();
-                for job in batch {
+                for reply in replies {
                     let err = if unavailable {
                         StoreError::Unavailable(sqlx::Error::PoolTimedOut)
                     } else {
                         StoreError::Corrupt(format!("inbox write failed: {e}"))
                     };
-                    let _ = job.reply.send(Err(err));
+                    let _ = reply.send(Err(err));
                 }
             }
         }

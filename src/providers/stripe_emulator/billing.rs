@@ -501,7 +501,7 @@ fn advance(state: &mut State, clock_id: &str, target: i64) {
                 if let Some(s) = state.get_mut(&sub) {
                     s["_trial_notice_sent"] = json!(true);
                 }
-                let s = public(state.get(&sub).cloned().unwrap_or(Value::Null));
+                let s = state.get(&sub).cloned().unwrap_or(Value::Null);
                 state.emit("customer.subscription.trial_will_end", &s, None, now);
             }
             Due::Renewal(sub) => {
@@ -536,19 +536,11 @@ fn advance(state: &mut State, clock_id: &str, target: i64) {
     }
 }
 
-/// Strips the emulator's private bookkeeping fields.
-fn public(mut v: Value) -> Value {
-    if let Some(m) = v.as_object_mut() {
-        m.retain(|k, _| !k.starts_with('_'));
-    }
-    v
-}
-
 // ---- API: subscriptions ----
 
 pub fn get_subscription(state: &mut State, ctx: &Ctx, p: &Params) -> StripeResult<Value> {
     p.allow(&[])?;
-    state.fetch("subscription", ctx.id(), "id").map(public)
+    state.fetch("subscription", ctx.id(), "id")
 }
 
 pub fn list_subscriptions(state: &mut State, _ctx: &Ctx, p: &Params) -> StripeResult<Value> {
@@ -556,7 +548,7 @@ pub fn list_subscriptions(state: &mut State, _ctx: &Ctx, p: &Params) -> StripeRe
     let customer = p.nonempty("customer")?.map(str::to_owned);
     let status = p.nonempty("status")?.map(str::to_owned);
     let price = p.nonempty("price")?.map(str::to_owned);
-    let mut listed = list_of(state, p, "subscription", "/v1/subscriptions", |s| {
+    let listed = list_of(state, p, "subscription", "/v1/subscriptions", |s| {
         customer.as_ref().is_none_or(|c| s["customer"] == c.as_str())
             && match status.as_deref() {
                 // Stripe's default hides canceled subscriptions.
@@ -570,11 +562,6 @@ pub fn list_subscriptions(state: &mut State, _ctx: &Ctx, p: &Params) -> StripeRe
                     .is_some_and(|items| items.iter().any(|i| i["price"]["id"] == pr.as_str()))
             })
     })?;
-    if let Some(items) = listed["data"].as_array_mut() {
-        for s in items.iter_mut() {
-            *s = public(s.take());
-        }
-    }
     Ok(listed)
 }
 
@@ -739,7 +726,7 @@ pub fn update_subscription(state: &mut State, ctx: &Ctx, p: &Params) -> StripeRe
             _ => state.pending_invoice_items.entry(ctx.id().to_owned()).or_default().extend(proration_lines),
         }
     }
-    let updated = public(state.get(ctx.id()).cloned().unwrap_or(updated));
+    let updated = state.get(ctx.id()).cloned().unwrap_or(updated);
     if previous.as_object().is_some_and(|m| !m.is_empty()) {
         state.emit("customer.subscription.updated", &updated, Some(previous), now);
     }
@@ -757,7 +744,7 @@ pub fn cancel_subscription(state: &mut State, ctx: &Ctx, p: &Params) -> StripeRe
         )));
     }
     let now = state.now_for_customer(sub["customer"].as_str());
-    Ok(public(end_subscription(state, ctx.id(), now, "cancellation_requested")))
+    Ok(end_subscription(state, ctx.id(), now, "cancellation_requested"))
 }
 
 /// Resumes a paused subscription.
@@ -771,7 +758,6 @@ pub fn resume_subscription(state: &mut State, ctx: &Ctx, p: &Params) -> StripeRe
     let mut changes = Map::new();
     changes.insert("status".into(), json!("active"));
     let (sub, previous) = state.update(ctx.id(), changes);
-    let sub = public(sub);
     state.emit("customer.subscription.resumed", &sub, None, now);
     state.emit("customer.subscription.updated", &sub, Some(previous), now);
     Ok(sub)

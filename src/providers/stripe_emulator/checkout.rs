@@ -34,7 +34,6 @@ fn expire(state: &mut State, id: &str, now: i64) -> Value {
     changes.insert("status".into(), json!("expired"));
     changes.insert("url".into(), Value::Null);
     let (session, _) = state.update(id, changes);
-    let session = public(session);
     state.emit("checkout.session.expired", &session, None, now);
     session
 }
@@ -257,18 +256,10 @@ pub fn create_session(state: &mut State, ctx: &Ctx, p: &Params) -> StripeResult<
     Ok(with_line_items(state, session, p))
 }
 
-/// The stored session without the emulator's private fields.
-pub fn public(mut session: Value) -> Value {
-    if let Some(m) = session.as_object_mut() {
-        m.retain(|k, _| !k.starts_with('_'));
-    }
-    session
-}
-
 pub fn get_session(state: &mut State, ctx: &Ctx, p: &Params) -> StripeResult<Value> {
     p.allow(&[])?;
     expire_due(state);
-    let session = public(state.fetch("checkout.session", ctx.id(), "session")?);
+    let session = state.fetch("checkout.session", ctx.id(), "session")?;
     Ok(with_line_items(state, session, p))
 }
 
@@ -286,16 +277,11 @@ pub fn list_sessions(state: &mut State, _ctx: &Ctx, p: &Params) -> StripeResult<
     let customer = p.nonempty("customer")?.map(str::to_owned);
     let status = p.nonempty("status")?.map(str::to_owned);
     let sub = p.nonempty("subscription")?.map(str::to_owned);
-    let mut listed = list_of(state, p, "checkout.session", "/v1/checkout/sessions", |s| {
+    let listed = list_of(state, p, "checkout.session", "/v1/checkout/sessions", |s| {
         customer.as_ref().is_none_or(|c| s["customer"] == c.as_str())
             && status.as_ref().is_none_or(|c| s["status"] == c.as_str())
             && sub.as_ref().is_none_or(|c| s["subscription"] == c.as_str())
     })?;
-    if let Some(items) = listed["data"].as_array_mut() {
-        for s in items.iter_mut() {
-            *s = public(s.take());
-        }
-    }
     Ok(listed)
 }
 
@@ -324,7 +310,7 @@ pub fn expire_session(state: &mut State, ctx: &Ctx, p: &Params) -> StripeResult<
         )));
     }
     let now = state.now_for_customer(session["customer"].as_str());
-    Ok(public(expire(state, ctx.id(), now)))
+    Ok(expire(state, ctx.id(), now))
 }
 
 /// Pays an open session with a card, as the hosted page's Pay button does.
@@ -434,7 +420,6 @@ pub fn complete(state: &mut State, id: &str, card_number: &str, email: Option<&s
         json!({ "address": null, "email": email, "name": null, "phone": null, "tax_exempt": "none", "tax_ids": [] }),
     );
     let (session, _) = state.update(id, changes);
-    let session = public(session);
     state.emit("checkout.session.completed", &session, None, now);
     Ok(session)
 }

@@ -453,8 +453,17 @@ fn legacy_fields(state: &State, value: &mut Value) {
             }
             let id = map.get("id").and_then(Value::as_str).unwrap_or("");
             let kind = map.get("object").and_then(Value::as_str).unwrap_or("");
+            // A nested field, or null when any step is missing.
             let pointer = |m: &serde_json::Map<String, Value>, path: &str| {
-                Value::Object(m.clone()).pointer(path).cloned().unwrap_or(Value::Null)
+                let mut steps = path.trim_start_matches('/').split('/');
+                let first = steps.next().and_then(|k| m.get(k));
+                steps
+                    .try_fold(first, |v, k| {
+                        Some(v?.get(k).or_else(|| k.parse::<usize>().ok().and_then(|i| v?.get(i))))
+                    })
+                    .flatten()
+                    .cloned()
+                    .unwrap_or(Value::Null)
             };
             if kind == "subscription" && id.starts_with("sub_") {
                 map.insert("current_period_start".into(), pointer(map, "/items/data/0/current_period_start"));
