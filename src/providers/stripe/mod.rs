@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+pub mod objects;
+
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
