@@ -4,6 +4,7 @@
 //! Secrets are `SecretString`s: they print as `[REDACTED]` in `Debug`, so a
 //! logged config never leaks a key.
 
+use crate::billing::entitlements::{PartialRefundPolicy, Policy};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -222,6 +223,21 @@ pub struct Config {
     /// Grace period before in-flight requests are abandoned at shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 25, global = true)]
     pub shutdown_grace_seconds: u64,
+
+    /// What a partial refund takes back: credits in proportion to the money
+    /// returned (`proportional`), nothing until fully refunded (`keep`), or
+    /// everything (`revoke_all`).
+    #[arg(long, env = "PARTIAL_REFUND_POLICY", value_enum, default_value_t = PartialRefundPolicy::Proportional, global = true)]
+    pub partial_refund_policy: PartialRefundPolicy,
+
+    /// Revoke an order's grants as soon as a dispute opens (else only when
+    /// it is lost; a won dispute restores them either way).
+    #[arg(long, env = "REVOKE_ON_DISPUTE_OPEN", default_value_t = false, global = true)]
+    pub revoke_on_dispute_open: bool,
+
+    /// How long a `past_due` subscription keeps granting its entitlements.
+    #[arg(long, env = "PAST_DUE_GRACE_HOURS", default_value_t = 72, global = true)]
+    pub past_due_grace_hours: u64,
 }
 
 impl Config {
@@ -239,6 +255,15 @@ impl Config {
         let cmd = cmd.mut_args(|a| a.env(None::<&str>));
         let matches = cmd.get_matches_from(["tollgate"]);
         <Only as clap::FromArgMatches>::from_arg_matches(&matches).expect("defaults parse").config
+    }
+
+    /// The fulfilment rules these settings choose.
+    pub fn fulfilment_policy(&self) -> Policy {
+        Policy {
+            partial_refund: self.partial_refund_policy,
+            revoke_on_dispute_open: self.revoke_on_dispute_open,
+            past_due_grace_seconds: (self.past_due_grace_hours as i64).saturating_mul(3600),
+        }
     }
 
     pub fn public_url(&self) -> String {

@@ -23,6 +23,9 @@ use super::AppState;
         super::customers::upsert_customer,
         super::customers::get_customer,
         super::customers::list_customers,
+        super::entitlements::get_entitlements,
+        super::entitlements::check_entitlement,
+        super::entitlements::debit_balance,
         super::catalog::list_products,
         super::catalog::list_prices,
         super::audit::list_audit_log,
@@ -38,6 +41,7 @@ use super::AppState;
     modifiers(&BearerAuth),
     tags(
         (name = "customers", description = "The application's users"),
+        (name = "entitlements", description = "What customers may use now, and their credits"),
         (name = "catalog", description = "Products and prices from tollgate.toml"),
         (name = "audit", description = "The tamper-evident change log (admin scope)"),
         (name = "provider events", description = "The inbox of provider webhooks (admin scope)"),

@@ -22,6 +22,7 @@ pub mod audit;
 pub mod catalog;
 pub mod customers;
 pub mod docs;
+pub mod entitlements;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -108,6 +109,7 @@ pub fn router(state: AppState) -> Router {
     let emulator = state.emulator.clone();
     let v1 = Router::new()
         .merge(customers::router())
+        .merge(entitlements::router())
         .merge(catalog::router())
         .merge(audit::router())
         .merge(provider_events::router())

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::AppState;
 
+pub mod grace;
 pub mod inbox;
 pub mod reconcile;
 pub mod retention;
@@ -34,6 +35,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         max_attempts: state.config.provider_event_max_attempts.max(1),
         stripe: Some(crate::providers::stripe::StripeClient::from_config(&state.config)),
         refetch: state.config.stripe_refetch,
+        policy: state.config.fulfilment_policy(),
         ..Default::default()
     };
     let store = state.store.clone();
@@ -57,6 +59,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         }
         while inner.join_next().await.is_some() {}
     });
+    tasks.spawn(grace::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
     if state.config.reconcile_interval_seconds > 0 {
         let every = Duration::from_secs(state.config.reconcile_interval_seconds);
         tasks.spawn(reconcile::run(state.clone(), shutdown.clone(), every));

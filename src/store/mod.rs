@@ -18,6 +18,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod catalog;
 pub mod customers;
+pub mod entitlements;
 pub mod events;
 pub mod idempotency;
 pub mod orders;
