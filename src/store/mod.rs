@@ -20,6 +20,7 @@ pub mod catalog;
 pub mod customers;
 pub mod events;
 pub mod idempotency;
+pub mod ops;
 pub mod orders;
 pub mod provider_events;
 pub mod subscriptions;
@@ -132,7 +133,7 @@ impl<T> SqlxResultExt<T> for Result<T, sqlx::Error> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DbKind {
     Sqlite,
