@@ -113,6 +113,13 @@ fn stripe_key(config: &Config) -> Check {
         };
     };
     let key = key.expose_secret();
+    if key.to_ascii_lowercase().contains("changeme") {
+        return Check::fail(
+            NAME,
+            "still the placeholder",
+            "set the secret key from Stripe's dashboard (sk_live_…)",
+        );
+    }
     let live = key.starts_with("sk_live_") || key.starts_with("rk_live_");
     let test = key.starts_with("sk_test_") || key.starts_with("rk_test_");
     let prefix = &key[..key.len().min(8)];
@@ -146,6 +153,13 @@ fn webhook_secret(config: &Config) -> Check {
                 "run `tollgate stripe setup`, or copy the endpoint's signing secret (whsec_…) from Stripe's dashboard",
             )
         };
+    }
+    if secrets.iter().any(|s| s.expose_secret().to_ascii_lowercase().contains("changeme")) {
+        return Check::fail(
+            NAME,
+            "still the placeholder",
+            "copy the endpoint's signing secret (whsec_…) from Stripe",
+        );
     }
     if secrets.iter().any(|s| !s.expose_secret().starts_with("whsec_")) {
         return Check::fail(

@@ -87,8 +87,10 @@ async fn a_backup_taken_while_serving_passes_every_drill_check() {
         )
         .await
         .unwrap();
-        let gone = admin.execute_raw(&format!("CREATE DATABASE {name}; DROP DATABASE {name}")).await;
+        // The name is free again: the scratch database was dropped.
+        let gone = admin.execute_raw(&format!("CREATE DATABASE {name}")).await;
         assert!(gone.is_ok(), "the scratch database still exists: {gone:?}");
+        admin.execute_raw(&format!("DROP DATABASE {name}")).await.unwrap();
         admin.close().await;
     }
     let live = app.db.store().await;

@@ -66,12 +66,12 @@ async fn a_ready_production_configuration_passes_every_check() {
 async fn an_unready_configuration_fails_each_line_with_its_fix() {
     let shutdown = CancellationToken::new();
     let (_emulator, base) = stripe(&shutdown).await;
-    // Registered for tollgate's address, but with too few events.
+    // Registered for tollgate's (plain http) address, with too few events.
     let resp = reqwest::Client::new()
         .post(format!("{base}/v1/webhook_endpoints"))
         .bearer_auth(LIVE_KEY)
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("url={PUBLIC}/webhooks/stripe&enabled_events[]=customer.created"))
+        .body("url=http://billing.example.com/webhooks/stripe&enabled_events[]=customer.created")
         .send()
         .await
         .unwrap();
