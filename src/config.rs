@@ -501,6 +501,15 @@ mod tests {
     }
 
     #[test]
+    fn provider_events_outlive_stripes_redelivery_window() {
+        let mut c = Config::defaults();
+        c.retention_provider_events_days = 7;
+        refused(&c, "RETENTION_PROVIDER_EVENTS_DAYS");
+        c.retention_provider_events_days = 0;
+        assert!(c.problems().is_empty(), "0 keeps them forever");
+    }
+
+    #[test]
     fn development_refuses_live_keys() {
         let mut c = Config::defaults();
         c.stripe_secret_key = Some(SecretString::from("sk_live_123".to_owned()));

@@ -166,23 +166,20 @@ async fn postgres_backup(
     let live = Store::connect(config.database_url.expose(), &small_pool()).await?;
     let snapshot = live.export_snapshot().await?;
     let conn = LibpqTarget::from_url(config.database_url.expose())?;
-    let mut args = vec![
+    let args = vec![
         "--format=custom".to_owned(),
         format!("--snapshot={}", snapshot.id),
         format!("--file={}", target.display()),
+        format!("--dbname={}", conn.uri),
     ];
-    args.push(format!("--dbname={}", conn.uri));
     let dumped = run_tool("pg_dump", args, conn.password.clone()).await;
-    let PgSnapshot { counts, schema_version, .. } = &snapshot;
-    let (counts, schema_version) = (counts.clone(), *schema_version);
+    let (counts, schema_version) = (snapshot.counts.clone(), snapshot.schema_version);
     // The snapshot must stay open until pg_dump has finished with it.
     snapshot.release().await?;
     live.close().await;
     dumped?;
     Ok((counts, schema_version))
 }
-
-use crate::store::ops::PgSnapshot;
 
 /// Pools for a one-off command: no more connections than it uses.
 pub(crate) fn small_pool() -> StoreOptions {
@@ -325,4 +322,26 @@ fn prune(dir: &Path, keep: usize) -> Result<Vec<String>, BackupError> {
         removed.push(old.manifest.file.clone());
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_leaves_the_uri_for_pgpassword() {
+        let t = LibpqTarget::from_url(
+            "postgres://tollgate:p%40ss%2Fw0rd@db.internal:5432/tollgate?sslmode=require",
+        )
+        .unwrap();
+        assert_eq!(t.uri, "postgres://tollgate@db.internal:5432/tollgate?sslmode=require");
+        assert_eq!(t.password.as_deref(), Some("p@ss/w0rd"));
+        let t = LibpqTarget::from_url("postgres://postgres@127.0.0.1/postgres").unwrap();
+        assert_eq!(t.password, None);
+        assert_eq!(
+            LibpqTarget::with_database("postgres://u:pw@h:5432/live?sslmode=require", "tollgate_drill_x")
+                .unwrap(),
+            "postgres://u:pw@h:5432/tollgate_drill_x?sslmode=require"
+        );
+    }
 }

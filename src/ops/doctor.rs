@@ -35,6 +35,7 @@ impl std::fmt::Display for DoctorReport {
 
 const GENERATE: &str = "generate one with `openssl rand -base64 48`";
 
+#[tracing::instrument(name = "ops.doctor", skip_all)]
 pub async fn run(config: &Config) -> DoctorReport {
     let mut checks = Checks::default();
     checks.push(if config.is_production() {

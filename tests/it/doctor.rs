@@ -110,3 +110,52 @@ async fn an_unready_configuration_fails_each_line_with_its_fix() {
     assert!(report.summary.contains("failed"), "{}", report.summary);
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_json_is_for_machines_and_exits_non_zero_when_not_ready() {
+    let db = TestDb::new().await;
+    db.store().await.close().await;
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .env_clear()
+            .env("DATABASE_URL", &db.url)
+            .env("BACKUP_DIR", "/nonexistent/backups")
+            .env("STRIPE_SECRET_KEY", "sk_test_doctor_cli")
+            .env("STRIPE_API_BASE", "http://127.0.0.1:1")
+            .env("LOG_LEVEL", "error")
+            .args(["doctor", "--json"])
+            .output()
+            .unwrap()
+    });
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(report["ready"], false);
+    let checks = report["checks"].as_array().unwrap();
+    let line = |name: &str| checks.iter().find(|c| c["name"] == name).unwrap().clone();
+    assert_eq!(line("environment")["status"], "fail");
+    assert_eq!(line("migrations")["status"], "pass");
+    assert_eq!(line("webhook endpoint")["status"], "fail");
+    assert!(line("webhook endpoint")["fix"].as_str().is_some());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("sk_test_doctor_cli"), "no secret printed");
+}
+
+/// Against the local Redis, when there is one: the line says what
+/// `CONFIG GET appendonly` says.
+#[tokio::test]
+async fn redis_persistence_is_read_from_the_server() {
+    let Ok(client) = redis::Client::open("redis://127.0.0.1:6379/") else { return };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+    let appendonly: redis::RedisResult<Vec<String>> =
+        redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(&mut conn).await;
+    let db = TestDb::new().await;
+    let mut config = test_config(&db);
+    config.redis_url = Some(tollgate::config::ConnectionUrl::new("redis://127.0.0.1:6379/"));
+    let report = doctor::run(&config).await;
+    let line = report.checks.get("Redis persistence").unwrap();
+    let expected = match appendonly.as_ref().map(|v| v.get(1).map(String::as_str)) {
+        Ok(Some("yes")) => Status::Pass,
+        Ok(_) => Status::Fail,
+        Err(_) => Status::Warn,
+    };
+    assert_eq!(line.status, expected, "{report}");
+}
