@@ -20,13 +20,17 @@ pub struct OpsRun {
 }
 
 /// Parent links that must always resolve; a restored copy that breaks one
-/// lost or mangled rows. Kept as data so a new table adds one line here.
-/// SQLite's `foreign_key_check` covers declared keys there; PostgreSQL
-/// enforces them at restore; these also cover links that are not declared.
+/// lost or mangled rows. Checked with the same query on both engines,
+/// whatever each enforces (SQLite's `foreign_key_check` adds every declared
+/// key there; PostgreSQL checks declared keys at restore). Kept as data so
+/// a link that matters adds one line here.
 pub const REFERENCES: &[(&str, &str, &str, &str)] = &[
     // (child table, child column, parent table, parent column)
     ("provider_customers", "customer_id", "customers", "id"),
     ("prices", "product_id", "products", "id"),
+    ("orders", "customer_id", "customers", "id"),
+    ("order_lines", "order_id", "orders", "id"),
+    ("subscriptions", "customer_id", "customers", "id"),
 ];
 
 impl Store {
