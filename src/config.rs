@@ -238,6 +238,39 @@ pub struct Config {
     /// How long a `past_due` subscription keeps granting its entitlements.
     #[arg(long, env = "PAST_DUE_GRACE_HOURS", default_value_t = 72, global = true)]
     pub past_due_grace_hours: u64,
+
+    /// Where `tollgate backup` writes and `restore-drill` and `doctor` look.
+    #[arg(long, env = "BACKUP_DIR", default_value = "./backups", global = true)]
+    pub backup_dir: PathBuf,
+
+    /// How many backups `tollgate backup` keeps (older ones are deleted).
+    #[arg(long, env = "BACKUP_KEEP", default_value_t = 14, global = true)]
+    pub backup_keep: usize,
+
+    /// `doctor` fails when the newest backup is older than this.
+    #[arg(long, env = "BACKUP_MAX_AGE_HOURS", default_value_t = 26, global = true)]
+    pub backup_max_age_hours: u64,
+
+    /// `doctor` fails when the last passed restore drill is older than this.
+    #[arg(long, env = "DRILL_MAX_AGE_DAYS", default_value_t = 8, global = true)]
+    pub drill_max_age_days: u64,
+
+    /// PostgreSQL server where `restore-drill` creates (and drops) its
+    /// scratch database (default: DATABASE_URL's server).
+    #[arg(long, env = "DRILL_DATABASE_URL", value_parser = connection_url, hide_env_values = true, global = true)]
+    pub drill_database_url: Option<ConnectionUrl>,
+
+    /// How often the retention job prunes (0 turns it off).
+    #[arg(long, env = "RETENTION_INTERVAL_SECONDS", default_value_t = 3600, global = true)]
+    pub retention_interval_seconds: u64,
+
+    /// Days a processed or ignored provider event is kept (0: forever).
+    #[arg(long, env = "RETENTION_PROVIDER_EVENTS_DAYS", default_value_t = 90, global = true)]
+    pub retention_provider_events_days: u64,
+
+    /// Days a delivered outbound message is kept (0: forever).
+    #[arg(long, env = "RETENTION_DELIVERIES_DAYS", default_value_t = 30, global = true)]
+    pub retention_deliveries_days: u64,
 }
 
 impl Config {
@@ -379,6 +412,11 @@ impl Config {
         if let Err(e) = crate::store::DbKind::from_url(self.database_url.expose()) {
             problems.push(format!("DATABASE_URL: {e}"));
         }
+        if (1..MIN_PROVIDER_EVENT_RETENTION_DAYS).contains(&self.retention_provider_events_days) {
+            problems.push(format!(
+                "RETENTION_PROVIDER_EVENTS_DAYS must be 0 (keep) or at least {MIN_PROVIDER_EVENT_RETENTION_DAYS}: Stripe lists and redelivers events for 30 days, and the inbox is what recognises them"
+            ));
+        }
         for origin in &self.allowed_origins {
             let o = origin.trim();
             if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
@@ -390,6 +428,11 @@ impl Config {
         problems
     }
 }
+
+/// Stripe keeps events listable (and `reconcile` may fetch them again) for
+/// 30 days; a pruned event that comes back must still be recognised by the
+/// inbox, not only by its object's watermark.
+pub const MIN_PROVIDER_EVENT_RETENTION_DAYS: u64 = 31;
 
 /// Too short, or too few distinct characters to be random, or a placeholder.
 pub fn is_weak_secret(secret: &str) -> bool {
@@ -480,6 +523,15 @@ mod tests {
         refused(&c, "STRIPE_SECRET_KEY is missing");
         refused(&c, "PAYPAL_WEBHOOK_ID is missing");
         refused(&c, "PAYPAL_CLIENT_SECRET is missing");
+    }
+
+    #[test]
+    fn provider_events_outlive_stripes_redelivery_window() {
+        let mut c = Config::defaults();
+        c.retention_provider_events_days = 7;
+        refused(&c, "RETENTION_PROVIDER_EVENTS_DAYS");
+        c.retention_provider_events_days = 0;
+        assert!(c.problems().is_empty(), "0 keeps them forever");
     }
 
     #[test]

@@ -26,7 +26,10 @@ impl Workers {
 
 pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     let mut tasks = JoinSet::new();
-    tasks.spawn(retention::run(state.clone(), shutdown.clone(), Duration::from_secs(3600)));
+    if state.config.retention_interval_seconds > 0 {
+        let every = Duration::from_secs(state.config.retention_interval_seconds);
+        tasks.spawn(retention::run(state.clone(), shutdown.clone(), every));
+    }
     let workers = match state.store.kind() {
         crate::store::DbKind::Sqlite => 1,
         crate::store::DbKind::Postgres => 2,

@@ -21,6 +21,7 @@ pub mod customers;
 pub mod entitlements;
 pub mod events;
 pub mod idempotency;
+pub mod ops;
 pub mod orders;
 pub mod provider_events;
 pub mod subscriptions;
@@ -133,7 +134,7 @@ impl<T> SqlxResultExt<T> for Result<T, sqlx::Error> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DbKind {
     Sqlite,

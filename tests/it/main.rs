@@ -6,10 +6,12 @@ mod helpers;
 
 mod api_conventions;
 mod audit;
+mod backup;
 mod billing_events;
 mod catalog;
 mod cli;
 mod customers;
+mod doctor;
 mod emulator;
 mod idempotency;
 mod openapi;
