@@ -79,6 +79,15 @@ pub enum Command {
         #[arg(long, env = "EMULATOR_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
     },
+    /// Exit 0 if tollgate answers 2xx, 1 otherwise: for container health
+    /// checks, since the runtime image has no shell or curl.
+    Healthcheck {
+        /// Default: `http://127.0.0.1:$PORT/livez`.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, default_value_t = 5)]
+        timeout_seconds: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -328,6 +337,27 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
                 print!("{report}");
             }
             Ok(if report.ready { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Healthcheck { url, timeout_seconds } => {
+            let url = url.unwrap_or_else(|| format!("http://127.0.0.1:{}/livez", config.port));
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(timeout_seconds.max(1)))
+                .build()
+                .map_err(|e| e.to_string())?;
+            match client.get(&url).send().await {
+                Ok(resp) if resp.status().is_success() => {
+                    println!("healthy: {url} answered {}", resp.status());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(resp) => {
+                    eprintln!("unhealthy: {url} answered {}", resp.status());
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => {
+                    eprintln!("unhealthy: {url}: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Command::Audit(AuditCommand::Verify) => {
             let store = open_store(&config).await?;
