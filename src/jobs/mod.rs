@@ -63,6 +63,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         let every = Duration::from_secs(state.config.reconcile_interval_seconds);
         tasks.spawn(reconcile::run(state.clone(), shutdown.clone(), every));
     }
+    tasks.spawn(state.rate_limits.clone().run_pruning(shutdown.clone()));
     if let Some(emulator) = &state.emulator {
         tasks.spawn(crate::providers::stripe_emulator::delivery::run(emulator.clone(), shutdown));
     }
