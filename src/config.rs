@@ -417,8 +417,12 @@ impl Config {
             );
         }
         match (&self.tls_cert, &self.tls_key) {
-            (Some(_), None) => problems.push("TLS_CERT is set without TLS_KEY: set both, or neither".to_owned()),
-            (None, Some(_)) => problems.push("TLS_KEY is set without TLS_CERT: set both, or neither".to_owned()),
+            (Some(_), None) => {
+                problems.push("TLS_CERT is set without TLS_KEY: set both, or neither".to_owned())
+            }
+            (None, Some(_)) => {
+                problems.push("TLS_KEY is set without TLS_CERT: set both, or neither".to_owned())
+            }
             _ => {}
         }
         problems

@@ -78,7 +78,10 @@ impl Modify for RateLimited {
         use utoipa::openapi::{Ref, RefOr, ResponseBuilder};
 
         let integer = |description: &str| {
-            HeaderBuilder::new().schema(Object::with_type(Type::Integer)).description(Some(description)).build()
+            HeaderBuilder::new()
+                .schema(Object::with_type(Type::Integer))
+                .description(Some(description))
+                .build()
         };
         let response = ResponseBuilder::new()
             .description(
@@ -96,12 +99,17 @@ impl Modify for RateLimited {
                 ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
             )
             .build();
-        openapi.components.get_or_insert_with(Default::default).responses.insert("RateLimited".to_owned(), response.into());
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .responses
+            .insert("RateLimited".to_owned(), response.into());
         for (path, item) in openapi.paths.paths.iter_mut() {
             if !path.starts_with("/v1/") {
                 continue;
             }
-            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            let operations =
+                [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
             for operation in operations.into_iter().flatten() {
                 operation
                     .responses

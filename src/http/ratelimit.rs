@@ -76,10 +76,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 /// (`1.2.3.4:5678`, `[2001:db8::1]:443`).
 fn parse_hop(hop: &str) -> Option<IpAddr> {
     let hop = hop.trim();
-    hop.parse::<IpAddr>()
-        .ok()
-        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
-        .map(canonical)
+    hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip())).map(canonical)
 }
 
 /// Per client address, on every `/v1` request, authenticated or not.
@@ -197,6 +194,9 @@ mod tests {
         report(&mut h, &d(7));
         assert_eq!(h[REMAINING], "3");
         report(&mut h, &d(1));
-        assert_eq!((h[LIMIT].to_str().unwrap(), h[REMAINING].to_str().unwrap(), h[RESET].to_str().unwrap()), ("10", "1", "1"));
+        assert_eq!(
+            (h[LIMIT].to_str().unwrap(), h[REMAINING].to_str().unwrap(), h[RESET].to_str().unwrap()),
+            ("10", "1", "1")
+        );
     }
 }

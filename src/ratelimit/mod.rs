@@ -59,7 +59,8 @@ impl Policy {
     pub fn per_second(per_second: u32, burst: u32) -> Option<Self> {
         let per_second = NonZeroU32::new(per_second)?;
         Some(Policy {
-            interval: Duration::from_nanos(1_000_000_000 / u64::from(per_second.get())).max(Duration::from_micros(1)),
+            interval: Duration::from_nanos(1_000_000_000 / u64::from(per_second.get()))
+                .max(Duration::from_micros(1)),
             burst: NonZeroU32::new(burst.max(1)).expect("at least 1"),
         })
     }
@@ -267,19 +268,18 @@ mod tests {
     async fn a_local_limit_allows_the_burst_then_refuses_with_a_wait() {
         let limiter = Limiter::new(Scope::ApiKey, Policy::per_second(1, 3).unwrap(), None);
         let key = "key_a".to_owned();
-        let remaining: Vec<u32> = [
-            limiter.check(&key).await,
-            limiter.check(&key).await,
-            limiter.check(&key).await,
-        ]
-        .iter()
-        .inspect(|d| assert!(d.allowed && d.limit == 3))
-        .map(|d| d.remaining)
-        .collect();
+        let remaining: Vec<u32> =
+            [limiter.check(&key).await, limiter.check(&key).await, limiter.check(&key).await]
+                .iter()
+                .inspect(|d| assert!(d.allowed && d.limit == 3))
+                .map(|d| d.remaining)
+                .collect();
         assert_eq!(remaining, [2, 1, 0]);
         let refused = limiter.check(&key).await;
         assert!(!refused.allowed);
-        assert!(refused.retry_after > Duration::from_millis(500) && refused.retry_after <= Duration::from_secs(1));
+        assert!(
+            refused.retry_after > Duration::from_millis(500) && refused.retry_after <= Duration::from_secs(1)
+        );
         assert_eq!(refused.retry_after_seconds(), 1);
         assert!(refused.reset_seconds() >= 3);
         assert!(limiter.check(&"key_b".to_owned()).await.allowed, "keys are independent");

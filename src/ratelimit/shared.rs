@@ -77,7 +77,12 @@ impl SharedStore {
             if now < open_until
                 || self
                     .open_until
-                    .compare_exchange(open_until, now + OPEN_FOR.as_millis() as u64, Ordering::AcqRel, Ordering::Acquire)
+                    .compare_exchange(
+                        open_until,
+                        now + OPEN_FOR.as_millis() as u64,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
                     .is_err()
             {
                 return Err("circuit_open");

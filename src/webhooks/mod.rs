@@ -75,7 +75,8 @@ fn reject(provider: Provider, reason: &'static str, message: impl Into<String>) 
 /// spent, rejections become 429s.
 async fn limited(state: &AppState, ip: IpAddr, error: ApiError) -> ApiError {
     // Only the sender's failures count: a 503 is ours (misconfiguration, an outage).
-    let Some(limiter) = state.rate_limits.webhook_failures.as_ref().filter(|_| !error.status.is_server_error())
+    let Some(limiter) =
+        state.rate_limits.webhook_failures.as_ref().filter(|_| !error.status.is_server_error())
     else {
         return error;
     };

@@ -249,7 +249,8 @@ async fn two_instances_on_one_redis_share_the_limit() {
     // The counts live in Redis, under this test's prefix.
     let client = redis::Client::open(test_redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap();
     assert!(keys.iter().any(|k| k.starts_with(&format!("{prefix}ratelimit:key:"))), "{keys:?}");
     assert!(keys.iter().any(|k| k == &format!("{prefix}ratelimit:webhook_failures:127.0.0.1")), "{keys:?}");
     let ttl: i64 = redis::cmd("PTTL").arg(&keys[0]).query_async(&mut conn).await.unwrap();

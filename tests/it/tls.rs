@@ -47,10 +47,7 @@ async fn tollgate_serves_https_with_its_own_certificate() {
     let base = format!("https://localhost:{}", addr.port());
     let live = client.get(format!("{base}/livez")).send().await.unwrap();
     assert_eq!(live.status(), 200);
-    assert!(
-        live.headers().contains_key("strict-transport-security"),
-        "served over https, so HSTS is on"
-    );
+    assert!(live.headers().contains_key("strict-transport-security"), "served over https, so HSTS is on");
     let products = client.get(format!("{base}/v1/products")).bearer_auth(&app.read_key).send().await.unwrap();
     assert_eq!(products.status(), 200, "the API over https, limits and all");
     assert!(products.headers().contains_key("ratelimit-limit"));
