@@ -70,7 +70,8 @@ async fn an_api_key_over_its_limit_gets_429_with_retry_after_and_ratelimit_heade
     let started = Instant::now();
     let (allowed, refused) =
         allowed_until_refused(20, |_| app.get("/v1/products", &app.read_key).send()).await;
-    assert!(allowed + 1 <= most_allowed(3, 1, started.elapsed()), "allowed {allowed} more after the first");
+    let total = allowed + 1;
+    assert!((3..=most_allowed(3, 1, started.elapsed())).contains(&total), "{total} allowed");
     assert_eq!(header(&refused, "retry-after"), Some(1), "whole seconds, at least 1, at 1 request/s");
     assert_eq!(header(&refused, "ratelimit-remaining"), Some(0));
     assert_eq!(header(&refused, "ratelimit-limit"), Some(3));
