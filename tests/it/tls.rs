@@ -56,6 +56,11 @@ async fn tollgate_serves_https_with_its_own_certificate() {
     assert!(app.client.get(format!("http://{addr}/livez")).send().await.is_err());
     // A client that does not trust the certificate refuses it.
     assert!(reqwest::get(format!("https://{addr}/livez")).await.is_err());
+
+    // Graceful shutdown works the same over TLS: it stops, and stops accepting.
+    let mut app = app;
+    app.stop().await;
+    assert!(client.get(format!("{base}/livez")).send().await.is_err());
 }
 
 #[tokio::test]
