@@ -295,3 +295,70 @@ async fn without_an_answering_redis_the_local_limiter_takes_over() {
     }
     hold.abort();
 }
+
+/// The Redis script and the local limiter make the same decisions.
+#[tokio::test]
+async fn redis_decisions_match_the_local_ones() {
+    use tollgate::ratelimit::{Limiter, Policy, Scope, SharedStore};
+    let client = redis::Client::open(test_redis_url()).unwrap();
+    let shared = std::sync::Arc::new(SharedStore::new(client, &unique_prefix(), Duration::from_secs(2)));
+    let policy = Policy::per_second(1, 3).unwrap();
+    let remote = Limiter::new(Scope::ApiKey, policy, Some(shared));
+    let local = Limiter::new(Scope::ApiKey, policy, None);
+    let key = "key_same".to_owned();
+    for expected_remaining in [2, 1, 0] {
+        let (r, l) = (remote.check(&key).await, local.check(&key).await);
+        assert!(r.allowed && l.allowed);
+        assert_eq!((r.limit, r.remaining), (3, expected_remaining));
+        assert_eq!((l.limit, l.remaining), (3, expected_remaining));
+        assert_eq!(r.reset_seconds(), l.reset_seconds());
+    }
+    let (r, l) = (remote.check(&key).await, local.check(&key).await);
+    assert!(!r.allowed && !l.allowed);
+    for d in [r, l] {
+        assert!(
+            d.retry_after > Duration::from_millis(500) && d.retry_after <= Duration::from_secs(1),
+            "{d:?}"
+        );
+        assert_eq!((d.remaining, d.retry_after_seconds()), (0, 1));
+        assert!(d.reset_seconds() >= 3, "{d:?}");
+    }
+}
+
+/// A Redis that comes back is used again: the circuit lets one check
+/// through after a second, and it reconnects.
+#[tokio::test]
+async fn shared_limits_resume_when_redis_comes_back() {
+    use tollgate::ratelimit::{Policy, Scope, SharedStore};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let shared = SharedStore::new(client, &unique_prefix(), Duration::from_millis(200));
+    let policy = Policy::per_second(10, 10).unwrap();
+
+    assert_eq!(shared.check(Scope::Address, "203.0.113.1", policy).await, Err("error"));
+    assert_eq!(
+        shared.check(Scope::Address, "203.0.113.1", policy).await,
+        Err("circuit_open"),
+        "no second attempt while the circuit is open"
+    );
+
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _redis = Child(
+        std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH"),
+    );
+    let decision = eventually(Duration::from_secs(10), || async {
+        shared.check(Scope::Address, "203.0.113.1", policy).await.ok()
+    })
+    .await;
+    assert!(decision.allowed && decision.remaining == 9, "a fresh shared bucket: {decision:?}");
+}
