@@ -20,7 +20,6 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 
@@ -235,7 +234,8 @@ impl RateLimits {
         }
     }
 
-    fn prune(&self) {
+    /// Forgets full buckets; run every minute by `jobs::rate_limits`.
+    pub fn prune(&self) {
         if let Some(l) = &self.per_key {
             l.prune();
         }
@@ -244,18 +244,6 @@ impl RateLimits {
         }
         if let Some(l) = &self.webhook_failures {
             l.prune();
-        }
-    }
-
-    /// Prunes the local limiters every minute until `shutdown`.
-    pub async fn run_pruning(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut every = tokio::time::interval(Duration::from_secs(60));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = every.tick() => self.prune(),
-            }
         }
     }
 }
@@ -283,6 +271,25 @@ mod tests {
         assert_eq!(refused.retry_after_seconds(), 1);
         assert!(refused.reset_seconds() >= 3);
         assert!(limiter.check(&"key_b".to_owned()).await.allowed, "keys are independent");
+    }
+
+    #[tokio::test]
+    async fn pruning_forgets_buckets_that_are_full_again() {
+        let limiter = Limiter::new(Scope::Address, Policy::per_second(1000, 1).unwrap(), None);
+        let busy = Limiter::new(Scope::Address, Policy::per_second(1, 5).unwrap(), None);
+        let key = AddressKey::new("203.0.113.1".parse().unwrap());
+        limiter.check(&key).await;
+        busy.check(&key).await;
+        assert_eq!((limiter.local.len(), busy.local.len()), (1, 1));
+        // Polled with a deadline: the 1 ms bucket refills almost at once.
+        let started = std::time::Instant::now();
+        while !limiter.local.is_empty() {
+            assert!(started.elapsed() < Duration::from_secs(5), "never pruned");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            limiter.prune();
+        }
+        busy.prune();
+        assert_eq!(busy.local.len(), 1, "a bucket still refilling is kept");
     }
 
     #[test]
