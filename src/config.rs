@@ -271,6 +271,34 @@ pub struct Config {
     /// Days a delivered outbound message is kept (0: forever).
     #[arg(long, env = "RETENTION_DELIVERIES_DAYS", default_value_t = 30, global = true)]
     pub retention_deliveries_days: u64,
+
+    /// Failed webhook verifications one address may make per minute before
+    /// its requests are answered 429.
+    #[arg(long, env = "RATE_LIMIT_WEBHOOK_FAILURES", default_value_t = 60, global = true)]
+    pub rate_limit_webhook_failures: u32,
+
+    /// Longest a rate-limit check waits for Redis, in milliseconds, before
+    /// this instance falls back to its own limiter.
+    #[arg(long, env = "RATE_LIMIT_REDIS_TIMEOUT_MS", default_value_t = 50, global = true)]
+    pub rate_limit_redis_timeout_ms: u64,
+
+    /// Proxies whose `X-Forwarded-For` names the client: CIDRs or addresses,
+    /// comma-separated. Empty: the peer address is the client.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', global = true)]
+    pub trusted_proxies: Vec<String>,
+
+    /// Prefix of every key tollgate writes to Redis, so several deployments
+    /// can share one Redis.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "tollgate:", global = true)]
+    pub redis_key_prefix: String,
+
+    /// PEM certificate chain: serve HTTPS directly, without a proxy (with `TLS_KEY`).
+    #[arg(long, env = "TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `TLS_CERT`.
+    #[arg(long, env = "TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Config {
@@ -300,11 +328,23 @@ impl Config {
     }
 
     pub fn public_url(&self) -> String {
+        let scheme = if self.serves_tls() { "https" } else { "http" };
         self.public_url
             .clone()
-            .unwrap_or_else(|| format!("http://127.0.0.1:{}", self.port))
+            .unwrap_or_else(|| format!("{scheme}://127.0.0.1:{}", self.port))
             .trim_end_matches('/')
             .to_owned()
+    }
+
+    /// Whether tollgate terminates TLS itself (`TLS_CERT` and `TLS_KEY`).
+    pub fn serves_tls(&self) -> bool {
+        self.tls_cert.is_some() && self.tls_key.is_some()
+    }
+
+    /// `TRUSTED_PROXIES` parsed; entries that do not parse are reported by
+    /// [`Config::problems`] and left out here.
+    pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies.iter().filter_map(|p| parse_proxy(p).transpose()).flatten().collect()
     }
 
     pub fn is_production(&self) -> bool {
@@ -425,6 +465,29 @@ impl Config {
                 ));
             }
         }
+        for proxy in &self.trusted_proxies {
+            if parse_proxy(proxy).is_err() {
+                problems.push(format!(
+                    "TRUSTED_PROXIES entry {:?} must be an address or a CIDR such as 10.0.0.0/8",
+                    proxy.trim()
+                ));
+            }
+        }
+        if self.rate_limit_burst == 0 && (self.rate_limit_per_key > 0 || self.rate_limit_per_ip > 0) {
+            problems.push(
+                "RATE_LIMIT_BURST is 0: it must be at least 1 (set RATE_LIMIT_PER_KEY=0 and RATE_LIMIT_PER_IP=0 to turn limits off)"
+                    .to_owned(),
+            );
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                problems.push("TLS_CERT is set without TLS_KEY: set both, or neither".to_owned())
+            }
+            (None, Some(_)) => {
+                problems.push("TLS_KEY is set without TLS_CERT: set both, or neither".to_owned())
+            }
+            _ => {}
+        }
         problems
     }
 }
@@ -433,6 +496,19 @@ impl Config {
 /// 30 days; a pruned event that comes back must still be recognised by the
 /// inbox, not only by its object's watermark.
 pub const MIN_PROVIDER_EVENT_RETENTION_DAYS: u64 = 31;
+
+/// One `TRUSTED_PROXIES` entry: a CIDR, or a bare address meaning just
+/// that address. Empty entries (a trailing comma) are skipped.
+fn parse_proxy(raw: &str) -> Result<Option<ipnet::IpNet>, ()> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(net) = raw.parse::<ipnet::IpNet>() {
+        return Ok(Some(net.trunc()));
+    }
+    raw.parse::<std::net::IpAddr>().map(|ip| Some(ipnet::IpNet::from(ip))).map_err(|_| ())
+}
 
 /// Too short, or too few distinct characters to be random, or a placeholder.
 pub fn is_weak_secret(secret: &str) -> bool {
@@ -548,6 +624,39 @@ mod tests {
         assert!(
             !debug.contains("sk_live_abc") && !debug.contains("whsec_abc") && !debug.contains("q8Zr1vX0")
         );
+    }
+
+    #[test]
+    fn trusted_proxies_take_cidrs_and_addresses() {
+        let mut c = Config::defaults();
+        c.trusted_proxies = vec!["10.0.0.0/8".into(), " 192.168.1.7 ".into(), "".into(), "fd00::/8".into()];
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        let parsed: Vec<String> = c.trusted_proxies().iter().map(ToString::to_string).collect();
+        assert_eq!(parsed, ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8"]);
+        c.trusted_proxies = vec!["10.0.0.0/33".into()];
+        refused(&c, "TRUSTED_PROXIES entry");
+        c.trusted_proxies = vec!["proxy.internal".into()];
+        refused(&c, "TRUSTED_PROXIES entry");
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_makes_the_default_url_https() {
+        let mut c = Config::defaults();
+        c.tls_cert = Some(PathBuf::from("cert.pem"));
+        refused(&c, "TLS_CERT is set without TLS_KEY");
+        c.tls_key = Some(PathBuf::from("key.pem"));
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert_eq!(c.public_url(), "https://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn a_zero_burst_is_refused_while_limits_are_on() {
+        let mut c = Config::defaults();
+        c.rate_limit_burst = 0;
+        refused(&c, "RATE_LIMIT_BURST is 0");
+        c.rate_limit_per_key = 0;
+        c.rate_limit_per_ip = 0;
+        assert!(c.problems().is_empty());
     }
 
     #[test]

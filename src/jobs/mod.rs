@@ -10,6 +10,7 @@ use crate::http::AppState;
 
 pub mod grace;
 pub mod inbox;
+pub mod rate_limits;
 pub mod reconcile;
 pub mod retention;
 
@@ -67,6 +68,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         let every = Duration::from_secs(state.config.reconcile_interval_seconds);
         tasks.spawn(reconcile::run(state.clone(), shutdown.clone(), every));
     }
+    tasks.spawn(rate_limits::run(state.rate_limits.clone(), shutdown.clone(), Duration::from_secs(60)));
     if let Some(emulator) = &state.emulator {
         tasks.spawn(crate::providers::stripe_emulator::delivery::run(emulator.clone(), shutdown));
     }

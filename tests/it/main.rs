@@ -17,5 +17,7 @@ mod idempotency;
 mod openapi;
 mod operations;
 mod processes;
+mod ratelimit;
 mod store;
+mod tls;
 mod webhooks;
