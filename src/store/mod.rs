@@ -20,6 +20,7 @@ pub mod catalog;
 pub mod customers;
 pub mod idempotency;
 pub mod provider_events;
+pub mod provider_webhooks;
 pub mod watermarks;
 
 /// Runs one sqlx query on whichever backend `$target` holds.

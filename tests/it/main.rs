@@ -15,4 +15,5 @@ mod openapi;
 mod operations;
 mod processes;
 mod store;
+mod stripe_client;
 mod webhooks;
