@@ -515,3 +515,47 @@ async fn stripe_setup_is_idempotent_and_its_stored_secret_verifies_deliveries() 
     .await;
     assert_eq!(event.source, "webhook", "delivered by the emulator, verified with the stored secret");
 }
+
+fn tollgate_cli(db: &TestDb, emu: &Emu, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("TOLLGATE_CATALOG", manifest_path("tollgate.toml"))
+        .env("STRIPE_SECRET_KEY", KEY)
+        .env("STRIPE_API_BASE", &emu.base)
+        .env("PUBLIC_URL", "https://billing.example.com")
+        .env("LOG_LEVEL", "warn")
+        .args(args)
+        .output()
+        .expect("run tollgate")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_commands_as_an_operator_runs_them() {
+    let emu = start_emulator().await;
+    let db = TestDb::new().await;
+    let run = |args: &[&str]| {
+        let out = tokio::task::block_in_place(|| tollgate_cli(&db, &emu, args));
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{args:?}: {text}");
+        text
+    };
+    let first = run(&["catalog", "sync"]);
+    assert!(first.contains("catalog sync: 7 created, 0 updated, 0 deactivated"), "{first}");
+    let second = run(&["catalog", "sync"]);
+    assert!(second.contains("catalog sync: 0 created, 0 updated, 0 deactivated"), "{second}");
+    assert_eq!((count(&emu, "product"), count(&emu, "price")), (3, 4));
+
+    let setup = run(&["stripe", "setup"]);
+    assert!(
+        setup.contains("registered: we_") && setup.contains("https://billing.example.com/webhooks/stripe")
+    );
+    assert!(setup.contains("STRIPE_WEBHOOK_SECRET"), "tells the operator how to use the environment instead");
+    let secret = emu.emulator.lock().all("webhook_endpoint")[0]["secret"].as_str().unwrap().to_owned();
+    assert!(!setup.contains(&secret) && !setup.contains("whsec_"), "the secret is never printed: {setup}");
+    let again = run(&["stripe", "setup"]);
+    assert!(again.contains("already registered"), "{again}");
+    assert_eq!(count(&emu, "webhook_endpoint"), 1);
+}
