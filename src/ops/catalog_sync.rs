@@ -67,14 +67,14 @@ pub enum CatalogSyncError {
     #[error("{}", .0.join("\n"))]
     Mismatch(Vec<String>),
     #[error("{entry}: {source}")]
-    Stripe { entry: String, source: StripeClientError },
+    Stripe { entry: String, source: Box<StripeClientError> },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }
 
 fn at(entry: impl Into<String>) -> impl FnOnce(StripeClientError) -> CatalogSyncError {
     let entry = entry.into();
-    move |source| CatalogSyncError::Stripe { entry, source }
+    move |source| CatalogSyncError::Stripe { entry, source: Box::new(source) }
 }
 
 const PROVIDER: &str = "stripe";
@@ -286,7 +286,7 @@ async fn sync_price(
         .and_then(|id| all.iter().find(|p| p["id"] == id))
         .filter(fits)
         .or_else(|| all.iter().filter(ours).filter(fits).find(|p| p["lookup_key"] == lookup.as_str()))
-        .or_else(|| all.iter().filter(ours).filter(fits).filter(|p| p["active"] == true).last());
+        .or_else(|| all.iter().filter(ours).filter(fits).rfind(|p| p["active"] == true));
     let id = match current {
         None => {
             let mut form = Form::new()
@@ -346,6 +346,6 @@ async fn sync_price(
 fn object_id(object: &Value, entry: &str) -> Result<String, CatalogSyncError> {
     object["id"].as_str().map(str::to_owned).ok_or_else(|| CatalogSyncError::Stripe {
         entry: entry.to_owned(),
-        source: StripeClientError::Decode("an object without an id".to_owned()),
+        source: Box::new(StripeClientError::Decode("an object without an id".to_owned())),
     })
 }

@@ -95,6 +95,10 @@ pub struct ClientOptions {
     pub max_retry_after: Duration,
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
+    /// The budget of one logical call, retries and waits included: no retry
+    /// starts that could not finish within it, so a caller waiting on
+    /// Stripe gets an answer before its own request times out.
+    pub max_elapsed: Duration,
 }
 
 impl Default for ClientOptions {
@@ -108,6 +112,7 @@ impl Default for ClientOptions {
             max_retry_after: Duration::from_secs(10),
             breaker_failures: 5,
             breaker_cooldown: Duration::from_secs(30),
+            max_elapsed: Duration::from_secs(25),
         }
     }
 }
@@ -120,6 +125,8 @@ impl ClientOptions {
             max_retries: config.stripe_max_retries,
             breaker_failures: config.stripe_breaker_failures.max(1),
             breaker_cooldown: Duration::from_secs(config.stripe_breaker_cooldown_seconds.max(1)),
+            // Inside the API's own request timeout, with a second to answer.
+            max_elapsed: Duration::from_secs(config.request_timeout_seconds.saturating_sub(1).max(1)),
             ..Self::default()
         }
     }
@@ -276,6 +283,7 @@ impl StripeClient {
         idempotency_key: Option<String>,
     ) -> Result<Value, StripeClientError> {
         let operation = operation_name(&method, path);
+        let deadline = Instant::now() + self.options.max_elapsed;
         let mut retry = 0;
         loop {
             let permit = match self.breaker.acquire() {
@@ -287,7 +295,8 @@ impl StripeClient {
                 }
             };
             let started = Instant::now();
-            let result = self.attempt(&method, path, query, form, idempotency_key.as_deref()).await;
+            let budget = deadline.saturating_duration_since(started).min(self.options.timeout);
+            let result = self.attempt(&method, path, query, form, idempotency_key.as_deref(), budget).await;
             let outcome = match &result {
                 Ok(_) => "success",
                 Err(f) => f.outcome,
@@ -314,6 +323,9 @@ impl StripeClient {
                 }
                 wait = wait.max(asked);
             }
+            if Instant::now() + wait >= deadline {
+                return Err(failure.error);
+            }
             tracing::warn!(
                 operation = %operation,
                 outcome,
@@ -333,10 +345,12 @@ impl StripeClient {
         query: &[(&str, String)],
         form: Option<&Form>,
         idempotency_key: Option<&str>,
+        timeout: Duration,
     ) -> Result<Value, AttemptFailure> {
         let mut request = self
             .http
             .request(method.clone(), format!("{}{path}", self.base))
+            .timeout(timeout)
             .bearer_auth(self.key.expose_secret())
             .header("stripe-version", API_VERSION);
         if !query.is_empty() {
