@@ -559,3 +559,42 @@ async fn the_commands_as_an_operator_runs_them() {
     assert!(again.contains("already registered"), "{again}");
     assert_eq!(count(&emu, "webhook_endpoint"), 1);
 }
+
+#[tokio::test]
+async fn production_starts_on_a_stored_webhook_secret_and_is_refused_without_any() {
+    let db = TestDb::new().await;
+    let production = || {
+        let mut config = test_config(&db);
+        config.environment = tollgate::config::Environment::Production;
+        config.stripe_secret_key = Some(SecretString::from("sk_live_abc".to_owned()));
+        config.secret_key = Some(SecretString::from("q8Zr1vX0pL3mN7bK2yT5wE9uJ4hG6fD0sA".to_owned()));
+        config.allow_sqlite_in_production = true;
+        config.reconcile_interval_seconds = 0;
+        config
+    };
+    let refused = tollgate::app::Server::build(production(), CancellationToken::new()).await.err();
+    assert!(
+        refused.as_ref().is_some_and(|e| e.to_string().contains("STRIPE_WEBHOOK_SECRET is missing")),
+        "{refused:?}"
+    );
+
+    let store = db.store().await;
+    let secret = SecretString::from("whsec_stored_by_setup".to_owned());
+    store
+        .save_provider_webhook_endpoint(
+            "stripe",
+            "we_1",
+            "https://x.example/webhooks/stripe",
+            &secret,
+            &Actor::Cli,
+        )
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tollgate::app::Server::build(production(), shutdown.clone()).await;
+    assert!(server.is_ok(), "a stored secret is enough: {:?}", server.err());
+    shutdown.cancel();
+    let audit = store.list_audit_entries(&tollgate::store::Page::first(100)).await.unwrap();
+    let text = format!("{audit:?}");
+    assert!(text.contains("provider.webhook_endpoint.registered") && !text.contains("whsec_stored_by_setup"));
+}
