@@ -10,7 +10,8 @@
 //! a new price (the lookup key moves to it) and the old one deactivated,
 //! kept linked so events about existing subscriptions still map.
 //! Entries that name existing Stripe ids are checked, never created or
-//! changed; any mismatch stops the sync before it changes anything.
+//! changed; any mismatch stops the sync before it changes anything. What
+//! tollgate created for an entry since removed from the file is deactivated.
 
 use std::collections::BTreeMap;
 
@@ -120,6 +121,33 @@ pub async fn sync_stripe(
         let id = sync_price(store, client, price, product_id, &all_prices, &mut report).await?;
         if store.set_current_catalog_link(PROVIDER, "price", key, &id, actor).await? {
             report.linked.push(format!("price {key} → {id}"));
+        }
+    }
+
+    // Entries removed from the file stop being sold at Stripe too, as the
+    // database mirror deactivates them (never deletes). Only what tollgate
+    // made is touched: a declared id is the team's own object.
+    let removed = [
+        ("price", "/v1/prices", &all_prices, "tollgate_price"),
+        ("product", "/v1/products", &all_products, "tollgate_product"),
+    ];
+    for (kind, path, all, tag) in removed {
+        for object in all.iter().filter(|o| o["active"] == true) {
+            let Some(key) = object["metadata"][tag].as_str() else { continue };
+            let in_file = match kind {
+                "price" => catalog.prices.keys().any(|k| k.as_str() == key),
+                _ => catalog.products.keys().any(|k| k.as_str() == key),
+            };
+            if in_file {
+                continue;
+            }
+            let entry = format!("{kind} {key}");
+            let id = object_id(object, &entry)?;
+            client
+                .post(&format!("{path}/{id}"), &Form::new().set("active", false), None)
+                .await
+                .map_err(at(&entry))?;
+            report.deactivated.push(format!("{entry} ({id}, no longer in the catalog)"));
         }
     }
     Ok(report)

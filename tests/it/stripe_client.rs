@@ -362,6 +362,33 @@ async fn a_changed_amount_makes_a_new_price_and_deactivates_the_old_one() {
 }
 
 #[tokio::test]
+async fn entries_removed_from_the_file_are_deactivated_at_stripe() {
+    let emu = start_emulator().await;
+    let client = client(&emu);
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    sync_stripe(&store, &client, &Catalog::parse(CATALOG).unwrap(), &Actor::Cli).await.unwrap();
+    let pack_price = store.current_catalog_link("stripe", "price", "pack_5").await.unwrap().unwrap();
+    let pack = store.current_catalog_link("stripe", "product", "pack").await.unwrap().unwrap();
+
+    let cut = CATALOG.find("[prices.pro_monthly]").unwrap();
+    let without_pack = CATALOG[..cut]
+        .replace("[products.pack]\nname = \"Card pack\"\ncredits = { cards = 5 }\n", "")
+        + &CATALOG[cut..CATALOG.find("[prices.pack_5]").unwrap()];
+    let report =
+        sync_stripe(&store, &client, &Catalog::parse(&without_pack).unwrap(), &Actor::Cli).await.unwrap();
+    assert_eq!((report.created.len(), report.deactivated.len()), (0, 2), "{report}");
+    for id in [&pack_price, &pack] {
+        let path = if id.starts_with("price_") { "prices" } else { "products" };
+        let object = client.get(&format!("/v1/{path}/{id}"), &[]).await.unwrap();
+        assert_eq!(object["active"], false, "{object}");
+    }
+    let again =
+        sync_stripe(&store, &client, &Catalog::parse(&without_pack).unwrap(), &Actor::Cli).await.unwrap();
+    assert!(!again.changed_provider(), "{again}");
+}
+
+#[tokio::test]
 async fn a_sync_that_stopped_half_way_finds_what_it_created() {
     let emu = start_emulator().await;
     let client = client(&emu);
