@@ -11,8 +11,20 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// A newly minted tollgate id with the given prefix (without the underscore).
+///
+/// Monotonic within the process: ids minted in the same millisecond still
+/// sort in minting order, so "ordered by id" means "in the order they
+/// happened" for events written one after another.
 pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{}", ulid::Ulid::new())
+    static GENERATOR: std::sync::Mutex<ulid::Generator> = std::sync::Mutex::new(ulid::Generator::new());
+    let ulid = match GENERATOR.lock().ok().and_then(|mut g| g.generate().ok()) {
+        Some(ulid) => ulid,
+        // Overflow of 2^80 ids in one millisecond, or a poisoned lock: a
+        // random id is still unique, just not ordered within the millisecond.
+        // (Not `unwrap_or_default`: a default ULID is the nil id.)
+        None => ulid::Ulid::new(),
+    };
+    format!("{prefix}_{ulid}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

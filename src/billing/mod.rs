@@ -5,3 +5,4 @@
 pub mod catalog;
 pub mod money;
 pub mod ordering;
+pub mod orders;

@@ -16,8 +16,10 @@ pub struct InboxWorkerOptions {
     /// Longer than any one event takes; a crashed worker's claims lapse after it.
     pub lease_seconds: i64,
     pub idle_poll: Duration,
+    /// The provider's API, for what payloads leave out.
+    pub stripe: Option<crate::providers::stripe::StripeClient>,
     /// `STRIPE_REFETCH=true`: apply the provider's current object, not the payload.
-    pub refetch: Option<crate::providers::stripe::StripeClient>,
+    pub refetch: bool,
 }
 
 impl Default for InboxWorkerOptions {
@@ -27,7 +29,8 @@ impl Default for InboxWorkerOptions {
             batch: 32,
             lease_seconds: 15,
             idle_poll: Duration::from_millis(200),
-            refetch: None,
+            stripe: None,
+            refetch: false,
         }
     }
 }
@@ -80,7 +83,15 @@ pub async fn work_once(store: &Store, options: &InboxWorkerOptions) -> crate::st
     let events = store.claim_provider_events(options.batch, options.lease_seconds).await?;
     let mut handled = 0;
     for event in &events {
-        let outcome = apply::apply(store, event, options.refetch.as_ref()).await;
+        let mut outcome = apply::apply(store, event, options.stripe.as_ref(), options.refetch).await;
+        for _ in 0..3 {
+            match &outcome {
+                Err(e) if e.is_conflict() => {
+                    outcome = apply::apply(store, event, options.stripe.as_ref(), options.refetch).await
+                }
+                _ => break,
+            }
+        }
         let label = match &outcome {
             Ok(Applied::Processed) => "processed",
             Ok(Applied::Stale) => "stale",

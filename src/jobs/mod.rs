@@ -32,10 +32,8 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     };
     let options = inbox::InboxWorkerOptions {
         max_attempts: state.config.provider_event_max_attempts.max(1),
-        refetch: state
-            .config
-            .stripe_refetch
-            .then(|| crate::providers::stripe::StripeClient::from_config(&state.config)),
+        stripe: Some(crate::providers::stripe::StripeClient::from_config(&state.config)),
+        refetch: state.config.stripe_refetch,
         ..Default::default()
     };
     let store = state.store.clone();

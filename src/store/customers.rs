@@ -345,7 +345,12 @@ pub async fn apply_provider_customer(
     )
     .db()?;
     let customer_id = match linked.clone() {
-        Some(id) => id,
+        Some(id) => match &pc.external_id {
+            // Adopted before this event said whose it is (another object's
+            // event came first): hand it to the application's customer.
+            Some(external) => claim_adopted(tx, pc, &id, external, actor).await?,
+            None => id,
+        },
         None => {
             let external = match &pc.external_id {
                 Some(e) => e.clone(),
@@ -476,4 +481,167 @@ pub async fn apply_provider_customer(
         }
     }
     Ok(())
+}
+
+/// The tollgate customer behind a provider customer id, as another object's
+/// event names it. A provider customer tollgate has not seen yet (its own
+/// event may arrive later) is linked now: to the customer `external_id`
+/// names (from the object's metadata), else adopted like
+/// [`apply_provider_customer`] does.
+pub async fn resolve_provider_customer(
+    tx: &mut super::Tx,
+    provider: &'static str,
+    provider_customer_id: &str,
+    external_id: Option<ExternalId>,
+    actor: &Actor,
+) -> StoreResult<String> {
+    let linked: Option<String> = sql!(
+        tx,
+        query_scalar::<String>(
+            "SELECT customer_id FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2",
+            provider,
+            provider_customer_id
+        )
+        .fetch_optional
+    )
+    .db()?;
+    if let Some(id) = linked {
+        return Ok(id);
+    }
+    let pc = ProviderCustomer {
+        provider,
+        id: provider_customer_id.to_owned(),
+        external_id: external_id.clone(),
+        ..Default::default()
+    };
+    apply_provider_customer(tx, &pc, actor).await?;
+    let linked: Option<String> = sql!(
+        tx,
+        query_scalar::<String>(
+            "SELECT customer_id FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2",
+            provider,
+            provider_customer_id
+        )
+        .fetch_optional
+    )
+    .db()?;
+    if let Some(id) = linked {
+        return Ok(id);
+    }
+    // The named customer is already linked to another customer of this
+    // provider (one link per provider): the object is still theirs.
+    let external =
+        external_id.map(|e| e.as_str().to_owned()).unwrap_or_else(|| provider_customer_id.to_owned());
+    sql!(
+        tx,
+        query_scalar::<String>(
+            "SELECT id FROM customers WHERE external_id = $1 AND deleted_at IS NULL",
+            &external
+        )
+        .fetch_optional
+    )
+    .db()?
+    .ok_or_else(|| {
+        StoreError::Corrupt(format!("provider customer {provider_customer_id} could not be resolved"))
+    })
+}
+
+/// The rows that belong to a customer, re-parented when an adopted
+/// placeholder turns out to be an application's customer.
+const OWNED_TABLES: &[&str] = &["orders", "subscriptions", "checkout_sessions", "invoices", "events"];
+
+/// A provider customer linked to `linked_id`, whose own event now names the
+/// application's `external` id. If `linked_id` is a placeholder tollgate
+/// adopted (its external id is the provider id), it becomes that customer:
+/// renamed when the application has no such customer yet, else merged into
+/// it (link and every owned row moved, placeholder deleted). Returns the
+/// customer that owns the provider customer now.
+async fn claim_adopted(
+    tx: &mut super::Tx,
+    pc: &ProviderCustomer,
+    linked_id: &str,
+    external: &ExternalId,
+    actor: &Actor,
+) -> StoreResult<String> {
+    let current: Option<String> = sql!(
+        tx,
+        query_scalar::<String>("SELECT external_id FROM customers WHERE id = $1", linked_id).fetch_optional
+    )
+    .db()?;
+    if current.as_deref() != Some(pc.id.as_str()) || external.as_str() == pc.id {
+        // Not a placeholder: the link stands as the application made it.
+        return Ok(linked_id.to_owned());
+    }
+    let now = now_unix();
+    let target: Option<String> = sql!(
+        tx,
+        query_scalar::<String>(
+            "SELECT id FROM customers WHERE external_id = $1 AND deleted_at IS NULL",
+            external.as_str()
+        )
+        .fetch_optional
+    )
+    .db()?;
+    let Some(target) = target else {
+        sql!(
+            tx,
+            query(
+                "UPDATE customers SET external_id = $1, updated_at = $2 WHERE id = $3",
+                external.as_str(),
+                now,
+                linked_id
+            )
+            .execute
+        )
+        .db()?;
+        let data =
+            serde_json::json!({ "external_id": external.as_str(), "was": pc.id, "provider": pc.provider });
+        let record = AuditRecord {
+            actor,
+            action: "customer.claimed",
+            object_type: "customer",
+            object_id: linked_id,
+            data,
+            request_id: None,
+        };
+        audit::append(tx, record).await?;
+        return Ok(linked_id.to_owned());
+    };
+    // The application's customer may already have a link to this provider
+    // (one per provider); the placeholder's link then goes, the objects stay
+    // with the application's customer either way.
+    sql!(tx, query("DELETE FROM provider_customers WHERE customer_id = $1", linked_id).execute).db()?;
+    sql!(
+        tx,
+        query(
+            "INSERT INTO provider_customers (provider, provider_customer_id, customer_id, created_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            pc.provider,
+            &pc.id,
+            &target,
+            now
+        )
+        .execute
+    )
+    .db()?;
+    for table in OWNED_TABLES {
+        let sql = format!("UPDATE {table} SET customer_id = $1 WHERE customer_id = $2");
+        sql!(tx, query(&sql, &target, linked_id).execute).db()?;
+    }
+    sql!(
+        tx,
+        query("UPDATE customers SET deleted_at = $1, updated_at = $1 WHERE id = $2", now, linked_id).execute
+    )
+    .db()?;
+    let data = serde_json::json!({ "merged_into": target, "external_id": external.as_str(), "provider_customer": pc.id });
+    let record = AuditRecord {
+        actor,
+        action: "customer.merged",
+        object_type: "customer",
+        object_id: linked_id,
+        data,
+        request_id: None,
+    };
+    audit::append(tx, record).await?;
+    Ok(target)
 }

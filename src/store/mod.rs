@@ -18,9 +18,12 @@ pub mod api_keys;
 pub mod audit;
 pub mod catalog;
 pub mod customers;
+pub mod events;
 pub mod idempotency;
+pub mod orders;
 pub mod provider_events;
 pub mod provider_webhooks;
+pub mod subscriptions;
 pub mod watermarks;
 
 /// Runs one sqlx query on whichever backend `$target` holds.

@@ -313,6 +313,17 @@ impl Store {
         .db()
     }
 
+    /// How many events the inbox holds in each status.
+    pub async fn provider_event_counts(&self) -> StoreResult<std::collections::BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> = sql!(
+            self,
+            query_as::<(String, i64)>("SELECT status, COUNT(*) FROM provider_events GROUP BY status")
+                .fetch_all
+        )
+        .db()?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// How many events are due to be applied now, and the oldest one's age
     /// (deferred events are not due). Answered from the `provider_events_due`
     /// index alone.

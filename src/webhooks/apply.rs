@@ -5,9 +5,13 @@ use serde_json::Value;
 
 use crate::billing::ordering;
 use crate::ids::ExternalId;
+use crate::providers::stripe::objects;
+use crate::providers::stripe::{StripeClient, StripeClientError};
 use crate::store::audit::Actor;
-use crate::store::customers::{apply_provider_customer, ProviderCustomer};
+use crate::store::customers::{apply_provider_customer, resolve_provider_customer, ProviderCustomer};
+use crate::store::orders::{self, Cause};
 use crate::store::provider_events::{mark_applied, ProviderEventRecord};
+use crate::store::subscriptions;
 use crate::store::{sql, watermarks, SqlxResultExt, Store, StoreError};
 
 /// What the worker does with an event type.
@@ -51,8 +55,7 @@ pub const STRIPE_HANDLED: &[&str] = &[
 
 pub fn disposition(provider: &str, event_type: &str) -> Disposition {
     match (provider, event_type) {
-        ("stripe", "customer.created" | "customer.updated" | "customer.deleted") => Disposition::Apply,
-        ("stripe", t) if STRIPE_HANDLED.contains(&t) => Disposition::Defer,
+        ("stripe", t) if STRIPE_HANDLED.contains(&t) => Disposition::Apply,
         _ => Disposition::Ignore,
     }
 }
@@ -64,6 +67,19 @@ pub enum ApplyError {
     Store(#[from] StoreError),
     #[error("payload: {0}")]
     Payload(String),
+}
+
+impl ApplyError {
+    /// Lost a race with another worker applying a related event (both
+    /// recording the same new customer or session): running again at once
+    /// sees the winner's commit and succeeds.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            ApplyError::Store(StoreError::Conflict(_)) => true,
+            ApplyError::Store(StoreError::Database(sqlx::Error::Database(db))) => db.is_unique_violation(),
+            _ => false,
+        }
+    }
 }
 
 /// The outcome of one attempt.
@@ -98,25 +114,26 @@ fn object_path(object: &Value) -> Option<String> {
 /// `STRIPE_REFETCH`: the object as the provider has it now, instead of the
 /// payload's snapshot. Fetched before any transaction opens. An object the
 /// provider no longer has (deleted) keeps the payload.
-pub async fn refetch(
-    client: &crate::providers::stripe::StripeClient,
-    body: &mut Value,
-) -> Result<(), ApplyError> {
+pub async fn refetch(client: &StripeClient, body: &mut Value) -> Result<(), ApplyError> {
     let Some(path) = object_path(&body["data"]["object"]) else { return Ok(()) };
     match client.get(&path, &[]).await {
         Ok(current) => {
             body["data"]["object"] = current;
             Ok(())
         }
-        Err(crate::providers::stripe::StripeClientError::Api { status: 404, .. }) => Ok(()),
+        Err(StripeClientError::Api { status: 404, .. }) => Ok(()),
         Err(e) => Err(ApplyError::Payload(format!("refetch failed: {e}"))),
     }
 }
 
+/// Applies one stored event. `stripe` is the provider's API, used to read
+/// what a payload leaves out (a foreign checkout's line items) and, with
+/// `refetch`, the object's current state.
 pub async fn apply(
     store: &Store,
     event: &ProviderEventRecord,
-    refetch_with: Option<&crate::providers::stripe::StripeClient>,
+    stripe: Option<&StripeClient>,
+    refetch: bool,
 ) -> Result<Applied, ApplyError> {
     let disposition = disposition(&event.provider, &event.event_type);
     if disposition == Disposition::Defer {
@@ -124,9 +141,13 @@ pub async fn apply(
     }
     let mut body: Value =
         serde_json::from_str(&event.body).map_err(|e| ApplyError::Payload(e.to_string()))?;
-    if let (Some(client), Disposition::Apply, "stripe") = (refetch_with, disposition, event.provider.as_str())
-    {
-        refetch(client, &mut body).await?;
+    let mut line_items = None;
+    if let (Some(client), Disposition::Apply, "stripe") = (stripe, disposition, event.provider.as_str()) {
+        if refetch {
+            self::refetch(client, &mut body).await?;
+        }
+        line_items =
+            fetch_line_items_if_unknown(store, client, &event.event_type, &body["data"]["object"]).await?;
     }
     let mut tx = store.begin().await?;
     // Claim the event for this transaction first: a second worker holding a
@@ -158,7 +179,13 @@ pub async fn apply(
             let object_id =
                 event.object_id.clone().ok_or_else(|| ApplyError::Payload("data.object has no id".into()))?;
             if watermarks::advance(&mut tx, &event.provider, &object_id, &position).await? {
-                apply_stripe(&mut tx, &event.event_type, object).await?;
+                let cause = Cause {
+                    provider: "stripe",
+                    provider_event_id: &event.id,
+                    at: event.provider_created,
+                    actor: &Actor::System("stripe"),
+                };
+                apply_stripe(&mut tx, cause, &event.event_type, object, line_items.as_deref()).await?;
                 Applied::Processed
             } else {
                 Applied::Stale
@@ -170,8 +197,58 @@ pub async fn apply(
     Ok(outcome)
 }
 
-async fn apply_stripe(tx: &mut crate::store::Tx, event_type: &str, object: &Value) -> Result<(), ApplyError> {
-    let actor = Actor::System("stripe");
+/// A checkout tollgate did not start becomes an order only with its line
+/// items, which Stripe leaves out of the event: read them before the
+/// transaction opens (no network call holds a database lock).
+async fn fetch_line_items_if_unknown(
+    store: &Store,
+    client: &StripeClient,
+    event_type: &str,
+    object: &Value,
+) -> Result<Option<Vec<objects::LineItem>>, ApplyError> {
+    if !event_type.starts_with("checkout.session.") || object["mode"].as_str().is_some_and(|m| m != "payment")
+    {
+        return Ok(None);
+    }
+    let Ok(session) = objects::checkout_session(object) else { return Ok(None) };
+    if store.knows_checkout_session("stripe", &session.id, session.client_reference_id.as_deref()).await? {
+        return Ok(None);
+    }
+    let path = format!("/v1/checkout/sessions/{}/line_items", session.id);
+    match client.get(&path, &[("limit", "100".to_owned())]).await {
+        Ok(list) => Ok(Some(
+            list["data"].as_array().map(|a| a.iter().map(objects::line_item).collect()).unwrap_or_default(),
+        )),
+        // Gone at the provider: the order is recorded without lines.
+        Err(StripeClientError::Api { status: 404, .. }) => Ok(Some(Vec::new())),
+        Err(e) => Err(ApplyError::Payload(format!("line items could not be read: {e}"))),
+    }
+}
+
+fn read<T>(parsed: Result<T, objects::ReadError>) -> Result<T, ApplyError> {
+    parsed.map_err(|e| ApplyError::Payload(e.to_string()))
+}
+
+/// The tollgate customer an object belongs to: its provider customer, linked
+/// (or adopted) on first sight, with the application's id from metadata when
+/// tollgate put it there.
+async fn customer_for(
+    tx: &mut crate::store::Tx,
+    cause: Cause<'_>,
+    provider_customer: &str,
+    metadata: &Value,
+) -> Result<String, ApplyError> {
+    let external = metadata["tollgate_external_id"].as_str().and_then(|e| ExternalId::parse(e).ok());
+    Ok(resolve_provider_customer(tx, "stripe", provider_customer, external, cause.actor).await?)
+}
+
+async fn apply_stripe(
+    tx: &mut crate::store::Tx,
+    cause: Cause<'_>,
+    event_type: &str,
+    object: &Value,
+    line_items: Option<&[objects::LineItem]>,
+) -> Result<(), ApplyError> {
     match event_type {
         "customer.created" | "customer.updated" | "customer.deleted" => {
             let id =
@@ -186,11 +263,49 @@ async fn apply_stripe(tx: &mut crate::store::Tx, event_type: &str, object: &Valu
                 external_id,
                 deleted: event_type == "customer.deleted" || object["deleted"] == true,
             };
-            apply_provider_customer(tx, &pc, &actor).await?;
-            Ok(())
+            apply_provider_customer(tx, &pc, cause.actor).await?;
         }
-        other => Err(ApplyError::Payload(format!("no mapping for {other}"))),
+        t if t.starts_with("checkout.session.") => {
+            let session = read(objects::checkout_session(object))?;
+            let customer = match &session.customer {
+                Some(c) => Some(customer_for(tx, cause, c, &session.metadata).await?),
+                None => None,
+            };
+            let failed = t == "checkout.session.async_payment_failed";
+            orders::apply_checkout_session(tx, cause, &session, customer.as_deref(), line_items, failed)
+                .await?;
+        }
+        t if t.starts_with("customer.subscription.") => {
+            let sub = read(objects::subscription(object))?;
+            let customer = customer_for(tx, cause, &sub.customer, &sub.metadata).await?;
+            subscriptions::apply_subscription(tx, cause, &sub, &customer).await?;
+        }
+        t if t.starts_with("invoice.") => {
+            let inv = read(objects::invoice(object))?;
+            let customer = match &inv.customer {
+                Some(c) => Some(customer_for(tx, cause, c, &Value::Null).await?),
+                None => None,
+            };
+            let failed = t == "invoice.payment_failed";
+            subscriptions::apply_invoice(tx, cause, &inv, customer.as_deref(), failed).await?;
+        }
+        t if t.starts_with("payment_intent.") => {
+            orders::apply_payment(tx, cause, &read(objects::payment_intent(object))?).await?;
+        }
+        "charge.refunded" => {
+            let charge = read(objects::charge(object))?;
+            orders::apply_payment(tx, cause, &charge).await?;
+            orders::apply_refunds(tx, cause, &objects::charge_refunds(object), true).await?;
+        }
+        t if t.starts_with("refund.") => {
+            orders::apply_refunds(tx, cause, &[read(objects::refund(object))?], false).await?;
+        }
+        t if t.starts_with("charge.dispute.") => {
+            orders::apply_dispute(tx, cause, &read(objects::dispute(object))?).await?;
+        }
+        other => return Err(ApplyError::Payload(format!("no mapping for {other}"))),
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -198,9 +313,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_spec_type_is_applied_or_deferred_and_others_ignored() {
+    fn every_spec_type_is_applied_and_others_ignored() {
         for t in STRIPE_HANDLED {
-            assert_ne!(disposition("stripe", t), Disposition::Ignore, "{t}");
+            assert_eq!(disposition("stripe", t), Disposition::Apply, "{t}");
         }
         assert_eq!(disposition("stripe", "plan.created"), Disposition::Ignore);
         assert_eq!(disposition("stripe", "customer.created"), Disposition::Apply);

@@ -6,6 +6,7 @@ mod helpers;
 
 mod api_conventions;
 mod audit;
+mod billing_events;
 mod catalog;
 mod cli;
 mod customers;

@@ -9,24 +9,24 @@ use sha2::Sha256;
 
 use crate::helpers::*;
 
-const SECRET_A: &str = "whsec_test_primary";
+pub(crate) const SECRET_A: &str = "whsec_test_primary";
 const SECRET_B: &str = "whsec_test_rotated";
 
-async fn spawn_with_secrets() -> TestApp {
+pub(crate) async fn spawn_with_secrets() -> TestApp {
     spawn_app_with(|c| {
         c.stripe_webhook_secret = Some(secrecy::SecretString::from(format!("{SECRET_A},{SECRET_B}")))
     })
     .await
 }
 
-fn sign(secret: &str, t: i64, body: &[u8]) -> String {
+pub(crate) fn sign(secret: &str, t: i64, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{t}.").as_bytes());
     mac.update(body);
     format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-fn event(id: &str, kind: &str, created: i64, object: Value) -> Vec<u8> {
+pub(crate) fn event(id: &str, kind: &str, created: i64, object: Value) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "id": id, "object": "event", "api_version": "2025-10-29.clover", "created": created,
         "data": { "object": object }, "livemode": false, "pending_webhooks": 1,
@@ -53,11 +53,11 @@ impl TestApp {
         req.send().await.unwrap()
     }
 
-    async fn deliver_signed(&self, body: &[u8]) -> reqwest::Response {
+    pub(crate) async fn deliver_signed(&self, body: &[u8]) -> reqwest::Response {
         self.deliver("/webhooks/stripe", body, Some(sign(SECRET_A, tollgate::store::now_unix(), body))).await
     }
 
-    async fn provider_events(&self, query: &str) -> Vec<Value> {
+    pub(crate) async fn provider_events(&self, query: &str) -> Vec<Value> {
         let v: Value = self
             .get(&format!("/v1/provider-events?limit=100{query}"), &self.admin_key)
             .send()
@@ -69,7 +69,7 @@ impl TestApp {
         v["data"].as_array().unwrap().clone()
     }
 
-    async fn wait_status(&self, provider_event_id: &str, status: &str) -> Value {
+    pub(crate) async fn wait_status(&self, provider_event_id: &str, status: &str) -> Value {
         eventually(Duration::from_secs(10), || async {
             self.provider_events("")
                 .await

@@ -25,6 +25,7 @@ use serde_json::Value;
 
 pub mod breaker;
 pub mod form;
+pub mod objects;
 
 pub use breaker::{BreakerState, CircuitBreaker};
 pub use form::Form;

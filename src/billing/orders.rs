@@ -1,0 +1,112 @@
+//! An order's status, derived from the facts the provider reported.
+//!
+//! Refunds, disputes and the payment itself are different provider objects
+//! whose events arrive in any order. Instead of moving the order through
+//! transitions as events arrive (which would depend on arrival order), the
+//! order's status is recomputed from everything known about its payment
+//! every time any of it changes. The same facts always give the same status.
+
+/// What is known about an order's payment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrderFacts {
+    pub amount_total: i64,
+    pub paid: bool,
+    pub payment_failed: bool,
+    pub canceled: bool,
+    /// The charge's own running total, from its latest snapshot.
+    pub charge_amount_refunded: i64,
+    /// Each refund's amount and status.
+    pub refunds: Vec<(i64, String)>,
+    /// Each dispute's status.
+    pub disputes: Vec<String>,
+}
+
+/// Refund statuses that count against the order: money that has left or is
+/// leaving. `failed` and `canceled` refunds gave nothing back.
+pub fn refund_counts(status: &str) -> bool {
+    matches!(status, "succeeded" | "pending" | "requires_action")
+}
+
+/// Dispute statuses during which the money is in question.
+pub fn dispute_is_open(status: &str) -> bool {
+    matches!(status, "warning_needs_response" | "warning_under_review" | "needs_response" | "under_review")
+}
+
+impl OrderFacts {
+    /// The amount refunded: the larger of the charge's running total and the
+    /// sum of the refunds seen, because either may be the newer news.
+    pub fn amount_refunded(&self) -> i64 {
+        let listed: i64 = self.refunds.iter().filter(|(_, s)| refund_counts(s)).map(|(a, _)| *a).sum();
+        self.charge_amount_refunded.max(listed).max(0)
+    }
+
+    /// The status, most severe first: a lost dispute outranks a refund,
+    /// an open dispute outranks everything but a loss.
+    pub fn status(&self) -> &'static str {
+        if !self.paid {
+            return if self.canceled {
+                "canceled"
+            } else if self.payment_failed {
+                "payment_failed"
+            } else {
+                "pending"
+            };
+        }
+        let refunded = self.amount_refunded();
+        if self.disputes.iter().any(|s| s == "lost") {
+            "dispute_lost"
+        } else if self.disputes.iter().any(|s| dispute_is_open(s)) {
+            "disputed"
+        } else if refunded > 0 && refunded >= self.amount_total {
+            "refunded"
+        } else if refunded > 0 {
+            "partially_refunded"
+        } else if self.disputes.iter().any(|s| s == "won") {
+            "dispute_won"
+        } else {
+            "paid"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paid(total: i64) -> OrderFacts {
+        OrderFacts { amount_total: total, paid: true, ..Default::default() }
+    }
+
+    #[test]
+    fn statuses_follow_the_facts() {
+        assert_eq!(OrderFacts::default().status(), "pending");
+        assert_eq!(OrderFacts { payment_failed: true, ..Default::default() }.status(), "payment_failed");
+        assert_eq!(OrderFacts { canceled: true, ..Default::default() }.status(), "canceled");
+        assert_eq!(paid(1000).status(), "paid");
+        let partial =
+            OrderFacts { refunds: vec![(300, "succeeded".into()), (200, "failed".into())], ..paid(1000) };
+        assert_eq!((partial.status(), partial.amount_refunded()), ("partially_refunded", 300));
+        let full = OrderFacts {
+            charge_amount_refunded: 1000,
+            refunds: vec![(300, "succeeded".into())],
+            ..paid(1000)
+        };
+        assert_eq!((full.status(), full.amount_refunded()), ("refunded", 1000));
+        assert_eq!(OrderFacts { disputes: vec!["needs_response".into()], ..paid(1000) }.status(), "disputed");
+        assert_eq!(OrderFacts { disputes: vec!["lost".into()], ..full.clone() }.status(), "dispute_lost");
+        assert_eq!(OrderFacts { disputes: vec!["won".into()], ..paid(1000) }.status(), "dispute_won");
+    }
+
+    #[test]
+    fn refund_news_in_any_order_gives_the_same_total() {
+        // Charge says 500 after two refunds of 250; the refunds may arrive
+        // before or after the charge's snapshot.
+        let before = OrderFacts {
+            charge_amount_refunded: 0,
+            refunds: vec![(250, "succeeded".into()), (250, "succeeded".into())],
+            ..paid(1000)
+        };
+        let after = OrderFacts { charge_amount_refunded: 500, refunds: vec![], ..paid(1000) };
+        assert_eq!(before.amount_refunded(), after.amount_refunded());
+    }
+}

@@ -1,0 +1,76 @@
+//! tollgate's own events (the outbox): written in the transaction of the
+//! change they announce, so an event exists exactly when its change does.
+
+use serde::Serialize;
+
+use super::{now_unix, sql, SqlxResultExt, StoreResult, Tx};
+use crate::ids::new_id;
+
+/// An event to record with a state change.
+#[derive(Debug, Clone)]
+pub struct NewEvent<'a> {
+    pub event_type: &'a str,
+    pub customer_id: Option<&'a str>,
+    pub object_type: &'a str,
+    pub object_id: &'a str,
+    /// The inbox id (`pe_…`) of the provider event that caused it.
+    pub provider_event_id: Option<&'a str>,
+    pub data: serde_json::Value,
+    /// For facts that happen once (an order is paid once): a second event
+    /// with the same key is not recorded, whatever retries or races occur.
+    pub dedupe_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct EventRecord {
+    pub id: String,
+    #[sqlx(rename = "type")]
+    pub event_type: String,
+    pub customer_id: Option<String>,
+    pub object_type: String,
+    pub object_id: String,
+    pub provider_event_id: Option<String>,
+    pub data: String,
+    pub created_at: i64,
+}
+
+pub const EVENT_COLUMNS: &str =
+    "id, type, customer_id, object_type, object_id, provider_event_id, data, created_at";
+
+/// Records `event` in `tx`; `None` when its dedupe key was already used.
+pub async fn emit(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<Option<String>> {
+    let id = new_id("ev");
+    let inserted = sql!(
+        tx,
+        query(
+            "INSERT INTO events (id, type, customer_id, object_type, object_id, provider_event_id, data, dedupe_key, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (dedupe_key) DO NOTHING",
+            &id,
+            event.event_type,
+            event.customer_id,
+            event.object_type,
+            event.object_id,
+            event.provider_event_id,
+            event.data.to_string(),
+            &event.dedupe_key,
+            now_unix()
+        )
+        .execute
+    )
+    .db()?;
+    Ok((inserted == 1).then_some(id))
+}
+
+impl super::Store {
+    /// Every event about one object, oldest first (tests and support).
+    pub async fn events_for_object(&self, object_id: &str) -> StoreResult<Vec<EventRecord>> {
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE object_id = $1 ORDER BY id");
+        sql!(self, query_as::<EventRecord>(&sql, object_id).fetch_all).db()
+    }
+
+    /// Every event for one customer, oldest first.
+    pub async fn events_for_customer(&self, customer_id: &str) -> StoreResult<Vec<EventRecord>> {
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE customer_id = $1 ORDER BY id");
+        sql!(self, query_as::<EventRecord>(&sql, customer_id).fetch_all).db()
+    }
+}

@@ -1,0 +1,595 @@
+//! Provider events mapped onto orders, subscriptions, invoices, refunds and
+//! disputes: any delivery order converges, old payload shapes are read, and
+//! a purchase on the emulator becomes a paid, refunded or disputed order.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+use crate::webhooks::{event, spawn_with_secrets};
+
+const T0: i64 = 1_800_000_000;
+
+/// Waits until every one of `expected` stored events is applied (or
+/// ignored), failing on any that failed.
+async fn wait_applied(app: &TestApp, expected: i64) {
+    eventually(Duration::from_secs(60), || async {
+        let counts = app.server_store.provider_event_counts().await.ok()?;
+        let failed = counts.get("failed").copied().unwrap_or(0) + counts.get("dead").copied().unwrap_or(0);
+        assert_eq!(failed, 0, "no event may fail: {counts:?}");
+        let done =
+            counts.get("processed").copied().unwrap_or(0) + counts.get("ignored").copied().unwrap_or(0);
+        (done == expected).then_some(())
+    })
+    .await
+}
+
+fn subscription(id: &str, customer: &str, status: &str, extra: Value) -> Value {
+    let mut sub = json!({
+        "id": id, "object": "subscription", "customer": customer, "status": status,
+        "cancel_at_period_end": false, "canceled_at": null, "ended_at": null, "created": T0,
+        "items": {"object": "list", "data": [{
+            "id": format!("si_{id}"), "object": "subscription_item", "quantity": 1,
+            "price": {"id": "price_perm", "object": "price", "product": "prod_perm"},
+            "current_period_start": T0, "current_period_end": T0 + 30 * 86400,
+        }]},
+        "metadata": {},
+    });
+    if let (Some(s), Some(e)) = (sub.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    sub
+}
+
+fn invoice(id: &str, customer: &str, sub: &str, status: &str, attempts: i64) -> Value {
+    json!({
+        "id": id, "object": "invoice", "customer": customer, "status": status, "attempt_count": attempts,
+        "amount_due": 2500, "amount_paid": if status == "paid" { 2500 } else { 0 }, "currency": "usd",
+        "billing_reason": "subscription_cycle", "created": T0,
+        "parent": {"type": "subscription_details", "subscription_details": {"subscription": sub}},
+        "status_transitions": {"paid_at": if status == "paid" { json!(T0 + 7) } else { json!(null) }},
+    })
+}
+
+/// What a subscription's final state is, without the ids that differ
+/// between runs.
+async fn final_state(app: &TestApp, sub: &str, invoices: &[&str]) -> Value {
+    let row = app.server_store.subscription_by_provider_id("stripe", sub).await.unwrap().expect("mirrored");
+    let mut doc = tollgate::store::subscriptions::subscription_json(&row);
+    for k in ["id", "customer", "provider_subscription_id"] {
+        doc.as_object_mut().unwrap().remove(k);
+    }
+    let mut invs = Vec::new();
+    for inv in invoices {
+        let i =
+            app.server_store.invoice_by_provider_id("stripe", inv).await.unwrap().expect("invoice mirrored");
+        invs.push(json!([i.status, i.attempt_count, i.amount_paid, i.paid_at]));
+    }
+    doc["invoices"] = json!(invs);
+    doc
+}
+
+/// The sequence of the issue: create, update, payment failure, update,
+/// cancel — with created/updated in one second and the last three in the
+/// next, so the same-second tie-break decides.
+fn lifecycle(k: usize) -> Vec<Vec<u8>> {
+    let (cus, sub, inv) = (format!("cus_perm{k}"), format!("sub_perm{k}"), format!("in_perm{k}"));
+    vec![
+        event(
+            &format!("evt_{k}_1"),
+            "customer.subscription.created",
+            T0,
+            subscription(&sub, &cus, "incomplete", json!({})),
+        ),
+        event(
+            &format!("evt_{k}_2"),
+            "customer.subscription.updated",
+            T0,
+            subscription(&sub, &cus, "active", json!({})),
+        ),
+        event(&format!("evt_{k}_3"), "invoice.payment_failed", T0 + 1, invoice(&inv, &cus, &sub, "open", 1)),
+        event(
+            &format!("evt_{k}_4"),
+            "customer.subscription.updated",
+            T0 + 1,
+            subscription(&sub, &cus, "past_due", json!({})),
+        ),
+        event(
+            &format!("evt_{k}_5"),
+            "customer.subscription.deleted",
+            T0 + 1,
+            subscription(&sub, &cus, "canceled", json!({"canceled_at": T0 + 1, "ended_at": T0 + 1})),
+        ),
+    ]
+}
+
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![vec![]];
+    }
+    let mut out = Vec::new();
+    for p in permutations(n - 1) {
+        for i in 0..=p.len() {
+            let mut q = p.clone();
+            q.insert(i, n - 1);
+            out.push(q);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn every_delivery_order_of_a_subscription_lifecycle_ends_in_the_in_order_state() {
+    let app = spawn_with_secrets().await;
+    let orders = permutations(5);
+    assert_eq!(orders.len(), 120);
+    // Run 120 is delivered in order: it is the reference.
+    let reference_run = orders.len();
+    let mut sent = 0;
+    for (k, order) in orders.iter().chain([(0..5).collect::<Vec<usize>>()].iter()).enumerate() {
+        let events = lifecycle(k);
+        for &i in order {
+            assert_eq!(app.deliver_signed(&events[i]).await.status(), 200);
+            sent += 1;
+        }
+    }
+    wait_applied(&app, sent).await;
+    let reference =
+        final_state(&app, &format!("sub_perm{reference_run}"), &[&format!("in_perm{reference_run}")]).await;
+    assert_eq!(reference["status"], "canceled");
+    assert_eq!(reference["invoices"], json!([["open", 1, 0, null]]));
+    assert_eq!(reference["past_due_since"], Value::Null, "a canceled subscription is no longer past due");
+    for (k, order) in orders.iter().enumerate() {
+        let state = final_state(&app, &format!("sub_perm{k}"), &[&format!("in_perm{k}")]).await;
+        assert_eq!(state, reference, "delivery order {order:?}");
+        let row = app
+            .server_store
+            .subscription_by_provider_id("stripe", &format!("sub_perm{k}"))
+            .await
+            .unwrap()
+            .unwrap();
+        let events = app.server_store.events_for_object(&row.id).await.unwrap();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types.first(), Some(&"subscription.created"), "{types:?}");
+        assert_eq!(types.iter().filter(|t| **t == "subscription.canceled").count(), 1, "{types:?}");
+    }
+    // In order, the application hears every step.
+    let row = app
+        .server_store
+        .subscription_by_provider_id("stripe", &format!("sub_perm{reference_run}"))
+        .await
+        .unwrap()
+        .unwrap();
+    let types: Vec<String> = app
+        .server_store
+        .events_for_object(&row.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(
+        types,
+        ["subscription.created", "subscription.updated", "subscription.updated", "subscription.canceled"]
+    );
+    let failed = app.server_store.events_for_object(&format!("in_perm{reference_run}")).await.unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].event_type, "invoice.payment_failed");
+}
+
+/// A longer life: trial, activation, renewals, a failed then recovered
+/// payment, a plan change and a cancellation.
+fn long_life(k: usize) -> Vec<Vec<u8>> {
+    let (cus, sub) = (format!("cus_long{k}"), format!("sub_long{k}"));
+    let (a, b) = (format!("in_long{k}a"), format!("in_long{k}b"));
+    let s = |status: &str, extra: Value| subscription(&sub, &cus, status, extra);
+    let ev = |n: usize, kind: &str, t: i64, obj: Value| event(&format!("evt_long{k}_{n}"), kind, t, obj);
+    vec![
+        ev(1, "customer.subscription.created", T0, s("trialing", json!({"trial_end": T0 + 100}))),
+        ev(2, "customer.subscription.trial_will_end", T0 + 50, s("trialing", json!({"trial_end": T0 + 100}))),
+        ev(3, "customer.subscription.updated", T0 + 100, s("active", json!({"trial_end": T0 + 100}))),
+        ev(4, "invoice.paid", T0 + 100, invoice(&a, &cus, &sub, "paid", 1)),
+        ev(
+            5,
+            "customer.subscription.updated",
+            T0 + 200,
+            s("active", json!({"items": {"data": [{"quantity": 3, "price": {"id": "price_big"}}]}})),
+        ),
+        ev(6, "invoice.payment_failed", T0 + 300, invoice(&b, &cus, &sub, "open", 1)),
+        ev(
+            7,
+            "customer.subscription.updated",
+            T0 + 300,
+            s("past_due", json!({"items": {"data": [{"quantity": 3, "price": {"id": "price_big"}}]}})),
+        ),
+        ev(8, "invoice.payment_failed", T0 + 400, invoice(&b, &cus, &sub, "open", 2)),
+        ev(9, "invoice.paid", T0 + 500, invoice(&b, &cus, &sub, "paid", 3)),
+        ev(
+            10,
+            "customer.subscription.updated",
+            T0 + 500,
+            s("active", json!({"items": {"data": [{"quantity": 3, "price": {"id": "price_big"}}]}})),
+        ),
+        ev(
+            11,
+            "customer.subscription.updated",
+            T0 + 600,
+            s(
+                "active",
+                json!({"cancel_at_period_end": true, "items": {"data": [{"quantity": 3, "price": {"id": "price_big"}}]}}),
+            ),
+        ),
+        ev(
+            12,
+            "customer.subscription.deleted",
+            T0 + 700,
+            s(
+                "canceled",
+                json!({"canceled_at": T0 + 700, "ended_at": T0 + 700, "items": {"data": [{"quantity": 3, "price": {"id": "price_big"}}]}}),
+            ),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn random_orders_with_duplicates_of_a_long_life_converge() {
+    let app = spawn_with_secrets().await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7011_6a7e);
+    let runs = 25;
+    let mut sent = BTreeMap::new();
+    for k in 0..runs {
+        let events = long_life(k);
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        if k > 0 {
+            order.shuffle(&mut rng);
+            for _ in 0..4 {
+                let dup = rng.gen_range(0..events.len());
+                let at = rng.gen_range(0..=order.len());
+                order.insert(at, dup);
+            }
+        }
+        for i in order {
+            assert_eq!(app.deliver_signed(&events[i]).await.status(), 200);
+            sent.insert((k, i), ());
+        }
+    }
+    wait_applied(&app, sent.len() as i64).await;
+    let state = |k: usize| {
+        let app = &app;
+        async move {
+            final_state(app, &format!("sub_long{k}"), &[&format!("in_long{k}a"), &format!("in_long{k}b")])
+                .await
+        }
+    };
+    let reference = state(0).await;
+    assert_eq!((reference["status"].as_str(), reference["quantity"].as_i64()), (Some("canceled"), Some(3)));
+    assert_eq!(reference["cancel_at_period_end"], false);
+    assert_eq!(reference["invoices"], json!([["paid", 1, 2500, T0 + 7], ["paid", 3, 2500, T0 + 7]]));
+    for k in 1..runs {
+        assert_eq!(state(k).await, reference, "run {k}");
+    }
+    // One invoice.paid per invoice, however often it was delivered.
+    for k in 0..runs {
+        let b = app.server_store.events_for_object(&format!("in_long{k}b")).await.unwrap();
+        assert_eq!(b.iter().filter(|e| e.event_type == "invoice.paid").count(), 1, "run {k}");
+    }
+}
+
+#[tokio::test]
+async fn payloads_of_2017_08_15_and_of_the_fixtures_are_read() {
+    let app = spawn_with_secrets().await;
+    // 2017-08-15: one plan at the top of the subscription, `invoice.subscription`
+    // and `invoice.charge` at the top, `paid` instead of `status`.
+    let old_sub = json!({
+        "id": "sub_old", "object": "subscription", "customer": "cus_old", "status": "active",
+        "plan": {"id": "gold_monthly", "object": "plan", "amount": 900, "interval": "month", "product": "prod_old"},
+        "quantity": 2, "current_period_start": T0, "current_period_end": T0 + 86400 * 30, "start": T0,
+        "cancel_at_period_end": false, "items": {"object": "list", "data": [{"id": "si_old", "plan": {"id": "gold_monthly"}, "quantity": 2}]},
+        "metadata": {},
+    });
+    let old_invoice = json!({
+        "id": "in_old", "object": "invoice", "customer": "cus_old", "subscription": "sub_old", "charge": "ch_old",
+        "paid": true, "closed": true, "forgiven": false, "amount_due": 1800, "amount_paid": 1800, "currency": "usd",
+        "attempt_count": 1, "date": T0, "billing_reason": null,
+    });
+    let mut bodies = vec![
+        event("evt_old_1", "customer.subscription.created", T0, old_sub),
+        event("evt_old_2", "invoice.payment_succeeded", T0 + 1, old_invoice),
+    ];
+    for b in &mut bodies {
+        let mut v: Value = serde_json::from_slice(b).unwrap();
+        v["api_version"] = json!("2017-08-15");
+        *b = serde_json::to_vec(&v).unwrap();
+    }
+    // Stripe's own example objects, as today's API sends them.
+    let fixtures: Value = serde_json::from_str(
+        &std::fs::read_to_string(manifest_path("../shared/fixtures/stripe/fixtures3.json")).unwrap(),
+    )
+    .unwrap();
+    let r = &fixtures["resources"];
+    for (n, (kind, object)) in [
+        ("customer.subscription.updated", &r["subscription"]),
+        ("invoice.payment_failed", &r["invoice"]),
+        ("checkout.session.completed", &r["checkout.session"]),
+        ("payment_intent.succeeded", &r["payment_intent"]),
+        ("charge.refunded", &r["charge"]),
+        ("refund.created", &r["refund"]),
+        ("charge.dispute.created", &r["dispute"]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        bodies.push(event(&format!("evt_fixture_{n}"), kind, T0 + 10, object.clone()));
+    }
+    for b in &bodies {
+        assert_eq!(app.deliver_signed(b).await.status(), 200);
+    }
+    wait_applied(&app, bodies.len() as i64).await;
+
+    let sub = app.server_store.subscription_by_provider_id("stripe", "sub_old").await.unwrap().unwrap();
+    assert_eq!((sub.status.as_str(), sub.quantity), ("active", 2));
+    assert_eq!(sub.provider_price_id.as_deref(), Some("gold_monthly"), "the legacy plan id");
+    assert_eq!(sub.current_period_end, Some(T0 + 86400 * 30));
+    let inv = app.server_store.invoice_by_provider_id("stripe", "in_old").await.unwrap().unwrap();
+    assert_eq!(inv.status, "paid");
+    assert_eq!(inv.provider_subscription_id.as_deref(), Some("sub_old"));
+    assert_eq!(inv.payment_key.as_deref(), Some("ch_old"), "the top-level charge");
+    let paid = app.server_store.events_for_object("in_old").await.unwrap();
+    assert_eq!(paid.len(), 1);
+    let data: Value = serde_json::from_str(&paid[0].data).unwrap();
+    assert_eq!(
+        (paid[0].event_type.as_str(), data["subscription"].as_str()),
+        ("invoice.paid", Some(sub.id.as_str()))
+    );
+
+    let fixture_sub = r["subscription"]["id"].as_str().unwrap();
+    let mirrored =
+        app.server_store.subscription_by_provider_id("stripe", fixture_sub).await.unwrap().unwrap();
+    assert_eq!(
+        mirrored.provider_price_id.as_deref(),
+        r["subscription"]["items"]["data"][0]["price"]["id"].as_str()
+    );
+}
+
+/// The hosted page's Pay button, as a person would press it.
+async fn pay(session: &Value, card: &str) {
+    let page = session["url"].as_str().unwrap();
+    // The page redirects to the shop's success URL, which is not ours to follow.
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let resp = client.post(format!("{page}/pay")).form(&[("card_number", card)]).send().await.unwrap();
+    assert_eq!(resp.status(), 303, "paid");
+}
+
+async fn emulator(app: &TestApp, path: &str, form: &[(&str, &str)]) -> Value {
+    let resp = app
+        .client
+        .post(app.url(&format!("/emulator/stripe{path}")))
+        .bearer_auth("sk_test_local")
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{path}");
+    resp.json().await.unwrap()
+}
+
+async fn emulator_get(app: &TestApp, path: &str) -> Value {
+    app.client
+        .get(app.url(&format!("/emulator/stripe{path}")))
+        .bearer_auth("sk_test_local")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn order_in_status(
+    app: &TestApp,
+    customer_id: &str,
+    nth: usize,
+    status: &str,
+) -> tollgate::store::orders::OrderRow {
+    eventually(Duration::from_secs(20), || async {
+        let orders = app.server_store.orders_for_customer(customer_id).await.ok()?;
+        orders.get(nth).filter(|o| o.status == status).cloned()
+    })
+    .await
+}
+
+fn count(events: &[tollgate::store::events::EventRecord], kind: &str) -> usize {
+    events.iter().filter(|e| e.event_type == kind).count()
+}
+
+#[tokio::test]
+async fn a_purchase_on_the_emulator_is_paid_refunded_and_disputed_through_its_webhooks() {
+    let app = spawn_app().await;
+    let product = emulator(&app, "/v1/products", &[("name", "Card pack")]).await;
+    let price = emulator(
+        &app,
+        "/v1/prices",
+        &[("product", product["id"].as_str().unwrap()), ("unit_amount", "500"), ("currency", "usd")],
+    )
+    .await;
+    let customer = emulator(
+        &app,
+        "/v1/customers",
+        &[("email", "buyer@example.com"), ("metadata[tollgate_external_id]", "u_buyer")],
+    )
+    .await;
+    let checkout = |card: &'static str| {
+        let app = &app;
+        let (price, customer) =
+            (price["id"].as_str().unwrap().to_owned(), customer["id"].as_str().unwrap().to_owned());
+        async move {
+            let session = emulator(
+                app,
+                "/v1/checkout/sessions",
+                &[
+                    ("mode", "payment"),
+                    ("customer", &customer),
+                    ("line_items[0][price]", &price),
+                    ("line_items[0][quantity]", "2"),
+                    ("success_url", "https://shop.example/ok"),
+                ],
+            )
+            .await;
+            pay(&session, card).await;
+            emulator_get(app, &format!("/v1/checkout/sessions/{}", session["id"].as_str().unwrap())).await
+        }
+    };
+
+    // Paid: the order appears from the session, with its lines read from
+    // the provider, and is announced once.
+    let session = checkout("4242424242424242").await;
+    let tollgate_customer: Value = eventually(Duration::from_secs(20), || async {
+        let c: Value =
+            app.get("/v1/customers/u_buyer", &app.read_key).send().await.ok()?.json().await.ok()?;
+        c["id"].as_str().is_some().then_some(c)
+    })
+    .await;
+    let cust_id = tollgate_customer["id"].as_str().unwrap().to_owned();
+    let order = order_in_status(&app, &cust_id, 0, "paid").await;
+    assert_eq!((order.amount_total, order.currency.as_str()), (1000, "usd"));
+    assert_eq!(order.provider_checkout_session_id.as_deref(), session["id"].as_str());
+    let (_, lines) = app.server_store.get_order(&order.id).await.unwrap().unwrap();
+    assert_eq!(lines.len(), 1);
+    assert_eq!((lines[0].quantity, lines[0].unit_amount, lines[0].amount_total), (2, 500, 1000));
+    assert_eq!(lines[0].provider_price_id.as_deref(), price["id"].as_str());
+
+    // Refunded in two steps.
+    let pi = session["payment_intent"].as_str().unwrap();
+    emulator(&app, "/v1/refunds", &[("payment_intent", pi), ("amount", "300")]).await;
+    let order = order_in_status(&app, &cust_id, 0, "partially_refunded").await;
+    assert_eq!(order.amount_refunded, 300);
+    emulator(&app, "/v1/refunds", &[("payment_intent", pi)]).await;
+    let order = order_in_status(&app, &cust_id, 0, "refunded").await;
+    assert_eq!(order.amount_refunded, 1000);
+
+    // Disputed, then lost.
+    let disputed = checkout("4000000000000259").await;
+    let second = order_in_status(&app, &cust_id, 1, "disputed").await;
+    assert_eq!(second.provider_checkout_session_id.as_deref(), disputed["id"].as_str());
+    let disputes = emulator_get(
+        &app,
+        &format!("/v1/disputes?payment_intent={}", disputed["payment_intent"].as_str().unwrap()),
+    )
+    .await;
+    let dispute = disputes["data"][0]["id"].as_str().expect("a dispute").to_owned();
+    emulator(&app, &format!("/v1/disputes/{dispute}/close"), &[]).await;
+    order_in_status(&app, &cust_id, 1, "dispute_lost").await;
+
+    let first = app.server_store.events_for_object(&order.id).await.unwrap();
+    assert_eq!(count(&first, "order.paid"), 1);
+    assert_eq!(count(&first, "order.refunded"), 2);
+    let second = app.server_store.events_for_object(&second.id).await.unwrap();
+    assert_eq!(
+        (
+            count(&second, "order.paid"),
+            count(&second, "order.disputed"),
+            count(&second, "order.dispute_closed")
+        ),
+        (1, 1, 1)
+    );
+    let all = app.server_store.events_for_customer(&cust_id).await.unwrap();
+    assert_eq!(count(&all, "checkout.completed"), 2);
+}
+
+#[tokio::test]
+async fn an_order_paid_event_is_emitted_once_when_the_payment_is_announced_five_times() {
+    let app = spawn_with_secrets().await;
+    let session = json!({
+        "id": "cs_test_dup", "object": "checkout.session", "mode": "payment", "status": "complete",
+        "payment_status": "paid", "customer": "cus_five", "payment_intent": "pi_five", "amount_total": 700,
+        "currency": "usd", "metadata": {}, "client_reference_id": null,
+    });
+    let intent = json!({
+        "id": "pi_five", "object": "payment_intent", "status": "succeeded", "amount": 700, "currency": "usd",
+        "customer": "cus_five", "latest_charge": "ch_five", "metadata": {},
+    });
+    let mut bodies = Vec::new();
+    for n in 0..5 {
+        // Five distinct provider events (Stripe retries mint new ids when
+        // an object is re-announced), delivered twice each, concurrently.
+        bodies.push(event(&format!("evt_five_s{n}"), "checkout.session.completed", T0 + n, session.clone()));
+        bodies.push(event(&format!("evt_five_p{n}"), "payment_intent.succeeded", T0 + n, intent.clone()));
+    }
+    let mut tasks = Vec::new();
+    for b in bodies.iter().chain(bodies.iter()) {
+        let (client, url, b) = (app.client.clone(), app.url("/webhooks/stripe"), b.clone());
+        let sig = crate::webhooks::sign(crate::webhooks::SECRET_A, tollgate::store::now_unix(), &b);
+        tasks.push(tokio::spawn(async move {
+            client.post(url).header("stripe-signature", sig).body(b).send().await.unwrap().status().as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    wait_applied(&app, bodies.len() as i64).await;
+    let customer: Value =
+        app.get("/v1/customers/cus_five", &app.read_key).send().await.unwrap().json().await.unwrap();
+    let orders = app.server_store.orders_for_customer(customer["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(orders.len(), 1, "one order for one session");
+    assert_eq!(orders[0].status, "paid");
+    let events = app.server_store.events_for_object(&orders[0].id).await.unwrap();
+    assert_eq!(count(&events, "order.paid"), 1);
+}
+
+#[tokio::test]
+async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_customer() {
+    let app = spawn_with_secrets().await;
+    // The application knows u_known; u_new it has not told tollgate about.
+    app.upsert_customer("u_known", json!({ "email": "known@example.com" })).await;
+    let sub_for = |cus: &str, id: &str| {
+        event(
+            &format!("evt_{id}"),
+            "customer.subscription.created",
+            T0,
+            subscription(id, cus, "active", json!({})),
+        )
+    };
+    let customer_event = |cus: &str, external: &str| {
+        event(
+            &format!("evt_c_{cus}"),
+            "customer.created",
+            T0 + 5,
+            json!({ "id": cus, "object": "customer", "email": null, "metadata": { "tollgate_external_id": external } }),
+        )
+    };
+    // The subscriptions arrive before their customers' own events.
+    for b in [sub_for("cus_known", "sub_known"), sub_for("cus_new", "sub_new")] {
+        assert_eq!(app.deliver_signed(&b).await.status(), 200);
+    }
+    wait_applied(&app, 2).await;
+    for b in [customer_event("cus_known", "u_known"), customer_event("cus_new", "u_new")] {
+        assert_eq!(app.deliver_signed(&b).await.status(), 200);
+    }
+    wait_applied(&app, 4).await;
+
+    for (external, provider_customer, sub) in
+        [("u_known", "cus_known", "sub_known"), ("u_new", "cus_new", "sub_new")]
+    {
+        let c: Value = app
+            .get(&format!("/v1/customers/{external}"), &app.read_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(c["providers"]["stripe"], provider_customer, "{c}");
+        let row = app.server_store.subscription_by_provider_id("stripe", sub).await.unwrap().unwrap();
+        assert_eq!(row.customer_id, c["id"].as_str().unwrap(), "the subscription follows its customer");
+    }
+    // The placeholder that stood in for cus_known is gone.
+    let resp = app.get("/v1/customers/cus_known", &app.read_key).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(app.server_store.verify_audit_chain().await.unwrap().is_intact());
+}
