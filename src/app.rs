@@ -65,11 +65,17 @@ pub struct Server {
 impl Server {
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
         let problems = config.problems();
-        if !problems.is_empty() {
+        let deferred = only_missing_webhook_secret(&problems);
+        if !problems.is_empty() && !deferred {
             return Err(StartError::Config(problems.join("; ")));
         }
         let catalog = Catalog::load(&config.catalog_path)?;
         let store = Store::connect_and_migrate(config.database_url.expose(), &store_options(&config)).await?;
+        // Secrets `tollgate stripe setup` stored, verified beside the configured ones.
+        let stored_webhook_secrets = store.provider_webhook_secrets("stripe").await?;
+        if deferred && stored_webhook_secrets.is_empty() {
+            return Err(StartError::Config(problems.join("; ")));
+        }
         let report = store.sync_catalog(&catalog, &Actor::System("catalog")).await?;
         if !report.is_noop() {
             tracing::info!(created = ?report.created, updated = ?report.updated, deactivated = ?report.deactivated, "catalog synced");
@@ -90,6 +96,7 @@ impl Server {
             let url = format!("{}/webhooks/stripe", config.public_url());
             stripe_webhook_secrets.push(secrecy::SecretString::from(em.register_webhook_endpoint(&url)));
         }
+        stripe_webhook_secrets.extend(stored_webhook_secrets);
         let writers = match store.kind() {
             crate::store::DbKind::Sqlite => 1,
             crate::store::DbKind::Postgres => 4,
@@ -184,6 +191,12 @@ impl Server {
         tracing::info!("tollgate stopped");
         Ok(())
     }
+}
+
+/// Whether the one thing stopping start-up is a missing Stripe webhook
+/// secret, which a secret stored by `tollgate stripe setup` resolves.
+pub fn only_missing_webhook_secret(problems: &[String]) -> bool {
+    problems.len() == 1 && problems[0].starts_with("STRIPE_WEBHOOK_SECRET is missing")
 }
 
 /// Resolves on SIGTERM or Ctrl-C and cancels `token`.

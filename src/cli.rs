@@ -88,6 +88,27 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         timeout_seconds: u64,
     },
+    /// The catalog at the provider.
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
+    /// Set-up at Stripe.
+    #[command(subcommand)]
+    Stripe(StripeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CatalogCommand {
+    /// Create or update Stripe's products and prices from the catalog file
+    /// and record the mapping; check the ids the catalog names. Idempotent.
+    Sync,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StripeCommand {
+    /// Register `{PUBLIC_URL}/webhooks/stripe` with the event types tollgate
+    /// handles (updating an existing endpoint with that URL) and store its
+    /// signing secret for verification.
+    Setup,
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,7 +190,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
     let config = cli.config;
     match cli.command {
         Command::Serve => {
-            let problems = config.problems();
+            let mut problems = config.problems();
+            if app::only_missing_webhook_secret(&problems) {
+                // `tollgate stripe setup` may have stored one: decided once
+                // the database is open.
+                let store = open_store(&config).await?;
+                if !store.provider_webhook_secrets("stripe").await.map_err(|e| e.to_string())?.is_empty() {
+                    problems.clear();
+                }
+                store.close().await;
+            }
             if !problems.is_empty() {
                 for p in &problems {
                     eprintln!("error: {p}");
@@ -357,6 +387,65 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
                     eprintln!("unhealthy: {url}: {e}");
                     Ok(ExitCode::FAILURE)
                 }
+            }
+        }
+        Command::Catalog(CatalogCommand::Sync) => {
+            let catalog =
+                crate::billing::catalog::Catalog::load(&config.catalog_path).map_err(|e| e.to_string())?;
+            let store = open_store(&config).await?;
+            let client = crate::providers::stripe::StripeClient::from_config(&config);
+            let result = crate::ops::catalog_sync::sync_stripe(&store, &client, &catalog, &Actor::Cli).await;
+            store.close().await;
+            match result {
+                Ok(report) => {
+                    print!("{report}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(crate::ops::catalog_sync::CatalogSyncError::Mismatch(problems)) => {
+                    for p in problems {
+                        eprintln!("error: {p}");
+                    }
+                    eprintln!("nothing was changed at Stripe: fix the catalog (or the Stripe objects) and run again");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Command::Stripe(StripeCommand::Setup) => {
+            let store = open_store(&config).await?;
+            let client = crate::providers::stripe::StripeClient::from_config(&config);
+            let url = crate::ops::stripe_setup::webhook_url(&config.public_url());
+            let result = crate::ops::stripe_setup::setup_stripe(&store, &client, &url, &Actor::Cli).await;
+            store.close().await;
+            let report = result.map_err(|e| e.to_string())?;
+            use crate::ops::stripe_setup::SetupAction;
+            let verb = match report.action {
+                SetupAction::Created => "registered",
+                SetupAction::Updated => "updated",
+                SetupAction::Unchanged => "already registered",
+            };
+            println!("{verb}: {} → {} ({} event types)", report.endpoint_id, report.url, report.event_types);
+            if report.secret_stored {
+                println!(
+                    "Its signing secret is stored in tollgate's database and verified from the next start.\n\
+                     To keep secrets in the environment instead, reveal it in Stripe's dashboard (Developers → \
+                     Webhooks → {}) and set STRIPE_WEBHOOK_SECRET.",
+                    report.endpoint_id
+                );
+                Ok(ExitCode::SUCCESS)
+            } else if !config.stripe_webhook_secrets().is_empty() {
+                println!(
+                    "Its signing secret is not known to tollgate; STRIPE_WEBHOOK_SECRET is set and is used."
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "error: this endpoint was created outside tollgate and Stripe shows its secret only once: \
+                     reveal it in Stripe's dashboard (Developers → Webhooks → {}) and set STRIPE_WEBHOOK_SECRET, \
+                     or delete the endpoint and run `tollgate stripe setup` again",
+                    report.endpoint_id
+                );
+                Ok(ExitCode::FAILURE)
             }
         }
         Command::Audit(AuditCommand::Verify) => {

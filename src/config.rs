@@ -299,6 +299,23 @@ pub struct Config {
     /// PEM private key of `TLS_CERT`.
     #[arg(long, env = "TLS_KEY", global = true)]
     pub tls_key: Option<PathBuf>,
+
+    /// Longest a single call to Stripe may take, in seconds, before it is
+    /// abandoned (and retried, if retries remain).
+    #[arg(long, env = "STRIPE_TIMEOUT_SECONDS", default_value_t = 10, global = true)]
+    pub stripe_timeout_seconds: u64,
+
+    /// Retries of a Stripe call that failed transiently (connection, 429, 5xx).
+    #[arg(long, env = "STRIPE_MAX_RETRIES", default_value_t = 2, global = true)]
+    pub stripe_max_retries: u32,
+
+    /// Consecutive failed Stripe calls that open the circuit breaker.
+    #[arg(long, env = "STRIPE_BREAKER_FAILURES", default_value_t = 5, global = true)]
+    pub stripe_breaker_failures: u32,
+
+    /// How long an open breaker refuses calls before one trial call is let through.
+    #[arg(long, env = "STRIPE_BREAKER_COOLDOWN_SECONDS", default_value_t = 30, global = true)]
+    pub stripe_breaker_cooldown_seconds: u64,
 }
 
 impl Config {

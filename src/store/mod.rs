@@ -24,6 +24,7 @@ pub mod idempotency;
 pub mod ops;
 pub mod orders;
 pub mod provider_events;
+pub mod provider_webhooks;
 pub mod subscriptions;
 pub mod watermarks;
 

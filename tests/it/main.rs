@@ -19,5 +19,6 @@ mod operations;
 mod processes;
 mod ratelimit;
 mod store;
+mod stripe_client;
 mod tls;
 mod webhooks;
