@@ -130,7 +130,7 @@ async fn drill(config: &Config, found: &Found, checks: &mut Checks) {
             match open_scratch(&backup::sqlite_url(&file)).await {
                 Ok(store) => {
                     checks.push(Check::pass("restore", "copied into a scratch SQLite file"));
-                    verify(&store, found, checks).await;
+                    verify(&store, found, checks, &config.fulfilment_policy()).await;
                     store.close().await;
                 }
                 Err(e) => {
@@ -202,7 +202,7 @@ async fn postgres_drill(config: &Config, found: &Found, checks: &mut Checks) {
         Ok(url) => match open_scratch(&url).await {
             Ok(store) => {
                 checks.push(Check::pass("restore", format!("pg_restore into scratch database {name}")));
-                verify(&store, found, checks).await;
+                verify(&store, found, checks, &config.fulfilment_policy()).await;
                 store.close().await;
             }
             Err(e) => {
@@ -239,7 +239,12 @@ fn skip_rest(checks: &mut Checks, why: &str) {
     }
 }
 
-async fn verify(store: &Store, found: &Found, checks: &mut Checks) {
+async fn verify(
+    store: &Store,
+    found: &Found,
+    checks: &mut Checks,
+    policy: &crate::billing::entitlements::Policy,
+) {
     let manifest = &found.manifest;
     // Counted before anything below writes to the scratch copy.
     checks.push(match store.row_counts().await {
@@ -311,10 +316,17 @@ async fn verify(store: &Store, found: &Found, checks: &mut Checks) {
         }
         Err(e) => Check::fail("audit_chain", e.to_string(), ""),
     });
-    checks.push(Check::skip(
-        "entitlements",
-        "entitlements are not built yet (issue 6): nothing to recompute and compare",
-    ));
+    checks.push(match store.verify_entitlements(policy).await {
+        Ok((n, bad)) if bad.is_empty() => {
+            Check::pass("entitlements", format!("{n} customers' entitlements recomputed equal the stored ones"))
+        }
+        Ok((n, bad)) => Check::fail(
+            "entitlements",
+            format!("{} of {n} customers' stored entitlements differ from their sources (first: {})", bad.len(), bad[0]),
+            "the backup holds entitlements that its grants, ledger and subscriptions do not explain: investigate before relying on it",
+        ),
+        Err(e) => Check::fail("entitlements", e.to_string(), ""),
+    });
     checks.push(write_read(store).await);
 }
 

@@ -281,6 +281,67 @@ pub async fn recompute_entitlements(
         .fetch_optional
     )
     .db()?;
+    let derived = derive_entitlements(tx, customer_id, policy, now).await?;
+    let document = serde_json::to_string(&derived)?;
+    if let Some((version, doc, updated_at)) = &stored {
+        if *doc == document {
+            return Ok(StoredEntitlements {
+                version: *version,
+                entitlements: derived,
+                updated_at: *updated_at,
+            });
+        }
+    }
+    let version = stored.as_ref().map(|(v, _, _)| v + 1).unwrap_or(1);
+    sql!(
+        tx,
+        query(
+            "INSERT INTO entitlements (customer_id, version, document, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (customer_id) DO UPDATE SET version = excluded.version, document = excluded.document, \
+             updated_at = excluded.updated_at",
+            customer_id,
+            version,
+            &document,
+            now
+        )
+        .execute
+    )
+    .db()?;
+    emit(
+        tx,
+        NewEvent {
+            event_type: "entitlements.updated",
+            customer_id: Some(customer_id),
+            object_type: "entitlements",
+            object_id: customer_id,
+            provider_event_id,
+            data: json!({ "object": "entitlements", "customer": customer_id, "version": version, "entitlements": derived }),
+            dedupe_key: Some(format!("entitlements.updated:{customer_id}:{version}")),
+        },
+    )
+    .await?;
+    audit::append(
+        tx,
+        AuditRecord {
+            actor,
+            action: "entitlements.updated",
+            object_type: "customer",
+            object_id: customer_id,
+            data: json!({ "version": version }),
+            request_id: None,
+        },
+    )
+    .await?;
+    Ok(StoredEntitlements { version, entitlements: derived, updated_at: now })
+}
+
+/// What a customer's entitlements are at `now`, from their sources (no writes).
+async fn derive_entitlements(
+    tx: &mut Tx,
+    customer_id: &str,
+    policy: &Policy,
+    now: i64,
+) -> StoreResult<Entitlements> {
     let subs: Vec<(String, Option<i64>, String)> = sql!(
         tx,
         query_as::<(String, Option<i64>, String)>(
@@ -333,58 +394,7 @@ pub async fn recompute_entitlements(
         .fetch_all
     )
     .db()?;
-    let derived = entitlements::derive(&sources, &active, &balances.into_iter().collect(), now, policy);
-    let document = serde_json::to_string(&derived)?;
-    if let Some((version, doc, updated_at)) = &stored {
-        if *doc == document {
-            return Ok(StoredEntitlements {
-                version: *version,
-                entitlements: derived,
-                updated_at: *updated_at,
-            });
-        }
-    }
-    let version = stored.as_ref().map(|(v, _, _)| v + 1).unwrap_or(1);
-    sql!(
-        tx,
-        query(
-            "INSERT INTO entitlements (customer_id, version, document, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (customer_id) DO UPDATE SET version = excluded.version, document = excluded.document, \
-             updated_at = excluded.updated_at",
-            customer_id,
-            version,
-            &document,
-            now
-        )
-        .execute
-    )
-    .db()?;
-    emit(
-        tx,
-        NewEvent {
-            event_type: "entitlements.updated",
-            customer_id: Some(customer_id),
-            object_type: "entitlements",
-            object_id: customer_id,
-            provider_event_id,
-            data: json!({ "object": "entitlements", "customer": customer_id, "version": version, "entitlements": derived }),
-            dedupe_key: Some(format!("entitlements.updated:{customer_id}:{version}")),
-        },
-    )
-    .await?;
-    audit::append(
-        tx,
-        AuditRecord {
-            actor,
-            action: "entitlements.updated",
-            object_type: "customer",
-            object_id: customer_id,
-            data: json!({ "version": version }),
-            request_id: None,
-        },
-    )
-    .await?;
-    Ok(StoredEntitlements { version, entitlements: derived, updated_at: now })
+    Ok(entitlements::derive(&sources, &active, &balances.into_iter().collect(), now, policy))
 }
 
 /// Why a debit was refused.
@@ -500,6 +510,32 @@ impl Store {
         let stored = recompute_entitlements(&mut tx, customer_id, None, actor, policy).await?;
         tx.commit().await?;
         Ok(stored)
+    }
+
+    /// Recomputes every stored entitlements document at the moment it was
+    /// stored and returns the customers whose document differs from its
+    /// sources (the restore drill's invariant). Writes nothing.
+    pub async fn verify_entitlements(&self, policy: &Policy) -> StoreResult<(usize, Vec<String>)> {
+        let stored: Vec<(String, String, i64)> = sql!(
+            self,
+            query_as::<(String, String, i64)>(
+                "SELECT customer_id, document, updated_at FROM entitlements ORDER BY customer_id"
+            )
+            .fetch_all
+        )
+        .db()?;
+        let mut tx = self.begin().await?;
+        let mut mismatched = Vec::new();
+        for (customer, document, at) in &stored {
+            let derived = derive_entitlements(&mut tx, customer, policy, *at).await?;
+            let stored: Entitlements = serde_json::from_str(document)?;
+            if derived != stored {
+                mismatched.push(customer.clone());
+            }
+        }
+        // Dropped without commit: nothing was written anyway.
+        drop(tx);
+        Ok((stored.len(), mismatched))
     }
 
     /// Recomputes the entitlements of customers whose past-due grace may

@@ -21,6 +21,27 @@ async fn app_with_data() -> (TestApp, tempfile::TempDir) {
     (app, tempfile::tempdir().unwrap())
 }
 
+/// Gives `ada` five credits and spends one, so she has stored entitlements
+/// derived from a ledger (what the drill recomputes).
+async fn ada_with_credits(app: &TestApp) -> String {
+    let ada = app.upsert_customer("ada", json!({})).await["id"].as_str().unwrap().to_owned();
+    app.server_store
+        .execute_raw(&format!(
+            "INSERT INTO credit_ledger (id, customer_id, balance_key, amount, kind, entry_key, created_at) \
+             VALUES ('cle_test', '{ada}', 'cards', 5, 'grant', 'test-grant', 1)"
+        ))
+        .await
+        .unwrap();
+    let policy = tollgate::billing::entitlements::Policy::default();
+    let after = app
+        .server_store
+        .debit_balance(&ada, "cards", 1, "test-debit", &tollgate::store::audit::Actor::Cli, &policy)
+        .await
+        .unwrap();
+    assert_eq!(after.entitlements.balances["cards"], 4);
+    ada
+}
+
 fn config_of(app: &TestApp) -> tollgate::Config {
     test_config(&app.db)
 }
@@ -43,6 +64,7 @@ fn manifest_edit(found: &backup::Found, edit: impl FnOnce(&mut Value)) {
 #[tokio::test]
 async fn a_backup_taken_while_serving_passes_every_drill_check() {
     let (app, dir) = app_with_data().await;
+    ada_with_credits(&app).await;
     let config = config_of(&app);
     let taken = backup::backup(&config, dir.path(), 14).await.unwrap();
     // The manifest describes the file and the data at that instant.
@@ -67,14 +89,14 @@ async fn a_backup_taken_while_serving_passes_every_drill_check() {
         "schema_version",
         "integrity",
         "audit_chain",
+        "entitlements",
         "write_read",
         "cleanup",
     ] {
         assert_eq!(status_of(&report, check), Status::Pass, "{check} in\n{report}");
     }
     let entitlements = report.checks.get("entitlements").unwrap();
-    assert_eq!(entitlements.status, Status::Skip);
-    assert!(entitlements.detail.contains("not built yet"), "{}", entitlements.detail);
+    assert!(entitlements.detail.starts_with("1 customers'"), "{}", entitlements.detail);
 
     // The scratch database is gone, the live one untouched but for the record.
     if app.db.is_postgres() {
@@ -248,4 +270,25 @@ async fn the_commands_exit_non_zero_on_failure_and_say_when_pg_dump_is_missing()
         assert!(stderr.contains("pg_dump was not found"), "{stderr}");
         assert_eq!(backup::list(dir.path()).unwrap().len(), 1, "a failed backup leaves nothing behind");
     }
+}
+
+#[tokio::test]
+async fn stored_entitlements_their_sources_do_not_explain_fail_the_entitlements_check() {
+    let (app, dir) = app_with_data().await;
+    let ada = ada_with_credits(&app).await;
+    // A document edited by hand (or a bug): 99 cards the ledger never gave.
+    app.server_store
+        .execute_raw(&format!(
+            "UPDATE entitlements SET document = '{{\"features\":[],\"limits\":{{}},\"balances\":{{\"cards\":99}}}}' \
+             WHERE customer_id = '{ada}'"
+        ))
+        .await
+        .unwrap();
+    let config = config_of(&app);
+    backup::backup(&config, dir.path(), 14).await.unwrap();
+    let report = drill::run(&config, dir.path()).await;
+    assert!(!report.ok, "{report}");
+    assert_eq!(status_of(&report, "entitlements"), Status::Fail, "{report}");
+    assert!(report.checks.get("entitlements").unwrap().detail.contains(&ada), "{report}");
+    assert_eq!(status_of(&report, "audit_chain"), Status::Pass, "only the entitlements are wrong\n{report}");
 }
