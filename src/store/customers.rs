@@ -336,16 +336,7 @@ pub async fn apply_provider_customer(
 ) -> StoreResult<()> {
     let now = now_unix();
     let adopted = pc.external_id.is_none();
-    let linked: Option<String> = sql!(
-        tx,
-        query_scalar::<String>(
-            "SELECT customer_id FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2",
-            pc.provider,
-            &pc.id
-        )
-        .fetch_optional
-    )
-    .db()?;
+    let linked = linked_customer(tx, pc.provider, &pc.id).await?;
     let customer_id = match linked.clone() {
         Some(id) => match &pc.external_id {
             // Adopted before this event said whose it is (another object's
@@ -485,6 +476,23 @@ pub async fn apply_provider_customer(
     Ok(())
 }
 
+async fn linked_customer(
+    tx: &mut super::Tx,
+    provider: &str,
+    provider_customer_id: &str,
+) -> StoreResult<Option<String>> {
+    sql!(
+        tx,
+        query_scalar::<String>(
+            "SELECT customer_id FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2",
+            provider,
+            provider_customer_id
+        )
+        .fetch_optional
+    )
+    .db()
+}
+
 /// The tollgate customer behind a provider customer id, as another object's
 /// event names it. A provider customer tollgate has not seen yet (its own
 /// event may arrive later) is linked now: to the customer `external_id`
@@ -498,17 +506,7 @@ pub async fn resolve_provider_customer(
     actor: &Actor,
     policy: &Policy,
 ) -> StoreResult<String> {
-    let linked: Option<String> = sql!(
-        tx,
-        query_scalar::<String>(
-            "SELECT customer_id FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2",
-            provider,
-            provider_customer_id
-        )
-        .fetch_optional
-    )
-    .db()?;
-    if let Some(id) = linked {
+    if let Some(id) = linked_customer(tx, provider, provider_customer_id).await? {
         return Ok(id);
     }
     let pc = ProviderCustomer {
@@ -518,17 +516,7 @@ pub async fn resolve_provider_customer(
         ..Default::default()
     };
     apply_provider_customer(tx, &pc, actor, policy).await?;
-    let linked: Option<String> = sql!(
-        tx,
-        query_scalar::<String>(
-            "SELECT customer_id FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2",
-            provider,
-            provider_customer_id
-        )
-        .fetch_optional
-    )
-    .db()?;
-    if let Some(id) = linked {
+    if let Some(id) = linked_customer(tx, provider, provider_customer_id).await? {
         return Ok(id);
     }
     // The named customer is already linked to another customer of this

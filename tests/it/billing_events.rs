@@ -393,15 +393,63 @@ async fn emulator_get(app: &TestApp, path: &str) -> Value {
         .unwrap()
 }
 
+/// A price at the emulator for a new product: one-time, or recurring every `interval`.
+async fn emulator_price(app: &TestApp, product: &str, amount: &str, interval: Option<&str>) -> String {
+    let product = emulator(app, "/v1/products", &[("name", product)]).await;
+    let mut form =
+        vec![("product", product["id"].as_str().unwrap()), ("unit_amount", amount), ("currency", "usd")];
+    if let Some(interval) = interval {
+        form.push(("recurring[interval]", interval));
+    }
+    emulator(app, "/v1/prices", &form).await["id"].as_str().unwrap().to_owned()
+}
+
+/// Two of `price` bought by `customer` on the hosted page with `card`: the
+/// session as the emulator has it afterwards.
+async fn buy(app: &TestApp, customer: &str, price: &str, card: &str) -> Value {
+    let session = emulator(
+        app,
+        "/v1/checkout/sessions",
+        &[
+            ("mode", "payment"),
+            ("customer", customer),
+            ("line_items[0][price]", price),
+            ("line_items[0][quantity]", "2"),
+            ("success_url", "https://shop.example/ok"),
+        ],
+    )
+    .await;
+    pay(&session, card).await;
+    emulator_get(app, &format!("/v1/checkout/sessions/{}", session["id"].as_str().unwrap())).await
+}
+
 async fn order_in_status(
     app: &TestApp,
     customer_id: &str,
     nth: usize,
     status: &str,
 ) -> tollgate::store::orders::OrderRow {
-    eventually(Duration::from_secs(20), || async {
+    let started = std::time::Instant::now();
+    let reported = std::sync::atomic::AtomicBool::new(false);
+    eventually(Duration::from_secs(60), || async {
         let orders = app.server_store.orders_for_customer(customer_id).await.ok()?;
-        orders.get(nth).filter(|o| o.status == status).cloned()
+        let found = orders.get(nth).filter(|o| o.status == status).cloned();
+        if found.is_none()
+            && started.elapsed() > Duration::from_secs(15)
+            && !reported.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            // Slow under load is fine; a failing event is not: say which.
+            eprintln!("waiting for order {nth} of {customer_id} to be {status}; orders: {orders:?}");
+            for pe in app.provider_events("").await {
+                if pe["last_error"].is_string() {
+                    eprintln!(
+                        "  {} {} attempts {}: {}",
+                        pe["type"], pe["status"], pe["attempts"], pe["last_error"]
+                    );
+                }
+            }
+        }
+        found
     })
     .await
 }
@@ -413,40 +461,15 @@ fn count(events: &[tollgate::store::events::EventRecord], kind: &str) -> usize {
 #[tokio::test]
 async fn a_purchase_on_the_emulator_is_paid_refunded_and_disputed_through_its_webhooks() {
     let app = spawn_app().await;
-    let product = emulator(&app, "/v1/products", &[("name", "Card pack")]).await;
-    let price = emulator(
-        &app,
-        "/v1/prices",
-        &[("product", product["id"].as_str().unwrap()), ("unit_amount", "500"), ("currency", "usd")],
-    )
-    .await;
+    let price = emulator_price(&app, "Card pack", "500", None).await;
     let customer = emulator(
         &app,
         "/v1/customers",
         &[("email", "buyer@example.com"), ("metadata[tollgate_external_id]", "u_buyer")],
     )
     .await;
-    let checkout = |card: &'static str| {
-        let app = &app;
-        let (price, customer) =
-            (price["id"].as_str().unwrap().to_owned(), customer["id"].as_str().unwrap().to_owned());
-        async move {
-            let session = emulator(
-                app,
-                "/v1/checkout/sessions",
-                &[
-                    ("mode", "payment"),
-                    ("customer", &customer),
-                    ("line_items[0][price]", &price),
-                    ("line_items[0][quantity]", "2"),
-                    ("success_url", "https://shop.example/ok"),
-                ],
-            )
-            .await;
-            pay(&session, card).await;
-            emulator_get(app, &format!("/v1/checkout/sessions/{}", session["id"].as_str().unwrap())).await
-        }
-    };
+    let customer = customer["id"].as_str().unwrap().to_owned();
+    let checkout = |card| buy(&app, &customer, &price, card);
 
     // Paid: the order appears from the session, with its lines read from
     // the provider, and is announced once.
@@ -464,7 +487,7 @@ async fn a_purchase_on_the_emulator_is_paid_refunded_and_disputed_through_its_we
     let (_, lines) = app.server_store.get_order(&order.id).await.unwrap().unwrap();
     assert_eq!(lines.len(), 1);
     assert_eq!((lines[0].quantity, lines[0].unit_amount, lines[0].amount_total), (2, 500, 1000));
-    assert_eq!(lines[0].provider_price_id.as_deref(), price["id"].as_str());
+    assert_eq!(lines[0].provider_price_id.as_deref(), Some(price.as_str()));
 
     // Refunded in two steps.
     let pi = session["payment_intent"].as_str().unwrap();
@@ -629,37 +652,12 @@ async fn wait_entitlements(app: &TestApp, external: &str, check: impl Fn(&Value)
 #[tokio::test]
 async fn a_card_pack_grants_credits_once_that_are_debited_and_taken_back_by_refunds_and_lost_disputes() {
     let app = spawn_app().await;
-    let product = emulator(&app, "/v1/products", &[("name", "Card pack")]).await;
-    let pack = emulator(
-        &app,
-        "/v1/prices",
-        &[("product", product["id"].as_str().unwrap()), ("unit_amount", "500"), ("currency", "usd")],
-    )
-    .await;
-    let pack = pack["id"].as_str().unwrap().to_owned();
+    let pack = emulator_price(&app, "Card pack", "500", None).await;
     link_catalog(&app, &[("card_pack_5", &pack)]).await;
     app.upsert_customer("u_cards", json!({ "email": "cards@example.com" })).await;
     let customer = emulator(&app, "/v1/customers", &[("metadata[tollgate_external_id]", "u_cards")]).await;
     let customer = customer["id"].as_str().unwrap().to_owned();
-    let buy = |card: &'static str| {
-        let (app, pack, customer) = (&app, pack.clone(), customer.clone());
-        async move {
-            let session = emulator(
-                app,
-                "/v1/checkout/sessions",
-                &[
-                    ("mode", "payment"),
-                    ("customer", &customer),
-                    ("line_items[0][price]", &pack),
-                    ("line_items[0][quantity]", "2"),
-                    ("success_url", "https://shop.example/ok"),
-                ],
-            )
-            .await;
-            pay(&session, card).await;
-            emulator_get(app, &format!("/v1/checkout/sessions/{}", session["id"].as_str().unwrap())).await
-        }
-    };
+    let buy = |card| buy(&app, &customer, &pack, card);
 
     // Two packs of five: ten cards, granted once.
     let session = buy("4242424242424242").await;
@@ -750,19 +748,7 @@ async fn a_card_pack_grants_credits_once_that_are_debited_and_taken_back_by_refu
 #[tokio::test]
 async fn a_subscription_grants_its_products_features_until_it_ends() {
     let app = spawn_app().await;
-    let product = emulator(&app, "/v1/products", &[("name", "Pro")]).await;
-    let price = emulator(
-        &app,
-        "/v1/prices",
-        &[
-            ("product", product["id"].as_str().unwrap()),
-            ("unit_amount", "2900"),
-            ("currency", "usd"),
-            ("recurring[interval]", "month"),
-        ],
-    )
-    .await;
-    let price = price["id"].as_str().unwrap().to_owned();
+    let price = emulator_price(&app, "Pro", "2900", Some("month")).await;
     link_catalog(&app, &[("pro_monthly", &price)]).await;
     let customer = emulator(&app, "/v1/customers", &[("metadata[tollgate_external_id]", "u_pro")]).await;
     let session = emulator(
