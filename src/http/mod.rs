@@ -27,8 +27,10 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod middleware;
+pub mod orders;
 pub mod provider_events;
 pub mod ratelimit;
+pub mod subscriptions;
 pub mod tls;
 
 /// What every handler can reach. Cheap to clone.
@@ -114,6 +116,8 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .merge(customers::router())
         .merge(entitlements::router())
+        .merge(orders::router())
+        .merge(subscriptions::router())
         .merge(catalog::router())
         .merge(audit::router())
         .merge(provider_events::router())

@@ -746,3 +746,30 @@ pub fn order_json(order: &OrderRow, lines: &[OrderLineRow]) -> Value {
         "created_at": order.created_at,
     })
 }
+
+impl Store {
+    /// Orders, newest first, optionally of one customer, with their lines.
+    pub async fn list_orders(
+        &self,
+        page: &super::Page,
+        customer_id: Option<&str>,
+    ) -> StoreResult<super::Listed<(OrderRow, Vec<OrderLineRow>)>> {
+        self.ensure_cursor("orders", page).await?;
+        let (op, order) = if page.is_backwards() { (">", "ASC") } else { ("<", "DESC") };
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE ($1 IS NULL OR id {op} $1) AND ($2 IS NULL OR customer_id = $2) \
+             ORDER BY id {order} LIMIT $3"
+        );
+        let cursor = page.cursor().map(str::to_owned);
+        let rows: Vec<OrderRow> =
+            sql!(self, query_as::<OrderRow>(&sql, cursor, customer_id, page.fetch_limit()).fetch_all).db()?;
+        let listed = page.finish(rows);
+        let mut data = Vec::with_capacity(listed.data.len());
+        let sql = format!("SELECT {LINE_COLUMNS} FROM order_lines WHERE order_id = $1 ORDER BY line_no");
+        for order in listed.data {
+            let lines = sql!(self, query_as::<OrderLineRow>(&sql, &order.id).fetch_all).db()?;
+            data.push((order, lines));
+        }
+        Ok(super::Listed { data, has_more: listed.has_more })
+    }
+}

@@ -385,3 +385,30 @@ pub async fn apply_invoice(
     }
     Ok(())
 }
+
+impl Store {
+    /// One subscription by tollgate's id (`sub_…` minted by tollgate).
+    pub async fn get_subscription(&self, id: &str) -> StoreResult<Option<SubscriptionRow>> {
+        let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = $1");
+        sql!(self, query_as::<SubscriptionRow>(&sql, id).fetch_optional).db()
+    }
+
+    /// Subscriptions, newest first, optionally of one customer.
+    pub async fn list_subscriptions(
+        &self,
+        page: &super::Page,
+        customer_id: Option<&str>,
+    ) -> StoreResult<super::Listed<SubscriptionRow>> {
+        self.ensure_cursor("subscriptions", page).await?;
+        let (op, order) = if page.is_backwards() { (">", "ASC") } else { ("<", "DESC") };
+        let sql = format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE ($1 IS NULL OR id {op} $1) \
+             AND ($2 IS NULL OR customer_id = $2) ORDER BY id {order} LIMIT $3"
+        );
+        let cursor = page.cursor().map(str::to_owned);
+        let rows: Vec<SubscriptionRow> =
+            sql!(self, query_as::<SubscriptionRow>(&sql, cursor, customer_id, page.fetch_limit()).fetch_all)
+                .db()?;
+        Ok(page.finish(rows))
+    }
+}

@@ -71,12 +71,17 @@ pub enum ApplyError {
 
 impl ApplyError {
     /// Lost a race with another worker applying a related event (both
-    /// recording the same new customer or session): running again at once
-    /// sees the winner's commit and succeeds.
+    /// recording the same new customer or session, or a deadlock between
+    /// them): running again at once sees the winner's commit and succeeds.
     pub fn is_conflict(&self) -> bool {
         match self {
             ApplyError::Store(StoreError::Conflict(_)) => true,
             ApplyError::Store(StoreError::Database(sqlx::Error::Database(db))) => db.is_unique_violation(),
+            // PostgreSQL chose this transaction as a deadlock victim (or a
+            // serialization failure): the other one has moved on.
+            ApplyError::Store(StoreError::Unavailable(sqlx::Error::Database(db))) => {
+                matches!(db.code().as_deref(), Some("40P01" | "40001"))
+            }
             _ => false,
         }
     }

@@ -525,6 +525,29 @@ async fn a_purchase_on_the_emulator_is_paid_refunded_and_disputed_through_its_we
     );
     let all = app.server_store.events_for_customer(&cust_id).await.unwrap();
     assert_eq!(count(&all, "checkout.completed"), 2);
+
+    // The application reads the same through the API.
+    let listed: Value =
+        app.get("/v1/orders?customer=u_buyer", &app.read_key).send().await.unwrap().json().await.unwrap();
+    let statuses: Vec<&str> =
+        listed["data"].as_array().unwrap().iter().map(|o| o["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["dispute_lost", "refunded"], "newest first");
+    let one: Value = app
+        .get(&format!("/v1/orders/{}", order.id), &app.read_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (one["amount_refunded"].as_i64(), one["lines"][0]["quantity"].as_i64()),
+        (Some(1000), Some(2))
+    );
+    let resp = app.get("/v1/orders?customer=u_nobody", &app.read_key).send().await.unwrap();
+    expect_error(resp, 404, "invalid_request_error", "resource_missing").await;
+    let resp = app.get("/v1/orders/ord_missing", &app.read_key).send().await.unwrap();
+    expect_error(resp, 404, "invalid_request_error", "resource_missing").await;
 }
 
 #[tokio::test]
@@ -791,6 +814,26 @@ async fn a_subscription_grants_its_products_features_until_it_ends() {
     assert_eq!(resp.status(), 200);
     let e = wait_entitlements(&app, "u_pro", |e| e["features"] == json!([])).await;
     assert_eq!(e["limits"], json!({}));
+    let listed: Value = app
+        .get("/v1/subscriptions?customer=u_pro", &app.read_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1);
+    let sub_id = listed["data"][0]["id"].as_str().unwrap();
+    let one: Value = app
+        .get(&format!("/v1/subscriptions/{sub_id}"), &app.read_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((one["status"].as_str(), one["price"].as_str()), (Some("canceled"), Some("pro_monthly")));
+    assert_eq!(one["provider_subscription"], sub);
     let check: Value = app
         .get("/v1/customers/u_pro/entitlements/api_access", &app.read_key)
         .send()
