@@ -222,6 +222,15 @@ pub struct Config {
     /// Grace period before in-flight requests are abandoned at shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 25, global = true)]
     pub shutdown_grace_seconds: u64,
+
+    /// Longest wait for an application webhook endpoint to answer.
+    #[arg(long, env = "WEBHOOK_TIMEOUT_SECONDS", default_value_t = 15, global = true)]
+    pub webhook_timeout_seconds: u64,
+
+    /// Delays between outbound webhook attempts. Not a setting: always the
+    /// spec's schedule, except in tests that need retries to happen now.
+    #[arg(skip)]
+    pub webhook_retry_schedule: Option<Vec<Duration>>,
 }
 
 impl Config {

@@ -27,6 +27,8 @@ pub mod extract;
 pub mod health;
 pub mod middleware;
 pub mod provider_events;
+pub mod events;
+pub mod webhook_endpoints;
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -111,6 +113,8 @@ pub fn router(state: AppState) -> Router {
         .merge(catalog::router())
         .merge(audit::router())
         .merge(provider_events::router())
+        .merge(events::router())
+        .merge(webhook_endpoints::router())
         // Inner to outer: a request is authenticated before its
         // Idempotency-Key is looked up under that key.
         .layer(from_fn_with_state(state.clone(), middleware::idempotency))

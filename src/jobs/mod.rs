@@ -57,6 +57,10 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         }
         while inner.join_next().await.is_some() {}
     });
+    let delivery = crate::delivery::worker::DeliveryOptions::from_config(&state.config);
+    for _ in 0..workers {
+        tasks.spawn(crate::delivery::worker::run(state.store.clone(), delivery.clone(), shutdown.clone()));
+    }
     if state.config.reconcile_interval_seconds > 0 {
         let every = Duration::from_secs(state.config.reconcile_interval_seconds);
         tasks.spawn(reconcile::run(state.clone(), shutdown.clone(), every));

@@ -18,12 +18,14 @@ pub mod api_keys;
 pub mod audit;
 pub mod catalog;
 pub mod customers;
+pub mod deliveries;
 pub mod events;
 pub mod idempotency;
 pub mod orders;
 pub mod provider_events;
 pub mod subscriptions;
 pub mod watermarks;
+pub mod webhook_endpoints;
 
 /// Runs one sqlx query on whichever backend `$target` holds.
 ///
@@ -189,6 +191,10 @@ enum Backend {
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
+    /// Signalled after a commit that queued outbound deliveries, so the
+    /// delivery worker in this process sends them at once instead of at
+    /// its next poll.
+    delivery_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Store {
@@ -243,7 +249,7 @@ impl Store {
                 Backend::Postgres(pool)
             }
         };
-        Ok(Store { backend })
+        Ok(Store { backend, delivery_wake: Default::default() })
     }
 
     /// Opens the pools and brings the schema up to date.
@@ -355,7 +361,12 @@ impl Store {
             }
             Backend::Postgres(pool) => TxInner::Postgres(pool.begin().await.db()?),
         };
-        Ok(Tx { inner })
+        Ok(Tx { inner, wake: self.delivery_wake.clone(), deliveries_queued: false })
+    }
+
+    /// What the delivery worker waits on between polls.
+    pub fn delivery_wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.delivery_wake.clone()
     }
 }
 
@@ -379,6 +390,10 @@ enum TxInner {
 /// A write transaction on either backend. Dropped without `commit`, it rolls back.
 pub struct Tx {
     inner: TxInner,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    /// Set by `events::emit` when it queued deliveries: committing wakes
+    /// the delivery worker.
+    deliveries_queued: bool,
 }
 
 impl Tx {
@@ -398,9 +413,14 @@ impl Tx {
 
     pub async fn commit(self) -> StoreResult<()> {
         match self.inner {
-            TxInner::Sqlite(tx) => tx.commit().await.db(),
-            TxInner::Postgres(tx) => tx.commit().await.db(),
+            TxInner::Sqlite(tx) => tx.commit().await.db()?,
+            TxInner::Postgres(tx) => tx.commit().await.db()?,
         }
+        if self.deliveries_queued {
+            self.wake.notify_waiters();
+            self.wake.notify_one();
+        }
+        Ok(())
     }
 }
 
