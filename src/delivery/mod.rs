@@ -182,13 +182,7 @@ pub fn client(policy: TargetPolicy, timeout: Duration) -> reqwest::Result<reqwes
 
 /// The body sent for an event. Documented in README ("Webhooks to your
 /// application").
-pub fn body(
-    event_id: &str,
-    event_type: &str,
-    created: i64,
-    customer: Option<&str>,
-    data: &str,
-) -> Vec<u8> {
+pub fn body(event_id: &str, event_type: &str, created: i64, customer: Option<&str>, data: &str) -> Vec<u8> {
     let data: serde_json::Value = serde_json::from_str(data).unwrap_or(serde_json::Value::Null);
     serde_json::to_vec(&serde_json::json!({
         "id": event_id,

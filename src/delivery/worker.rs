@@ -104,7 +104,9 @@ pub async fn work_once(
     }
     while let Some(joined) = sends.join_next().await {
         match joined {
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not record a delivery attempt; it will be retried"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not record a delivery attempt; it will be retried")
+            }
             Err(e) => tracing::error!(error = %e, "delivery task failed"),
             Ok(Ok(())) => {}
         }
@@ -159,22 +161,22 @@ async fn deliver(
     } else {
         tracing::info!(attempts, error = error.as_deref().unwrap_or(""), "delivery failed; will retry");
     }
-    store
+    let disabled = store
         .record_delivery_attempt(
             &d.id,
+            &d.endpoint_id,
             &AttemptOutcome {
                 status_code,
                 duration_ms: elapsed.as_millis() as i64,
                 error,
                 response,
                 retry,
+                disable_endpoint: gone.then(|| "the endpoint answered 410 Gone".to_owned()),
             },
         )
         .await?;
-    if gone {
-        if store.disable_webhook_endpoint(&d.endpoint_id, "the endpoint answered 410 Gone").await? {
-            tracing::warn!("endpoint answered 410 Gone; disabled");
-        }
+    if disabled {
+        tracing::warn!("endpoint answered 410 Gone; disabled");
     }
     Ok(())
 }
@@ -272,7 +274,8 @@ mod tests {
     fn event_ids_tell_when_they_were_minted() {
         let id = crate::ids::new_id("ev");
         let ms = ulid_ms(&id).unwrap();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
         assert!(now.abs_diff(ms) < 5_000);
     }
 }

@@ -102,7 +102,13 @@ pub async fn list_events(
                 Some(c) => Some(c.id),
                 // No such customer: no events, rather than an error, as
                 // for any filter that matches nothing.
-                None => return Ok(Json(ListResponse::new("/v1/events", page.finish(Vec::<EventRecord>::new()), Event::from))),
+                None => {
+                    return Ok(Json(ListResponse::new(
+                        "/v1/events",
+                        page.finish(Vec::<EventRecord>::new()),
+                        Event::from,
+                    )))
+                }
             }
         }
     };

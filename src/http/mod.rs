@@ -23,11 +23,11 @@ pub mod catalog;
 pub mod customers;
 pub mod docs;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod middleware;
 pub mod provider_events;
-pub mod events;
 pub mod webhook_endpoints;
 
 /// What every handler can reach. Cheap to clone.

@@ -104,7 +104,10 @@ pub async fn create_webhook_endpoint(
     if let Some(bad) = events.iter().find(|t| *t != "*" && !delivery::EVENT_TYPES.contains(&t.as_str())) {
         return Err(ApiError::invalid_param(
             "events",
-            format!("Unknown event type '{bad}'; expected \"*\" or one of {}.", delivery::EVENT_TYPES.join(", ")),
+            format!(
+                "Unknown event type '{bad}'; expected \"*\" or one of {}.",
+                delivery::EVENT_TYPES.join(", ")
+            ),
         ));
     }
     let mut events: Vec<String> = events;
@@ -119,7 +122,12 @@ pub async fn create_webhook_endpoint(
     let record = state
         .store
         .create_webhook_endpoint(
-            NewEndpoint { url: url.as_str(), description: description.as_deref(), events: &events, secret: &secret },
+            NewEndpoint {
+                url: url.as_str(),
+                description: description.as_deref(),
+                events: &events,
+                secret: &secret,
+            },
             &caller.actor(),
             request_id.as_deref(),
         )
@@ -348,7 +356,8 @@ pub async fn retry_delivery(
     AdminKey(caller): AdminKey,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Delivery>> {
-    let existing = state.store.get_delivery(&id).await?.ok_or_else(|| ApiError::not_found("delivery", &id))?;
+    let existing =
+        state.store.get_delivery(&id).await?.ok_or_else(|| ApiError::not_found("delivery", &id))?;
     let request_id = current_request_id();
     if !state.store.retry_delivery(&id, &caller.actor(), request_id.as_deref()).await? {
         return Err(ApiError::new(

@@ -73,7 +73,8 @@ pub struct DeliveryRecord {
     pub delivered_at: Option<i64>,
 }
 
-const DELIVERY_COLUMNS: &str = "d.id, d.endpoint_id, d.event_id, e.type AS event_type, d.customer_id, d.status, \
+const DELIVERY_COLUMNS: &str =
+    "d.id, d.endpoint_id, d.event_id, e.type AS event_type, d.customer_id, d.status, \
      d.attempts, d.next_attempt_at, d.last_status, d.last_error, d.created_at, d.delivered_at";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -123,12 +124,18 @@ pub struct AttemptOutcome {
     pub response: Option<String>,
     /// `None`: delivered. `Some(Some(at))`: retry at `at`. `Some(None)`: dead.
     pub retry: Option<Option<i64>>,
+    /// The endpoint asked not to be sent anything more (`410 Gone`): why.
+    pub disable_endpoint: Option<String>,
 }
 
 impl Store {
     /// Claims up to `limit` due deliveries for `lease_seconds`: each the
     /// oldest unfinished one of its (endpoint, customer) queue.
-    pub async fn claim_deliveries(&self, limit: i64, lease_seconds: i64) -> StoreResult<Vec<ClaimedDelivery>> {
+    pub async fn claim_deliveries(
+        &self,
+        limit: i64,
+        lease_seconds: i64,
+    ) -> StoreResult<Vec<ClaimedDelivery>> {
         let now = now_unix();
         let mut tx = self.begin().await?;
         let lock = match tx.kind() {
@@ -147,7 +154,8 @@ impl Store {
                  AND p.customer_id = d.customer_id AND p.status IN ('pending', 'failed') AND p.event_id < d.event_id) \
              ORDER BY d.event_id LIMIT $2{lock}"
         );
-        let rows: Vec<ClaimedDelivery> = sql!(tx, query_as::<ClaimedDelivery>(&q, now, limit).fetch_all).db()?;
+        let rows: Vec<ClaimedDelivery> =
+            sql!(tx, query_as::<ClaimedDelivery>(&q, now, limit).fetch_all).db()?;
         for row in &rows {
             sql!(
                 tx,
@@ -160,8 +168,15 @@ impl Store {
         Ok(rows)
     }
 
-    /// Records an attempt and its consequence for the delivery, together.
-    pub async fn record_delivery_attempt(&self, id: &str, outcome: &AttemptOutcome) -> StoreResult<()> {
+    /// Records an attempt and its consequences, together: no other worker
+    /// can pick the delivery up again between its failure and its
+    /// endpoint's disabling. Returns whether the endpoint was disabled now.
+    pub async fn record_delivery_attempt(
+        &self,
+        id: &str,
+        endpoint_id: &str,
+        outcome: &AttemptOutcome,
+    ) -> StoreResult<bool> {
         let now = now_unix();
         let mut tx = self.begin().await?;
         sql!(
@@ -199,25 +214,38 @@ impl Store {
             .execute
         )
         .db()?;
-        tx.commit().await
+        let disabled = match &outcome.disable_endpoint {
+            Some(reason) => super::webhook_endpoints::disable(&mut tx, endpoint_id, reason).await?,
+            None => false,
+        };
+        tx.commit().await?;
+        Ok(disabled)
     }
 
     pub async fn get_delivery(&self, id: &str) -> StoreResult<Option<DeliveryRecord>> {
-        let q = format!("SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.id = $1");
+        let q = format!(
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.id = $1"
+        );
         sql!(self, query_as::<DeliveryRecord>(&q, id).fetch_optional).db()
     }
 
     /// An endpoint's deliveries, newest first.
-    pub async fn list_deliveries(&self, endpoint_id: &str, page: &Page) -> StoreResult<Listed<DeliveryRecord>> {
+    pub async fn list_deliveries(
+        &self,
+        endpoint_id: &str,
+        page: &Page,
+    ) -> StoreResult<Listed<DeliveryRecord>> {
         self.ensure_cursor("deliveries", page).await?;
         let (op, order) = if page.is_backwards() { (">", "ASC") } else { ("<", "DESC") };
         let q = format!(
             "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id \
              WHERE d.endpoint_id = $1 AND ($2 IS NULL OR d.id {op} $2) ORDER BY d.id {order} LIMIT $3"
         );
-        let rows =
-            sql!(self, query_as::<DeliveryRecord>(&q, endpoint_id, page.cursor(), page.fetch_limit()).fetch_all)
-                .db()?;
+        let rows = sql!(
+            self,
+            query_as::<DeliveryRecord>(&q, endpoint_id, page.cursor(), page.fetch_limit()).fetch_all
+        )
+        .db()?;
         Ok(page.finish(rows))
     }
 
@@ -237,7 +265,12 @@ impl Store {
 
     /// Sends a dead or failed delivery again now. `false` when it is in
     /// another state.
-    pub async fn retry_delivery(&self, id: &str, actor: &Actor, request_id: Option<&str>) -> StoreResult<bool> {
+    pub async fn retry_delivery(
+        &self,
+        id: &str,
+        actor: &Actor,
+        request_id: Option<&str>,
+    ) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
         let n = sql!(
             tx,

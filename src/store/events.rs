@@ -91,7 +91,8 @@ impl super::Store {
         );
         let rows = sql!(
             self,
-            query_as::<EventRecord>(&sql, page.cursor(), event_type, customer_id, page.fetch_limit()).fetch_all
+            query_as::<EventRecord>(&sql, page.cursor(), event_type, customer_id, page.fetch_limit())
+                .fetch_all
         )
         .db()?;
         Ok(page.finish(rows))

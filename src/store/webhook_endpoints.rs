@@ -108,7 +108,8 @@ impl Store {
             "SELECT {COLUMNS} FROM webhook_endpoints WHERE ($1 IS NULL OR id {op} $1) AND deleted_at IS NULL \
              ORDER BY id {order} LIMIT $2"
         );
-        let rows = sql!(self, query_as::<EndpointRecord>(&q, page.cursor(), page.fetch_limit()).fetch_all).db()?;
+        let rows =
+            sql!(self, query_as::<EndpointRecord>(&q, page.cursor(), page.fetch_limit()).fetch_all).db()?;
         Ok(page.finish(rows))
     }
 
@@ -189,40 +190,38 @@ impl Store {
         tx.commit().await?;
         Ok(row)
     }
+}
 
-    /// Stops deliveries to an endpoint that told us to (`410 Gone`). Its
-    /// undelivered events stay pending and visible.
-    pub async fn disable_webhook_endpoint(&self, id: &str, reason: &str) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        let n = sql!(
-            tx,
-            query(
-                "UPDATE webhook_endpoints SET status = 'disabled', disabled_reason = $1, updated_at = $2 \
-                 WHERE id = $3 AND status = 'enabled'",
-                reason,
-                now_unix(),
-                id
-            )
-            .execute
+/// Stops deliveries to an endpoint that told us to (`410 Gone`). Its
+/// undelivered events stay pending and visible.
+pub(crate) async fn disable(tx: &mut Tx, id: &str, reason: &str) -> StoreResult<bool> {
+    let n = sql!(
+        tx,
+        query(
+            "UPDATE webhook_endpoints SET status = 'disabled', disabled_reason = $1, updated_at = $2 \
+             WHERE id = $3 AND status = 'enabled'",
+            reason,
+            now_unix(),
+            id
         )
-        .db()?;
-        if n == 1 {
-            audit::append(
-                &mut tx,
-                AuditRecord {
-                    actor: &Actor::System("delivery"),
-                    action: "webhook_endpoint.disabled",
-                    object_type: "webhook_endpoint",
-                    object_id: id,
-                    data: serde_json::json!({ "reason": reason }),
-                    request_id: None,
-                },
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(n == 1)
+        .execute
+    )
+    .db()?;
+    if n == 1 {
+        audit::append(
+            tx,
+            AuditRecord {
+                actor: &Actor::System("delivery"),
+                action: "webhook_endpoint.disabled",
+                object_type: "webhook_endpoint",
+                object_id: id,
+                data: serde_json::json!({ "reason": reason }),
+                request_id: None,
+            },
+        )
+        .await?;
     }
+    Ok(n == 1)
 }
 
 async fn fetch(tx: &mut Tx, id: &str) -> StoreResult<Option<EndpointRecord>> {

@@ -10,6 +10,7 @@ mod billing_events;
 mod catalog;
 mod cli;
 mod customers;
+mod delivery;
 mod emulator;
 mod idempotency;
 mod openapi;
