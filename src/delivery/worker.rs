@@ -60,58 +60,56 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
     };
     let wake = store.delivery_wake();
     let mut last_gauge: Option<Instant> = None;
+    // Sends run side by side, up to `batch` at once, and the worker claims
+    // more as each finishes: a slow endpoint (up to the timeout) holds one
+    // slot, not the whole queue. Claimed deliveries are leased, so no other
+    // worker takes them meanwhile.
+    let mut in_flight: JoinSet<()> = JoinSet::new();
     loop {
         if shutdown.is_cancelled() {
-            return;
+            break;
         }
-        let worked = match work_once(&store, &client, &options).await {
-            Ok(n) => n > 0,
-            Err(e) => {
-                tracing::warn!(error = %e, "delivery worker could not claim deliveries; retrying");
-                false
+        while in_flight.try_join_next().is_some() {}
+        let room = options.batch - in_flight.len() as i64;
+        let claimed = if room > 0 {
+            match store.claim_deliveries(room, options.lease_seconds()).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::warn!(error = %e, "delivery worker could not claim deliveries; retrying");
+                    Vec::new()
+                }
             }
+        } else {
+            Vec::new()
         };
+        let worked = !claimed.is_empty();
+        for delivery in claimed {
+            let (store, client, options) = (store.clone(), client.clone(), options.clone());
+            in_flight.spawn(async move {
+                if let Err(e) = deliver(&store, &client, &options, delivery).await {
+                    tracing::warn!(error = %e, "could not record a delivery attempt; it will be retried");
+                }
+            });
+        }
         if last_gauge.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_gauge = Some(Instant::now());
             if let Ok(depth) = store.delivery_queue_depth().await {
                 metrics::gauge!("webhook_delivery_queue_depth").set(depth as f64);
             }
         }
-        if !worked {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = wake.notified() => {}
-                () = tokio::time::sleep(options.idle_poll) => {}
-            }
+        if worked {
+            continue;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = wake.notified() => {}
+            () = tokio::time::sleep(options.idle_poll) => {}
+            // A finished send may have unblocked its customer's next event.
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
     }
-}
-
-/// Claims one batch and sends it concurrently (each claimed delivery heads
-/// its own customer's queue, so none must wait for another); returns how
-/// many were attempted.
-pub async fn work_once(
-    store: &Store,
-    client: &reqwest::Client,
-    options: &DeliveryOptions,
-) -> crate::store::StoreResult<usize> {
-    let claimed = store.claim_deliveries(options.batch, options.lease_seconds()).await?;
-    let n = claimed.len();
-    let mut sends = JoinSet::new();
-    for delivery in claimed {
-        let (store, client, options) = (store.clone(), client.clone(), options.clone());
-        sends.spawn(async move { deliver(&store, &client, &options, delivery).await });
-    }
-    while let Some(joined) = sends.join_next().await {
-        match joined {
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not record a delivery attempt; it will be retried")
-            }
-            Err(e) => tracing::error!(error = %e, "delivery task failed"),
-            Ok(Ok(())) => {}
-        }
-    }
-    Ok(n)
+    // Sends under way finish (within the timeout) and are recorded.
+    while in_flight.join_next().await.is_some() {}
 }
 
 #[tracing::instrument(skip_all, fields(delivery = %d.id, endpoint = %d.endpoint_id, event = %d.event_id))]
