@@ -548,3 +548,36 @@ async fn production_refuses_http_and_private_targets() {
     let listed = app.admin_get("/v1/webhook-endpoints").await;
     assert_eq!(listed["data"], json!([]), "nothing was created");
 }
+
+#[tokio::test]
+async fn a_name_that_resolves_to_a_private_address_is_refused_at_delivery_time() {
+    fn production(c: &mut tollgate::Config, allow_private: bool) {
+        c.environment = tollgate::config::Environment::Production;
+        c.stripe_webhook_secret = Some(secrecy::SecretString::from(SECRET_A.to_owned()));
+        c.stripe_secret_key = Some(secrecy::SecretString::from("sk_live_delivery_test".to_owned()));
+        c.secret_key = Some(secrecy::SecretString::from("q8Zr1vX0pL3mN7bK2yT5wE9uJ4hG6fD0sA".to_owned()));
+        c.allow_sqlite_in_production = true;
+        c.reconcile_interval_seconds = 0;
+        c.allow_private_webhook_targets = allow_private;
+    }
+    let receiver = Receiver::start().await;
+    let url = receiver.url().replace("http://127.0.0.1", "https://localhost");
+    // Created while private targets were allowed...
+    let mut app = spawn_on(TestDb::new().await, |c| production(c, true)).await;
+    let endpoint = app.create_endpoint(&url, json!(["*"])).await;
+    app.stop().await;
+    let db = std::mem::replace(&mut app.db, TestDb::new().await);
+    // ...and delivered after they no longer are: the resolver refuses the
+    // address, so nothing connects.
+    let app = spawn_on(db, |c| production(c, false)).await;
+    send_in_order(&app, &life("cus_rebind", 0)[..1]).await;
+    let d = eventually(Duration::from_secs(10), || async {
+        let d = app.deliveries(endpoint["id"].as_str().unwrap()).await;
+        (d.len() == 1 && d[0]["attempts"] == 1).then(|| d[0].clone())
+    })
+    .await;
+    assert_eq!(d["status"], "failed");
+    assert_eq!(d["last_status"], Value::Null, "no response: no connection was made");
+    assert!(d["last_error"].as_str().unwrap().contains("private"), "{d}");
+    assert_eq!(receiver.count(), 0);
+}
