@@ -581,3 +581,61 @@ async fn a_name_that_resolves_to_a_private_address_is_refused_at_delivery_time()
     assert!(d["last_error"].as_str().unwrap().contains("private"), "{d}");
     assert_eq!(receiver.count(), 0);
 }
+
+/// A measurement, not a check: `cargo test --release --test it
+/// delivery::latency -- --ignored --nocapture`. Provider events for distinct
+/// customers at a steady rate; prints provider webhook → application
+/// webhook and event written → application webhook percentiles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn latency() {
+    let app = spawn(|_| {}).await;
+    let receiver = Receiver::start().await;
+    let endpoint = app.create_endpoint(&receiver.url(), json!(["subscription.created"])).await;
+    let n: usize = std::env::var("LATENCY_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let every = Duration::from_micros(
+        std::env::var("LATENCY_EVERY_US").ok().and_then(|v| v.parse().ok()).unwrap_or(5000),
+    );
+    let mut sent_at = BTreeMap::new();
+    let mut tick = tokio::time::interval(every);
+    for i in 0..n {
+        tick.tick().await;
+        let cus = format!("cus_lat{i}");
+        let body = event(
+            &format!("evt_lat{i}"),
+            "customer.subscription.created",
+            T0,
+            subscription(&format!("sub_lat{i}"), &cus, "active", json!({})),
+        );
+        sent_at.insert(cus, now_ms());
+        assert_eq!(app.deliver_signed(&body).await.status(), 200);
+    }
+    let delivered = eventually(Duration::from_secs(120), || async {
+        let d = receiver.delivered(endpoint["secret"].as_str().unwrap());
+        (d.len() == n).then_some(d)
+    })
+    .await;
+    let log = receiver.log();
+    let mut end_to_end = Vec::new();
+    let mut outbox = Vec::new();
+    for (d, (id, _, at)) in delivered.iter().zip(&log) {
+        assert_eq!(d["id"].as_str().unwrap(), id);
+        outbox.push(at.saturating_sub(minted_ms(id)));
+        let cus = d["data"]["provider_customer_id"].as_str().or(d["customer"].as_str()).unwrap_or("");
+        if let Some(t) = sent_at.get(cus) {
+            end_to_end.push(at.saturating_sub(*t));
+        }
+    }
+    let pct = |v: &mut Vec<u64>, p: f64| {
+        v.sort();
+        v.get(((v.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0)
+    };
+    println!(
+        "{n} events every {every:?}: event written -> delivered p50 {} ms p99 {} ms; provider webhook -> delivered ({} matched) p50 {} ms p99 {} ms",
+        pct(&mut outbox, 0.5),
+        pct(&mut outbox, 0.99),
+        end_to_end.len(),
+        pct(&mut end_to_end, 0.5),
+        pct(&mut end_to_end, 0.99)
+    );
+}
