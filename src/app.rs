@@ -30,6 +30,8 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 pub fn store_options(config: &Config) -> StoreOptions {
@@ -56,16 +58,24 @@ pub async fn run(
 pub struct Server {
     state: AppState,
     inbox_writers: tokio::task::JoinSet<()>,
+    /// Set when tollgate terminates TLS itself (`TLS_CERT`, `TLS_KEY`).
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Server {
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
         let problems = config.problems();
-        if !problems.is_empty() {
+        let deferred = only_missing_webhook_secret(&problems);
+        if !problems.is_empty() && !deferred {
             return Err(StartError::Config(problems.join("; ")));
         }
         let catalog = Catalog::load(&config.catalog_path)?;
         let store = Store::connect_and_migrate(config.database_url.expose(), &store_options(&config)).await?;
+        // Secrets `tollgate stripe setup` stored, verified beside the configured ones.
+        let stored_webhook_secrets = store.provider_webhook_secrets("stripe").await?;
+        if deferred && stored_webhook_secrets.is_empty() {
+            return Err(StartError::Config(problems.join("; ")));
+        }
         let report = store.sync_catalog(&catalog, &Actor::System("catalog")).await?;
         if !report.is_noop() {
             tracing::info!(created = ?report.created, updated = ?report.updated, deactivated = ?report.deactivated, "catalog synced");
@@ -86,12 +96,26 @@ impl Server {
             let url = format!("{}/webhooks/stripe", config.public_url());
             stripe_webhook_secrets.push(secrecy::SecretString::from(em.register_webhook_endpoint(&url)));
         }
+        stripe_webhook_secrets.extend(stored_webhook_secrets);
         let writers = match store.kind() {
             crate::store::DbKind::Sqlite => 1,
             crate::store::DbKind::Postgres => 4,
         };
         let (inbox, inbox_writers) = crate::webhooks::inbox::Inbox::start(store.clone(), writers);
         let redis = config.redis_url.as_ref().map(|u| redis::Client::open(u.expose())).transpose()?;
+        let shared_limits = redis.clone().map(|client| {
+            Arc::new(crate::ratelimit::SharedStore::new(
+                client,
+                &config.redis_key_prefix,
+                Duration::from_millis(config.rate_limit_redis_timeout_ms),
+            ))
+        });
+        let rate_limits = Arc::new(crate::ratelimit::RateLimits::from_config(&config, shared_limits));
+        let trusted_proxies = config.trusted_proxies().into();
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(http::tls::server_config(cert, key).map_err(StartError::Tls)?),
+            _ => None,
+        };
         let state = AppState {
             store,
             metrics: telemetry::metrics_handle(),
@@ -105,11 +129,12 @@ impl Server {
             in_flight: Default::default(),
             emulator,
             inbox,
-            webhook_failures: Arc::new(crate::webhooks::FailureLimiter::new(60)),
             stripe_webhook_secrets: Arc::new(stripe_webhook_secrets),
             inbox_wake: Arc::new(tokio::sync::Notify::new()),
+            rate_limits,
+            trusted_proxies,
         };
-        Ok(Server { state, inbox_writers })
+        Ok(Server { state, inbox_writers, tls })
     }
 
     pub fn store(&self) -> &Store {
@@ -117,17 +142,30 @@ impl Server {
     }
 
     pub async fn serve(self, listener: TcpListener) -> Result<(), StartError> {
-        let Server { state, mut inbox_writers } = self;
+        let Server { state, mut inbox_writers, tls } = self;
         let shutdown = state.shutdown.clone();
         let store = state.store.clone();
         let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
         let workers = jobs::spawn_all(&state, shutdown.clone());
         let app = http::router(state);
 
-        tracing::info!(address = %listener.local_addr()?, "tollgate listening");
-        let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let mut server = Box::pin(server.into_future());
+        let address = listener.local_addr()?;
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        let stop = shutdown.clone().cancelled_owned();
+        let mut server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
+            match tls {
+                Some(tls) => {
+                    use axum::serve::ListenerExt;
+                    tracing::info!(%address, "tollgate listening (HTTPS)");
+                    // tap_io gives the TLS listener axum's ConnectInfo<SocketAddr>.
+                    let listener = http::tls::TlsListener::new(listener, tls)?.tap_io(|_| {});
+                    Box::pin(axum::serve(listener, service).with_graceful_shutdown(stop).into_future())
+                }
+                None => {
+                    tracing::info!(%address, "tollgate listening");
+                    Box::pin(axum::serve(listener, service).with_graceful_shutdown(stop).into_future())
+                }
+            };
         tokio::select! {
             result = &mut server => result?,
             () = shutdown.cancelled() => {
@@ -153,6 +191,12 @@ impl Server {
         tracing::info!("tollgate stopped");
         Ok(())
     }
+}
+
+/// Whether the one thing stopping start-up is a missing Stripe webhook
+/// secret, which a secret stored by `tollgate stripe setup` resolves.
+pub fn only_missing_webhook_secret(problems: &[String]) -> bool {
+    problems.len() == 1 && problems[0].starts_with("STRIPE_WEBHOOK_SECRET is missing")
 }
 
 /// Resolves on SIGTERM or Ctrl-C and cancels `token`.

@@ -46,6 +46,26 @@ pub enum Command {
     /// Load tests, run against this machine.
     #[command(subcommand)]
     Loadtest(LoadtestCommand),
+    /// Take a consistent online backup (SQLite VACUUM INTO, PostgreSQL
+    /// pg_dump) with a manifest, keeping the newest BACKUP_KEEP.
+    Backup {
+        /// Directory for backups (default BACKUP_DIR).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+    /// Restore the newest backup into a scratch database, verify it, drop
+    /// it; exits non-zero if any check fails.
+    RestoreDrill {
+        /// Directory of backups (default BACKUP_DIR).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+    /// Check production readiness; exits 0 only when every check passes.
+    Doctor {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the Stripe emulator alone: Stripe's API at /v1 on PORT, hosted
     /// checkout and portal pages, signed webhook deliveries.
     StripeEmulator {
@@ -59,6 +79,36 @@ pub enum Command {
         #[arg(long, env = "EMULATOR_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
     },
+    /// Exit 0 if tollgate answers 2xx, 1 otherwise: for container health
+    /// checks, since the runtime image has no shell or curl.
+    Healthcheck {
+        /// Default: `http://127.0.0.1:$PORT/livez`.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, default_value_t = 5)]
+        timeout_seconds: u64,
+    },
+    /// The catalog at the provider.
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
+    /// Set-up at Stripe.
+    #[command(subcommand)]
+    Stripe(StripeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CatalogCommand {
+    /// Create or update Stripe's products and prices from the catalog file
+    /// and record the mapping; check the ids the catalog names. Idempotent.
+    Sync,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StripeCommand {
+    /// Register `{PUBLIC_URL}/webhooks/stripe` with the event types tollgate
+    /// handles (updating an existing endpoint with that URL) and store its
+    /// signing secret for verification.
+    Setup,
 }
 
 #[derive(Debug, Subcommand)]
@@ -140,7 +190,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
     let config = cli.config;
     match cli.command {
         Command::Serve => {
-            let problems = config.problems();
+            let mut problems = config.problems();
+            if app::only_missing_webhook_secret(&problems) {
+                // `tollgate stripe setup` may have stored one: decided once
+                // the database is open.
+                let store = open_store(&config).await?;
+                if !store.provider_webhook_secrets("stripe").await.map_err(|e| e.to_string())?.is_empty() {
+                    problems.clear();
+                }
+                store.close().await;
+            }
             if !problems.is_empty() {
                 for p in &problems {
                     eprintln!("error: {p}");
@@ -261,6 +320,133 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             tracing::info!(address = %listener.local_addr().map_err(|e| e.to_string())?, api_base = %config.public_url(), "Stripe emulator listening");
             emulator.serve(listener, shutdown).await.map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup { dir } => {
+            let dir = dir.unwrap_or_else(|| config.backup_dir.clone());
+            let started = crate::store::now_unix();
+            let result = crate::ops::backup::backup(&config, &dir, config.backup_keep).await;
+            let (ok, report) = match &result {
+                Ok(r) => (
+                    true,
+                    serde_json::json!({ "file": r.manifest.file, "bytes": r.manifest.bytes, "sha256": r.manifest.sha256, "tables": r.manifest.tables }),
+                ),
+                Err(e) => (false, serde_json::json!({ "error": e.to_string() })),
+            };
+            // Recorded for `doctor`; a backup stands even if this fails.
+            if let Ok(Some(store)) = crate::ops::drill::open_live(&config).await {
+                if let Err(e) = store.record_ops_run("backup", started, ok, &report, &Actor::Cli).await {
+                    eprintln!("warning: the backup was not recorded in the database: {e}");
+                }
+                store.close().await;
+            }
+            let r = result.map_err(|e| format!("backup failed: {e}"))?;
+            println!(
+                "backup {} ({} bytes, sha256 {}), {} rows in {} tables",
+                r.path.display(),
+                r.manifest.bytes,
+                r.manifest.sha256,
+                r.manifest.tables.values().sum::<i64>(),
+                r.manifest.tables.len()
+            );
+            for old in &r.removed {
+                println!("removed {old} (BACKUP_KEEP={})", config.backup_keep);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RestoreDrill { dir } => {
+            let dir = dir.unwrap_or_else(|| config.backup_dir.clone());
+            let report = crate::ops::drill::run(&config, &dir).await;
+            print!("{report}");
+            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Doctor { json } => {
+            let report = crate::ops::doctor::run(&config).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+            } else {
+                print!("{report}");
+            }
+            Ok(if report.ready { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Healthcheck { url, timeout_seconds } => {
+            let url = url.unwrap_or_else(|| format!("http://127.0.0.1:{}/livez", config.port));
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(timeout_seconds.max(1)))
+                .build()
+                .map_err(|e| e.to_string())?;
+            match client.get(&url).send().await {
+                Ok(resp) if resp.status().is_success() => {
+                    println!("healthy: {url} answered {}", resp.status());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(resp) => {
+                    eprintln!("unhealthy: {url} answered {}", resp.status());
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => {
+                    eprintln!("unhealthy: {url}: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Catalog(CatalogCommand::Sync) => {
+            let catalog =
+                crate::billing::catalog::Catalog::load(&config.catalog_path).map_err(|e| e.to_string())?;
+            let store = open_store(&config).await?;
+            let client = crate::providers::stripe::StripeClient::from_config(&config);
+            let result = crate::ops::catalog_sync::sync_stripe(&store, &client, &catalog, &Actor::Cli).await;
+            store.close().await;
+            match result {
+                Ok(report) => {
+                    print!("{report}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(crate::ops::catalog_sync::CatalogSyncError::Mismatch(problems)) => {
+                    for p in problems {
+                        eprintln!("error: {p}");
+                    }
+                    eprintln!("nothing was changed at Stripe: fix the catalog (or the Stripe objects) and run again");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Command::Stripe(StripeCommand::Setup) => {
+            let store = open_store(&config).await?;
+            let client = crate::providers::stripe::StripeClient::from_config(&config);
+            let url = crate::ops::stripe_setup::webhook_url(&config.public_url());
+            let result = crate::ops::stripe_setup::setup_stripe(&store, &client, &url, &Actor::Cli).await;
+            store.close().await;
+            let report = result.map_err(|e| e.to_string())?;
+            use crate::ops::stripe_setup::SetupAction;
+            let verb = match report.action {
+                SetupAction::Created => "registered",
+                SetupAction::Updated => "updated",
+                SetupAction::Unchanged => "already registered",
+            };
+            println!("{verb}: {} → {} ({} event types)", report.endpoint_id, report.url, report.event_types);
+            if report.secret_stored {
+                println!(
+                    "Its signing secret is stored in tollgate's database and verified from the next start.\n\
+                     To keep secrets in the environment instead, reveal it in Stripe's dashboard (Developers → \
+                     Webhooks → {}) and set STRIPE_WEBHOOK_SECRET.",
+                    report.endpoint_id
+                );
+                Ok(ExitCode::SUCCESS)
+            } else if !config.stripe_webhook_secrets().is_empty() {
+                println!(
+                    "Its signing secret is not known to tollgate; STRIPE_WEBHOOK_SECRET is set and is used."
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "error: this endpoint was created outside tollgate and Stripe shows its secret only once: \
+                     reveal it in Stripe's dashboard (Developers → Webhooks → {}) and set STRIPE_WEBHOOK_SECRET, \
+                     or delete the endpoint and run `tollgate stripe setup` again",
+                    report.endpoint_id
+                );
+                Ok(ExitCode::FAILURE)
+            }
         }
         Command::Audit(AuditCommand::Verify) => {
             let store = open_store(&config).await?;

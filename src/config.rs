@@ -4,6 +4,7 @@
 //! Secrets are `SecretString`s: they print as `[REDACTED]` in `Debug`, so a
 //! logged config never leaks a key.
 
+use crate::billing::entitlements::{PartialRefundPolicy, Policy};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -223,6 +224,98 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 25, global = true)]
     pub shutdown_grace_seconds: u64,
 
+    /// What a partial refund takes back: credits in proportion to the money
+    /// returned (`proportional`), nothing until fully refunded (`keep`), or
+    /// everything (`revoke_all`).
+    #[arg(long, env = "PARTIAL_REFUND_POLICY", value_enum, default_value_t = PartialRefundPolicy::Proportional, global = true)]
+    pub partial_refund_policy: PartialRefundPolicy,
+
+    /// Revoke an order's grants as soon as a dispute opens (else only when
+    /// it is lost; a won dispute restores them either way).
+    #[arg(long, env = "REVOKE_ON_DISPUTE_OPEN", default_value_t = false, global = true)]
+    pub revoke_on_dispute_open: bool,
+
+    /// How long a `past_due` subscription keeps granting its entitlements.
+    #[arg(long, env = "PAST_DUE_GRACE_HOURS", default_value_t = 72, global = true)]
+    pub past_due_grace_hours: u64,
+
+    /// Where `tollgate backup` writes and `restore-drill` and `doctor` look.
+    #[arg(long, env = "BACKUP_DIR", default_value = "./backups", global = true)]
+    pub backup_dir: PathBuf,
+
+    /// How many backups `tollgate backup` keeps (older ones are deleted).
+    #[arg(long, env = "BACKUP_KEEP", default_value_t = 14, global = true)]
+    pub backup_keep: usize,
+
+    /// `doctor` fails when the newest backup is older than this.
+    #[arg(long, env = "BACKUP_MAX_AGE_HOURS", default_value_t = 26, global = true)]
+    pub backup_max_age_hours: u64,
+
+    /// `doctor` fails when the last passed restore drill is older than this.
+    #[arg(long, env = "DRILL_MAX_AGE_DAYS", default_value_t = 8, global = true)]
+    pub drill_max_age_days: u64,
+
+    /// PostgreSQL server where `restore-drill` creates (and drops) its
+    /// scratch database (default: DATABASE_URL's server).
+    #[arg(long, env = "DRILL_DATABASE_URL", value_parser = connection_url, hide_env_values = true, global = true)]
+    pub drill_database_url: Option<ConnectionUrl>,
+
+    /// How often the retention job prunes (0 turns it off).
+    #[arg(long, env = "RETENTION_INTERVAL_SECONDS", default_value_t = 3600, global = true)]
+    pub retention_interval_seconds: u64,
+
+    /// Days a processed or ignored provider event is kept (0: forever).
+    #[arg(long, env = "RETENTION_PROVIDER_EVENTS_DAYS", default_value_t = 90, global = true)]
+    pub retention_provider_events_days: u64,
+
+    /// Days a delivered outbound message is kept (0: forever).
+    #[arg(long, env = "RETENTION_DELIVERIES_DAYS", default_value_t = 30, global = true)]
+    pub retention_deliveries_days: u64,
+
+    /// Failed webhook verifications one address may make per minute before
+    /// its requests are answered 429.
+    #[arg(long, env = "RATE_LIMIT_WEBHOOK_FAILURES", default_value_t = 60, global = true)]
+    pub rate_limit_webhook_failures: u32,
+
+    /// Longest a rate-limit check waits for Redis, in milliseconds, before
+    /// this instance falls back to its own limiter.
+    #[arg(long, env = "RATE_LIMIT_REDIS_TIMEOUT_MS", default_value_t = 50, global = true)]
+    pub rate_limit_redis_timeout_ms: u64,
+
+    /// Proxies whose `X-Forwarded-For` names the client: CIDRs or addresses,
+    /// comma-separated. Empty: the peer address is the client.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', global = true)]
+    pub trusted_proxies: Vec<String>,
+
+    /// Prefix of every key tollgate writes to Redis, so several deployments
+    /// can share one Redis.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "tollgate:", global = true)]
+    pub redis_key_prefix: String,
+
+    /// PEM certificate chain: serve HTTPS directly, without a proxy (with `TLS_KEY`).
+    #[arg(long, env = "TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `TLS_CERT`.
+    #[arg(long, env = "TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+
+    /// Longest a single call to Stripe may take, in seconds, before it is
+    /// abandoned (and retried, if retries remain).
+    #[arg(long, env = "STRIPE_TIMEOUT_SECONDS", default_value_t = 10, global = true)]
+    pub stripe_timeout_seconds: u64,
+
+    /// Retries of a Stripe call that failed transiently (connection, 429, 5xx).
+    #[arg(long, env = "STRIPE_MAX_RETRIES", default_value_t = 2, global = true)]
+    pub stripe_max_retries: u32,
+
+    /// Consecutive failed Stripe calls that open the circuit breaker.
+    #[arg(long, env = "STRIPE_BREAKER_FAILURES", default_value_t = 5, global = true)]
+    pub stripe_breaker_failures: u32,
+
+    /// How long an open breaker refuses calls before one trial call is let through.
+    #[arg(long, env = "STRIPE_BREAKER_COOLDOWN_SECONDS", default_value_t = 30, global = true)]
+    pub stripe_breaker_cooldown_seconds: u64,
     /// Longest wait for an application webhook endpoint to answer.
     #[arg(long, env = "WEBHOOK_TIMEOUT_SECONDS", default_value_t = 15, global = true)]
     pub webhook_timeout_seconds: u64,
@@ -250,12 +343,33 @@ impl Config {
         <Only as clap::FromArgMatches>::from_arg_matches(&matches).expect("defaults parse").config
     }
 
+    /// The fulfilment rules these settings choose.
+    pub fn fulfilment_policy(&self) -> Policy {
+        Policy {
+            partial_refund: self.partial_refund_policy,
+            revoke_on_dispute_open: self.revoke_on_dispute_open,
+            past_due_grace_seconds: (self.past_due_grace_hours as i64).saturating_mul(3600),
+        }
+    }
+
     pub fn public_url(&self) -> String {
+        let scheme = if self.serves_tls() { "https" } else { "http" };
         self.public_url
             .clone()
-            .unwrap_or_else(|| format!("http://127.0.0.1:{}", self.port))
+            .unwrap_or_else(|| format!("{scheme}://127.0.0.1:{}", self.port))
             .trim_end_matches('/')
             .to_owned()
+    }
+
+    /// Whether tollgate terminates TLS itself (`TLS_CERT` and `TLS_KEY`).
+    pub fn serves_tls(&self) -> bool {
+        self.tls_cert.is_some() && self.tls_key.is_some()
+    }
+
+    /// `TRUSTED_PROXIES` parsed; entries that do not parse are reported by
+    /// [`Config::problems`] and left out here.
+    pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies.iter().filter_map(|p| parse_proxy(p).transpose()).flatten().collect()
     }
 
     pub fn is_production(&self) -> bool {
@@ -363,6 +477,11 @@ impl Config {
         if let Err(e) = crate::store::DbKind::from_url(self.database_url.expose()) {
             problems.push(format!("DATABASE_URL: {e}"));
         }
+        if (1..MIN_PROVIDER_EVENT_RETENTION_DAYS).contains(&self.retention_provider_events_days) {
+            problems.push(format!(
+                "RETENTION_PROVIDER_EVENTS_DAYS must be 0 (keep) or at least {MIN_PROVIDER_EVENT_RETENTION_DAYS}: Stripe lists and redelivers events for 30 days, and the inbox is what recognises them"
+            ));
+        }
         for origin in &self.allowed_origins {
             let o = origin.trim();
             if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
@@ -371,8 +490,49 @@ impl Config {
                 ));
             }
         }
+        for proxy in &self.trusted_proxies {
+            if parse_proxy(proxy).is_err() {
+                problems.push(format!(
+                    "TRUSTED_PROXIES entry {:?} must be an address or a CIDR such as 10.0.0.0/8",
+                    proxy.trim()
+                ));
+            }
+        }
+        if self.rate_limit_burst == 0 && (self.rate_limit_per_key > 0 || self.rate_limit_per_ip > 0) {
+            problems.push(
+                "RATE_LIMIT_BURST is 0: it must be at least 1 (set RATE_LIMIT_PER_KEY=0 and RATE_LIMIT_PER_IP=0 to turn limits off)"
+                    .to_owned(),
+            );
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                problems.push("TLS_CERT is set without TLS_KEY: set both, or neither".to_owned())
+            }
+            (None, Some(_)) => {
+                problems.push("TLS_KEY is set without TLS_CERT: set both, or neither".to_owned())
+            }
+            _ => {}
+        }
         problems
     }
+}
+
+/// Stripe keeps events listable (and `reconcile` may fetch them again) for
+/// 30 days; a pruned event that comes back must still be recognised by the
+/// inbox, not only by its object's watermark.
+pub const MIN_PROVIDER_EVENT_RETENTION_DAYS: u64 = 31;
+
+/// One `TRUSTED_PROXIES` entry: a CIDR, or a bare address meaning just
+/// that address. Empty entries (a trailing comma) are skipped.
+fn parse_proxy(raw: &str) -> Result<Option<ipnet::IpNet>, ()> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(net) = raw.parse::<ipnet::IpNet>() {
+        return Ok(Some(net.trunc()));
+    }
+    raw.parse::<std::net::IpAddr>().map(|ip| Some(ipnet::IpNet::from(ip))).map_err(|_| ())
 }
 
 /// Too short, or too few distinct characters to be random, or a placeholder.
@@ -467,6 +627,15 @@ mod tests {
     }
 
     #[test]
+    fn provider_events_outlive_stripes_redelivery_window() {
+        let mut c = Config::defaults();
+        c.retention_provider_events_days = 7;
+        refused(&c, "RETENTION_PROVIDER_EVENTS_DAYS");
+        c.retention_provider_events_days = 0;
+        assert!(c.problems().is_empty(), "0 keeps them forever");
+    }
+
+    #[test]
     fn development_refuses_live_keys() {
         let mut c = Config::defaults();
         c.stripe_secret_key = Some(SecretString::from("sk_live_123".to_owned()));
@@ -480,6 +649,39 @@ mod tests {
         assert!(
             !debug.contains("sk_live_abc") && !debug.contains("whsec_abc") && !debug.contains("q8Zr1vX0")
         );
+    }
+
+    #[test]
+    fn trusted_proxies_take_cidrs_and_addresses() {
+        let mut c = Config::defaults();
+        c.trusted_proxies = vec!["10.0.0.0/8".into(), " 192.168.1.7 ".into(), "".into(), "fd00::/8".into()];
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        let parsed: Vec<String> = c.trusted_proxies().iter().map(ToString::to_string).collect();
+        assert_eq!(parsed, ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8"]);
+        c.trusted_proxies = vec!["10.0.0.0/33".into()];
+        refused(&c, "TRUSTED_PROXIES entry");
+        c.trusted_proxies = vec!["proxy.internal".into()];
+        refused(&c, "TRUSTED_PROXIES entry");
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_makes_the_default_url_https() {
+        let mut c = Config::defaults();
+        c.tls_cert = Some(PathBuf::from("cert.pem"));
+        refused(&c, "TLS_CERT is set without TLS_KEY");
+        c.tls_key = Some(PathBuf::from("key.pem"));
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert_eq!(c.public_url(), "https://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn a_zero_burst_is_refused_while_limits_are_on() {
+        let mut c = Config::defaults();
+        c.rate_limit_burst = 0;
+        refused(&c, "RATE_LIMIT_BURST is 0");
+        c.rate_limit_per_key = 0;
+        c.rate_limit_per_ip = 0;
+        assert!(c.problems().is_empty());
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod ids;
 pub mod jobs;
 pub mod ops;
 pub mod providers;
+pub mod ratelimit;
 pub mod store;
 pub mod telemetry;
 pub mod webhooks;

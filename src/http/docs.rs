@@ -23,6 +23,9 @@ use super::AppState;
         super::customers::upsert_customer,
         super::customers::get_customer,
         super::customers::list_customers,
+        super::entitlements::get_entitlements,
+        super::entitlements::check_entitlement,
+        super::entitlements::debit_balance,
         super::catalog::list_products,
         super::catalog::list_prices,
         super::audit::list_audit_log,
@@ -44,9 +47,10 @@ use super::AppState;
         super::health::metrics,
     ),
     components(schemas(super::error::ErrorBody, super::error::ErrorDetail, super::error::ErrorType)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &RateLimited),
     tags(
         (name = "customers", description = "The application's users"),
+        (name = "entitlements", description = "What customers may use now, and their credits"),
         (name = "catalog", description = "Products and prices from tollgate.toml"),
         (name = "audit", description = "The tamper-evident change log (admin scope)"),
         (name = "provider events", description = "The inbox of provider webhooks (admin scope)"),
@@ -74,6 +78,60 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// Every `/v1` operation may be refused by a rate limit; documented once as
+/// a shared response rather than repeated on each handler.
+struct RateLimited;
+
+impl Modify for RateLimited {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::content::ContentBuilder;
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::schema::{Object, Type};
+        use utoipa::openapi::{Ref, RefOr, ResponseBuilder};
+
+        let integer = |description: &str| {
+            HeaderBuilder::new()
+                .schema(Object::with_type(Type::Integer))
+                .description(Some(description))
+                .build()
+        };
+        let response = ResponseBuilder::new()
+            .description(
+                "Rate limited (`rate_limit_error`): too many requests for this API key \
+                 (`RATE_LIMIT_PER_KEY`) or from this address (`RATE_LIMIT_PER_IP`). \
+                 Every `/v1` response carries `RateLimit-Limit`, `RateLimit-Remaining` and \
+                 `RateLimit-Reset` for the limit closest to running out.",
+            )
+            .header("Retry-After", integer("Seconds to wait before retrying (at least 1)."))
+            .header("RateLimit-Limit", integer("Requests allowed at once (`RATE_LIMIT_BURST`)."))
+            .header("RateLimit-Remaining", integer("Requests allowed now: 0."))
+            .header("RateLimit-Reset", integer("Seconds until the full allowance is back."))
+            .content(
+                "application/json",
+                ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+            )
+            .build();
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .responses
+            .insert("RateLimited".to_owned(), response.into());
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            let operations =
+                [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for operation in operations.into_iter().flatten() {
+                operation
+                    .responses
+                    .responses
+                    .insert("429".to_owned(), RefOr::Ref(Ref::from_response_name("RateLimited")));
+            }
+        }
     }
 }
 

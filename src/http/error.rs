@@ -9,6 +9,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::providers::stripe::StripeClientError;
 use crate::store::StoreError;
 
 tokio::task_local! {
@@ -31,6 +32,8 @@ pub enum ErrorType {
     IdempotencyError,
     ApiError,
     ProviderError,
+    /// The payment provider declined the card; `decline_code` says why.
+    CardError,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +44,8 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<String>,
     pub retry_after: Option<u64>,
+    /// For a `card_error`: the provider's decline code (`insufficient_funds`, …).
+    pub decline_code: Option<String>,
 }
 
 /// The body of every error response.
@@ -61,11 +66,23 @@ pub struct ErrorDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub param: Option<String>,
     pub request_id: Option<String>,
+    /// For a `card_error`: why the card was declined, as the provider says
+    /// (`generic_decline`, `insufficient_funds`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decline_code: Option<String>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, kind: ErrorType, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, kind, code, message: message.into(), param: None, retry_after: None }
+        Self {
+            status,
+            kind,
+            code,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+            decline_code: None,
+        }
     }
 
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
@@ -184,6 +201,7 @@ impl ApiError {
                 message: self.message.clone(),
                 param: self.param.clone(),
                 request_id: current_request_id(),
+                decline_code: self.decline_code.clone(),
             },
         }
     }
@@ -222,6 +240,121 @@ impl From<StoreError> for ApiError {
             other => ApiError::internal(other),
         }
     }
+}
+
+impl From<StripeClientError> for ApiError {
+    /// Stripe's failures in tollgate's terms. Stripe's own message is never
+    /// passed on (it can echo parameters or masked keys), except a card
+    /// error's, which Stripe writes for the card holder.
+    #[track_caller]
+    fn from(err: StripeClientError) -> Self {
+        let unavailable = |code: &'static str, message: &str, retry_after: u64| {
+            let mut e =
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorType::ProviderError, code, message);
+            e.retry_after = Some(retry_after.max(1));
+            e
+        };
+        let retry_after = err.retry_after_seconds().unwrap_or(1);
+        match &err {
+            StripeClientError::CircuitOpen { .. } => unavailable(
+                "provider_unavailable",
+                "The payment provider is failing; calls to it are suspended. Retry after the Retry-After interval.",
+                retry_after,
+            ),
+            StripeClientError::Unreachable(cause) => {
+                tracing::warn!(error = %cause, "Stripe unreachable");
+                unavailable(
+                    "provider_unavailable",
+                    "The payment provider could not be reached; retry shortly (with the same Idempotency-Key).",
+                    retry_after,
+                )
+            }
+            StripeClientError::Api { status, kind, code, decline_code, param, request_id, .. } => {
+                tracing::warn!(
+                    stripe_status = status,
+                    stripe_type = %kind,
+                    stripe_code = code.as_deref().unwrap_or(""),
+                    stripe_request_id = request_id.as_deref().unwrap_or(""),
+                    "Stripe refused a call"
+                );
+                match (*status, kind.as_str()) {
+                    (402, _) | (_, "card_error") => {
+                        let message = match &err {
+                            StripeClientError::Api { message, .. } if !message.is_empty() => message.clone(),
+                            _ => "The card was declined.".to_owned(),
+                        };
+                        let mut e = ApiError::new(
+                            StatusCode::PAYMENT_REQUIRED,
+                            ErrorType::CardError,
+                            card_code(code.as_deref()),
+                            message,
+                        );
+                        e.decline_code = decline_code.clone().or_else(|| code.clone());
+                        e.param = param.clone();
+                        e
+                    }
+                    (429, _) => unavailable(
+                        "provider_rate_limited",
+                        "The payment provider is limiting tollgate's requests; retry after the Retry-After interval.",
+                        retry_after,
+                    ),
+                    (s, _) if s >= 500 => unavailable(
+                        "provider_unavailable",
+                        "The payment provider failed to answer; retry shortly (with the same Idempotency-Key).",
+                        retry_after,
+                    ),
+                    (404, _) => ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        ErrorType::InvalidRequestError,
+                        "resource_missing",
+                        "The payment provider has no such object.",
+                    ),
+                    (400, "idempotency_error") => ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        ErrorType::IdempotencyError,
+                        "idempotency_error",
+                        "This Idempotency-Key was already used for a different request.",
+                    ),
+                    // Our key, our request: an operator's problem, not the caller's.
+                    _ => {
+                        tracing::error!(stripe_status = status, "Stripe rejected a request tollgate built");
+                        ApiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            ErrorType::ProviderError,
+                            "provider_rejected_request",
+                            "The payment provider rejected the request; it has been logged for the operator.",
+                        )
+                    }
+                }
+            }
+            StripeClientError::Decode(cause) => {
+                tracing::error!(error = %cause, "Stripe's answer was not understood");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    ErrorType::ProviderError,
+                    "provider_invalid_response",
+                    "The payment provider's answer was not understood; it has been logged.",
+                )
+            }
+        }
+    }
+}
+
+/// Stripe's card error codes, kept as they are (clients switch on them);
+/// anything else is a `card_declined`.
+fn card_code(code: Option<&str>) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "card_declined",
+        "expired_card",
+        "incorrect_cvc",
+        "incorrect_number",
+        "incorrect_zip",
+        "insufficient_funds",
+        "invalid_cvc",
+        "invalid_expiry_month",
+        "processing_error",
+    ];
+    code.and_then(|c| KNOWN.iter().find(|k| **k == c).copied()).unwrap_or("card_declined")
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -22,12 +22,15 @@ pub mod audit;
 pub mod catalog;
 pub mod customers;
 pub mod docs;
+pub mod entitlements;
 pub mod error;
 pub mod events;
 pub mod extract;
 pub mod health;
 pub mod middleware;
 pub mod provider_events;
+pub mod ratelimit;
+pub mod tls;
 pub mod webhook_endpoints;
 
 /// What every handler can reach. Cheap to clone.
@@ -51,10 +54,12 @@ pub struct AppState {
     pub emulator: Option<crate::providers::stripe_emulator::Emulator>,
     /// Where verified provider webhooks are made durable.
     pub inbox: crate::webhooks::inbox::Inbox,
-    pub webhook_failures: Arc<crate::webhooks::FailureLimiter>,
     pub stripe_webhook_secrets: crate::webhooks::Secrets,
     /// Nudges the inbox workers when new events are stored.
     pub inbox_wake: Arc<tokio::sync::Notify>,
+    pub rate_limits: Arc<crate::ratelimit::RateLimits>,
+    /// Proxies whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`).
+    pub trusted_proxies: Arc<[ipnet::IpNet]>,
 }
 
 /// A counter of requests in progress; `enter` returns a guard that leaves on drop.
@@ -110,15 +115,19 @@ pub fn router(state: AppState) -> Router {
     let emulator = state.emulator.clone();
     let v1 = Router::new()
         .merge(customers::router())
+        .merge(entitlements::router())
         .merge(catalog::router())
         .merge(audit::router())
         .merge(provider_events::router())
         .merge(events::router())
         .merge(webhook_endpoints::router())
-        // Inner to outer: a request is authenticated before its
-        // Idempotency-Key is looked up under that key.
+        // Inner to outer: a request is limited by address, authenticated,
+        // limited by key, and only then is its Idempotency-Key looked up
+        // under that key.
         .layer(from_fn_with_state(state.clone(), middleware::idempotency))
-        .layer(from_fn_with_state(state.clone(), middleware::authenticate));
+        .layer(from_fn_with_state(state.clone(), ratelimit::limit_by_key))
+        .layer(from_fn_with_state(state.clone(), middleware::authenticate))
+        .layer(from_fn_with_state(state.clone(), ratelimit::limit_by_address));
 
     let app = Router::new()
         .nest("/v1", v1)
@@ -171,6 +180,10 @@ fn cors(config: &Config) -> CorsLayer {
         .expose_headers([
             HeaderName::from_static("request-id"),
             HeaderName::from_static("idempotent-replayed"),
+            header::RETRY_AFTER,
+            HeaderName::from_static(ratelimit::LIMIT),
+            HeaderName::from_static(ratelimit::REMAINING),
+            HeaderName::from_static(ratelimit::RESET),
         ])
         .max_age(Duration::from_secs(600))
 }

@@ -20,6 +20,7 @@ pub struct InboxWorkerOptions {
     pub stripe: Option<crate::providers::stripe::StripeClient>,
     /// `STRIPE_REFETCH=true`: apply the provider's current object, not the payload.
     pub refetch: bool,
+    pub policy: crate::billing::entitlements::Policy,
 }
 
 impl Default for InboxWorkerOptions {
@@ -31,6 +32,7 @@ impl Default for InboxWorkerOptions {
             idle_poll: Duration::from_millis(200),
             stripe: None,
             refetch: false,
+            policy: Default::default(),
         }
     }
 }
@@ -83,11 +85,14 @@ pub async fn work_once(store: &Store, options: &InboxWorkerOptions) -> crate::st
     let events = store.claim_provider_events(options.batch, options.lease_seconds).await?;
     let mut handled = 0;
     for event in &events {
-        let mut outcome = apply::apply(store, event, options.stripe.as_ref(), options.refetch).await;
+        let mut outcome =
+            apply::apply(store, event, options.stripe.as_ref(), options.refetch, &options.policy).await;
         for _ in 0..3 {
             match &outcome {
                 Err(e) if e.is_conflict() => {
-                    outcome = apply::apply(store, event, options.stripe.as_ref(), options.refetch).await
+                    outcome =
+                        apply::apply(store, event, options.stripe.as_ref(), options.refetch, &options.policy)
+                            .await
                 }
                 _ => break,
             }

@@ -8,7 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::AppState;
 
+pub mod grace;
 pub mod inbox;
+pub mod rate_limits;
 pub mod reconcile;
 pub mod retention;
 
@@ -25,7 +27,10 @@ impl Workers {
 
 pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     let mut tasks = JoinSet::new();
-    tasks.spawn(retention::run(state.clone(), shutdown.clone(), Duration::from_secs(3600)));
+    if state.config.retention_interval_seconds > 0 {
+        let every = Duration::from_secs(state.config.retention_interval_seconds);
+        tasks.spawn(retention::run(state.clone(), shutdown.clone(), every));
+    }
     let workers = match state.store.kind() {
         crate::store::DbKind::Sqlite => 1,
         crate::store::DbKind::Postgres => 2,
@@ -34,6 +39,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         max_attempts: state.config.provider_event_max_attempts.max(1),
         stripe: Some(crate::providers::stripe::StripeClient::from_config(&state.config)),
         refetch: state.config.stripe_refetch,
+        policy: state.config.fulfilment_policy(),
         ..Default::default()
     };
     let store = state.store.clone();
@@ -57,6 +63,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         }
         while inner.join_next().await.is_some() {}
     });
+    tasks.spawn(grace::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
     let delivery = crate::delivery::worker::DeliveryOptions::from_config(&state.config);
     for _ in 0..workers {
         tasks.spawn(crate::delivery::worker::run(state.store.clone(), delivery.clone(), shutdown.clone()));
@@ -65,6 +72,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         let every = Duration::from_secs(state.config.reconcile_interval_seconds);
         tasks.spawn(reconcile::run(state.clone(), shutdown.clone(), every));
     }
+    tasks.spawn(rate_limits::run(state.rate_limits.clone(), shutdown.clone(), Duration::from_secs(60)));
     if let Some(emulator) = &state.emulator {
         tasks.spawn(crate::providers::stripe_emulator::delivery::run(emulator.clone(), shutdown));
     }

@@ -277,8 +277,10 @@ impl Store {
                 query(
                     "INSERT INTO provider_catalog_links (provider, provider_id, kind, catalog_id, created_at) \
                      VALUES ('stripe', $1, $2, $3, $4) \
-                     ON CONFLICT (provider, provider_id) DO UPDATE SET kind = excluded.kind, catalog_id = excluded.catalog_id \
-                     WHERE provider_catalog_links.kind <> excluded.kind OR provider_catalog_links.catalog_id <> excluded.catalog_id",
+                     ON CONFLICT (provider, provider_id) DO UPDATE SET kind = excluded.kind, catalog_id = excluded.catalog_id, \
+                     superseded_at = NULL \
+                     WHERE provider_catalog_links.kind <> excluded.kind OR provider_catalog_links.catalog_id <> excluded.catalog_id \
+                     OR provider_catalog_links.superseded_at IS NOT NULL",
                     provider_id,
                     kind,
                     catalog_id,
@@ -379,7 +381,8 @@ impl Store {
         let rows: Vec<(String, String, String)> = sql!(
             self,
             query_as::<(String, String, String)>(
-                "SELECT catalog_id, provider, provider_id FROM provider_catalog_links WHERE kind = $1",
+                "SELECT catalog_id, provider, provider_id FROM provider_catalog_links \
+                 WHERE kind = $1 AND superseded_at IS NULL",
                 kind
             )
             .fetch_all
@@ -390,6 +393,91 @@ impl Store {
             out.entry(catalog_id).or_default().insert(provider, provider_id);
         }
         Ok(out)
+    }
+}
+
+impl Store {
+    /// The provider id a catalog entry currently maps to, if any.
+    pub async fn current_catalog_link(
+        &self,
+        provider: &str,
+        kind: &str,
+        catalog_id: &str,
+    ) -> StoreResult<Option<String>> {
+        sql!(
+            self,
+            query_scalar::<String>(
+                "SELECT provider_id FROM provider_catalog_links WHERE provider = $1 AND kind = $2 \
+                 AND catalog_id = $3 AND superseded_at IS NULL ORDER BY created_at DESC, provider_id LIMIT 1",
+                provider,
+                kind,
+                catalog_id
+            )
+            .fetch_optional
+        )
+        .db()
+    }
+
+    /// Makes `provider_id` the current provider object of a catalog entry
+    /// (after `catalog sync` created or found it). Earlier ids stay linked,
+    /// marked superseded, so events about them still map. One transaction
+    /// with its audit entry; `false` when it was already so.
+    pub async fn set_current_catalog_link(
+        &self,
+        provider: &str,
+        kind: &str,
+        catalog_id: &str,
+        provider_id: &str,
+        actor: &Actor,
+    ) -> StoreResult<bool> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let linked = sql!(
+            tx,
+            query(
+                "INSERT INTO provider_catalog_links (provider, provider_id, kind, catalog_id, created_at, superseded_at) \
+                 VALUES ($1, $2, $3, $4, $5, NULL) \
+                 ON CONFLICT (provider, provider_id) DO UPDATE SET kind = excluded.kind, catalog_id = excluded.catalog_id, \
+                 superseded_at = NULL \
+                 WHERE provider_catalog_links.kind <> excluded.kind OR provider_catalog_links.catalog_id <> excluded.catalog_id \
+                 OR provider_catalog_links.superseded_at IS NOT NULL",
+                provider,
+                provider_id,
+                kind,
+                catalog_id,
+                now
+            )
+            .execute
+        )
+        .db()?;
+        let superseded = sql!(
+            tx,
+            query(
+                "UPDATE provider_catalog_links SET superseded_at = $1 WHERE provider = $2 AND kind = $3 \
+                 AND catalog_id = $4 AND provider_id <> $5 AND superseded_at IS NULL",
+                now,
+                provider,
+                kind,
+                catalog_id,
+                provider_id
+            )
+            .execute
+        )
+        .db()?;
+        if linked + superseded == 0 {
+            return Ok(false);
+        }
+        record(
+            &mut tx,
+            actor,
+            "catalog.provider_link.set",
+            kind,
+            catalog_id,
+            serde_json::json!({ "provider": provider, "provider_id": provider_id, "superseded": superseded }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 }
 

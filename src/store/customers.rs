@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::audit::{self, Actor, AuditRecord};
 use super::{now_unix, sql, Listed, Page, SqlxResultExt, Store, StoreError, StoreResult};
+use crate::billing::entitlements::Policy;
 use crate::ids::{new_id, ExternalId};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -331,6 +332,7 @@ pub async fn apply_provider_customer(
     tx: &mut super::Tx,
     pc: &ProviderCustomer,
     actor: &Actor,
+    policy: &Policy,
 ) -> StoreResult<()> {
     let now = now_unix();
     let adopted = pc.external_id.is_none();
@@ -348,7 +350,7 @@ pub async fn apply_provider_customer(
         Some(id) => match &pc.external_id {
             // Adopted before this event said whose it is (another object's
             // event came first): hand it to the application's customer.
-            Some(external) => claim_adopted(tx, pc, &id, external, actor).await?,
+            Some(external) => claim_adopted(tx, pc, &id, external, actor, policy).await?,
             None => id,
         },
         None => {
@@ -494,6 +496,7 @@ pub async fn resolve_provider_customer(
     provider_customer_id: &str,
     external_id: Option<ExternalId>,
     actor: &Actor,
+    policy: &Policy,
 ) -> StoreResult<String> {
     let linked: Option<String> = sql!(
         tx,
@@ -514,7 +517,7 @@ pub async fn resolve_provider_customer(
         external_id: external_id.clone(),
         ..Default::default()
     };
-    apply_provider_customer(tx, &pc, actor).await?;
+    apply_provider_customer(tx, &pc, actor, policy).await?;
     let linked: Option<String> = sql!(
         tx,
         query_scalar::<String>(
@@ -548,7 +551,8 @@ pub async fn resolve_provider_customer(
 
 /// The rows that belong to a customer, re-parented when an adopted
 /// placeholder turns out to be an application's customer.
-const OWNED_TABLES: &[&str] = &["orders", "subscriptions", "checkout_sessions", "invoices", "events"];
+const OWNED_TABLES: &[&str] =
+    &["orders", "subscriptions", "checkout_sessions", "invoices", "grants", "credit_ledger", "events"];
 
 /// A provider customer linked to `linked_id`, whose own event now names the
 /// application's `external` id. If `linked_id` is a placeholder tollgate
@@ -562,6 +566,7 @@ async fn claim_adopted(
     linked_id: &str,
     external: &ExternalId,
     actor: &Actor,
+    policy: &Policy,
 ) -> StoreResult<String> {
     let current: Option<String> = sql!(
         tx,
@@ -633,6 +638,9 @@ async fn claim_adopted(
         query("UPDATE customers SET deleted_at = $1, updated_at = $1 WHERE id = $2", now, linked_id).execute
     )
     .db()?;
+    // What the placeholder was entitled to is now the application customer's.
+    sql!(tx, query("DELETE FROM entitlements WHERE customer_id = $1", linked_id).execute).db()?;
+    super::entitlements::recompute_entitlements(tx, &target, None, actor, policy).await?;
     let data = serde_json::json!({ "merged_into": target, "external_id": external.as_str(), "provider_customer": pc.id });
     let record = AuditRecord {
         actor,

@@ -19,10 +19,13 @@ pub mod audit;
 pub mod catalog;
 pub mod customers;
 pub mod deliveries;
+pub mod entitlements;
 pub mod events;
 pub mod idempotency;
+pub mod ops;
 pub mod orders;
 pub mod provider_events;
+pub mod provider_webhooks;
 pub mod subscriptions;
 pub mod watermarks;
 pub mod webhook_endpoints;
@@ -134,7 +137,7 @@ impl<T> SqlxResultExt<T> for Result<T, sqlx::Error> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DbKind {
     Sqlite,

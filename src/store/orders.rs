@@ -26,6 +26,8 @@ pub struct Cause<'a> {
     /// The provider event's `created`.
     pub at: i64,
     pub actor: &'a Actor,
+    /// What fulfilment grants and takes back.
+    pub policy: &'a crate::billing::entitlements::Policy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -673,6 +675,16 @@ pub async fn recompute_order(tx: &mut Tx, cause: Cause<'_>, order_id: &str) -> S
         },
     )
     .await?;
+    // Fulfil (or revoke) before announcing, so `order.paid` carries the
+    // grants it delivered.
+    if super::entitlements::sync_order_grants(tx, cause, order_id).await? {
+        sql!(
+            tx,
+            query("UPDATE orders SET status = 'fulfilled' WHERE id = $1 AND status = 'paid'", order_id)
+                .execute
+        )
+        .db()?;
+    }
     let data = order_document(tx, order_id).await?;
     let announce = |event_type: &'static str, dedupe_key: Option<String>| NewEvent {
         event_type,
@@ -712,7 +724,10 @@ async fn order_document(tx: &mut Tx, order_id: &str) -> StoreResult<Value> {
     let order = sql!(tx, query_as::<OrderRow>(&sql, order_id).fetch_one).db()?;
     let sql = format!("SELECT {LINE_COLUMNS} FROM order_lines WHERE order_id = $1 ORDER BY line_no");
     let lines = sql!(tx, query_as::<OrderLineRow>(&sql, order_id).fetch_all).db()?;
-    Ok(order_json(&order, &lines))
+    let grants = super::entitlements::grants_of_order(tx, order_id).await?;
+    let mut doc = order_json(&order, &lines);
+    doc["grants"] = grants.iter().map(|g| g.json()).collect();
+    Ok(doc)
 }
 
 pub fn order_json(order: &OrderRow, lines: &[OrderLineRow]) -> Value {

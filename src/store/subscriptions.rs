@@ -254,6 +254,26 @@ pub async fn apply_subscription(
     if previous.is_none() && matches!(row.status.as_str(), "canceled" | "incomplete_expired") {
         emit(tx, announce("subscription.canceled")).await?;
     }
+    super::entitlements::recompute_entitlements(
+        tx,
+        customer_id,
+        Some(cause.provider_event_id),
+        cause.actor,
+        cause.policy,
+    )
+    .await?;
+    if let Some(p) = previous.as_ref().filter(|p| p.customer_id != customer_id) {
+        // Moved to another customer (a placeholder was claimed): the old
+        // one loses what it had.
+        super::entitlements::recompute_entitlements(
+            tx,
+            &p.customer_id,
+            Some(cause.provider_event_id),
+            cause.actor,
+            cause.policy,
+        )
+        .await?;
+    }
     Ok(())
 }
 

@@ -134,6 +134,7 @@ pub async fn apply(
     event: &ProviderEventRecord,
     stripe: Option<&StripeClient>,
     refetch: bool,
+    policy: &crate::billing::entitlements::Policy,
 ) -> Result<Applied, ApplyError> {
     let disposition = disposition(&event.provider, &event.event_type);
     if disposition == Disposition::Defer {
@@ -184,6 +185,7 @@ pub async fn apply(
                     provider_event_id: &event.id,
                     at: event.provider_created,
                     actor: &Actor::System("stripe"),
+                    policy,
                 };
                 apply_stripe(&mut tx, cause, &event.event_type, object, line_items.as_deref()).await?;
                 Applied::Processed
@@ -239,7 +241,8 @@ async fn customer_for(
     metadata: &Value,
 ) -> Result<String, ApplyError> {
     let external = metadata["tollgate_external_id"].as_str().and_then(|e| ExternalId::parse(e).ok());
-    Ok(resolve_provider_customer(tx, "stripe", provider_customer, external, cause.actor).await?)
+    Ok(resolve_provider_customer(tx, "stripe", provider_customer, external, cause.actor, cause.policy)
+        .await?)
 }
 
 async fn apply_stripe(
@@ -263,7 +266,7 @@ async fn apply_stripe(
                 external_id,
                 deleted: event_type == "customer.deleted" || object["deleted"] == true,
             };
-            apply_provider_customer(tx, &pc, cause.actor).await?;
+            apply_provider_customer(tx, &pc, cause.actor, cause.policy).await?;
         }
         t if t.starts_with("checkout.session.") => {
             let session = read(objects::checkout_session(object))?;

@@ -6,22 +6,22 @@
 //! Storage goes through [`inbox::Inbox`], which groups concurrent requests
 //! into shared transactions.
 
-use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
 use crate::http::error::{ApiError, ErrorType};
+use crate::http::ratelimit::ClientAddr;
 use crate::http::AppState;
+use crate::ratelimit::AddressKey;
 use crate::store::provider_events::{NewProviderEvent, Stored};
 
 pub mod apply;
@@ -63,71 +63,65 @@ impl Provider {
     }
 }
 
-/// Limits how often one address may fail verification, so a forger cannot
-/// use tollgate as a signature oracle or a CPU sink.
-pub struct FailureLimiter(DefaultKeyedRateLimiter<IpAddr>);
-
-impl FailureLimiter {
-    pub fn new(per_minute: u32) -> Self {
-        let per_minute = NonZeroU32::new(per_minute.max(1)).expect("non-zero");
-        FailureLimiter(RateLimiter::keyed(Quota::per_minute(per_minute)))
-    }
-
-    /// Counts a failure; `false` once the address is over its allowance.
-    fn allow(&self, ip: IpAddr) -> bool {
-        self.0.check_key(&ip).is_ok()
-    }
-}
-
 fn reject(provider: Provider, reason: &'static str, message: impl Into<String>) -> ApiError {
     metrics::counter!("webhooks_rejected_total", "provider" => provider.name(), "reason" => reason)
         .increment(1);
     ApiError::invalid(reason, message)
 }
 
-/// A rejection after the per-address allowance is spent becomes a 429.
-fn limited(state: &AppState, ip: IpAddr, error: ApiError) -> ApiError {
-    if state.webhook_failures.allow(ip) {
-        error
-    } else {
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorType::RateLimitError,
-            "too_many_failed_webhooks",
-            "Too many failed webhook deliveries from this address; slow down.",
-        );
-        e.retry_after = Some(60);
-        e
+/// Counts a failed delivery against its address (`RATE_LIMIT_WEBHOOK_FAILURES`
+/// a minute, shared through Redis when configured), so a forger cannot use
+/// tollgate as a signature oracle or a CPU sink: once the allowance is
+/// spent, rejections become 429s.
+async fn limited(state: &AppState, ip: IpAddr, error: ApiError) -> ApiError {
+    // Only the sender's failures count: a 503 is ours (misconfiguration, an outage).
+    let Some(limiter) =
+        state.rate_limits.webhook_failures.as_ref().filter(|_| !error.status.is_server_error())
+    else {
+        return error;
+    };
+    let decision = limiter.check(&AddressKey::new(ip)).await;
+    if decision.allowed {
+        return error;
     }
+    let mut e = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorType::RateLimitError,
+        "too_many_failed_webhooks",
+        "Too many failed webhook deliveries from this address; slow down.",
+    );
+    e.retry_after = Some(decision.retry_after_seconds());
+    e
 }
 
 #[tracing::instrument(name = "webhook.stripe", skip_all)]
 async fn receive_stripe(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddr(ip): ClientAddr,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    receive(state, peer.ip(), Provider::Stripe, headers, body).await
+    receive(state, ip, Provider::Stripe, headers, body).await
 }
 
 #[tracing::instrument(name = "webhook.payments", skip_all)]
 async fn receive_any(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddr(ip): ClientAddr,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     match Provider::recognise(&headers) {
-        Some(provider) => receive(state, peer.ip(), provider, headers, body).await,
+        Some(provider) => receive(state, ip, provider, headers, body).await,
         None => Err(limited(
             &state,
-            peer.ip(),
+            ip,
             ApiError::invalid(
                 "provider_unrecognised",
                 "No provider signature header (Stripe-Signature or PAYPAL-TRANSMISSION-ID).",
             ),
-        )),
+        )
+        .await),
     }
 }
 
@@ -140,20 +134,24 @@ async fn receive(
 ) -> Result<Json<Value>, ApiError> {
     let started = Instant::now();
     metrics::counter!("webhooks_received_total", "provider" => provider.name()).increment(1);
-    let bytes = axum::body::to_bytes(body, MAX_WEBHOOK_BYTES).await.map_err(|_| {
-        limited(
-            &state,
-            ip,
-            reject(provider, "body_too_large", format!("The body exceeds {MAX_WEBHOOK_BYTES} bytes.")),
-        )
-    })?;
-    let event = match provider {
+    let bytes = match axum::body::to_bytes(body, MAX_WEBHOOK_BYTES).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            let error =
+                reject(provider, "body_too_large", format!("The body exceeds {MAX_WEBHOOK_BYTES} bytes."));
+            return Err(limited(&state, ip, error).await);
+        }
+    };
+    let verified = match provider {
         Provider::Stripe => verify_stripe(&state, &headers, &bytes),
         Provider::PayPal => {
             Err(reject(provider, "provider_not_configured", "PayPal webhooks are not supported yet."))
         }
-    }
-    .map_err(|e| limited(&state, ip, e))?;
+    };
+    let event = match verified {
+        Ok(event) => event,
+        Err(e) => return Err(limited(&state, ip, e).await),
+    };
     metrics::counter!("webhooks_verified_total", "provider" => provider.name()).increment(1);
 
     let outcome = state.inbox.submit(event).await.map_err(|e| {

@@ -210,3 +210,25 @@ async fn serve_logs_json_without_secrets_and_exits_cleanly_on_sigterm() {
     assert_eq!(v["status"], 200);
     assert!(lines.iter().any(|l| l.contains("tollgate stopped")), "{lines:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn healthcheck_exits_zero_only_when_the_server_answers() {
+    let app = spawn_app().await;
+    let live = app.url("/livez");
+    let out = tokio::task::block_in_place(|| tollgate(&app.db, &["healthcheck", "--url", &live], &[]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("healthy"), "{}", stdout(&out));
+
+    let missing = app.url("/no-such-endpoint");
+    let out = tokio::task::block_in_place(|| tollgate(&app.db, &["healthcheck", "--url", &missing], &[]));
+    assert_eq!(out.status.code(), Some(1), "a non-2xx answer is unhealthy");
+    assert!(stderr(&out).contains("404"), "{}", stderr(&out));
+
+    // Nothing listens on a port that was just released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = tokio::task::block_in_place(|| {
+        tollgate(&app.db, &["healthcheck", "--timeout-seconds", "2"], &[("PORT", &port.to_string())])
+    });
+    assert_eq!(out.status.code(), Some(1), "no server is unhealthy");
+    assert!(stderr(&out).contains(&format!("127.0.0.1:{port}/livez")), "{}", stderr(&out));
+}

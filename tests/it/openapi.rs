@@ -20,3 +20,16 @@ fn every_v1_route_requires_an_api_key_in_the_document() {
         }
     }
 }
+
+#[test]
+fn every_v1_operation_documents_the_rate_limit() {
+    let doc = serde_json::to_value(tollgate::http::docs::openapi()).unwrap();
+    let limited = &doc["components"]["responses"]["RateLimited"];
+    assert!(limited["headers"]["Retry-After"].is_object(), "{limited}");
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let documented = op["responses"]["429"]["$ref"] == "#/components/responses/RateLimited";
+            assert_eq!(documented, path.starts_with("/v1/"), "{method} {path}");
+        }
+    }
+}

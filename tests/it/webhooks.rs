@@ -204,20 +204,18 @@ async fn an_address_that_keeps_failing_is_rate_limited() {
 }
 
 #[tokio::test]
-async fn unknown_types_are_ignored_and_mapped_types_wait_for_their_mapping() {
+async fn unknown_types_are_ignored_and_mapped_types_are_applied() {
     let app = spawn_with_secrets().await;
-    let later = event("evt_inv", "invoice.paid", 1_700_000_000, json!({ "id": "in_1", "object": "invoice" }));
+    let mapped =
+        event("evt_inv", "invoice.paid", 1_700_000_000, json!({ "id": "in_1", "object": "invoice" }));
     let unknown =
         event("evt_unknown", "radar.early_fraud_warning.created", 1_700_000_001, json!({ "id": "issfr_1" }));
-    assert_eq!(app.deliver_signed(&later).await.status(), 200);
+    assert_eq!(app.deliver_signed(&mapped).await.status(), 200);
     assert_eq!(app.deliver_signed(&unknown).await.status(), 200);
-    app.wait_status("evt_unknown", "ignored").await;
-    let pending = app.provider_events("&status=received").await;
-    assert_eq!(pending.len(), 1);
-    assert_eq!(
-        (pending[0]["provider_event_id"].as_str(), pending[0]["attempts"].as_i64()),
-        (Some("evt_inv"), Some(0))
-    );
+    let ignored = app.wait_status("evt_unknown", "ignored").await;
+    assert_eq!(ignored["attempts"], 0, "an ignored type is never attempted");
+    app.wait_status("evt_inv", "processed").await;
+    assert!(app.provider_events("&status=received").await.is_empty());
 }
 
 #[tokio::test]
@@ -435,4 +433,84 @@ async fn refetch_mode_applies_the_providers_current_object_not_the_payload() {
         app.get(&format!("/v1/customers/{id}"), &app.read_key).send().await.unwrap().json().await.unwrap();
     assert_eq!(c["email"], "current@example.com", "the refetched object wins over the payload");
     assert_eq!(c["providers"]["stripe"], id);
+}
+
+#[tokio::test]
+async fn retention_prunes_only_finished_events_and_a_pruned_event_coming_back_changes_nothing() {
+    let app = spawn_app_with(|c| {
+        c.stripe_webhook_secret = Some(secrecy::SecretString::from(SECRET_A.to_owned()));
+        c.retention_interval_seconds = 1;
+        c.retention_provider_events_days = 31;
+    })
+    .await;
+    let newer =
+        event("evt_r_new", "customer.updated", 1_800_000_100, customer("cus_r", None, "new@example.com"));
+    let older =
+        event("evt_r_old", "customer.updated", 1_800_000_050, customer("cus_r", None, "old@example.com"));
+    app.deliver_signed(&newer).await;
+    app.wait_status("evt_r_new", "processed").await;
+    app.deliver_signed(&older).await;
+    app.wait_status("evt_r_old", "processed").await;
+
+    // Work still owed and evidence, all as old as the finished events.
+    let store = app.db.store().await;
+    let owed: Vec<tollgate::store::provider_events::NewProviderEvent> =
+        ["evt_k_received", "evt_k_failed", "evt_k_dead"]
+            .iter()
+            .map(|id| tollgate::store::provider_events::NewProviderEvent {
+                provider: "stripe",
+                provider_event_id: (*id).to_owned(),
+                event_type: "customer.updated".to_owned(),
+                object_id: Some("cus_other".to_owned()),
+                provider_created: 1_800_000_000,
+                api_version: None,
+                livemode: false,
+                body: "{}".to_owned(),
+                source: "webhook",
+                initial_status: "received",
+                first_attempt_at: tollgate::store::now_unix() + 86_400,
+            })
+            .collect();
+    store.insert_provider_events(&owed).await.unwrap();
+    store
+        .execute_raw("UPDATE provider_events SET status = 'failed' WHERE provider_event_id = 'evt_k_failed'")
+        .await
+        .unwrap();
+    store
+        .execute_raw("UPDATE provider_events SET status = 'dead' WHERE provider_event_id = 'evt_k_dead'")
+        .await
+        .unwrap();
+    let audit_before = store.verify_audit_chain().await.unwrap().entries;
+    store
+        .execute_raw(
+            "UPDATE provider_events SET received_at = received_at - 40 * 86400, \
+             processed_at = COALESCE(processed_at, received_at) - 40 * 86400",
+        )
+        .await
+        .unwrap();
+
+    // The job prunes the finished ones, and only those.
+    let statuses = eventually(Duration::from_secs(10), || async {
+        let mut left: Vec<String> =
+            app.provider_events("").await.iter().map(|e| e["status"].as_str().unwrap().to_owned()).collect();
+        left.sort();
+        (left.len() == 3).then_some(left)
+    })
+    .await;
+    assert_eq!(statuses, ["dead", "failed", "received"]);
+    let chain = store.verify_audit_chain().await.unwrap();
+    assert!(chain.is_intact());
+    assert_eq!(chain.entries, audit_before + 1, "one audit entry for the pruning, none removed");
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"retention_pruned_total{kind="provider_events"}"#), "{metrics}");
+
+    // Stripe redelivers the older event: the inbox no longer knows it, the
+    // watermark still does, so it changes nothing.
+    let again = app.deliver_signed(&older).await;
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["duplicate"], false, "the pruned event is new to the inbox");
+    app.wait_status("evt_r_old", "processed").await;
+    let c: Value = app.get("/v1/customers/cus_r", &app.read_key).send().await.unwrap().json().await.unwrap();
+    assert_eq!(c["email"], "new@example.com");
 }

@@ -1,27 +1,145 @@
-//! tollgate's Stripe client: a thin layer over reqwest (rustls) speaking
-//! Stripe's form encoding, with a timeout on every call. Written here rather
-//! than taken from async-stripe because that crate generates the whole API
-//! (a large compile) while tollgate uses a dozen endpoints; retries,
-//! idempotency keys and the circuit breaker arrive with the selling issue.
+//! tollgate's Stripe client: reqwest (rustls) speaking Stripe's form
+//! encoding, built to survive a bad day at the provider:
+//! - a timeout on every call;
+//! - retries with exponential backoff and jitter, only for transient
+//!   failures (connection errors, timeouts, 429, 5xx), honouring
+//!   `Retry-After` and `Stripe-Should-Retry`;
+//! - every POST carries an `Idempotency-Key`, the same on each retry, so a
+//!   retried POST whose first answer was lost cannot create or charge twice;
+//! - a circuit breaker per provider, shared by every caller in the process:
+//!   while it is open calls fail at once, and tollgate answers 503 with
+//!   `Retry-After` instead of queueing requests behind a dead dependency.
+//!
+//! Written here rather than taken from async-stripe because that crate
+//! generates the whole API (a large compile) while tollgate uses a dozen
+//! endpoints, and its retry policy cannot be combined with a shared breaker.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-pub mod objects;
-
+use rand::Rng;
+use reqwest::header::HeaderMap;
+use reqwest::Method;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
+
+pub mod breaker;
+pub mod form;
+pub mod objects;
+
+pub use breaker::{BreakerState, CircuitBreaker};
+pub use form::Form;
 
 /// The API version tollgate pins, so payload shapes do not drift.
 pub const API_VERSION: &str = "2025-10-29.clover";
 
+const PROVIDER: &str = "stripe";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StripeClientError {
+    /// No answer: connection refused or reset, DNS, or the timeout.
     #[error("Stripe could not be reached: {0}")]
     Unreachable(String),
-    #[error("Stripe answered {status}: {message}")]
-    Api { status: u16, code: Option<String>, message: String },
+    /// Stripe answered with an error. `message` is Stripe's, with anything
+    /// that looks like a key or secret masked; it is for operators' logs and
+    /// terminals, never for tollgate's API clients (see `http::error`).
+    #[error("Stripe answered {status} {kind}{}: {message}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Api {
+        status: u16,
+        /// Stripe's error `type`: `card_error`, `invalid_request_error`, `api_error`, …
+        kind: String,
+        code: Option<String>,
+        decline_code: Option<String>,
+        param: Option<String>,
+        message: String,
+        /// Stripe's `Request-Id`, to quote to Stripe's support.
+        request_id: Option<String>,
+        /// Seconds, from `Retry-After`.
+        retry_after: Option<u64>,
+    },
     #[error("Stripe's answer was not understood: {0}")]
     Decode(String),
+    /// The circuit breaker is open: recent calls failed, this one was not tried.
+    #[error("Stripe is failing; calls are suspended for {}s", retry_after.as_secs().max(1))]
+    CircuitOpen { retry_after: Duration },
+}
+
+impl StripeClientError {
+    /// Seconds a caller should wait before trying again, when Stripe is down
+    /// or asked to slow down.
+    pub fn retry_after_seconds(&self) -> Option<u64> {
+        match self {
+            StripeClientError::CircuitOpen { retry_after } => {
+                Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
+            }
+            StripeClientError::Api { retry_after, status, .. } if *status == 429 || *status >= 500 => {
+                Some(retry_after.unwrap_or(1).max(1))
+            }
+            StripeClientError::Unreachable(_) => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// Timeouts, retries and breaker thresholds.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Retries after the first attempt, for transient failures only.
+    pub max_retries: u32,
+    /// The first retry waits about this long; each further one twice as long.
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    /// A `Retry-After` longer than this is not waited for: the error is
+    /// returned with its hint instead of holding the caller.
+    pub max_retry_after: Duration,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+    /// The budget of one logical call, retries and waits included: no retry
+    /// starts that could not finish within it, so a caller waiting on
+    /// Stripe gets an answer before its own request times out.
+    pub max_elapsed: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            max_retries: 2,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(10),
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            max_elapsed: Duration::from_secs(25),
+        }
+    }
+}
+
+impl ClientOptions {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            timeout: Duration::from_secs(config.stripe_timeout_seconds.max(1)),
+            connect_timeout: Duration::from_secs(config.stripe_timeout_seconds.clamp(1, 3)),
+            max_retries: config.stripe_max_retries,
+            breaker_failures: config.stripe_breaker_failures.max(1),
+            breaker_cooldown: Duration::from_secs(config.stripe_breaker_cooldown_seconds.max(1)),
+            // Inside the API's own request timeout, with a second to answer.
+            max_elapsed: Duration::from_secs(config.request_timeout_seconds.saturating_sub(1).max(1)),
+            ..Self::default()
+        }
+    }
+
+    /// The wait before retry number `retry` (0 for the first): exponential,
+    /// capped, with "equal jitter" (half fixed, half random) so that callers
+    /// failing together do not retry together.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let exp = self.base_delay.saturating_mul(1u32 << retry.min(16)).min(self.max_delay);
+        let half = exp / 2;
+        half + half.mul_f64(rand::thread_rng().gen::<f64>())
+    }
 }
 
 #[derive(Clone)]
@@ -29,6 +147,8 @@ pub struct StripeClient {
     http: reqwest::Client,
     base: String,
     key: SecretString,
+    options: ClientOptions,
+    breaker: Arc<CircuitBreaker>,
 }
 
 impl std::fmt::Debug for StripeClient {
@@ -37,51 +157,103 @@ impl std::fmt::Debug for StripeClient {
     }
 }
 
+/// How one attempt ended, for retries, the breaker and metrics.
+struct AttemptFailure {
+    error: StripeClientError,
+    retryable: bool,
+    /// Counts against the provider's health.
+    breaker_failure: bool,
+    outcome: &'static str,
+    retry_after: Option<Duration>,
+}
+
 impl StripeClient {
     pub fn new(base: &str, key: SecretString) -> Self {
+        Self::with_options(base, key, ClientOptions::default())
+    }
+
+    pub fn with_options(base: &str, key: SecretString, options: ClientOptions) -> Self {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(3))
+            .timeout(options.timeout)
+            .connect_timeout(options.connect_timeout)
             .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("HTTP client builds");
-        StripeClient { http, base: base.trim_end_matches('/').to_owned(), key }
+        let base = base.trim_end_matches('/').to_owned();
+        let breaker = CircuitBreaker::shared(
+            &format!("{PROVIDER} {base}"),
+            PROVIDER,
+            options.breaker_failures,
+            options.breaker_cooldown,
+        );
+        StripeClient { http, base, key, options, breaker }
     }
 
     /// The client for this configuration: Stripe itself, or the built-in
     /// emulator when no key is set.
     pub fn from_config(config: &crate::config::Config) -> Self {
+        let options = ClientOptions::from_config(config);
         match &config.stripe_secret_key {
-            Some(key) => {
-                Self::new(config.stripe_api_base.as_deref().unwrap_or("https://api.stripe.com"), key.clone())
-            }
-            None => Self::new(
+            Some(key) => Self::with_options(
+                config.stripe_api_base.as_deref().unwrap_or("https://api.stripe.com"),
+                key.clone(),
+                options,
+            ),
+            None => Self::with_options(
                 &format!("{}{}", config.public_url(), crate::http::EMULATOR_PREFIX),
                 SecretString::from("sk_test_tollgate_emulator".to_owned()),
+                options,
             ),
         }
     }
 
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, StripeClientError> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(self.key.expose_secret())
-            .header("stripe-version", API_VERSION)
-            .query(query)
-            .send()
-            .await
-            .map_err(|e| StripeClientError::Unreachable(e.to_string()))?;
-        let status = resp.status();
-        let body: Value = resp.json().await.map_err(|e| StripeClientError::Decode(e.to_string()))?;
-        if status.is_success() {
-            Ok(body)
-        } else {
-            Err(StripeClientError::Api {
-                status: status.as_u16(),
-                code: body["error"]["code"].as_str().map(str::to_owned),
-                message: body["error"]["message"].as_str().unwrap_or("").to_owned(),
-            })
+        self.send(Method::GET, path, query, None, None).await
+    }
+
+    /// A POST. `idempotency_key`: pass one derived from what the caller is
+    /// doing (see [`derived_idempotency_key`]) so that a retry by *tollgate's*
+    /// caller also reaches Stripe as the same request; without one, a key is
+    /// generated for this call and reused by its retries.
+    pub async fn post(
+        &self,
+        path: &str,
+        form: &Form,
+        idempotency_key: Option<&str>,
+    ) -> Result<Value, StripeClientError> {
+        let key = idempotency_key
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("tollgate-{}", ulid::Ulid::new().to_string().to_lowercase()));
+        self.send(Method::POST, path, &[], Some(form), Some(key)).await
+    }
+
+    /// Every object of a list endpoint, page by page.
+    pub async fn list_all(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Vec<Value>, StripeClientError> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut q: Vec<(&str, String)> = query.to_vec();
+            q.push(("limit", "100".to_owned()));
+            if let Some(a) = &after {
+                q.push(("starting_after", a.clone()));
+            }
+            let page = self.get(path, &q).await?;
+            let data = page["data"]
+                .as_array()
+                .ok_or_else(|| StripeClientError::Decode(format!("{path}: no data array")))?;
+            out.extend(data.iter().cloned());
+            match (page["has_more"].as_bool(), data.last().and_then(|o| o["id"].as_str())) {
+                (Some(true), Some(last)) => after = Some(last.to_owned()),
+                _ => return Ok(out),
+            }
         }
     }
 
@@ -101,5 +273,276 @@ impl StripeClient {
             .cloned()
             .ok_or_else(|| StripeClientError::Decode("no data array".into()))?;
         Ok((data, page["has_more"].as_bool().unwrap_or(false)))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        form: Option<&Form>,
+        idempotency_key: Option<String>,
+    ) -> Result<Value, StripeClientError> {
+        let operation = operation_name(&method, path);
+        let deadline = Instant::now() + self.options.max_elapsed;
+        let mut retry = 0;
+        loop {
+            let permit = match self.breaker.acquire() {
+                Ok(p) => p,
+                Err(wait) => {
+                    metrics::counter!("provider_requests_total", "provider" => PROVIDER, "operation" => operation.clone(), "outcome" => "circuit_open")
+                        .increment(1);
+                    return Err(StripeClientError::CircuitOpen { retry_after: wait });
+                }
+            };
+            let started = Instant::now();
+            let budget = deadline.saturating_duration_since(started).min(self.options.timeout);
+            let result = self.attempt(&method, path, query, form, idempotency_key.as_deref(), budget).await;
+            let outcome = match &result {
+                Ok(_) => "success",
+                Err(f) => f.outcome,
+            };
+            metrics::counter!("provider_requests_total", "provider" => PROVIDER, "operation" => operation.clone(), "outcome" => outcome)
+                .increment(1);
+            metrics::histogram!("provider_request_duration_seconds", "provider" => PROVIDER, "operation" => operation.clone(), "outcome" => outcome)
+                .record(started.elapsed().as_secs_f64());
+            let failure = match result {
+                Ok(value) => {
+                    permit.record(true);
+                    return Ok(value);
+                }
+                Err(f) => f,
+            };
+            permit.record(!failure.breaker_failure);
+            if !failure.retryable || retry >= self.options.max_retries {
+                return Err(failure.error);
+            }
+            let mut wait = self.options.backoff(retry);
+            if let Some(asked) = failure.retry_after {
+                if asked > self.options.max_retry_after {
+                    return Err(failure.error);
+                }
+                wait = wait.max(asked);
+            }
+            if Instant::now() + wait >= deadline {
+                return Err(failure.error);
+            }
+            tracing::warn!(
+                operation = %operation,
+                outcome,
+                retry = retry + 1,
+                wait_ms = wait.as_millis() as u64,
+                "Stripe call failed; retrying"
+            );
+            tokio::time::sleep(wait).await;
+            retry += 1;
+        }
+    }
+
+    async fn attempt(
+        &self,
+        method: &Method,
+        path: &str,
+        query: &[(&str, String)],
+        form: Option<&Form>,
+        idempotency_key: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Value, AttemptFailure> {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .timeout(timeout)
+            .bearer_auth(self.key.expose_secret())
+            .header("stripe-version", API_VERSION);
+        if !query.is_empty() {
+            request = request.query(query);
+        }
+        if let Some(form) = form {
+            request = request.form(form.pairs());
+        }
+        if let Some(key) = idempotency_key {
+            request = request.header("idempotency-key", key);
+        }
+        let unreachable = |e: reqwest::Error| AttemptFailure {
+            outcome: if e.is_timeout() { "timeout" } else { "unreachable" },
+            // Without the error's URL: it is ours, but keep logs lean.
+            error: StripeClientError::Unreachable(e.without_url().to_string()),
+            retryable: true,
+            breaker_failure: true,
+            retry_after: None,
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        // A body cut off mid-way is as transient as a refused connection.
+        let bytes = response.bytes().await.map_err(unreachable)?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&bytes).map_err(|e| AttemptFailure {
+                error: StripeClientError::Decode(e.to_string()),
+                retryable: false,
+                breaker_failure: false,
+                outcome: "invalid_response",
+                retry_after: None,
+            });
+        }
+        Err(classify_failure(status, &headers, &bytes))
+    }
+}
+
+fn classify_failure(status: u16, headers: &HeaderMap, body: &[u8]) -> AttemptFailure {
+    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let error = &body["error"];
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    let retry_after = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let should_retry = headers.get("stripe-should-retry").and_then(|v| v.to_str().ok());
+    let transient = status == 429 || status >= 500;
+    let retryable = match should_retry {
+        Some("true") => true,
+        Some("false") => false,
+        _ => transient,
+    };
+    let outcome = match status {
+        402 => "card_error",
+        429 => "rate_limited",
+        s if s >= 500 => "server_error",
+        _ => "client_error",
+    };
+    AttemptFailure {
+        error: StripeClientError::Api {
+            status,
+            kind: text(&error["type"]).unwrap_or_else(|| {
+                if status >= 500 { "api_error" } else { "invalid_request_error" }.to_owned()
+            }),
+            code: text(&error["code"]),
+            decline_code: text(&error["decline_code"]),
+            param: text(&error["param"]),
+            message: redact(error["message"].as_str().unwrap_or("")),
+            request_id: headers.get("request-id").and_then(|v| v.to_str().ok()).map(str::to_owned),
+            retry_after,
+        },
+        retryable,
+        // A 4xx (a decline, a bad parameter, even a 429) comes from a
+        // working provider; only 5xx counts against its health.
+        breaker_failure: status >= 500,
+        outcome,
+        retry_after: retry_after.map(Duration::from_secs),
+    }
+}
+
+/// An Idempotency-Key for Stripe derived from what tollgate is doing, e.g.
+/// `derived_idempotency_key(&["checkout", api_key_id, their_idempotency_key])`:
+/// the same parts give the same key, so a client retrying tollgate's request
+/// reaches Stripe as the same request. Hashed, so it stays within Stripe's
+/// 255 characters and does not carry the caller's key verbatim.
+pub fn derived_idempotency_key(parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    format!("tollgate-{}", &hex::encode(hasher.finalize())[..40])
+}
+
+/// A low-cardinality metric label: `POST /v1/prices/{id}`. A path segment is
+/// a word if it is lowercase letters and underscores (`test_helpers`,
+/// `webhook_endpoints`); anything else is an object id.
+fn operation_name(method: &Method, path: &str) -> String {
+    let path = path.split('?').next().unwrap_or("");
+    let shape: Vec<&str> = path
+        .split('/')
+        .map(|seg| {
+            if seg.chars().all(|c| c.is_ascii_lowercase() || c == '_') || seg == "v1" {
+                seg
+            } else {
+                "{id}"
+            }
+        })
+        .collect();
+    format!("{method} {}", shape.join("/"))
+}
+
+/// Masks anything in a Stripe message that looks like a key or secret
+/// (`sk_live_…`, `rk_test_…`, `whsec_…`), keeping its prefix.
+pub fn redact(message: &str) -> String {
+    const PREFIXES: [&str; 7] =
+        ["sk_live_", "sk_test_", "rk_live_", "rk_test_", "pk_live_", "pk_test_", "whsec_"];
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some((at, prefix)) =
+        PREFIXES.iter().filter_map(|p| rest.find(p).map(|i| (i, *p))).min_by_key(|(i, _)| *i)
+    {
+        out.push_str(&rest[..at + prefix.len()]);
+        out.push_str("***");
+        rest = &rest[at + prefix.len()..];
+        let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '*')).unwrap_or(rest.len());
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out.chars().take(500).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operations_name_shapes_not_ids() {
+        assert_eq!(operation_name(&Method::GET, "/v1/events"), "GET /v1/events");
+        assert_eq!(operation_name(&Method::POST, "/v1/prices/price_1Abc9"), "POST /v1/prices/{id}");
+        assert_eq!(
+            operation_name(&Method::POST, "/v1/test_helpers/test_clocks/clock_X1/advance"),
+            "POST /v1/test_helpers/test_clocks/{id}/advance"
+        );
+    }
+
+    #[test]
+    fn secrets_in_messages_are_masked() {
+        assert_eq!(
+            redact("Invalid API Key provided: sk_live_abc123XYZ, and whsec_9f8e."),
+            "Invalid API Key provided: sk_live_***, and whsec_***."
+        );
+        assert_eq!(redact("No such price: 'price_1'"), "No such price: 'price_1'");
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let o = ClientOptions {
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(1000),
+            ..ClientOptions::default()
+        };
+        for retry in 0..6 {
+            let exp = Duration::from_millis(100 * (1 << retry)).min(Duration::from_millis(1000));
+            let d = o.backoff(retry);
+            assert!(d >= exp / 2 && d <= exp, "retry {retry}: {d:?} within [{:?}, {exp:?}]", exp / 2);
+        }
+    }
+
+    #[test]
+    fn transient_failures_retry_and_stripe_can_say_otherwise() {
+        let mut h = HeaderMap::new();
+        assert!(classify_failure(500, &h, b"{}").retryable);
+        assert!(classify_failure(429, &h, b"{}").retryable);
+        assert!(!classify_failure(400, &h, b"{}").retryable);
+        assert!(!classify_failure(402, &h, b"{}").breaker_failure);
+        h.insert("stripe-should-retry", "false".parse().unwrap());
+        assert!(!classify_failure(500, &h, b"{}").retryable);
+        h.insert("stripe-should-retry", "true".parse().unwrap());
+        h.insert("retry-after", "3".parse().unwrap());
+        let f = classify_failure(409, &h, b"{}");
+        assert!(f.retryable);
+        assert_eq!(f.retry_after, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn derived_keys_are_stable_and_distinct() {
+        let a = derived_idempotency_key(&["checkout", "key_1", "abc"]);
+        assert_eq!(a, derived_idempotency_key(&["checkout", "key_1", "abc"]));
+        assert_ne!(a, derived_idempotency_key(&["checkout", "key_1a", "bc"]));
+        assert!(a.len() < 255 && !a.contains("abc"));
     }
 }

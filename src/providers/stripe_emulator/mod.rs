@@ -89,6 +89,7 @@ pub struct Emulator {
 
 struct Inner {
     state: Mutex<State>,
+    fault: Mutex<Option<Fault>>,
     config: EmulatorConfig,
     /// Woken when deliveries are queued.
     wake: Notify,
@@ -121,7 +122,15 @@ impl Emulator {
             .expect("HTTP client builds");
         let mut state = State::default();
         state.duplicate_deliveries = config.delivery.duplicate;
-        Emulator { inner: Arc::new(Inner { state: Mutex::new(state), config, wake: Notify::new(), http }) }
+        Emulator {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                fault: Mutex::new(None),
+                config,
+                wake: Notify::new(),
+                http,
+            }),
+        }
     }
 
     pub fn config(&self) -> &EmulatorConfig {
@@ -147,6 +156,28 @@ impl Emulator {
         endpoint["secret"].as_str().unwrap_or_default().to_owned()
     }
 
+    /// Test-only failure injection: the API answers `fault.status` (500,
+    /// 503, 429, …) as Stripe does on a bad day, until cleared with `None`
+    /// or `fault.times` requests have failed. Not reachable over HTTP.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        *self.inner.fault.lock().unwrap_or_else(|p| p.into_inner()) = fault;
+    }
+
+    /// The fault for this request, if one is armed, counting it down.
+    fn take_fault(&self) -> Option<Fault> {
+        let mut slot = self.inner.fault.lock().unwrap_or_else(|p| p.into_inner());
+        let fault = slot.clone()?;
+        match fault.times {
+            Some(0) => {
+                *slot = None;
+                return None;
+            }
+            Some(n) => slot.as_mut().expect("armed").times = Some(n - 1),
+            None => {}
+        }
+        Some(fault)
+    }
+
     pub(crate) fn wake_delivery(&self) {
         self.inner.wake.notify_one();
     }
@@ -155,6 +186,10 @@ impl Emulator {
     /// itself under the state lock, `expand[]`, and version shaping.
     async fn handle(&self, req: ApiRequest, op: Operation) -> Response {
         let ApiRequest { method, key, idempotency_key, ctx, params, fingerprint } = req;
+        let fault = self.take_fault();
+        if let Some(f) = fault.as_ref().filter(|f| !f.after_processing) {
+            return f.response();
+        }
         let expand = params.expand();
         let (status, body, replayed) = {
             let mut state = self.lock();
@@ -202,6 +237,10 @@ impl Emulator {
             }
         };
         self.wake_delivery();
+        if let Some(f) = fault {
+            // The work is done and its idempotent answer kept; the answer is lost.
+            return f.response();
+        }
         let mut response = (status, axum::Json(body)).into_response();
         response
             .headers_mut()
@@ -300,6 +339,31 @@ impl Emulator {
         axum::serve(listener, self.router()).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
         let _ = deliveries.await;
         Ok(())
+    }
+}
+
+/// A failure the emulator is told to answer with (see [`Emulator::set_fault`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub status: u16,
+    /// How many requests fail; `None`: every one until cleared.
+    pub times: Option<u32>,
+    /// Run the request (effects and idempotent response kept), then answer
+    /// the error: a response lost on its way back.
+    pub after_processing: bool,
+}
+
+impl Fault {
+    /// `status` for every request until cleared.
+    pub fn always(status: u16) -> Self {
+        Fault { status, times: None, after_processing: false }
+    }
+
+    fn response(&self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let kind = if status == StatusCode::TOO_MANY_REQUESTS { "rate_limit_error" } else { "api_error" };
+        let body = json!({ "error": { "type": kind, "message": "An unknown error occurred (emulator fault injection)." } });
+        (status, axum::Json(body)).into_response()
     }
 }
 

@@ -286,6 +286,7 @@ pub fn create_price(state: &mut State, _ctx: &Ctx, p: &Params) -> StripeResult<V
         "metadata",
         "nickname",
         "lookup_key",
+        "transfer_lookup_key",
         "tax_behavior",
     ])?;
     let product = p.required("product")?;
@@ -334,11 +335,21 @@ pub fn create_price(state: &mut State, _ctx: &Ctx, p: &Params) -> StripeResult<V
     };
     state.fetch("product", product, "product")?;
     if let Some(key) = p.nonempty("lookup_key")? {
-        if state.all("price").iter().any(|pr| pr["lookup_key"] == key) {
-            return Err(StripeError::param(
-                "lookup_key",
-                format!("A price with lookup_key {key} already exists."),
-            ));
+        let holder = state.all("price").iter().find(|pr| pr["lookup_key"] == key).map(|pr| pr["id"].clone());
+        match holder {
+            // As on Stripe: the key moves to the new price.
+            Some(Value::String(id)) if p.bool("transfer_lookup_key")? == Some(true) => {
+                let mut changes = Map::new();
+                changes.insert("lookup_key".into(), Value::Null);
+                state.update(&id, changes);
+            }
+            Some(_) => {
+                return Err(StripeError::param(
+                    "lookup_key",
+                    format!("A price with lookup_key {key} already exists."),
+                ))
+            }
+            None => {}
         }
     }
     let now = real_now();
@@ -373,8 +384,29 @@ pub fn get_price(state: &mut State, ctx: &Ctx, p: &Params) -> StripeResult<Value
 }
 
 pub fn update_price(state: &mut State, ctx: &Ctx, p: &Params) -> StripeResult<Value> {
-    p.allow(&["active", "metadata", "nickname", "lookup_key"])?;
+    p.allow(&["active", "metadata", "nickname", "lookup_key", "transfer_lookup_key"])?;
     let current = state.fetch("price", ctx.id(), "id")?;
+    if let Some(key) = p.nonempty("lookup_key")? {
+        let holder = state
+            .all("price")
+            .iter()
+            .find(|pr| pr["lookup_key"] == key && pr["id"] != ctx.id())
+            .map(|pr| pr["id"].clone());
+        match holder {
+            Some(Value::String(id)) if p.bool("transfer_lookup_key")? == Some(true) => {
+                let mut changes = Map::new();
+                changes.insert("lookup_key".into(), Value::Null);
+                state.update(&id, changes);
+            }
+            Some(_) => {
+                return Err(StripeError::param(
+                    "lookup_key",
+                    format!("A price with lookup_key {key} already exists."),
+                ))
+            }
+            None => {}
+        }
+    }
     let mut changes = Map::new();
     if let Some(active) = p.bool("active")? {
         changes.insert("active".into(), json!(active));

@@ -1,0 +1,11 @@
+-- Operator runs (backups, restore drills) and how they ended, so `doctor`
+-- can tell when the last backup was taken and the last drill passed.
+CREATE TABLE ops_runs (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL CHECK (kind IN ('backup', 'restore_drill')),
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER NOT NULL,
+    ok          BOOLEAN NOT NULL,
+    report      TEXT NOT NULL
+);
+CREATE INDEX ops_runs_kind ON ops_runs (kind, finished_at);

@@ -1,0 +1,527 @@
+//! Fulfilment (grants per paid order line, revoked and restored as the
+//! order's status moves), the credits ledger, and the stored entitlements
+//! document with its version.
+//!
+//! Everything here runs inside the transaction of the change that caused
+//! it, so a grant, its ledger entries, the new entitlements version and the
+//! `entitlements.updated` event commit together or not at all.
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+use super::audit::{self, Actor, AuditRecord};
+use super::events::{emit, NewEvent};
+use super::orders::Cause;
+use super::{now_unix, sql, DbKind, SqlxResultExt, Store, StoreError, StoreResult, Tx};
+use crate::billing::catalog::Grants;
+use crate::billing::entitlements::{self, Entitlements, GrantState, Policy, SubscriptionSource};
+use crate::ids::new_id;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct GrantRow {
+    pub id: String,
+    pub customer_id: String,
+    pub order_id: String,
+    pub line_no: i64,
+    pub product_id: String,
+    pub quantity: i64,
+    pub grants: String,
+    pub status: String,
+    pub revoked_at: Option<i64>,
+    pub revoke_reason: Option<String>,
+    pub created_at: i64,
+}
+
+const GRANT_COLUMNS: &str =
+    "id, customer_id, order_id, line_no, product_id, quantity, grants, status, revoked_at, revoke_reason, created_at";
+
+impl GrantRow {
+    pub fn json(&self) -> serde_json::Value {
+        json!({
+            "id": self.id, "object": "grant", "order": self.order_id, "line": self.line_no,
+            "product": self.product_id, "quantity": self.quantity,
+            "grants": serde_json::from_str::<serde_json::Value>(&self.grants).unwrap_or_default(),
+            "status": self.status, "revoked_at": self.revoked_at, "revoke_reason": self.revoke_reason,
+        })
+    }
+}
+
+pub async fn grants_of_order(tx: &mut Tx, order_id: &str) -> StoreResult<Vec<GrantRow>> {
+    let sql = format!("SELECT {GRANT_COLUMNS} FROM grants WHERE order_id = $1 ORDER BY line_no");
+    sql!(tx, query_as::<GrantRow>(&sql, order_id).fetch_all).db()
+}
+
+/// Brings an order's grants in line with its status: creates them once when
+/// it is paid (unique per order line), revokes or restores them as refunds
+/// and disputes move it, and adjusts credits through ledger entries. Returns
+/// whether grants were created now (the order is fulfilled).
+pub async fn sync_order_grants(tx: &mut Tx, cause: Cause<'_>, order_id: &str) -> StoreResult<bool> {
+    let (customer_id, status, amount_total, amount_refunded): (String, String, i64, i64) = sql!(
+        tx,
+        query_as::<(String, String, i64, i64)>(
+            "SELECT customer_id, status, amount_total, amount_refunded FROM orders WHERE id = $1",
+            order_id
+        )
+        .fetch_one
+    )
+    .db()?;
+    let state = entitlements::grant_state(&status, cause.policy);
+    if state == GrantState::NotYet {
+        return Ok(false);
+    }
+    let mut grants = grants_of_order(tx, order_id).await?;
+    let mut created = false;
+    if grants.is_empty() {
+        created = create_grants(tx, cause, order_id, &customer_id).await?;
+        grants = grants_of_order(tx, order_id).await?;
+    }
+    let mut changed = created;
+    for grant in &grants {
+        let want = if state == GrantState::Revoked { "revoked" } else { "active" };
+        if grant.status != want {
+            changed = true;
+            let now = now_unix();
+            let (revoked_at, reason) =
+                if want == "revoked" { (Some(now), Some(status.as_str())) } else { (None, None) };
+            sql!(
+                tx,
+                query(
+                    "UPDATE grants SET status = $1, revoked_at = $2, revoke_reason = $3, updated_at = $4 WHERE id = $5",
+                    want,
+                    revoked_at,
+                    reason,
+                    now,
+                    &grant.id
+                )
+                .execute
+            )
+            .db()?;
+            let action = if want == "revoked" { "grant.revoked" } else { "grant.restored" };
+            audit::append(
+                tx,
+                AuditRecord {
+                    actor: cause.actor,
+                    action,
+                    object_type: "grant",
+                    object_id: &grant.id,
+                    data: json!({ "order": order_id, "order_status": status }),
+                    request_id: None,
+                },
+            )
+            .await?;
+        }
+        let frozen: Grants = serde_json::from_str(&grant.grants)?;
+        for (key, granted) in &frozen.credits {
+            let target =
+                entitlements::credits_to_revoke(*granted, state, amount_refunded, amount_total, cause.policy);
+            changed |= adjust_revoked_credits(tx, grant, key, target).await?;
+        }
+    }
+    if changed {
+        recompute_entitlements(tx, &customer_id, Some(cause.provider_event_id), cause.actor, cause.policy)
+            .await?;
+    }
+    Ok(created)
+}
+
+async fn create_grants(
+    tx: &mut Tx,
+    cause: Cause<'_>,
+    order_id: &str,
+    customer_id: &str,
+) -> StoreResult<bool> {
+    let lines: Vec<(i64, Option<String>, i64)> = sql!(
+        tx,
+        query_as::<(i64, Option<String>, i64)>(
+            "SELECT line_no, product_id, quantity FROM order_lines WHERE order_id = $1 ORDER BY line_no",
+            order_id
+        )
+        .fetch_all
+    )
+    .db()?;
+    let now = now_unix();
+    let mut any = false;
+    for (line_no, product_id, quantity) in lines {
+        // A line whose price is not in the catalog grants nothing (doctor
+        // lists such ids); it is still part of the order.
+        let Some(product_id) = product_id else { continue };
+        let product_grants: String = sql!(
+            tx,
+            query_scalar::<String>("SELECT grants FROM products WHERE id = $1", &product_id).fetch_one
+        )
+        .db()?;
+        let grants = entitlements::grants_for_quantity(&serde_json::from_str(&product_grants)?, quantity);
+        if grants.is_empty() {
+            continue;
+        }
+        let id = new_id("grt");
+        let inserted = sql!(
+            tx,
+            query(
+                "INSERT INTO grants (id, customer_id, order_id, line_no, product_id, quantity, grants, status, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $8) ON CONFLICT (order_id, line_no) DO NOTHING",
+                &id,
+                customer_id,
+                order_id,
+                line_no,
+                &product_id,
+                quantity,
+                serde_json::to_string(&grants)?,
+                now
+            )
+            .execute
+        )
+        .db()?;
+        if inserted == 0 {
+            continue;
+        }
+        any = true;
+        for (key, amount) in &grants.credits {
+            ledger_entry(tx, customer_id, key, *amount, "grant", Some(&id), &format!("grant:{id}:{key}"))
+                .await?;
+        }
+        audit::append(
+            tx,
+            AuditRecord {
+                actor: cause.actor,
+                action: "grant.created",
+                object_type: "grant",
+                object_id: &id,
+                data: json!({ "order": order_id, "line": line_no, "product": product_id, "grants": grants }),
+                request_id: None,
+            },
+        )
+        .await?;
+    }
+    Ok(any)
+}
+
+/// Moves the credits taken back from `grant` under `key` to `target`, by
+/// appending a revoke or restore entry for the difference.
+async fn adjust_revoked_credits(tx: &mut Tx, grant: &GrantRow, key: &str, target: i64) -> StoreResult<bool> {
+    let (revoked, entries): (Option<i64>, i64) = sql!(
+        tx,
+        query_as::<(Option<i64>, i64)>(
+            "SELECT CAST(-SUM(amount) AS BIGINT), COUNT(*) FROM credit_ledger WHERE grant_id = $1 AND balance_key = $2 \
+             AND kind IN ('revoke', 'restore')",
+            &grant.id,
+            key
+        )
+        .fetch_one
+    )
+    .db()?;
+    let revoked = revoked.unwrap_or(0);
+    if revoked == target {
+        return Ok(false);
+    }
+    let kind = if target > revoked { "revoke" } else { "restore" };
+    let entry_key = format!("adjust:{}:{key}:{}", grant.id, entries + 1);
+    ledger_entry(tx, &grant.customer_id, key, revoked - target, kind, Some(&grant.id), &entry_key).await?;
+    Ok(true)
+}
+
+async fn ledger_entry(
+    tx: &mut Tx,
+    customer_id: &str,
+    key: &str,
+    amount: i64,
+    kind: &str,
+    grant_id: Option<&str>,
+    entry_key: &str,
+) -> StoreResult<bool> {
+    let inserted = sql!(
+        tx,
+        query(
+            "INSERT INTO credit_ledger (id, customer_id, balance_key, amount, kind, grant_id, entry_key, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (customer_id, entry_key) DO NOTHING",
+            new_id("cle"),
+            customer_id,
+            key,
+            amount,
+            kind,
+            grant_id,
+            entry_key,
+            now_unix()
+        )
+        .execute
+    )
+    .db()?;
+    Ok(inserted == 1)
+}
+
+/// The stored entitlements of a customer: its version and document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntitlements {
+    pub version: i64,
+    pub entitlements: Entitlements,
+    pub updated_at: i64,
+}
+
+/// Recomputes a customer's entitlements from their sources; if the result
+/// differs from what is stored, stores it under the next version and
+/// announces `entitlements.updated`.
+pub async fn recompute_entitlements(
+    tx: &mut Tx,
+    customer_id: &str,
+    provider_event_id: Option<&str>,
+    actor: &Actor,
+    policy: &Policy,
+) -> StoreResult<StoredEntitlements> {
+    let now = now_unix();
+    // Serialise recomputations of one customer (PostgreSQL; SQLite has one
+    // writer): the later one reads what the earlier one committed.
+    let lock = if tx.kind() == DbKind::Postgres { " FOR UPDATE" } else { "" };
+    let stored: Option<(i64, String, i64)> = sql!(
+        tx,
+        query_as::<(i64, String, i64)>(
+            &format!("SELECT version, document, updated_at FROM entitlements WHERE customer_id = $1{lock}"),
+            customer_id
+        )
+        .fetch_optional
+    )
+    .db()?;
+    let subs: Vec<(String, Option<i64>, String)> = sql!(
+        tx,
+        query_as::<(String, Option<i64>, String)>(
+            "SELECT status, past_due_since, items FROM subscriptions WHERE customer_id = $1 \
+             AND status IN ('active', 'trialing', 'past_due') ORDER BY id",
+            customer_id
+        )
+        .fetch_all
+    )
+    .db()?;
+    let mut product_grants: BTreeMap<String, Grants> = BTreeMap::new();
+    let mut sources = Vec::new();
+    for (status, past_due_since, items) in subs {
+        let items: Vec<serde_json::Value> = serde_json::from_str(&items)?;
+        let mut granted = Vec::new();
+        for item in items {
+            let Some(product) = item["product"].as_str() else { continue };
+            if !product_grants.contains_key(product) {
+                let g: Option<String> = sql!(
+                    tx,
+                    query_scalar::<String>("SELECT grants FROM products WHERE id = $1", product)
+                        .fetch_optional
+                )
+                .db()?;
+                product_grants.insert(
+                    product.to_owned(),
+                    g.map(|g| serde_json::from_str(&g)).transpose()?.unwrap_or_default(),
+                );
+            }
+            granted.push((product_grants[product].clone(), item["quantity"].as_i64().unwrap_or(1)));
+        }
+        sources.push(SubscriptionSource { status, past_due_since, items: granted });
+    }
+    let active: Vec<String> = sql!(
+        tx,
+        query_scalar::<String>(
+            "SELECT grants FROM grants WHERE customer_id = $1 AND status = 'active' ORDER BY id",
+            customer_id
+        )
+        .fetch_all
+    )
+    .db()?;
+    let active = active.iter().map(|g| serde_json::from_str::<Grants>(g)).collect::<Result<Vec<_>, _>>()?;
+    let balances: Vec<(String, i64)> = sql!(
+        tx,
+        query_as::<(String, i64)>(
+            "SELECT balance_key, CAST(SUM(amount) AS BIGINT) FROM credit_ledger WHERE customer_id = $1 GROUP BY balance_key",
+            customer_id
+        )
+        .fetch_all
+    )
+    .db()?;
+    let derived = entitlements::derive(&sources, &active, &balances.into_iter().collect(), now, policy);
+    let document = serde_json::to_string(&derived)?;
+    if let Some((version, doc, updated_at)) = &stored {
+        if *doc == document {
+            return Ok(StoredEntitlements {
+                version: *version,
+                entitlements: derived,
+                updated_at: *updated_at,
+            });
+        }
+    }
+    let version = stored.as_ref().map(|(v, _, _)| v + 1).unwrap_or(1);
+    sql!(
+        tx,
+        query(
+            "INSERT INTO entitlements (customer_id, version, document, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (customer_id) DO UPDATE SET version = excluded.version, document = excluded.document, \
+             updated_at = excluded.updated_at",
+            customer_id,
+            version,
+            &document,
+            now
+        )
+        .execute
+    )
+    .db()?;
+    emit(
+        tx,
+        NewEvent {
+            event_type: "entitlements.updated",
+            customer_id: Some(customer_id),
+            object_type: "entitlements",
+            object_id: customer_id,
+            provider_event_id,
+            data: json!({ "object": "entitlements", "customer": customer_id, "version": version, "entitlements": derived }),
+            dedupe_key: Some(format!("entitlements.updated:{customer_id}:{version}")),
+        },
+    )
+    .await?;
+    audit::append(
+        tx,
+        AuditRecord {
+            actor,
+            action: "entitlements.updated",
+            object_type: "customer",
+            object_id: customer_id,
+            data: json!({ "version": version }),
+            request_id: None,
+        },
+    )
+    .await?;
+    Ok(StoredEntitlements { version, entitlements: derived, updated_at: now })
+}
+
+/// Why a debit was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DebitError {
+    #[error("insufficient balance: {balance} available")]
+    Insufficient { balance: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for DebitError {
+    fn from(e: sqlx::Error) -> Self {
+        DebitError::Store(StoreError::from_sqlx(e))
+    }
+}
+
+impl Store {
+    /// The stored entitlements (version 0 and nothing for a customer who
+    /// never had any).
+    pub async fn entitlements(&self, customer_id: &str) -> StoreResult<StoredEntitlements> {
+        let row: Option<(i64, String, i64)> = sql!(
+            self,
+            query_as::<(i64, String, i64)>(
+                "SELECT version, document, updated_at FROM entitlements WHERE customer_id = $1",
+                customer_id
+            )
+            .fetch_optional
+        )
+        .db()?;
+        Ok(match row {
+            Some((version, doc, updated_at)) => {
+                StoredEntitlements { version, entitlements: serde_json::from_str(&doc)?, updated_at }
+            }
+            None => StoredEntitlements { version: 0, entitlements: Entitlements::default(), updated_at: 0 },
+        })
+    }
+
+    pub async fn grants_for_customer(&self, customer_id: &str) -> StoreResult<Vec<GrantRow>> {
+        let sql = format!("SELECT {GRANT_COLUMNS} FROM grants WHERE customer_id = $1 ORDER BY id");
+        sql!(self, query_as::<GrantRow>(&sql, customer_id).fetch_all).db()
+    }
+
+    /// Consumes `amount` credits of `key` atomically: never below zero, and
+    /// once per `entry_key` (a retried debit returns the same outcome
+    /// without consuming twice). Returns the new entitlements.
+    pub async fn debit_balance(
+        &self,
+        customer_id: &str,
+        key: &str,
+        amount: i64,
+        entry_key: &str,
+        actor: &Actor,
+        policy: &Policy,
+    ) -> Result<StoredEntitlements, DebitError> {
+        let mut tx = self.begin().await?;
+        // Take the customer's entitlements row first, so concurrent debits
+        // of one customer queue here (SQLite's writer is already exclusive).
+        let now = now_unix();
+        sql!(
+            tx,
+            query(
+                "INSERT INTO entitlements (customer_id, version, document, updated_at) VALUES ($1, 0, '{}', $2) \
+                 ON CONFLICT (customer_id) DO NOTHING",
+                customer_id,
+                now
+            )
+            .execute
+        )?;
+        if tx.kind() == DbKind::Postgres {
+            sql!(
+                tx,
+                query("SELECT 1 FROM entitlements WHERE customer_id = $1 FOR UPDATE", customer_id).execute
+            )?;
+        }
+        let done: Option<i64> = sql!(
+            tx,
+            query_scalar::<i64>(
+                "SELECT amount FROM credit_ledger WHERE customer_id = $1 AND entry_key = $2",
+                customer_id,
+                entry_key
+            )
+            .fetch_optional
+        )?;
+        if done.is_none() {
+            let balance: Option<i64> = sql!(
+                tx,
+                query_scalar::<Option<i64>>(
+                    "SELECT CAST(SUM(amount) AS BIGINT) FROM credit_ledger WHERE customer_id = $1 AND balance_key = $2",
+                    customer_id,
+                    key
+                )
+                .fetch_one
+            )?;
+            let balance = balance.unwrap_or(0);
+            if balance < amount {
+                return Err(DebitError::Insufficient { balance });
+            }
+            ledger_entry(&mut tx, customer_id, key, -amount, "debit", None, entry_key).await?;
+            audit::append(
+                &mut tx,
+                AuditRecord {
+                    actor,
+                    action: "balance.debited",
+                    object_type: "customer",
+                    object_id: customer_id,
+                    data: json!({ "balance": key, "amount": amount }),
+                    request_id: None,
+                },
+            )
+            .await?;
+        }
+        let stored = recompute_entitlements(&mut tx, customer_id, None, actor, policy).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    /// Recomputes the entitlements of customers whose past-due grace may
+    /// have ended (time alone changes them).
+    pub async fn recompute_past_due_entitlements(&self, policy: &Policy) -> StoreResult<usize> {
+        let customers: Vec<String> = sql!(
+            self,
+            query_scalar::<String>(
+                "SELECT DISTINCT customer_id FROM subscriptions WHERE status = 'past_due'"
+            )
+            .fetch_all
+        )
+        .db()?;
+        let mut changed = 0;
+        for customer in customers {
+            let mut tx = self.begin().await?;
+            let before = self.entitlements(&customer).await?.version;
+            let after =
+                recompute_entitlements(&mut tx, &customer, None, &Actor::System("grace"), policy).await?;
+            tx.commit().await?;
+            changed += usize::from(after.version != before);
+        }
+        Ok(changed)
+    }
+}
