@@ -91,7 +91,7 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
                 }
             });
         }
-        if last_gauge.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+        if last_gauge.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
             last_gauge = Some(Instant::now());
             if let Ok(depth) = store.delivery_queue_depth().await {
                 metrics::gauge!("webhook_delivery_queue_depth").set(depth as f64);

@@ -31,6 +31,9 @@ pub const REFERENCES: &[(&str, &str, &str, &str)] = &[
     ("orders", "customer_id", "customers", "id"),
     ("order_lines", "order_id", "orders", "id"),
     ("subscriptions", "customer_id", "customers", "id"),
+    ("deliveries", "endpoint_id", "webhook_endpoints", "id"),
+    ("deliveries", "event_id", "events", "id"),
+    ("delivery_attempts", "delivery_id", "deliveries", "id"),
 ];
 
 impl Store {
