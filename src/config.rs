@@ -316,6 +316,14 @@ pub struct Config {
     /// How long an open breaker refuses calls before one trial call is let through.
     #[arg(long, env = "STRIPE_BREAKER_COOLDOWN_SECONDS", default_value_t = 30, global = true)]
     pub stripe_breaker_cooldown_seconds: u64,
+    /// Longest wait for an application webhook endpoint to answer.
+    #[arg(long, env = "WEBHOOK_TIMEOUT_SECONDS", default_value_t = 15, global = true)]
+    pub webhook_timeout_seconds: u64,
+
+    /// Delays between outbound webhook attempts. Not a setting: always the
+    /// spec's schedule, except in tests that need retries to happen now.
+    #[arg(skip)]
+    pub webhook_retry_schedule: Option<Vec<Duration>>,
 }
 
 impl Config {

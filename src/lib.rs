@@ -11,6 +11,7 @@ pub mod auth;
 pub mod billing;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod http;
 pub mod ids;
 pub mod jobs;

@@ -24,6 +24,7 @@ pub mod customers;
 pub mod docs;
 pub mod entitlements;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod middleware;
@@ -32,6 +33,7 @@ pub mod provider_events;
 pub mod ratelimit;
 pub mod subscriptions;
 pub mod tls;
+pub mod webhook_endpoints;
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -121,6 +123,8 @@ pub fn router(state: AppState) -> Router {
         .merge(catalog::router())
         .merge(audit::router())
         .merge(provider_events::router())
+        .merge(events::router())
+        .merge(webhook_endpoints::router())
         // Inner to outer: a request is limited by address, authenticated,
         // limited by key, and only then is its Idempotency-Key looked up
         // under that key.

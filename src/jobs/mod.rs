@@ -64,6 +64,10 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         while inner.join_next().await.is_some() {}
     });
     tasks.spawn(grace::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
+    let delivery = crate::delivery::worker::DeliveryOptions::from_config(&state.config);
+    for _ in 0..workers {
+        tasks.spawn(crate::delivery::worker::run(state.store.clone(), delivery.clone(), shutdown.clone()));
+    }
     if state.config.reconcile_interval_seconds > 0 {
         let every = Duration::from_secs(state.config.reconcile_interval_seconds);
         tasks.spawn(reconcile::run(state.clone(), shutdown.clone(), every));

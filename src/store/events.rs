@@ -32,10 +32,16 @@ pub struct EventRecord {
     pub provider_event_id: Option<String>,
     pub data: String,
     pub created_at: i64,
+    /// The customer's `external_id`, where a query joins it in.
+    #[sqlx(default)]
+    pub customer_external_id: Option<String>,
 }
 
 pub const EVENT_COLUMNS: &str =
     "id, type, customer_id, object_type, object_id, provider_event_id, data, created_at";
+
+const EXTERNAL_ID: &str =
+    "(SELECT c.external_id FROM customers c WHERE c.id = events.customer_id) AS customer_external_id";
 
 /// Records `event` in `tx`; `None` when its dedupe key was already used.
 pub async fn emit(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<Option<String>> {
@@ -58,10 +64,40 @@ pub async fn emit(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<Option<String
         .execute
     )
     .db()?;
+    if inserted == 1 && super::deliveries::fan_out(tx, &id, event.event_type, event.customer_id).await? > 0 {
+        tx.deliveries_queued = true;
+    }
     Ok((inserted == 1).then_some(id))
 }
 
 impl super::Store {
+    pub async fn get_event(&self, id: &str) -> StoreResult<Option<EventRecord>> {
+        let sql = format!("SELECT {EVENT_COLUMNS}, {EXTERNAL_ID} FROM events WHERE id = $1");
+        sql!(self, query_as::<EventRecord>(&sql, id).fetch_optional).db()
+    }
+
+    /// Newest first, optionally of one type and for one customer (tollgate's id).
+    pub async fn list_events(
+        &self,
+        page: &super::Page,
+        event_type: Option<&str>,
+        customer_id: Option<&str>,
+    ) -> StoreResult<super::Listed<EventRecord>> {
+        self.ensure_cursor("events", page).await?;
+        let (op, order) = if page.is_backwards() { (">", "ASC") } else { ("<", "DESC") };
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS}, {EXTERNAL_ID} FROM events WHERE ($1 IS NULL OR id {op} $1) AND ($2 IS NULL OR type = $2) \
+             AND ($3 IS NULL OR customer_id = $3) ORDER BY id {order} LIMIT $4"
+        );
+        let rows = sql!(
+            self,
+            query_as::<EventRecord>(&sql, page.cursor(), event_type, customer_id, page.fetch_limit())
+                .fetch_all
+        )
+        .db()?;
+        Ok(page.finish(rows))
+    }
+
     /// Every event about one object, oldest first (tests and support).
     pub async fn events_for_object(&self, object_id: &str) -> StoreResult<Vec<EventRecord>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE object_id = $1 ORDER BY id");

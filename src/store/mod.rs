@@ -18,6 +18,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod catalog;
 pub mod customers;
+pub mod deliveries;
 pub mod entitlements;
 pub mod events;
 pub mod idempotency;
@@ -27,6 +28,7 @@ pub mod provider_events;
 pub mod provider_webhooks;
 pub mod subscriptions;
 pub mod watermarks;
+pub mod webhook_endpoints;
 
 /// Runs one sqlx query on whichever backend `$target` holds.
 ///
@@ -192,6 +194,10 @@ enum Backend {
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
+    /// Signalled after a commit that queued outbound deliveries, so the
+    /// delivery worker in this process sends them at once instead of at
+    /// its next poll.
+    delivery_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Store {
@@ -246,7 +252,7 @@ impl Store {
                 Backend::Postgres(pool)
             }
         };
-        Ok(Store { backend })
+        Ok(Store { backend, delivery_wake: Default::default() })
     }
 
     /// Opens the pools and brings the schema up to date.
@@ -358,7 +364,12 @@ impl Store {
             }
             Backend::Postgres(pool) => TxInner::Postgres(pool.begin().await.db()?),
         };
-        Ok(Tx { inner })
+        Ok(Tx { inner, wake: self.delivery_wake.clone(), deliveries_queued: false })
+    }
+
+    /// What the delivery worker waits on between polls.
+    pub fn delivery_wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.delivery_wake.clone()
     }
 }
 
@@ -382,6 +393,10 @@ enum TxInner {
 /// A write transaction on either backend. Dropped without `commit`, it rolls back.
 pub struct Tx {
     inner: TxInner,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    /// Set by `events::emit` when it queued deliveries: committing wakes
+    /// the delivery worker.
+    deliveries_queued: bool,
 }
 
 impl Tx {
@@ -401,9 +416,14 @@ impl Tx {
 
     pub async fn commit(self) -> StoreResult<()> {
         match self.inner {
-            TxInner::Sqlite(tx) => tx.commit().await.db(),
-            TxInner::Postgres(tx) => tx.commit().await.db(),
+            TxInner::Sqlite(tx) => tx.commit().await.db()?,
+            TxInner::Postgres(tx) => tx.commit().await.db()?,
         }
+        if self.deliveries_queued {
+            self.wake.notify_waiters();
+            self.wake.notify_one();
+        }
+        Ok(())
     }
 }
 

@@ -31,6 +31,9 @@ pub const REFERENCES: &[(&str, &str, &str, &str)] = &[
     ("orders", "customer_id", "customers", "id"),
     ("order_lines", "order_id", "orders", "id"),
     ("subscriptions", "customer_id", "customers", "id"),
+    ("deliveries", "endpoint_id", "webhook_endpoints", "id"),
+    ("deliveries", "event_id", "events", "id"),
+    ("delivery_attempts", "delivery_id", "deliveries", "id"),
 ];
 
 impl Store {
@@ -225,12 +228,59 @@ impl Store {
         }
     }
 
-    /// Delivered outbound messages older than `cutoff`. Outbound webhooks do
-    /// not exist yet: when their deliveries table lands, delete its
-    /// `delivered` rows finished before `cutoff` here (in batches, like
-    /// [`Store::prune_provider_events`]), never pending or failing ones.
-    pub async fn prune_delivered_messages(&self, _cutoff: i64, _actor: &Actor) -> StoreResult<u64> {
-        Ok(0)
+    /// Outbound deliveries that succeeded before `cutoff`, with their
+    /// attempts, in batches like [`Store::prune_provider_events`]. Pending,
+    /// failed and dead ones are kept whatever their age: someone may still
+    /// need to retry or inspect them.
+    pub async fn prune_delivered_messages(&self, cutoff: i64, actor: &Actor) -> StoreResult<u64> {
+        const BATCH: i64 = 1000;
+        let mut total = 0;
+        loop {
+            let mut tx = self.begin().await?;
+            let ids: Vec<String> = sql!(
+                tx,
+                query_scalar::<String>(
+                    "SELECT id FROM deliveries WHERE status = 'succeeded' AND delivered_at < $1 ORDER BY id LIMIT $2",
+                    cutoff,
+                    BATCH
+                )
+                .fetch_all
+            )
+            .db()?;
+            let list = serde_json::to_string(&ids)?;
+            let in_list = match tx.kind() {
+                super::DbKind::Sqlite => "SELECT value FROM json_each($1)",
+                super::DbKind::Postgres => "SELECT jsonb_array_elements_text($1::jsonb)",
+            };
+            sql!(
+                tx,
+                query(&format!("DELETE FROM delivery_attempts WHERE delivery_id IN ({in_list})"), &list)
+                    .execute
+            )
+            .db()?;
+            let n =
+                sql!(tx, query(&format!("DELETE FROM deliveries WHERE id IN ({in_list})"), &list).execute)
+                    .db()?;
+            if n > 0 {
+                audit::append(
+                    &mut tx,
+                    AuditRecord {
+                        actor,
+                        action: "retention.pruned",
+                        object_type: "delivery",
+                        object_id: "*",
+                        data: serde_json::json!({ "count": n, "finished_before": cutoff }),
+                        request_id: None,
+                    },
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            total += n;
+            if (n as i64) < BATCH {
+                return Ok(total);
+            }
+        }
     }
 }
 
@@ -264,7 +314,10 @@ impl Store {
             sqlx::sqlite::SqliteConnectOptions::new().filename(path).read_only(true).immutable(true);
         let pool =
             sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await.db()?;
-        Ok(Store { backend: super::Backend::Sqlite { writer: pool.clone(), reader: pool } })
+        Ok(Store {
+            backend: super::Backend::Sqlite { writer: pool.clone(), reader: pool },
+            delivery_wake: Default::default(),
+        })
     }
 
     /// SQLite: a consistent copy of the live database into `target` (a new

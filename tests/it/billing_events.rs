@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 use crate::webhooks::{event, spawn_with_secrets};
 
-const T0: i64 = 1_800_000_000;
+pub(crate) const T0: i64 = 1_800_000_000;
 
 /// Waits until every one of `expected` stored events is applied (or
 /// ignored), failing on any that failed.
@@ -28,7 +28,7 @@ async fn wait_applied(app: &TestApp, expected: i64) {
     .await
 }
 
-fn subscription(id: &str, customer: &str, status: &str, extra: Value) -> Value {
+pub(crate) fn subscription(id: &str, customer: &str, status: &str, extra: Value) -> Value {
     let mut sub = json!({
         "id": id, "object": "subscription", "customer": customer, "status": status,
         "cancel_at_period_end": false, "canceled_at": null, "ended_at": null, "created": T0,
@@ -47,7 +47,7 @@ fn subscription(id: &str, customer: &str, status: &str, extra: Value) -> Value {
     sub
 }
 
-fn invoice(id: &str, customer: &str, sub: &str, status: &str, attempts: i64) -> Value {
+pub(crate) fn invoice(id: &str, customer: &str, sub: &str, status: &str, attempts: i64) -> Value {
     json!({
         "id": id, "object": "invoice", "customer": customer, "status": status, "attempt_count": attempts,
         "amount_due": 2500, "amount_paid": if status == "paid" { 2500 } else { 0 }, "currency": "usd",

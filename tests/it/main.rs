@@ -11,6 +11,7 @@ mod billing_events;
 mod catalog;
 mod cli;
 mod customers;
+mod delivery;
 mod doctor;
 mod emulator;
 mod idempotency;
