@@ -57,7 +57,22 @@ pub enum GrantState {
     Revoked,
 }
 
-pub fn grant_state(order_status: &str, policy: &Policy) -> GrantState {
+/// What an order's grants should be. Money given back decides before the
+/// displayed status: a dispute opened on a refunded order must not hand the
+/// refunded goods back.
+pub fn grant_state(
+    order_status: &str,
+    amount_refunded: i64,
+    amount_total: i64,
+    policy: &Policy,
+) -> GrantState {
+    let fully_refunded = amount_total > 0 && amount_refunded >= amount_total;
+    let any_refund_revokes = policy.partial_refund == PartialRefundPolicy::RevokeAll && amount_refunded > 0;
+    if !matches!(order_status, "pending" | "canceled" | "payment_failed")
+        && (fully_refunded || any_refund_revokes)
+    {
+        return GrantState::Revoked;
+    }
     match order_status {
         "pending" | "canceled" | "payment_failed" => GrantState::NotYet,
         "refunded" | "dispute_lost" => GrantState::Revoked,
@@ -225,17 +240,20 @@ mod tests {
     #[test]
     fn refunds_and_disputes_revoke_by_policy() {
         let p = Policy::default();
-        assert_eq!(grant_state("fulfilled", &p), GrantState::Active);
-        assert_eq!(grant_state("refunded", &p), GrantState::Revoked);
-        assert_eq!(grant_state("disputed", &p), GrantState::Active);
+        assert_eq!(grant_state("fulfilled", 0, 1000, &p), GrantState::Active);
+        assert_eq!(grant_state("refunded", 1000, 1000, &p), GrantState::Revoked);
+        assert_eq!(grant_state("disputed", 0, 1000, &p), GrantState::Active);
         assert_eq!(
-            grant_state("disputed", &Policy { revoke_on_dispute_open: true, ..p }),
+            grant_state("disputed", 0, 1000, &Policy { revoke_on_dispute_open: true, ..p }),
             GrantState::Revoked
         );
-        assert_eq!(grant_state("dispute_won", &p), GrantState::Active);
-        assert_eq!(grant_state("dispute_lost", &p), GrantState::Revoked);
+        assert_eq!(grant_state("dispute_won", 0, 1000, &p), GrantState::Active);
+        assert_eq!(grant_state("dispute_lost", 0, 1000, &p), GrantState::Revoked);
         let all = Policy { partial_refund: PartialRefundPolicy::RevokeAll, ..p };
-        assert_eq!(grant_state("partially_refunded", &all), GrantState::Revoked);
+        assert_eq!(grant_state("partially_refunded", 300, 1000, &all), GrantState::Revoked);
+        // A dispute on a refunded order does not give the goods back.
+        assert_eq!(grant_state("disputed", 1000, 1000, &p), GrantState::Revoked);
+        assert_eq!(grant_state("dispute_won", 300, 1000, &all), GrantState::Revoked);
         // 5 credits for 1000: refunding 300 takes back 1, 400 takes back 2.
         assert_eq!(credits_to_revoke(5, GrantState::Active, 300, 1000, &p), 1);
         assert_eq!(credits_to_revoke(5, GrantState::Active, 400, 1000, &p), 2);

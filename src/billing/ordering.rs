@@ -23,7 +23,14 @@ pub fn lifecycle_rank(event_type: &str) -> u8 {
     let action = event_type.rsplit('.').next().unwrap_or("");
     match action {
         "created" => 0,
-        "deleted" | "closed" | "expired" | "canceled" => 3,
+        // An async payment's outcome comes after the completion it follows,
+        // often in the same second, with the same session status.
+        "deleted"
+        | "closed"
+        | "expired"
+        | "canceled"
+        | "async_payment_succeeded"
+        | "async_payment_failed" => 3,
         "completed" | "succeeded" | "paid" | "payment_succeeded" | "refunded" => 2,
         _ => 1,
     }

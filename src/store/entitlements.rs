@@ -66,7 +66,7 @@ pub async fn sync_order_grants(tx: &mut Tx, cause: Cause<'_>, order_id: &str) ->
         .fetch_one
     )
     .db()?;
-    let state = entitlements::grant_state(&status, cause.policy);
+    let state = entitlements::grant_state(&status, amount_refunded, amount_total, cause.policy);
     if state == GrantState::NotYet {
         return Ok(false);
     }
@@ -270,8 +270,12 @@ pub async fn recompute_entitlements(
 ) -> StoreResult<StoredEntitlements> {
     let now = now_unix();
     // Serialise recomputations of one customer (PostgreSQL; SQLite has one
-    // writer): the later one reads what the earlier one committed.
+    // writer): the later one reads what the earlier one committed. The
+    // customer row always exists, unlike a first entitlements row.
     let lock = if tx.kind() == DbKind::Postgres { " FOR UPDATE" } else { "" };
+    if tx.kind() == DbKind::Postgres {
+        sql!(tx, query("SELECT 1 FROM customers WHERE id = $1 FOR UPDATE", customer_id).execute).db()?;
+    }
     let stored: Option<(i64, String, i64)> = sql!(
         tx,
         query_as::<(i64, String, i64)>(

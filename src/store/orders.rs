@@ -316,6 +316,9 @@ pub async fn apply_checkout_session(
         )
         .db()?;
     }
+    if let Some(payment) = &s.payment_intent {
+        lock_payment(tx, cause.provider, payment).await?;
+    }
     let order_id = match (order_id, &customer_id) {
         (Some(id), _) => id,
         (None, Some(customer)) => {
@@ -328,7 +331,10 @@ pub async fn apply_checkout_session(
             return Ok(());
         }
     };
-    let paid_at = (s.status == "complete" && s.payment_status == "paid").then_some(cause.at);
+    // A free checkout (a 100 % discount) completes with nothing to pay: it
+    // is paid, and no payment event will ever say so.
+    let paid = matches!(s.payment_status.as_str(), "paid" | "no_payment_required");
+    let paid_at = (s.status == "complete" && paid).then_some(cause.at);
     let failed_at = async_payment_failed.then_some(cause.at);
     let canceled_at = (s.status == "expired").then_some(cause.at);
     sql!(
@@ -572,7 +578,20 @@ pub async fn apply_dispute(tx: &mut Tx, cause: Cause<'_>, d: &Dispute) -> StoreR
     recompute_orders_paid_by(tx, cause, &key).await
 }
 
+/// Serialises, on PostgreSQL, everything that links an order to a payment or
+/// records a fact about that payment: whichever transaction comes second
+/// finds the other's link and facts committed. Without it a refund and the
+/// late session completion that links its order could each miss the other.
+async fn lock_payment(tx: &mut Tx, provider: &str, payment_key: &str) -> StoreResult<()> {
+    if tx.kind() == super::DbKind::Postgres {
+        let key = format!("{provider}:{payment_key}");
+        sql!(tx, query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &key).execute).db()?;
+    }
+    Ok(())
+}
+
 async fn recompute_orders_paid_by(tx: &mut Tx, cause: Cause<'_>, payment_key: &str) -> StoreResult<()> {
+    lock_payment(tx, cause.provider, payment_key).await?;
     let orders: Vec<String> = sql!(
         tx,
         query_scalar::<String>(

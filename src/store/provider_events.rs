@@ -221,7 +221,7 @@ impl Store {
             tx,
             query(
                 "UPDATE provider_events SET status = $1, attempts = attempts + 1, last_error = $2, \
-                 next_attempt_at = $3, locked_until = NULL WHERE id = $4",
+                 next_attempt_at = $3, locked_until = NULL WHERE id = $4 AND status IN ('received', 'failed')",
                 status,
                 error,
                 retry_at.unwrap_or(0),

@@ -844,3 +844,22 @@ async fn a_subscription_grants_its_products_features_until_it_ends() {
         .unwrap();
     assert_eq!(check["allowed"], false);
 }
+
+#[tokio::test]
+async fn a_free_checkout_is_paid_though_no_payment_event_will_come() {
+    let app = spawn_with_secrets().await;
+    let session = json!({
+        "id": "cs_test_free", "object": "checkout.session", "mode": "payment", "status": "complete",
+        "payment_status": "no_payment_required", "customer": "cus_free", "payment_intent": null,
+        "amount_total": 0, "currency": "usd", "metadata": {}, "client_reference_id": null,
+    });
+    let body = event("evt_free", "checkout.session.completed", T0, session);
+    assert_eq!(app.deliver_signed(&body).await.status(), 200);
+    wait_applied(&app, 1).await;
+    let customer: Value =
+        app.get("/v1/customers/cus_free", &app.read_key).send().await.unwrap().json().await.unwrap();
+    let orders = app.server_store.orders_for_customer(customer["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!((orders.len(), orders[0].status.as_str()), (1, "paid"));
+    let events = app.server_store.events_for_object(&orders[0].id).await.unwrap();
+    assert_eq!(count(&events, "order.paid"), 1);
+}
