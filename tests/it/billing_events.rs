@@ -665,9 +665,27 @@ async fn entitlements_of(app: &TestApp, external: &str) -> Value {
 }
 
 async fn wait_entitlements(app: &TestApp, external: &str, check: impl Fn(&Value) -> bool) -> Value {
-    eventually(Duration::from_secs(20), || async {
+    let started = std::time::Instant::now();
+    let reported = std::sync::atomic::AtomicBool::new(false);
+    eventually(Duration::from_secs(60), || async {
         let e = entitlements_of(app, external).await;
-        check(&e).then_some(e)
+        let done = check(&e);
+        if !done
+            && started.elapsed() > Duration::from_secs(15)
+            && !reported.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            // Slow under load is fine; a failing event is not: say which.
+            eprintln!("waiting for the entitlements of {external}; now {e}");
+            for pe in app.provider_events("").await {
+                if pe["last_error"].is_string() {
+                    eprintln!(
+                        "  {} {} attempts {}: {}",
+                        pe["type"], pe["status"], pe["attempts"], pe["last_error"]
+                    );
+                }
+            }
+        }
+        done.then_some(e)
     })
     .await
 }
