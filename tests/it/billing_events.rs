@@ -10,7 +10,27 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-use crate::webhooks::{event, spawn_with_secrets};
+use crate::webhooks::{event, SECRET_A};
+
+/// These tests poll the API while events are applied, for longer than a
+/// rate-limit burst lasts under load: the limits are off here (they have
+/// their own tests).
+fn unlimited(c: &mut tollgate::Config) {
+    c.rate_limit_per_ip = 0;
+    c.rate_limit_per_key = 0;
+}
+
+async fn spawn_app() -> TestApp {
+    spawn_app_with(unlimited).await
+}
+
+async fn spawn_with_secrets() -> TestApp {
+    spawn_app_with(|c| {
+        unlimited(c);
+        c.stripe_webhook_secret = Some(secrecy::SecretString::from(SECRET_A.to_owned()));
+    })
+    .await
+}
 
 pub(crate) const T0: i64 = 1_800_000_000;
 
@@ -572,7 +592,7 @@ async fn an_order_paid_event_is_emitted_once_when_the_payment_is_announced_five_
     let mut tasks = Vec::new();
     for b in bodies.iter().chain(bodies.iter()) {
         let (client, url, b) = (app.client.clone(), app.url("/webhooks/stripe"), b.clone());
-        let sig = crate::webhooks::sign(crate::webhooks::SECRET_A, tollgate::store::now_unix(), &b);
+        let sig = crate::webhooks::sign(SECRET_A, tollgate::store::now_unix(), &b);
         tasks.push(tokio::spawn(async move {
             client.post(url).header("stripe-signature", sig).body(b).send().await.unwrap().status().as_u16()
         }));
