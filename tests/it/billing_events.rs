@@ -443,6 +443,15 @@ async fn buy(app: &TestApp, customer: &str, price: &str, card: &str) -> Value {
     emulator_get(app, &format!("/v1/checkout/sessions/{}", session["id"].as_str().unwrap())).await
 }
 
+/// Slow under load is fine; a failing event is not: a long wait says which.
+async fn print_failing_events(app: &TestApp) {
+    for pe in app.provider_events("").await {
+        if pe["last_error"].is_string() {
+            eprintln!("  {} {} attempts {}: {}", pe["type"], pe["status"], pe["attempts"], pe["last_error"]);
+        }
+    }
+}
+
 async fn order_in_status(
     app: &TestApp,
     customer_id: &str,
@@ -458,16 +467,8 @@ async fn order_in_status(
             && started.elapsed() > Duration::from_secs(15)
             && !reported.swap(true, std::sync::atomic::Ordering::Relaxed)
         {
-            // Slow under load is fine; a failing event is not: say which.
             eprintln!("waiting for order {nth} of {customer_id} to be {status}; orders: {orders:?}");
-            for pe in app.provider_events("").await {
-                if pe["last_error"].is_string() {
-                    eprintln!(
-                        "  {} {} attempts {}: {}",
-                        pe["type"], pe["status"], pe["attempts"], pe["last_error"]
-                    );
-                }
-            }
+            print_failing_events(app).await;
         }
         found
     })
@@ -694,16 +695,8 @@ async fn wait_entitlements(app: &TestApp, external: &str, check: impl Fn(&Value)
             && started.elapsed() > Duration::from_secs(15)
             && !reported.swap(true, std::sync::atomic::Ordering::Relaxed)
         {
-            // Slow under load is fine; a failing event is not: say which.
             eprintln!("waiting for the entitlements of {external}; now {e}");
-            for pe in app.provider_events("").await {
-                if pe["last_error"].is_string() {
-                    eprintln!(
-                        "  {} {} attempts {}: {}",
-                        pe["type"], pe["status"], pe["attempts"], pe["last_error"]
-                    );
-                }
-            }
+            print_failing_events(app).await;
         }
         done.then_some(e)
     })
