@@ -471,6 +471,15 @@ pub async fn apply_provider_customer(
                 request_id: None,
             };
             audit::append(tx, record).await?;
+        } else if let (Some(external), Some(other)) =
+            (&pc.external_id, linked_customer(tx, pc.provider, &pc.id).await?)
+        {
+            // Another worker adopted this provider customer while this event
+            // was being applied: claim its placeholder now, as if the
+            // adoption had come first.
+            if other != customer_id {
+                claim_adopted(tx, pc, &other, external, actor, policy).await?;
+            }
         }
     }
     Ok(())
