@@ -116,6 +116,8 @@ impl Server {
             (Some(cert), Some(key)) => Some(http::tls::server_config(cert, key).map_err(StartError::Tls)?),
             _ => None,
         };
+        // One client for the whole process, so its circuit breaker sees every call.
+        let stripe = crate::providers::stripe::StripeClient::from_config(&config);
         let state = AppState {
             store,
             metrics: telemetry::metrics_handle(),
@@ -133,6 +135,7 @@ impl Server {
             inbox_wake: Arc::new(tokio::sync::Notify::new()),
             rate_limits,
             trusted_proxies,
+            stripe,
         };
         Ok(Server { state, inbox_writers, tls })
     }

@@ -62,6 +62,9 @@ pub struct AppState {
     pub rate_limits: Arc<crate::ratelimit::RateLimits>,
     /// Proxies whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`).
     pub trusted_proxies: Arc<[ipnet::IpNet]>,
+    /// The provider's API (Stripe, or the built-in emulator), with its
+    /// retries and circuit breaker.
+    pub stripe: crate::providers::stripe::StripeClient,
 }
 
 /// A counter of requests in progress; `enter` returns a guard that leaves on drop.

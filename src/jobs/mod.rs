@@ -37,7 +37,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     };
     let options = inbox::InboxWorkerOptions {
         max_attempts: state.config.provider_event_max_attempts.max(1),
-        stripe: Some(crate::providers::stripe::StripeClient::from_config(&state.config)),
+        stripe: Some(state.stripe.clone()),
         refetch: state.config.stripe_refetch,
         policy: state.config.fulfilment_policy(),
         ..Default::default()
