@@ -279,16 +279,19 @@ impl Store {
         let sql = match self.kind() {
             super::DbKind::Sqlite => {
                 "SELECT customer_id, provider, provider_customer_id FROM provider_customers \
-                 WHERE customer_id IN (SELECT value FROM json_each($1))"
+                 WHERE customer_id IN (SELECT value FROM json_each($1)) AND deleted_at IS NULL \
+                 ORDER BY created_at, provider_customer_id"
             }
             super::DbKind::Postgres => {
                 "SELECT customer_id, provider, provider_customer_id FROM provider_customers \
-                 WHERE customer_id IN (SELECT jsonb_array_elements_text($1::jsonb))"
+                 WHERE customer_id IN (SELECT jsonb_array_elements_text($1::jsonb)) AND deleted_at IS NULL \
+                 ORDER BY created_at, provider_customer_id"
             }
         };
         let rows: Vec<(String, String, String)> =
             sql!(self, query_as::<(String, String, String)>(sql, serde_json::to_string(ids)?).fetch_all)
                 .db()?;
+        // Oldest first, so the newest live link of a provider is the one shown.
         for (customer, provider, provider_id) in rows {
             out.entry(customer).or_default().insert(provider, provider_id);
         }
@@ -300,7 +303,8 @@ async fn provider_links(tx: &mut super::Tx, customer_id: &str) -> StoreResult<BT
     let rows: Vec<(String, String)> = sql!(
         tx,
         query_as::<(String, String)>(
-            "SELECT provider, provider_customer_id FROM provider_customers WHERE customer_id = $1",
+            "SELECT provider, provider_customer_id FROM provider_customers \
+             WHERE customer_id = $1 AND deleted_at IS NULL ORDER BY created_at, provider_customer_id",
             customer_id
         )
         .fetch_all
@@ -325,8 +329,8 @@ pub struct ProviderCustomer {
 /// names a tollgate customer is linked to it; one created outside tollgate
 /// is adopted (a tollgate customer with the provider id as external id,
 /// whose email and name follow the provider's). A deleted provider customer
-/// is unlinked; its tollgate customer remains, since it is the
-/// application's user. Called only for events newer than the object's
+/// keeps its link, marked deleted, so its late events still find their
+/// owner; its tollgate customer remains, since it is the application's user. Called only for events newer than the object's
 /// watermark, so any delivery order ends in the same state.
 pub async fn apply_provider_customer(
     tx: &mut super::Tx,
@@ -424,17 +428,25 @@ pub async fn apply_provider_customer(
     }
     let link_data = serde_json::json!({ "provider": pc.provider, "provider_customer_id": pc.id });
     if pc.deleted {
-        if linked.is_some() {
-            sql!(
-                tx,
-                query(
-                    "DELETE FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2",
-                    pc.provider,
-                    &pc.id
-                )
-                .execute
+        // The link is kept, marked deleted: a late event of this provider
+        // customer's subscription or charge must still find its owner rather
+        // than adopt a stranger; new checkouts no longer use it.
+        let changed = sql!(
+            tx,
+            query(
+                "INSERT INTO provider_customers (provider, provider_customer_id, customer_id, created_at, deleted_at) \
+                 VALUES ($1, $2, $3, $4, $4) \
+                 ON CONFLICT (provider, provider_customer_id) DO UPDATE SET deleted_at = $4 \
+                 WHERE provider_customers.deleted_at IS NULL",
+                pc.provider,
+                &pc.id,
+                &customer_id,
+                now
             )
-            .db()?;
+            .execute
+        )
+        .db()?;
+        if changed == 1 {
             let record = AuditRecord {
                 actor,
                 action: "customer.provider_unlinked",
@@ -528,8 +540,9 @@ pub async fn resolve_provider_customer(
     if let Some(id) = linked_customer(tx, provider, provider_customer_id).await? {
         return Ok(id);
     }
-    // The named customer is already linked to another customer of this
-    // provider (one link per provider): the object is still theirs.
+    // Defensive: the link was not made (it cannot be refused since a
+    // customer may own several provider customers); the object is still
+    // the named customer's.
     let external =
         external_id.map(|e| e.as_str().to_owned()).unwrap_or_else(|| provider_customer_id.to_owned());
     sql!(
@@ -609,21 +622,12 @@ async fn claim_adopted(
         audit::append(tx, record).await?;
         return Ok(linked_id.to_owned());
     };
-    // The application's customer may already have a link to this provider
-    // (one per provider); the placeholder's link then goes, the objects stay
-    // with the application's customer either way.
-    sql!(tx, query("DELETE FROM provider_customers WHERE customer_id = $1", linked_id).execute).db()?;
+    // Every link of the placeholder moves: the application's customer may
+    // own several provider customers, and each keeps finding its owner.
     sql!(
         tx,
-        query(
-            "INSERT INTO provider_customers (provider, provider_customer_id, customer_id, created_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-            pc.provider,
-            &pc.id,
-            &target,
-            now
-        )
-        .execute
+        query("UPDATE provider_customers SET customer_id = $1 WHERE customer_id = $2", &target, linked_id)
+            .execute
     )
     .db()?;
     for table in OWNED_TABLES {

@@ -663,6 +663,59 @@ async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_cu
     assert!(app.server_store.verify_audit_chain().await.unwrap().is_intact());
 }
 
+#[tokio::test]
+async fn a_deleted_or_second_provider_customer_keeps_finding_its_owner() {
+    let app = spawn_with_secrets().await;
+    let alice = app.upsert_customer("u_alice", json!({ "email": "alice@example.com" })).await;
+    let customer_event = |evt: &str, kind: &str, cus: &str, at: i64| {
+        event(
+            evt,
+            kind,
+            at,
+            json!({ "id": cus, "object": "customer", "email": null, "metadata": { "tollgate_external_id": "u_alice" } }),
+        )
+    };
+    let sub_event = |evt: &str, sub: &str, cus: &str, status: &str, at: i64| {
+        event(evt, "customer.subscription.updated", at, subscription(sub, cus, status, json!({})))
+    };
+    // Alice's first Stripe customer, then a second one made for her on the
+    // dashboard; each has a subscription.
+    let first = [
+        customer_event("evt_c1", "customer.created", "cus_one", T0),
+        customer_event("evt_c2", "customer.created", "cus_two", T0 + 1),
+        sub_event("evt_s1", "sub_one", "cus_one", "active", T0 + 2),
+        sub_event("evt_s2", "sub_two", "cus_two", "active", T0 + 3),
+    ];
+    for b in &first {
+        assert_eq!(app.deliver_signed(b).await.status(), 200);
+    }
+    wait_applied(&app, 4).await;
+    // The first is deleted on Stripe; a late update of its subscription
+    // (canceled with it) arrives afterwards.
+    let later = [
+        customer_event("evt_c1_del", "customer.deleted", "cus_one", T0 + 10),
+        sub_event("evt_s1_late", "sub_one", "cus_one", "canceled", T0 + 11),
+    ];
+    for b in &later {
+        assert_eq!(app.deliver_signed(b).await.status(), 200);
+    }
+    wait_applied(&app, 6).await;
+
+    for sub in ["sub_one", "sub_two"] {
+        let row = app.server_store.subscription_by_provider_id("stripe", sub).await.unwrap().unwrap();
+        assert_eq!(row.customer_id, alice["id"].as_str().unwrap(), "{sub} stays Alice's");
+    }
+    let c: Value =
+        app.get("/v1/customers/u_alice", &app.read_key).send().await.unwrap().json().await.unwrap();
+    assert_eq!(c["providers"]["stripe"], "cus_two", "the live provider customer is shown: {c}");
+    // No stranger was adopted for the deleted provider customer.
+    let resp = app.get("/v1/customers/cus_one", &app.read_key).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let listed: Value =
+        app.get("/v1/customers?limit=100", &app.read_key).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
+}
+
 /// Maps emulator prices onto catalog prices, as `stripe_price` lines in the
 /// catalog file do for a team already selling on Stripe.
 async fn link_catalog(app: &TestApp, links: &[(&str, &str)]) {
