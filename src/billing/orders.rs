@@ -15,10 +15,28 @@ pub struct OrderFacts {
     pub canceled: bool,
     /// The charge's own running total, from its latest snapshot.
     pub charge_amount_refunded: i64,
-    /// Each refund's amount and status.
-    pub refunds: Vec<(i64, String)>,
+    /// When that snapshot was reported (the event's `created`).
+    pub charge_snapshot_at: i64,
+    pub refunds: Vec<RefundFact>,
     /// Each dispute's status.
     pub disputes: Vec<String>,
+}
+
+/// One refund as last reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefundFact {
+    pub amount: i64,
+    pub status: String,
+    /// The refund's own `created`.
+    pub created: i64,
+    /// When its status was reported (the event's `created`).
+    pub status_at: i64,
+}
+
+impl RefundFact {
+    pub fn new(amount: i64, status: &str) -> Self {
+        RefundFact { amount, status: status.to_owned(), ..Default::default() }
+    }
 }
 
 /// Refund statuses that count against the order: money that has left or is
@@ -34,10 +52,24 @@ pub fn dispute_is_open(status: &str) -> bool {
 
 impl OrderFacts {
     /// The amount refunded: the larger of the charge's running total and the
-    /// sum of the refunds seen, because either may be the newer news.
+    /// sum of the refunds seen, because either may be the newer news. A
+    /// refund that existed when the charge snapshot was taken and failed (or
+    /// was canceled) after it was still counted by that snapshot: Stripe
+    /// gives the money back to the merchant but sends no new charge event,
+    /// so it is taken out of the snapshot's total here.
     pub fn amount_refunded(&self) -> i64 {
-        let listed: i64 = self.refunds.iter().filter(|(_, s)| refund_counts(s)).map(|(a, _)| *a).sum();
-        self.charge_amount_refunded.max(listed).max(0)
+        let listed: i64 = self.refunds.iter().filter(|r| refund_counts(&r.status)).map(|r| r.amount).sum();
+        let reversed_since_snapshot: i64 = self
+            .refunds
+            .iter()
+            .filter(|r| {
+                !refund_counts(&r.status)
+                    && r.created <= self.charge_snapshot_at
+                    && r.status_at > self.charge_snapshot_at
+            })
+            .map(|r| r.amount)
+            .sum();
+        (self.charge_amount_refunded - reversed_since_snapshot).max(listed).max(0)
     }
 
     /// The status, most severe first: a lost dispute outranks a refund,
@@ -83,12 +115,14 @@ mod tests {
         assert_eq!(OrderFacts { payment_failed: true, ..Default::default() }.status(), "payment_failed");
         assert_eq!(OrderFacts { canceled: true, ..Default::default() }.status(), "canceled");
         assert_eq!(paid(1000).status(), "paid");
-        let partial =
-            OrderFacts { refunds: vec![(300, "succeeded".into()), (200, "failed".into())], ..paid(1000) };
+        let partial = OrderFacts {
+            refunds: vec![RefundFact::new(300, "succeeded"), RefundFact::new(200, "failed")],
+            ..paid(1000)
+        };
         assert_eq!((partial.status(), partial.amount_refunded()), ("partially_refunded", 300));
         let full = OrderFacts {
             charge_amount_refunded: 1000,
-            refunds: vec![(300, "succeeded".into())],
+            refunds: vec![RefundFact::new(300, "succeeded")],
             ..paid(1000)
         };
         assert_eq!((full.status(), full.amount_refunded()), ("refunded", 1000));
@@ -103,10 +137,47 @@ mod tests {
         // before or after the charge's snapshot.
         let before = OrderFacts {
             charge_amount_refunded: 0,
-            refunds: vec![(250, "succeeded".into()), (250, "succeeded".into())],
+            refunds: vec![RefundFact::new(250, "succeeded"), RefundFact::new(250, "succeeded")],
             ..paid(1000)
         };
         let after = OrderFacts { charge_amount_refunded: 500, refunds: vec![], ..paid(1000) };
         assert_eq!(before.amount_refunded(), after.amount_refunded());
+    }
+
+    #[test]
+    fn a_refund_failing_after_the_charge_snapshot_is_taken_out_of_it() {
+        let refund = |status: &str, status_at: i64| RefundFact {
+            amount: 300,
+            status: status.to_owned(),
+            created: 100,
+            status_at,
+        };
+        // The charge at 110 counted the pending refund; it failed at 120.
+        let failed_later = OrderFacts {
+            charge_amount_refunded: 300,
+            charge_snapshot_at: 110,
+            refunds: vec![refund("failed", 120)],
+            ..paid(1000)
+        };
+        assert_eq!((failed_later.amount_refunded(), failed_later.status()), (0, "paid"));
+        // A snapshot taken after the failure already left it out.
+        let snapshot_after = OrderFacts {
+            charge_amount_refunded: 200,
+            charge_snapshot_at: 130,
+            refunds: vec![
+                refund("failed", 120),
+                RefundFact { created: 125, ..RefundFact::new(200, "succeeded") },
+            ],
+            ..paid(1000)
+        };
+        assert_eq!(snapshot_after.amount_refunded(), 200);
+        // Still pending: it counts, whichever fact is newer.
+        let pending = OrderFacts {
+            charge_amount_refunded: 300,
+            charge_snapshot_at: 110,
+            refunds: vec![refund("pending", 105)],
+            ..paid(1000)
+        };
+        assert_eq!(pending.amount_refunded(), 300);
     }
 }

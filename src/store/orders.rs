@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::audit::{self, Actor, AuditRecord};
 use super::events::{emit, NewEvent};
 use super::{now_unix, sql, SqlxResultExt, Store, StoreResult, Tx};
-use crate::billing::orders::OrderFacts;
+use crate::billing::orders::{OrderFacts, RefundFact};
 use crate::ids::new_id;
 use crate::providers::stripe::objects::{CheckoutSession, Dispute, LineItem, Payment, Refund};
 
@@ -433,13 +433,17 @@ pub async fn apply_payment(tx: &mut Tx, cause: Cause<'_>, p: &Payment) -> StoreR
         tx,
         query(
             "INSERT INTO payments (provider, payment_key, charge_id, provider_customer_id, provider_invoice_id, status, \
-             amount, amount_refunded, currency, failure_code, failure_message, metadata, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, COALESCE($8, 0), $9, $10, $11, $12, $13, $13) \
+             amount, amount_refunded, currency, failure_code, failure_message, metadata, created_at, updated_at, \
+             amount_refunded_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, COALESCE($8, 0), $9, $10, $11, $12, $13, $13, \
+             CASE WHEN $8 IS NULL THEN 0 ELSE $14 END) \
              ON CONFLICT (provider, payment_key) DO UPDATE SET charge_id = COALESCE(excluded.charge_id, payments.charge_id), \
              provider_customer_id = COALESCE(excluded.provider_customer_id, payments.provider_customer_id), \
              provider_invoice_id = COALESCE(excluded.provider_invoice_id, payments.provider_invoice_id), \
              status = excluded.status, amount = excluded.amount, \
-             amount_refunded = COALESCE($8, payments.amount_refunded), currency = excluded.currency, \
+             amount_refunded = COALESCE($8, payments.amount_refunded), \
+             amount_refunded_at = CASE WHEN $8 IS NULL THEN payments.amount_refunded_at ELSE $14 END, \
+             currency = excluded.currency, \
              failure_code = excluded.failure_code, failure_message = excluded.failure_message, \
              metadata = excluded.metadata, updated_at = excluded.updated_at",
             cause.provider,
@@ -454,7 +458,8 @@ pub async fn apply_payment(tx: &mut Tx, cause: Cause<'_>, p: &Payment) -> StoreR
             &p.failure_code,
             &p.failure_message,
             p.metadata.to_string(),
-            now
+            now,
+            cause.at
         )
         .execute
     )
@@ -514,16 +519,18 @@ pub async fn apply_refunds(
     let mut keys = Vec::new();
     for r in refunds {
         let key = payment_key_for(tx, cause.provider, &r.payment_key, r.charge.as_deref()).await?;
-        let conflict = if listed {
-            "DO NOTHING"
-        } else {
-            "DO UPDATE SET status = excluded.status, amount = excluded.amount, reason = excluded.reason, \
-             payment_key = excluded.payment_key, updated_at = excluded.updated_at"
-        };
+        // The refund's own events are ordered by its watermark; a copy from
+        // a charge snapshot only replaces an older fact (an old API version
+        // may never send the refund's own update).
+        let newer = if listed { "<" } else { "<=" };
         let sql = format!(
             "INSERT INTO refunds (provider, provider_refund_id, payment_key, charge_id, amount, currency, status, reason, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) \
-             ON CONFLICT (provider, provider_refund_id) {conflict}"
+             created_at, updated_at, provider_created, status_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11) \
+             ON CONFLICT (provider, provider_refund_id) DO UPDATE SET status = excluded.status, amount = excluded.amount, \
+             reason = excluded.reason, payment_key = excluded.payment_key, updated_at = excluded.updated_at, \
+             provider_created = excluded.provider_created, status_at = excluded.status_at \
+             WHERE refunds.status_at {newer} excluded.status_at"
         );
         sql!(
             tx,
@@ -537,7 +544,9 @@ pub async fn apply_refunds(
                 &r.currency,
                 &r.status,
                 &r.reason,
-                now
+                now,
+                r.created,
+                cause.at
             )
             .execute
         )
@@ -619,26 +628,31 @@ pub async fn recompute_order(tx: &mut Tx, cause: Cause<'_>, order_id: &str) -> S
         return Ok(());
     };
     let key = order.payment_key.clone().unwrap_or_default();
-    let payment: Option<(String, i64)> = sql!(
+    let payment: Option<(String, i64, i64)> = sql!(
         tx,
-        query_as::<(String, i64)>(
-            "SELECT status, amount_refunded FROM payments WHERE provider = $1 AND payment_key = $2",
+        query_as::<(String, i64, i64)>(
+            "SELECT status, amount_refunded, amount_refunded_at FROM payments WHERE provider = $1 AND payment_key = $2",
             &order.provider,
             &key
         )
         .fetch_optional
     )
     .db()?;
-    let refunds: Vec<(i64, String)> = sql!(
+    let refunds: Vec<(i64, String, i64, i64)> = sql!(
         tx,
-        query_as::<(i64, String)>(
-            "SELECT amount, status FROM refunds WHERE provider = $1 AND payment_key = $2 ORDER BY provider_refund_id",
+        query_as::<(i64, String, i64, i64)>(
+            "SELECT amount, status, provider_created, status_at FROM refunds \
+             WHERE provider = $1 AND payment_key = $2 ORDER BY provider_refund_id",
             &order.provider,
             &key
         )
         .fetch_all
     )
     .db()?;
+    let refunds = refunds
+        .into_iter()
+        .map(|(amount, status, created, status_at)| RefundFact { amount, status, created, status_at })
+        .collect();
     let disputes: Vec<String> = sql!(
         tx,
         query_scalar::<String>(
@@ -649,14 +663,15 @@ pub async fn recompute_order(tx: &mut Tx, cause: Cause<'_>, order_id: &str) -> S
         .fetch_all
     )
     .db()?;
-    let payment_succeeded = payment.as_ref().is_some_and(|(s, _)| s == "succeeded");
+    let payment_succeeded = payment.as_ref().is_some_and(|(s, _, _)| s == "succeeded");
     let facts = OrderFacts {
         amount_total: order.amount_total,
         paid: order.paid_at.is_some() || payment_succeeded,
         payment_failed: order.payment_failed_at.is_some()
-            || payment.as_ref().is_some_and(|(s, _)| s == "requires_payment_method" || s == "failed"),
+            || payment.as_ref().is_some_and(|(s, _, _)| s == "requires_payment_method" || s == "failed"),
         canceled: order.canceled_at.is_some(),
-        charge_amount_refunded: payment.as_ref().map(|(_, r)| *r).unwrap_or(0),
+        charge_amount_refunded: payment.as_ref().map(|(_, r, _)| *r).unwrap_or(0),
+        charge_snapshot_at: payment.as_ref().map(|(_, _, at)| *at).unwrap_or(0),
         refunds,
         disputes,
     };
@@ -696,7 +711,18 @@ pub async fn recompute_order(tx: &mut Tx, cause: Cause<'_>, order_id: &str) -> S
     .await?;
     // Fulfil (or revoke) before announcing, so `order.paid` carries the
     // grants it delivered.
-    if super::entitlements::sync_order_grants(tx, cause, order_id).await? {
+    let granted_now = super::entitlements::sync_order_grants(tx, cause, order_id).await?;
+    // An order back to `paid` after a refund failed or a dispute was won has
+    // delivered its grants already: it reads `fulfilled` again.
+    let delivered_before = status == "paid"
+        && !granted_now
+        && sql!(
+            tx,
+            query_scalar::<i64>("SELECT COUNT(*) FROM grants WHERE order_id = $1", order_id).fetch_one
+        )
+        .db()?
+            > 0;
+    if granted_now || delivered_before {
         sql!(
             tx,
             query("UPDATE orders SET status = 'fulfilled' WHERE id = $1 AND status = 'paid'", order_id)

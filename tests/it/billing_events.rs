@@ -612,6 +612,53 @@ async fn an_order_paid_event_is_emitted_once_when_the_payment_is_announced_five_
 }
 
 #[tokio::test]
+async fn a_refund_that_fails_after_the_charge_counted_it_is_given_back() {
+    let app = spawn_with_secrets().await;
+    let session = json!({
+        "id": "cs_test_m2", "object": "checkout.session", "mode": "payment", "status": "complete",
+        "payment_status": "paid", "customer": "cus_m2", "payment_intent": "pi_m2", "amount_total": 700,
+        "currency": "usd", "metadata": {}, "client_reference_id": null,
+    });
+    let intent = json!({
+        "id": "pi_m2", "object": "payment_intent", "status": "succeeded", "amount": 700, "currency": "usd",
+        "customer": "cus_m2", "latest_charge": "ch_m2", "metadata": {},
+    });
+    let charge = json!({
+        "id": "ch_m2", "object": "charge", "payment_intent": "pi_m2", "status": "succeeded", "paid": true,
+        "amount": 700, "amount_refunded": 300, "refunded": false, "currency": "usd", "customer": "cus_m2",
+        "metadata": {},
+    });
+    let refund = |status: &str| {
+        json!({
+            "id": "re_m2", "object": "refund", "payment_intent": "pi_m2", "charge": "ch_m2", "amount": 300,
+            "currency": "usd", "status": status, "created": T0 + 9,
+        })
+    };
+    let steps = [
+        event("evt_m2_s", "checkout.session.completed", T0, session),
+        event("evt_m2_p", "payment_intent.succeeded", T0 + 1, intent),
+        event("evt_m2_r1", "refund.created", T0 + 9, refund("pending")),
+        event("evt_m2_c", "charge.refunded", T0 + 10, charge),
+    ];
+    for (n, b) in steps.iter().enumerate() {
+        assert_eq!(app.deliver_signed(b).await.status(), 200);
+        wait_applied(&app, n as i64 + 1).await;
+    }
+    let customer: Value =
+        app.get("/v1/customers/cus_m2", &app.read_key).send().await.unwrap().json().await.unwrap();
+    let customer_id = customer["id"].as_str().unwrap().to_owned();
+    let orders = app.server_store.orders_for_customer(&customer_id).await.unwrap();
+    assert_eq!((orders[0].status.as_str(), orders[0].amount_refunded), ("partially_refunded", 300));
+
+    // The bank refused the refund: Stripe sends only the refund's update.
+    let failed = event("evt_m2_r2", "refund.updated", T0 + 20, refund("failed"));
+    assert_eq!(app.deliver_signed(&failed).await.status(), 200);
+    wait_applied(&app, 5).await;
+    let orders = app.server_store.orders_for_customer(&customer_id).await.unwrap();
+    assert_eq!((orders[0].status.as_str(), orders[0].amount_refunded), ("paid", 0));
+}
+
+#[tokio::test]
 async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_customer() {
     let app = spawn_with_secrets().await;
     // The application knows u_known; u_new it has not told tollgate about.
