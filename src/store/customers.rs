@@ -559,6 +559,73 @@ pub async fn resolve_provider_customer(
     })
 }
 
+/// The owner of a guest payment: a checkout session made outside tollgate
+/// without a provider customer (`customer_creation=if_required`). The
+/// application's customer its metadata names, else a placeholder whose
+/// external id is the session id (as an adopted provider customer's is the
+/// provider id), so the order is recorded, fulfilled and findable instead of
+/// dropped.
+pub async fn adopt_guest(
+    tx: &mut super::Tx,
+    provider: &str,
+    session_id: &str,
+    external: Option<ExternalId>,
+    email: Option<String>,
+    actor: &Actor,
+) -> StoreResult<String> {
+    let named = external.is_some();
+    let external = match external {
+        Some(e) => e,
+        None => ExternalId::parse(session_id).map_err(|e| StoreError::Corrupt(e.0))?,
+    };
+    let existing: Option<String> = sql!(
+        tx,
+        query_scalar::<String>(
+            "SELECT id FROM customers WHERE external_id = $1 AND deleted_at IS NULL",
+            external.as_str()
+        )
+        .fetch_optional
+    )
+    .db()?;
+    if let Some(id) = existing {
+        return Ok(id);
+    }
+    let id = new_id("cust");
+    let now = now_unix();
+    // The application's own customer gets no email from a payment form.
+    let email = if named { None } else { email };
+    sql!(
+        tx,
+        query(
+            "INSERT INTO customers (id, external_id, email, name, metadata, created_at, updated_at) \
+             VALUES ($1, $2, $3, NULL, '{}', $4, $4)",
+            &id,
+            external.as_str(),
+            &email,
+            now
+        )
+        .execute
+    )
+    .map_err(|e| {
+        if super::is_unique_violation(&e) {
+            StoreError::Conflict("customer created concurrently".into())
+        } else {
+            StoreError::from_sqlx(e)
+        }
+    })?;
+    let data = serde_json::json!({ "external_id": external.as_str(), "from_provider": provider, "guest_checkout": session_id, "email": email });
+    let record = AuditRecord {
+        actor,
+        action: "customer.created",
+        object_type: "customer",
+        object_id: &id,
+        data,
+        request_id: None,
+    };
+    audit::append(tx, record).await?;
+    Ok(id)
+}
+
 /// The rows that belong to a customer, re-parented when an adopted
 /// placeholder turns out to be an application's customer.
 const OWNED_TABLES: &[&str] =

@@ -8,7 +8,9 @@ use crate::ids::ExternalId;
 use crate::providers::stripe::objects;
 use crate::providers::stripe::{StripeClient, StripeClientError};
 use crate::store::audit::Actor;
-use crate::store::customers::{apply_provider_customer, resolve_provider_customer, ProviderCustomer};
+use crate::store::customers::{
+    adopt_guest, apply_provider_customer, resolve_provider_customer, ProviderCustomer,
+};
 use crate::store::orders::{self, Cause};
 use crate::store::provider_events::{mark_applied, ProviderEventRecord};
 use crate::store::subscriptions;
@@ -274,9 +276,31 @@ async fn apply_stripe(
             apply_provider_customer(tx, &pc, cause.actor, cause.policy).await?;
         }
         t if t.starts_with("checkout.session.") => {
-            let session = read(objects::checkout_session(object))?;
+            let mut session = read(objects::checkout_session(object))?;
+            if object["status"].is_null() && t == "checkout.session.expired" {
+                // Payloads from before `status` existed: the event says it.
+                session.status = "expired".to_owned();
+            }
             let customer = match &session.customer {
                 Some(c) => Some(customer_for(tx, cause, c, &session.metadata).await?),
+                // A guest payment (a session made outside tollgate without a
+                // customer) still has an owner the application can find.
+                None if session.mode == "payment" && session.status == "complete" => {
+                    let external = session.metadata["tollgate_external_id"]
+                        .as_str()
+                        .and_then(|e| ExternalId::parse(e).ok());
+                    Some(
+                        adopt_guest(
+                            tx,
+                            "stripe",
+                            &session.id,
+                            external,
+                            session.customer_email.clone(),
+                            cause.actor,
+                        )
+                        .await?,
+                    )
+                }
                 None => None,
             };
             let failed = t == "checkout.session.async_payment_failed";

@@ -659,6 +659,46 @@ async fn a_refund_that_fails_after_the_charge_counted_it_is_given_back() {
 }
 
 #[tokio::test]
+async fn a_guest_payment_without_a_provider_customer_is_recorded_and_owned() {
+    let app = spawn_with_secrets().await;
+    app.upsert_customer("u_named", json!({})).await;
+    let session = |id: &str, pi: &str, metadata: Value| {
+        json!({
+            "id": id, "object": "checkout.session", "mode": "payment", "status": "complete",
+            "payment_status": "paid", "customer": null, "payment_intent": pi, "amount_total": 900,
+            "currency": "usd", "metadata": metadata, "client_reference_id": null,
+            "customer_details": { "email": "guest@example.com" },
+        })
+    };
+    let bodies = [
+        event("evt_g1", "checkout.session.completed", T0, session("cs_test_guest", "pi_g1", json!({}))),
+        event(
+            "evt_g2",
+            "checkout.session.completed",
+            T0,
+            session("cs_test_named", "pi_g2", json!({ "tollgate_external_id": "u_named" })),
+        ),
+    ];
+    for b in &bodies {
+        assert_eq!(app.deliver_signed(b).await.status(), 200);
+    }
+    wait_applied(&app, 2).await;
+    for (external, email) in [("cs_test_guest", Some("guest@example.com")), ("u_named", None)] {
+        let c: Value = app
+            .get(&format!("/v1/customers/{external}"), &app.read_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(c["email"].as_str(), email, "{c}");
+        let orders = app.server_store.orders_for_customer(c["id"].as_str().unwrap()).await.unwrap();
+        assert_eq!((orders.len(), orders[0].status.as_str(), orders[0].amount_total), (1, "paid", 900));
+    }
+}
+
+#[tokio::test]
 async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_customer() {
     let app = spawn_with_secrets().await;
     // The application knows u_known; u_new it has not told tollgate about.

@@ -234,6 +234,8 @@ pub struct CheckoutSession {
     pub amount_total: Option<i64>,
     pub metadata: Value,
     pub expires_at: Option<i64>,
+    /// The email a guest (a session without a customer) paid with.
+    pub customer_email: Option<String>,
 }
 
 pub fn checkout_session(obj: &Value) -> Result<CheckoutSession, ReadError> {
@@ -268,6 +270,7 @@ pub fn checkout_session(obj: &Value) -> Result<CheckoutSession, ReadError> {
         amount_total: int(&obj["amount_total"]),
         metadata: metadata(&obj["metadata"]),
         expires_at: int(&obj["expires_at"]),
+        customer_email: str_of(&obj["customer_details"]["email"]).or_else(|| str_of(&obj["customer_email"])),
     })
 }
 
