@@ -497,21 +497,20 @@ pub async fn apply_provider_customer(
     Ok(())
 }
 
+/// The customer a provider customer is linked to. On PostgreSQL the link is
+/// held (`FOR SHARE`) until the transaction ends, so a concurrent claim of
+/// an adopted placeholder (which moves the link) waits for this one and then
+/// moves what it wrote, instead of leaving it on the placeholder.
 async fn linked_customer(
     tx: &mut super::Tx,
     provider: &str,
     provider_customer_id: &str,
 ) -> StoreResult<Option<String>> {
-    sql!(
-        tx,
-        query_scalar::<String>(
-            "SELECT customer_id FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2",
-            provider,
-            provider_customer_id
-        )
-        .fetch_optional
-    )
-    .db()
+    let lock = if tx.kind() == super::DbKind::Postgres { " FOR SHARE" } else { "" };
+    let sql = format!(
+        "SELECT customer_id FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2{lock}"
+    );
+    sql!(tx, query_scalar::<String>(&sql, provider, provider_customer_id).fetch_optional).db()
 }
 
 /// The tollgate customer behind a provider customer id, as another object's

@@ -698,6 +698,79 @@ async fn a_guest_payment_without_a_provider_customer_is_recorded_and_owned() {
     }
 }
 
+/// A claim of an adopted placeholder racing another object's event for the
+/// same provider customer: whichever commits first, nothing stays with the
+/// placeholder (on PostgreSQL the link read is held until commit).
+#[tokio::test]
+async fn a_claim_racing_another_event_of_its_provider_customer_leaves_nothing_behind() {
+    let app = spawn_with_secrets().await;
+    let rounds = 12;
+    for n in 0..rounds {
+        app.upsert_customer(&format!("u_race{n}"), json!({})).await;
+    }
+    // Each provider customer is adopted first, through a subscription.
+    for n in 0..rounds {
+        let b = event(
+            &format!("evt_ra{n}"),
+            "customer.subscription.created",
+            T0,
+            subscription(&format!("sub_ra{n}"), &format!("cus_race{n}"), "active", json!({})),
+        );
+        assert_eq!(app.deliver_signed(&b).await.status(), 200);
+    }
+    wait_applied(&app, rounds).await;
+    // Then its own event (the claim) and a second subscription, together.
+    let mut tasks = Vec::new();
+    for n in 0..rounds {
+        let claim = event(
+            &format!("evt_rc{n}"),
+            "customer.created",
+            T0 + 1,
+            json!({ "id": format!("cus_race{n}"), "object": "customer", "email": null,
+                    "metadata": { "tollgate_external_id": format!("u_race{n}") } }),
+        );
+        let second = event(
+            &format!("evt_rb{n}"),
+            "customer.subscription.created",
+            T0 + 1,
+            subscription(&format!("sub_rb{n}"), &format!("cus_race{n}"), "active", json!({})),
+        );
+        for b in [claim, second] {
+            let (client, url) = (app.client.clone(), app.url("/webhooks/stripe"));
+            let sig = crate::webhooks::sign(SECRET_A, tollgate::store::now_unix(), &b);
+            tasks.push(tokio::spawn(async move {
+                client
+                    .post(url)
+                    .header("stripe-signature", sig)
+                    .body(b)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }));
+        }
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    wait_applied(&app, 3 * rounds).await;
+    for n in 0..rounds {
+        let c: Value = app
+            .get(&format!("/v1/customers/u_race{n}"), &app.read_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for sub in [format!("sub_ra{n}"), format!("sub_rb{n}")] {
+            let row = app.server_store.subscription_by_provider_id("stripe", &sub).await.unwrap().unwrap();
+            assert_eq!(row.customer_id, c["id"].as_str().unwrap(), "{sub} belongs to u_race{n}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_customer() {
     let app = spawn_with_secrets().await;
