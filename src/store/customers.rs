@@ -341,6 +341,7 @@ pub async fn apply_provider_customer(
     let now = now_unix();
     let adopted = pc.external_id.is_none();
     let linked = linked_customer(tx, pc.provider, &pc.id).await?;
+    let mut created_placeholder = false;
     let customer_id = match linked.clone() {
         Some(id) => match &pc.external_id {
             // Adopted before this event said whose it is (another object's
@@ -360,6 +361,7 @@ pub async fn apply_provider_customer(
             match existing {
                 Some(row) => row.id,
                 None => {
+                    created_placeholder = adopted;
                     let id = new_id("cust");
                     let (email, name) =
                         if adopted { (pc.email.clone(), pc.name.clone()) } else { (None, None) };
@@ -492,6 +494,11 @@ pub async fn apply_provider_customer(
             if other != customer_id {
                 claim_adopted(tx, pc, &other, external, actor, policy).await?;
             }
+        } else if created_placeholder {
+            // Another worker linked this provider customer first: the
+            // placeholder made here would be left owning nothing. Start over;
+            // the retry finds the link.
+            return Err(StoreError::Conflict(format!("provider customer {} linked concurrently", pc.id)));
         }
     }
     Ok(())

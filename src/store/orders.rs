@@ -681,8 +681,13 @@ pub async fn recompute_order(tx: &mut Tx, cause: Cause<'_>, order_id: &str) -> S
     // `fulfilled` is set by fulfilment and means "paid and delivered": a
     // recomputed `paid` does not undo it.
     let status = if status == "paid" && order.status == "fulfilled" { "fulfilled" } else { status };
+    // Disputes are announced from the dispute facts, not from the status: a
+    // dispute on a refunded order changes no status but is still news.
+    let disputes_known = facts.disputes.len();
+    let disputes_closed =
+        facts.disputes.iter().filter(|s| !crate::billing::orders::dispute_is_open(s)).count();
     if status == order.status && amount_refunded == order.amount_refunded && paid_at == order.paid_at {
-        return Ok(());
+        return announce_disputes(tx, cause, &order, disputes_known, disputes_closed).await;
     }
     sql!(
         tx,
@@ -749,16 +754,38 @@ pub async fn recompute_order(tx: &mut Tx, cause: Cause<'_>, order_id: &str) -> S
         emit(tx, announce("order.refunded", Some(format!("order.refunded:{order_id}:{amount_refunded}"))))
             .await?;
     }
-    let was_disputed = order.status == "disputed";
-    let closed = matches!(status, "dispute_won" | "dispute_lost");
-    if (status == "disputed" || closed)
-        && !was_disputed
-        && !matches!(order.status.as_str(), "dispute_won" | "dispute_lost")
-    {
-        emit(tx, announce("order.disputed", None)).await?;
+    announce_disputes(tx, cause, &order, disputes_known, disputes_closed).await
+}
+
+/// `order.disputed` once per dispute opened and `order.dispute_closed` once
+/// per dispute closed, whatever the order's status and however often it is
+/// recomputed (keyed by the count: disputes are never deleted).
+async fn announce_disputes(
+    tx: &mut Tx,
+    cause: Cause<'_>,
+    order: &OrderRow,
+    known: usize,
+    closed: usize,
+) -> StoreResult<()> {
+    if known == 0 {
+        return Ok(());
     }
-    if closed && order.status != status {
-        emit(tx, announce("order.dispute_closed", None)).await?;
+    let data = order_document(tx, &order.id).await?;
+    let mut due = vec![("order.disputed", format!("order.disputed:{}:{known}", order.id))];
+    if closed > 0 {
+        due.push(("order.dispute_closed", format!("order.dispute_closed:{}:{closed}", order.id)));
+    }
+    for (event_type, key) in due {
+        let event = NewEvent {
+            event_type,
+            customer_id: Some(&order.customer_id),
+            object_type: "order",
+            object_id: &order.id,
+            provider_event_id: Some(cause.provider_event_id),
+            data: data.clone(),
+            dedupe_key: Some(key),
+        };
+        emit(tx, event).await?;
     }
     Ok(())
 }

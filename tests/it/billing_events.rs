@@ -659,6 +659,40 @@ async fn a_refund_that_fails_after_the_charge_counted_it_is_given_back() {
 }
 
 #[tokio::test]
+async fn a_dispute_closing_on_a_partly_refunded_order_is_announced() {
+    let app = spawn_with_secrets().await;
+    let session = json!({
+        "id": "cs_test_dw", "object": "checkout.session", "mode": "payment", "status": "complete",
+        "payment_status": "paid", "customer": "cus_dw", "payment_intent": "pi_dw", "amount_total": 1000,
+        "currency": "usd", "metadata": {}, "client_reference_id": null,
+    });
+    let refund = json!({
+        "id": "re_dw", "object": "refund", "payment_intent": "pi_dw", "amount": 300, "currency": "usd",
+        "status": "succeeded", "created": T0 + 2,
+    });
+    let dispute = |status: &str| {
+        json!({ "id": "dp_dw", "object": "dispute", "payment_intent": "pi_dw", "charge": "ch_dw",
+                "amount": 700, "currency": "usd", "status": status, "reason": "fraudulent", "created": T0 + 3 })
+    };
+    let steps = [
+        event("evt_dw_s", "checkout.session.completed", T0, session),
+        event("evt_dw_r", "refund.created", T0 + 2, refund),
+        event("evt_dw_d1", "charge.dispute.created", T0 + 3, dispute("needs_response")),
+        event("evt_dw_d2", "charge.dispute.closed", T0 + 9, dispute("won")),
+    ];
+    for (n, b) in steps.iter().enumerate() {
+        assert_eq!(app.deliver_signed(b).await.status(), 200);
+        wait_applied(&app, n as i64 + 1).await;
+    }
+    let customer: Value =
+        app.get("/v1/customers/cus_dw", &app.read_key).send().await.unwrap().json().await.unwrap();
+    let orders = app.server_store.orders_for_customer(customer["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(orders[0].status, "partially_refunded");
+    let events = app.server_store.events_for_object(&orders[0].id).await.unwrap();
+    assert_eq!((count(&events, "order.disputed"), count(&events, "order.dispute_closed")), (1, 1));
+}
+
+#[tokio::test]
 async fn a_guest_payment_without_a_provider_customer_is_recorded_and_owned() {
     let app = spawn_with_secrets().await;
     app.upsert_customer("u_named", json!({})).await;
