@@ -224,12 +224,14 @@ async fn fetch_line_items_if_unknown(
         return Ok(None);
     }
     let path = format!("/v1/checkout/sessions/{}/line_items", session.id);
-    match client.get(&path, &[("limit", "100".to_owned())]).await {
-        Ok(list) => Ok(Some(
-            list["data"].as_array().map(|a| a.iter().map(objects::line_item).collect()).unwrap_or_default(),
-        )),
-        // Gone at the provider: the order is recorded without lines.
-        Err(StripeClientError::Api { status: 404, .. }) => Ok(Some(Vec::new())),
+    match client.list_all(&path, &[]).await {
+        Ok(items) => Ok(Some(items.iter().map(objects::line_item).collect())),
+        // Gone at the provider (sessions are kept for a limited time): the
+        // order is recorded without lines, and said so.
+        Err(StripeClientError::Api { status: 404, .. }) => {
+            tracing::warn!(session = %session.id, "line items no longer at the provider; the order is recorded without lines");
+            Ok(Some(Vec::new()))
+        }
         Err(e) => Err(ApplyError::Payload(format!("line items could not be read: {e}"))),
     }
 }
@@ -277,6 +279,10 @@ async fn apply_stripe(
         }
         t if t.starts_with("checkout.session.") => {
             let mut session = read(objects::checkout_session(object))?;
+            if session.mode == "setup" {
+                // Saving a card sells nothing: no order, no subscription.
+                return Ok(());
+            }
             if object["status"].is_null() && t == "checkout.session.expired" {
                 // Payloads from before `status` existed: the event says it.
                 session.status = "expired".to_owned();

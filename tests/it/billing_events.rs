@@ -693,6 +693,21 @@ async fn a_dispute_closing_on_a_partly_refunded_order_is_announced() {
 }
 
 #[tokio::test]
+async fn a_setup_session_sells_nothing_and_is_not_an_error() {
+    let app = spawn_with_secrets().await;
+    let session = json!({
+        "id": "cs_test_setup", "object": "checkout.session", "mode": "setup", "status": "complete",
+        "payment_status": "no_payment_required", "customer": "cus_setup", "payment_intent": null,
+        "setup_intent": "seti_1", "amount_total": null, "currency": null, "metadata": {},
+    });
+    let body = event("evt_setup", "checkout.session.completed", T0, session);
+    assert_eq!(app.deliver_signed(&body).await.status(), 200);
+    wait_applied(&app, 1).await;
+    let orders = app.server_store.list_orders(&tollgate::store::Page::first(10), None).await.unwrap();
+    assert!(orders.data.is_empty(), "no order for a saved card");
+}
+
+#[tokio::test]
 async fn a_guest_payment_without_a_provider_customer_is_recorded_and_owned() {
     let app = spawn_with_secrets().await;
     app.upsert_customer("u_named", json!({})).await;
