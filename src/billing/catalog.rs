@@ -253,6 +253,15 @@ impl Catalog {
                     Some(Recurring { interval, interval_count: count })
                 }
             };
+            if recurring.is_some() && !catalog.products[&product].grants.credits.is_empty() {
+                // Credits are a balance bought once; a subscription grants
+                // features and limits while it is active. Credits per period
+                // would need a refill rule per invoice, which is not built.
+                return Err(format!(
+                    "{owner}: product {:?} grants credits, which are sold with one-time prices only",
+                    product.as_str()
+                ));
+            }
             if recurring.is_none() && p.trial_days.is_some() {
                 return Err(format!("{owner}: trial_days needs a recurring price"));
             }
@@ -360,6 +369,10 @@ mod tests {
             "trial_days",
         );
         rejects("[products.pro]\nname=\"P\"\ncredits={cards=0}", "credits");
+        rejects(
+            "[products.pack]\nname=\"P\"\ncredits={cards=5}\n[prices.x]\nproduct=\"pack\"\ncurrency=\"usd\"\namount=1\ninterval=\"month\"",
+            "one-time prices only",
+        );
         rejects(
             "[products.a]\nname=\"A\"\nstripe_product=\"prod_1\"\n[products.b]\nname=\"B\"\nstripe_product=\"prod_1\"",
             "two catalog entries",
