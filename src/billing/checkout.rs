@@ -146,7 +146,11 @@ pub fn check_cart(mode: Mode, lines: &[CartLine<'_>], trial_days: Option<i64>) -
         amount_total = amount_total
             .checked_add(line_total)
             .ok_or_else(|| err(format!("line_items[{i}][quantity]"), "The amount is too large."))?;
-        totals.push(LineTotal { unit_amount: price.unit_amount, quantity: line.quantity, amount_total: line_total });
+        totals.push(LineTotal {
+            unit_amount: price.unit_amount,
+            quantity: line.quantity,
+            amount_total: line_total,
+        });
     }
     Ok(Cart { currency: currency.unwrap_or_default().to_owned(), amount_total, lines: totals })
 }
@@ -180,24 +184,36 @@ mod tests {
 
     #[test]
     fn each_mistake_names_its_parameter() {
-        let (one, monthly, yearly) =
-            (price("pack", 500, None), price("pro_m", 2900, Some("month")), price("pro_y", 29000, Some("year")));
+        let (one, monthly, yearly) = (
+            price("pack", 500, None),
+            price("pro_m", 2900, Some("month")),
+            price("pro_y", 29000, Some("year")),
+        );
         let mut eur = price("pack_eur", 500, None);
         eur.currency = "eur".into();
         let mut old = price("old", 100, None);
         old.active = false;
         let param = |r: Result<Cart, CartError>| r.unwrap_err().param;
         assert_eq!(param(check_cart(Mode::Payment, &[], None)), "line_items");
-        assert_eq!(param(check_cart(Mode::Payment, &[line(&one, 1), line(&monthly, 1)], None)), "line_items[1][price]");
+        assert_eq!(
+            param(check_cart(Mode::Payment, &[line(&one, 1), line(&monthly, 1)], None)),
+            "line_items[1][price]"
+        );
         assert_eq!(param(check_cart(Mode::Subscription, &[line(&one, 1)], None)), "line_items[0][price]");
         assert_eq!(
             param(check_cart(Mode::Subscription, &[line(&monthly, 1), line(&yearly, 1)], None)),
             "line_items[1][price]"
         );
-        assert_eq!(param(check_cart(Mode::Payment, &[line(&one, 1), line(&eur, 1)], None)), "line_items[1][price]");
+        assert_eq!(
+            param(check_cart(Mode::Payment, &[line(&one, 1), line(&eur, 1)], None)),
+            "line_items[1][price]"
+        );
         assert_eq!(param(check_cart(Mode::Payment, &[line(&old, 1)], None)), "line_items[0][price]");
         assert_eq!(param(check_cart(Mode::Payment, &[line(&one, 0)], None)), "line_items[0][quantity]");
-        assert_eq!(param(check_cart(Mode::Payment, &[line(&one, MAX_QUANTITY + 1)], None)), "line_items[0][quantity]");
+        assert_eq!(
+            param(check_cart(Mode::Payment, &[line(&one, MAX_QUANTITY + 1)], None)),
+            "line_items[0][quantity]"
+        );
         let unknown = CartLine { requested: "nope", price: None, quantity: 1 };
         assert_eq!(param(check_cart(Mode::Payment, &[unknown], None)), "line_items[0][price]");
         assert_eq!(param(check_cart(Mode::Payment, &[line(&one, 1)], Some(7))), "trial_days");

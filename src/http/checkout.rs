@@ -24,7 +24,7 @@ use super::extract::{ApiJson, ApiPath, Principal, ReadKey, WriteKey};
 use super::AppState;
 use crate::billing::checkout::{check_cart, CartLine, Mode};
 use crate::ids::{new_id, ExternalId};
-use crate::providers::stripe::{derived_idempotency_key, Form};
+use crate::providers::stripe::{derived_idempotency_key, Form, StripeClientError};
 use crate::store::checkout::{CheckoutLine, CheckoutRecord, NewCheckout};
 use crate::store::customers::CustomerRecord;
 
@@ -246,14 +246,15 @@ async fn create(
         .map(|k| derived_idempotency_key(&["checkout", &caller.key_id, k, &fingerprint(&body)]));
     let customer = customer_param(state, &body.customer).await?;
     let external = ExternalId::parse(&customer.external_id).map_err(|e| ApiError::internal(e.0))?;
-    let success_url = url_param("success_url", body.success_url.as_deref(), state.config.success_url.as_deref())?
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "success_url_missing",
-                "Pass success_url, or configure a default with PAYMENTSVC_SUCCESS_URL.",
-            )
-            .with_param("success_url")
-        })?;
+    let success_url =
+        url_param("success_url", body.success_url.as_deref(), state.config.success_url.as_deref())?
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "success_url_missing",
+                    "Pass success_url, or configure a default with PAYMENTSVC_SUCCESS_URL.",
+                )
+                .with_param("success_url")
+            })?;
     let cancel_url = url_param("cancel_url", body.cancel_url.as_deref(), state.config.cancel_url.as_deref())?;
     check_metadata(&body.metadata)?;
 
@@ -266,7 +267,8 @@ async fn create(
     }
     let mut prices = Vec::with_capacity(body.line_items.len());
     for (i, item) in body.line_items.iter().enumerate() {
-        let valid = !item.price.is_empty() && item.price.len() <= 255 && !item.price.chars().any(char::is_control);
+        let valid =
+            !item.price.is_empty() && item.price.len() <= 255 && !item.price.chars().any(char::is_control);
         let price = if valid { state.store.checkout_price(PROVIDER, &item.price).await? } else { None };
         if !valid {
             return Err(ApiError::invalid_param(
@@ -280,7 +282,11 @@ async fn create(
         .line_items
         .iter()
         .zip(&prices)
-        .map(|(item, p)| CartLine { requested: &item.price, price: p.as_ref().map(|p| &p.cart), quantity: item.quantity })
+        .map(|(item, p)| CartLine {
+            requested: &item.price,
+            price: p.as_ref().map(|p| &p.cart),
+            quantity: item.quantity,
+        })
         .collect();
     let cart = check_cart(body.mode, &cart_lines, body.trial_days)
         .map_err(|e| ApiError::invalid_param(e.param, e.message))?;
@@ -308,6 +314,11 @@ async fn create(
         });
     }
 
+    // While the provider is known to be failing, answer at once and record
+    // nothing: a checkout that cannot be opened is not worth a row.
+    if let Some(wait) = state.stripe.breaker().refusing_for() {
+        return Err(StripeClientError::CircuitOpen { retry_after: wait }.into());
+    }
     let actor = caller.actor();
     let request_id = current_request_id();
     let metadata = serde_json::to_value(&body.metadata).map_err(ApiError::internal)?;
@@ -366,7 +377,10 @@ async fn create(
             cancel_url: cancel_url.as_deref(),
             trial_days: body.trial_days,
             metadata: &body.metadata,
-            stripe_key: &derived_idempotency_key(&["checkout", request_key.as_deref().unwrap_or(&session_id)]),
+            stripe_key: &derived_idempotency_key(&[
+                "checkout",
+                request_key.as_deref().unwrap_or(&session_id),
+            ]),
         },
         &actor,
     )
@@ -432,7 +446,12 @@ async fn open_at_provider(
     let items: Vec<Vec<(&str, String)>> = r
         .lines
         .iter()
-        .map(|l| vec![("price", l.provider_price.clone().unwrap_or_default()), ("quantity", l.quantity.to_string())])
+        .map(|l| {
+            vec![
+                ("price", l.provider_price.clone().unwrap_or_default()),
+                ("quantity", l.quantity.to_string()),
+            ]
+        })
         .collect();
     let mut form = Form::new()
         .set("mode", r.mode.as_str())
@@ -484,7 +503,14 @@ pub(super) async fn provider_customer(
     let id = created["id"].as_str().ok_or_else(|| ApiError::internal("the provider's customer has no id"))?;
     let linked = state
         .store
-        .link_provider_customer(&customer.id, external, PROVIDER, id, actor, &state.config.fulfilment_policy())
+        .link_provider_customer(
+            &customer.id,
+            external,
+            PROVIDER,
+            id,
+            actor,
+            &state.config.fulfilment_policy(),
+        )
         .await?;
     Ok(linked)
 }
@@ -501,7 +527,11 @@ pub(super) async fn customer_param(state: &AppState, raw: &str) -> ApiResult<Cus
 
 /// An absolute http(s) URL from the request, else the configured default.
 /// Sent on as given (Stripe fills in `{CHECKOUT_SESSION_ID}` templates).
-pub(super) fn url_param(param: &str, given: Option<&str>, default: Option<&str>) -> ApiResult<Option<String>> {
+pub(super) fn url_param(
+    param: &str,
+    given: Option<&str>,
+    default: Option<&str>,
+) -> ApiResult<Option<String>> {
     let (raw, from) = match (given, default) {
         (Some(g), _) => (g, "".to_owned()),
         (None, Some(d)) => (d, " (the configured default)".to_owned()),
@@ -511,7 +541,8 @@ pub(super) fn url_param(param: &str, given: Option<&str>, default: Option<&str>)
     if raw.len() > 2048 || raw.chars().any(char::is_control) {
         return Err(bad("must be at most 2048 characters, without control characters"));
     }
-    let url = reqwest::Url::parse(raw).map_err(|_| bad("must be an absolute URL such as https://shop.example/thanks"))?;
+    let url = reqwest::Url::parse(raw)
+        .map_err(|_| bad("must be an absolute URL such as https://shop.example/thanks"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
         return Err(bad("must be an http:// or https:// URL with a host"));
     }
@@ -532,7 +563,10 @@ fn check_metadata(metadata: &BTreeMap<String, String>) -> ApiResult<()> {
             ));
         }
         if k.starts_with("tollgate_") {
-            return Err(ApiError::invalid_param(param, "metadata keys starting with tollgate_ are reserved."));
+            return Err(ApiError::invalid_param(
+                param,
+                "metadata keys starting with tollgate_ are reserved.",
+            ));
         }
         if v.len() > 500 || v.contains('\0') {
             return Err(ApiError::invalid_param(param, "metadata values must be at most 500 characters."));
@@ -559,11 +593,8 @@ pub async fn get_checkout_session(
     ReadKey(_caller): ReadKey,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<CheckoutSession>> {
-    let record = state
-        .store
-        .get_checkout(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("checkout session", &id))?;
+    let record =
+        state.store.get_checkout(&id).await?.ok_or_else(|| ApiError::not_found("checkout session", &id))?;
     Ok(Json(record.into()))
 }
 
@@ -573,9 +604,13 @@ mod tests {
 
     #[test]
     fn urls_are_absolute_http_and_templates_survive() {
-        let ok = url_param("success_url", Some("https://shop.example/ok?s={CHECKOUT_SESSION_ID}"), None).unwrap();
+        let ok =
+            url_param("success_url", Some("https://shop.example/ok?s={CHECKOUT_SESSION_ID}"), None).unwrap();
         assert_eq!(ok.as_deref(), Some("https://shop.example/ok?s={CHECKOUT_SESSION_ID}"));
-        assert_eq!(url_param("success_url", None, Some("http://localhost:3000/ok")).unwrap().as_deref(), Some("http://localhost:3000/ok"));
+        assert_eq!(
+            url_param("success_url", None, Some("http://localhost:3000/ok")).unwrap().as_deref(),
+            Some("http://localhost:3000/ok")
+        );
         assert_eq!(url_param("cancel_url", None, None).unwrap(), None);
         for bad in ["/relative", "ftp://shop.example/x", "javascript:alert(1)", "https://", "not a url"] {
             let e = url_param("success_url", Some(bad), None).unwrap_err();

@@ -71,8 +71,11 @@ pub async fn create_portal_session(
     let customer = customer_param(&state, &body.customer).await?;
     let return_url = url_param("return_url", body.return_url.as_deref(), state.config.return_url.as_deref())?
         .ok_or_else(|| {
-            ApiError::invalid("return_url_missing", "Pass return_url, or configure a default with PAYMENTSVC_RETURN_URL.")
-                .with_param("return_url")
+            ApiError::invalid(
+                "return_url_missing",
+                "Pass return_url, or configure a default with PAYMENTSVC_RETURN_URL.",
+            )
+            .with_param("return_url")
         })?;
     let Some(provider_customer) = customer.providers.get(PROVIDER) else {
         return Err(ApiError::invalid(

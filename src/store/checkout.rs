@@ -111,7 +111,8 @@ impl CheckoutRecord {
     }
 }
 
-const RECORD_SELECT: &str = "SELECT s.id, s.provider, s.provider_session_id, s.customer_id, c.external_id, s.mode, \
+const RECORD_SELECT: &str =
+    "SELECT s.id, s.provider, s.provider_session_id, s.customer_id, c.external_id, s.mode, \
      s.status, s.payment_status, s.order_id, s.provider_subscription_id, \
      (SELECT sub.id FROM subscriptions sub WHERE sub.provider = s.provider \
         AND sub.provider_subscription_id = s.provider_subscription_id) AS subscription_id, \
@@ -277,7 +278,12 @@ impl Store {
     /// A retried request whose first attempt failed at the provider: the
     /// session is open again and its order pending again, until the
     /// provider answers this time. `false` if it was not a failed one.
-    pub async fn reopen_checkout(&self, id: &str, actor: &Actor, request_id: Option<&str>) -> StoreResult<bool> {
+    pub async fn reopen_checkout(
+        &self,
+        id: &str,
+        actor: &Actor,
+        request_id: Option<&str>,
+    ) -> StoreResult<bool> {
         let now = now_unix();
         let mut tx = self.begin().await?;
         let reopened = sql!(
