@@ -476,7 +476,38 @@ async fn open_at_provider(
                 .set_opt("subscription_data[trial_period_days]", r.trial_days);
         }
     }
-    Ok(state.stripe.post("/v1/checkout/sessions", &form, Some(r.stripe_key)).await?)
+    state.stripe.post("/v1/checkout/sessions", &form, Some(r.stripe_key)).await.map_err(missing_at_provider)
+}
+
+/// The provider no longer has an object tollgate's mapping names (a price
+/// deleted in its dashboard, or the built-in emulator, which forgets
+/// everything when tollgate restarts): say which, and what fixes it,
+/// rather than an opaque rejection.
+fn missing_at_provider(e: StripeClientError) -> ApiError {
+    if let StripeClientError::Api { status: 400 | 404, code: Some(code), param: Some(param), .. } = &e {
+        if code == "resource_missing" {
+            tracing::error!(param = %param, "the provider has no object tollgate's mapping names");
+            let message = if param.starts_with("line_items") {
+                format!(
+                    "The payment provider has no price for {param} as tollgate maps it; run `tollgate catalog sync` \
+                     (the built-in emulator forgets its prices when tollgate restarts)."
+                )
+            } else {
+                format!(
+                    "The payment provider has no {param} as tollgate linked it (the built-in emulator forgets \
+                     everything when tollgate restarts: start again with a fresh database)."
+                )
+            };
+            return ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorType::ProviderError,
+                "provider_object_missing",
+                message,
+            )
+            .with_param(param.clone());
+        }
+    }
+    e.into()
 }
 
 /// The customer's account at the provider, created on first use with
@@ -616,6 +647,27 @@ mod tests {
             let e = url_param("success_url", Some(bad), None).unwrap_err();
             assert_eq!((e.code, e.param.as_deref()), ("url_invalid", Some("success_url")), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_mapped_object_missing_at_the_provider_says_what_to_do() {
+        let missing = |param: &str| StripeClientError::Api {
+            status: 400,
+            kind: "invalid_request_error".into(),
+            code: Some("resource_missing".into()),
+            decline_code: None,
+            param: Some(param.into()),
+            message: "No such price".into(),
+            request_id: None,
+            retry_after: None,
+        };
+        let e = missing_at_provider(missing("line_items[0][price]"));
+        assert_eq!((e.code, e.param.as_deref()), ("provider_object_missing", Some("line_items[0][price]")));
+        assert!(e.message.contains("tollgate catalog sync"), "{}", e.message);
+        let e = missing_at_provider(StripeClientError::CircuitOpen {
+            retry_after: std::time::Duration::from_secs(3),
+        });
+        assert_eq!((e.status.as_u16(), e.retry_after), (503, Some(3)));
     }
 
     #[test]
