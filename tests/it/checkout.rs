@@ -325,6 +325,41 @@ async fn a_retried_checkout_with_the_same_idempotency_key_opens_one_session() {
     assert_eq!(orders.len(), 2);
 }
 
+#[tokio::test]
+async fn concurrent_first_checkouts_of_a_customer_create_one_provider_customer() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_eager", json!({ "email": "eager@example.com" })).await;
+    // Five first checkouts at once, as a double-clicking buyer might.
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let req = app
+                .post_json("/v1/checkout/sessions", payment("u_eager", json!([{ "price": "card_pack_5" }])));
+            tokio::spawn(async move { req.send().await.unwrap() })
+        })
+        .collect();
+    let mut sessions = Vec::new();
+    for t in tasks {
+        sessions.push(created(t.await.unwrap()).await);
+    }
+    let customers = emulator_get(&app, "/v1/customers?limit=100").await;
+    assert_eq!(customers["data"].as_array().unwrap().len(), 1, "one provider customer: {customers}");
+    let linked = app.read("/v1/customers/u_eager").await;
+    assert_eq!(linked["providers"]["stripe"], customers["data"][0]["id"]);
+    for s in &sessions {
+        let at_provider =
+            emulator_get(&app, &format!("/v1/checkout/sessions/{}", s["provider_session"].as_str().unwrap()))
+                .await;
+        assert_eq!(at_provider["customer"], customers["data"][0]["id"]);
+    }
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("checkout_requests_total{") && l.contains("outcome=\"created\"")),
+        "checkout_requests_total is exported"
+    );
+}
+
 /// A stand-in for Stripe that fails with 500s until told to recover; then
 /// it answers customers and checkout sessions, one per Idempotency-Key, as
 /// Stripe does.
