@@ -267,16 +267,13 @@ async fn create(
     }
     let mut prices = Vec::with_capacity(body.line_items.len());
     for (i, item) in body.line_items.iter().enumerate() {
-        let valid =
-            !item.price.is_empty() && item.price.len() <= 255 && !item.price.chars().any(char::is_control);
-        let price = if valid { state.store.checkout_price(PROVIDER, &item.price).await? } else { None };
-        if !valid {
+        if item.price.is_empty() || item.price.len() > 255 || item.price.chars().any(char::is_control) {
             return Err(ApiError::invalid_param(
                 format!("line_items[{i}][price]"),
                 "price must be a catalog price id (see GET /v1/prices).",
             ));
         }
-        prices.push(price);
+        prices.push(state.store.checkout_price(PROVIDER, &item.price).await?);
     }
     let cart_lines: Vec<CartLine> = body
         .line_items
