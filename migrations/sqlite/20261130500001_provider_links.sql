@@ -2,7 +2,7 @@
 -- a second Stripe customer made for the same user (by the Stripe dashboard, or
 -- by a team's older integration) and one deleted on Stripe both keep their
 -- link, so their late events still find their owner instead of adopting a
--- stranger. New checkouts use the newest live link.
+-- stranger. New checkouts use the oldest live link.
 -- (SQLite drops a table constraint only by rebuilding the table.)
 CREATE TABLE provider_customers_new (
     provider             TEXT NOT NULL,

@@ -3,6 +3,7 @@
 //! subscriptions and entitlements move between states.
 
 pub mod catalog;
+pub mod checkout;
 pub mod entitlements;
 pub mod money;
 pub mod ordering;

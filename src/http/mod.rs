@@ -20,6 +20,7 @@ use crate::store::{Listed, Store};
 
 pub mod audit;
 pub mod catalog;
+pub mod checkout;
 pub mod customers;
 pub mod docs;
 pub mod entitlements;
@@ -29,6 +30,7 @@ pub mod extract;
 pub mod health;
 pub mod middleware;
 pub mod orders;
+pub mod portal;
 pub mod provider_events;
 pub mod ratelimit;
 pub mod subscriptions;
@@ -124,6 +126,8 @@ pub fn router(state: AppState) -> Router {
         .merge(orders::router())
         .merge(subscriptions::router())
         .merge(catalog::router())
+        .merge(checkout::router())
+        .merge(portal::router())
         .merge(audit::router())
         .merge(provider_events::router())
         .merge(events::router())

@@ -280,18 +280,19 @@ impl Store {
             super::DbKind::Sqlite => {
                 "SELECT customer_id, provider, provider_customer_id FROM provider_customers \
                  WHERE customer_id IN (SELECT value FROM json_each($1)) AND deleted_at IS NULL \
-                 ORDER BY created_at, provider_customer_id"
+                 ORDER BY created_at DESC, provider_customer_id DESC"
             }
             super::DbKind::Postgres => {
                 "SELECT customer_id, provider, provider_customer_id FROM provider_customers \
                  WHERE customer_id IN (SELECT jsonb_array_elements_text($1::jsonb)) AND deleted_at IS NULL \
-                 ORDER BY created_at, provider_customer_id"
+                 ORDER BY created_at DESC, provider_customer_id DESC"
             }
         };
         let rows: Vec<(String, String, String)> =
             sql!(self, query_as::<(String, String, String)>(sql, serde_json::to_string(ids)?).fetch_all)
                 .db()?;
-        // Oldest first, so the newest live link of a provider is the one shown.
+        // Newest first, so the oldest live link of a provider is the one shown
+        // (the one checkouts use, see `link_provider_customer`).
         for (customer, provider, provider_id) in rows {
             out.entry(customer).or_default().insert(provider, provider_id);
         }
@@ -304,7 +305,7 @@ async fn provider_links(tx: &mut super::Tx, customer_id: &str) -> StoreResult<BT
         tx,
         query_as::<(String, String)>(
             "SELECT provider, provider_customer_id FROM provider_customers \
-             WHERE customer_id = $1 AND deleted_at IS NULL ORDER BY created_at, provider_customer_id",
+             WHERE customer_id = $1 AND deleted_at IS NULL ORDER BY created_at DESC, provider_customer_id DESC",
             customer_id
         )
         .fetch_all

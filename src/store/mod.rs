@@ -17,6 +17,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Sqlite, SqliteConnection, SqlitePool,
 pub mod api_keys;
 pub mod audit;
 pub mod catalog;
+pub mod checkout;
 pub mod customers;
 pub mod deliveries;
 pub mod entitlements;

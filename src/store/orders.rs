@@ -340,15 +340,19 @@ pub async fn apply_checkout_session(
     sql!(
         tx,
         query(
+            // A completed session names the payment that paid it, which
+            // replaces a declined attempt linked earlier.
             "UPDATE orders SET provider_checkout_session_id = COALESCE(provider_checkout_session_id, $1), \
-             payment_key = COALESCE(payment_key, $2), paid_at = COALESCE(paid_at, $3), \
+             payment_key = CASE WHEN $7 THEN COALESCE($2, payment_key) ELSE COALESCE(payment_key, $2) END, \
+             paid_at = COALESCE(paid_at, $3), \
              payment_failed_at = COALESCE(payment_failed_at, $4), canceled_at = COALESCE(canceled_at, $5) WHERE id = $6",
             &s.id,
             &s.payment_intent,
             paid_at,
             failed_at,
             canceled_at,
-            &order_id
+            &order_id,
+            s.status == "complete"
         )
         .execute
     )
@@ -465,15 +469,20 @@ pub async fn apply_payment(tx: &mut Tx, cause: Cause<'_>, p: &Payment) -> StoreR
     )
     .db()?;
     // A payment tollgate started names its order; link it if the session's
-    // completion has not done so yet.
+    // completion has not done so yet. A declined attempt leaves the
+    // checkout open for another card: the payment that succeeds then
+    // takes the declined one's place.
     if let Some(order_id) = p.metadata["tollgate_order_id"].as_str() {
         sql!(
             tx,
             query(
-                "UPDATE orders SET payment_key = $1 WHERE id = $2 AND provider = $3 AND payment_key IS NULL",
+                "UPDATE orders SET payment_key = $1 WHERE id = $2 AND provider = $3 AND (payment_key IS NULL \
+                 OR ($4 AND payment_key <> $1 AND NOT EXISTS (SELECT 1 FROM payments f WHERE f.provider = orders.provider \
+                 AND f.payment_key = orders.payment_key AND f.status = 'succeeded')))",
                 &p.key,
                 order_id,
-                cause.provider
+                cause.provider,
+                p.status == "succeeded"
             )
             .execute
         )
@@ -667,8 +676,10 @@ pub async fn recompute_order(tx: &mut Tx, cause: Cause<'_>, order_id: &str) -> S
     let facts = OrderFacts {
         amount_total: order.amount_total,
         paid: order.paid_at.is_some() || payment_succeeded,
-        payment_failed: order.payment_failed_at.is_some()
-            || payment.as_ref().is_some_and(|(s, _, _)| s == "requires_payment_method" || s == "failed"),
+        // A declined card on the hosted page does not end the checkout (the
+        // buyer may try another card), so the order stays pending; only a
+        // session whose payment failed after completing fails it.
+        payment_failed: order.payment_failed_at.is_some(),
         canceled: order.canceled_at.is_some(),
         charge_amount_refunded: payment.as_ref().map(|(_, r, _)| *r).unwrap_or(0),
         charge_snapshot_at: payment.as_ref().map(|(_, _, at)| *at).unwrap_or(0),

@@ -12,14 +12,6 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 use crate::webhooks::{event, SECRET_A};
 
-/// These tests poll the API while events are applied, for longer than a
-/// rate-limit burst lasts under load: the limits are off here (they have
-/// their own tests).
-fn unlimited(c: &mut tollgate::Config) {
-    c.rate_limit_per_ip = 0;
-    c.rate_limit_per_key = 0;
-}
-
 async fn spawn_app() -> TestApp {
     spawn_app_with(unlimited).await
 }
@@ -377,40 +369,6 @@ async fn payloads_of_2017_08_15_and_of_the_fixtures_are_read() {
         mirrored.provider_price_id.as_deref(),
         r["subscription"]["items"]["data"][0]["price"]["id"].as_str()
     );
-}
-
-/// The hosted page's Pay button, as a person would press it.
-async fn pay(session: &Value, card: &str) {
-    let page = session["url"].as_str().unwrap();
-    // The page redirects to the shop's success URL, which is not ours to follow.
-    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-    let resp = client.post(format!("{page}/pay")).form(&[("card_number", card)]).send().await.unwrap();
-    assert_eq!(resp.status(), 303, "paid");
-}
-
-async fn emulator(app: &TestApp, path: &str, form: &[(&str, &str)]) -> Value {
-    let resp = app
-        .client
-        .post(app.url(&format!("/emulator/stripe{path}")))
-        .bearer_auth("sk_test_local")
-        .form(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200, "{path}");
-    resp.json().await.unwrap()
-}
-
-async fn emulator_get(app: &TestApp, path: &str) -> Value {
-    app.client
-        .get(app.url(&format!("/emulator/stripe{path}")))
-        .bearer_auth("sk_test_local")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// A price at the emulator for a new product: one-time, or recurring every `interval`.

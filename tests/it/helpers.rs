@@ -229,3 +229,45 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// For tests that poll the API while events are applied, for longer than a
+/// rate-limit burst lasts under load: the limits are off here (they have
+/// their own tests).
+pub fn unlimited(c: &mut tollgate::Config) {
+    c.rate_limit_per_ip = 0;
+    c.rate_limit_per_key = 0;
+}
+
+/// The hosted page's Pay button, as a person would press it.
+pub async fn pay(session: &serde_json::Value, card: &str) {
+    let page = session["url"].as_str().unwrap();
+    // The page redirects to the shop's success URL, which is not ours to follow.
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let resp = client.post(format!("{page}/pay")).form(&[("card_number", card)]).send().await.unwrap();
+    assert_eq!(resp.status(), 303, "paid");
+}
+
+pub async fn emulator(app: &TestApp, path: &str, form: &[(&str, &str)]) -> serde_json::Value {
+    let resp = app
+        .client
+        .post(app.url(&format!("/emulator/stripe{path}")))
+        .bearer_auth("sk_test_local")
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{path}");
+    resp.json().await.unwrap()
+}
+
+pub async fn emulator_get(app: &TestApp, path: &str) -> serde_json::Value {
+    app.client
+        .get(app.url(&format!("/emulator/stripe{path}")))
+        .bearer_auth("sk_test_local")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}

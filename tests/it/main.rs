@@ -9,6 +9,7 @@ mod audit;
 mod backup;
 mod billing_events;
 mod catalog;
+mod checkout;
 mod cli;
 mod customers;
 mod delivery;

@@ -178,6 +178,17 @@ impl CircuitBreaker {
         }
     }
 
+    /// How long calls will still be refused, without taking a permit: lets
+    /// a caller fail fast before doing work of its own that only makes
+    /// sense if the call is tried. `None`: a call would go through.
+    pub fn refusing_for(&self) -> Option<Duration> {
+        match *self.lock() {
+            State::Open { until } => until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()),
+            State::HalfOpen { trial_in_flight: true } => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
     pub fn state(&self) -> BreakerState {
         Self::public(*self.lock())
     }

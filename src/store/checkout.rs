@@ -1,0 +1,476 @@
+//! Checkouts started through tollgate's API.
+//!
+//! A checkout is recorded (session row, and for payment mode the pending
+//! order and its lines) *before* the provider is asked for a hosted page,
+//! so the webhook side always finds what tollgate meant to sell. What the
+//! provider answers is written afterwards: its session id, URL and expiry
+//! on success; on failure the session is marked `expired` with
+//! `last_error` and its order `canceled`, so no order that can never be
+//! paid stays `pending`. A retry of the same request (same API key and
+//! Idempotency-Key) revives that session and order instead of starting
+//! another.
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::audit::{self, Actor, AuditRecord};
+use super::customers::{apply_provider_customer, ProviderCustomer};
+use super::{now_unix, sql, SqlxResultExt, Store, StoreError, StoreResult};
+use crate::billing::checkout::CartPrice;
+use crate::billing::entitlements::Policy;
+use crate::ids::ExternalId;
+
+/// A catalog price with what a checkout needs besides: its product's name
+/// and the provider price it currently maps to.
+#[derive(Debug, Clone)]
+pub struct CheckoutPrice {
+    pub cart: CartPrice,
+    pub product_id: String,
+    pub product_name: String,
+    pub provider_price_id: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct PriceRow {
+    id: String,
+    product_id: String,
+    product_name: String,
+    currency: String,
+    unit_amount: i64,
+    kind: String,
+    recurring_interval: Option<String>,
+    interval_count: Option<i64>,
+    active: bool,
+    provider_price_id: Option<String>,
+}
+
+/// One line as recorded with the session (JSON in `line_items`) and, in
+/// payment mode, as an order line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CheckoutLine {
+    pub price: String,
+    pub product: String,
+    pub provider_price: Option<String>,
+    pub description: Option<String>,
+    pub quantity: i64,
+    pub unit_amount: i64,
+    pub amount_total: i64,
+}
+
+/// What `record_checkout` writes.
+#[derive(Debug, Clone)]
+pub struct NewCheckout<'a> {
+    pub id: &'a str,
+    pub provider: &'a str,
+    pub customer_id: &'a str,
+    pub mode: &'a str,
+    /// Payment mode: the pending order to record with the session.
+    pub order_id: Option<&'a str>,
+    pub success_url: &'a str,
+    pub cancel_url: Option<&'a str>,
+    pub currency: &'a str,
+    pub amount_total: i64,
+    pub metadata: &'a serde_json::Value,
+    pub lines: &'a [CheckoutLine],
+    pub trial_days: Option<i64>,
+    pub request_key: Option<&'a str>,
+}
+
+/// A checkout session with its customer's external id, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct CheckoutRecord {
+    pub id: String,
+    pub provider: String,
+    pub provider_session_id: Option<String>,
+    pub customer_id: Option<String>,
+    pub external_id: Option<String>,
+    pub mode: String,
+    pub status: String,
+    pub payment_status: Option<String>,
+    pub order_id: Option<String>,
+    pub provider_subscription_id: Option<String>,
+    /// tollgate's id of the subscription, once its webhook has been applied.
+    pub subscription_id: Option<String>,
+    pub url: Option<String>,
+    pub success_url: Option<String>,
+    pub cancel_url: Option<String>,
+    pub currency: Option<String>,
+    pub amount_total: Option<i64>,
+    pub metadata: String,
+    pub expires_at: Option<i64>,
+    pub line_items: Option<String>,
+    pub trial_days: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl CheckoutRecord {
+    pub fn lines(&self) -> Vec<CheckoutLine> {
+        self.line_items.as_deref().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default()
+    }
+}
+
+const RECORD_SELECT: &str =
+    "SELECT s.id, s.provider, s.provider_session_id, s.customer_id, c.external_id, s.mode, \
+     s.status, s.payment_status, s.order_id, s.provider_subscription_id, \
+     (SELECT sub.id FROM subscriptions sub WHERE sub.provider = s.provider \
+        AND sub.provider_subscription_id = s.provider_subscription_id) AS subscription_id, \
+     s.url, s.success_url, s.cancel_url, s.currency, s.amount_total, s.metadata, s.expires_at, s.line_items, \
+     s.trial_days, s.last_error, s.created_at, s.updated_at \
+     FROM checkout_sessions s LEFT JOIN customers c ON c.id = s.customer_id";
+
+impl Store {
+    /// The catalog price `id` with its product and current provider price.
+    pub async fn checkout_price(&self, provider: &str, id: &str) -> StoreResult<Option<CheckoutPrice>> {
+        let row: Option<PriceRow> = sql!(
+            self,
+            query_as::<PriceRow>(
+                "SELECT p.id, p.product_id, pr.name AS product_name, p.currency, p.unit_amount, p.kind, \
+                 p.recurring_interval, p.interval_count, (p.active AND pr.active) AS active, \
+                 (SELECT l.provider_id FROM provider_catalog_links l WHERE l.provider = $2 AND l.catalog_id = p.id \
+                    AND l.kind IN ('price', 'plan') AND l.superseded_at IS NULL \
+                    ORDER BY l.created_at DESC, l.provider_id LIMIT 1) AS provider_price_id \
+                 FROM prices p JOIN products pr ON pr.id = p.product_id WHERE p.id = $1",
+                id,
+                provider
+            )
+            .fetch_optional
+        )
+        .db()?;
+        Ok(row.map(|r| CheckoutPrice {
+            cart: CartPrice {
+                recurring: (r.kind == "recurring")
+                    .then(|| (r.recurring_interval.unwrap_or_default(), r.interval_count.unwrap_or(1))),
+                id: r.id,
+                currency: r.currency,
+                unit_amount: r.unit_amount,
+                active: r.active,
+            },
+            product_id: r.product_id,
+            product_name: r.product_name,
+            provider_price_id: r.provider_price_id,
+        }))
+    }
+
+    /// Records a checkout about to be opened at the provider: the session
+    /// and, in payment mode, its pending order and lines, with their audit
+    /// entries, in one transaction. A `request_key` already recorded is a
+    /// `Conflict` (the caller looks it up first; this is the race's loser).
+    pub async fn record_checkout(
+        &self,
+        c: &NewCheckout<'_>,
+        actor: &Actor,
+        request_id: Option<&str>,
+    ) -> StoreResult<()> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let lines_json = serde_json::to_string(c.lines)?;
+        sql!(
+            tx,
+            query(
+                "INSERT INTO checkout_sessions (id, provider, customer_id, mode, status, order_id, success_url, \
+                 cancel_url, currency, amount_total, metadata, line_items, trial_days, request_key, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)",
+                c.id,
+                c.provider,
+                c.customer_id,
+                c.mode,
+                c.order_id,
+                c.success_url,
+                c.cancel_url,
+                c.currency,
+                c.amount_total,
+                c.metadata.to_string(),
+                &lines_json,
+                c.trial_days,
+                c.request_key,
+                now
+            )
+            .execute
+        )
+        .map_err(|e| {
+            if super::is_unique_violation(&e) {
+                StoreError::Conflict("this checkout request is being recorded concurrently; retry".into())
+            } else {
+                StoreError::from_sqlx(e)
+            }
+        })?;
+        audit::append(
+            &mut tx,
+            AuditRecord {
+                actor,
+                action: "checkout_session.created",
+                object_type: "checkout_session",
+                object_id: c.id,
+                data: json!({
+                    "mode": c.mode, "customer": c.customer_id, "order": c.order_id, "currency": c.currency,
+                    "amount_total": c.amount_total, "lines": c.lines, "trial_days": c.trial_days,
+                }),
+                request_id,
+            },
+        )
+        .await?;
+        if let Some(order_id) = c.order_id {
+            sql!(
+                tx,
+                query(
+                    "INSERT INTO orders (id, customer_id, provider, status, currency, amount_total, checkout_session_id, \
+                     metadata, created_at, updated_at) VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $8)",
+                    order_id,
+                    c.customer_id,
+                    c.provider,
+                    c.currency,
+                    c.amount_total,
+                    c.id,
+                    c.metadata.to_string(),
+                    now
+                )
+                .execute
+            )
+            .db()?;
+            for (n, line) in c.lines.iter().enumerate() {
+                sql!(
+                    tx,
+                    query(
+                        "INSERT INTO order_lines (order_id, line_no, price_id, product_id, provider_price_id, description, \
+                         quantity, unit_amount, amount_total) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                        order_id,
+                        n as i64 + 1,
+                        &line.price,
+                        &line.product,
+                        &line.provider_price,
+                        &line.description,
+                        line.quantity,
+                        line.unit_amount,
+                        line.amount_total
+                    )
+                    .execute
+                )
+                .db()?;
+            }
+            audit::append(
+                &mut tx,
+                AuditRecord {
+                    actor,
+                    action: "order.created",
+                    object_type: "order",
+                    object_id: order_id,
+                    data: json!({ "checkout_session": c.id, "amount_total": c.amount_total, "currency": c.currency, "lines": c.lines.len() }),
+                    request_id,
+                },
+            )
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    pub async fn get_checkout(&self, id: &str) -> StoreResult<Option<CheckoutRecord>> {
+        let sql = format!("{RECORD_SELECT} WHERE s.id = $1");
+        sql!(self, query_as::<CheckoutRecord>(&sql, id).fetch_optional).db()
+    }
+
+    pub async fn checkout_by_request_key(&self, request_key: &str) -> StoreResult<Option<CheckoutRecord>> {
+        let sql = format!("{RECORD_SELECT} WHERE s.request_key = $1");
+        sql!(self, query_as::<CheckoutRecord>(&sql, request_key).fetch_optional).db()
+    }
+
+    /// A retried request whose first attempt failed at the provider: the
+    /// session is open again and its order pending again, until the
+    /// provider answers this time. `false` if it was not a failed one.
+    pub async fn reopen_checkout(
+        &self,
+        id: &str,
+        actor: &Actor,
+        request_id: Option<&str>,
+    ) -> StoreResult<bool> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let reopened = sql!(
+            tx,
+            query(
+                "UPDATE checkout_sessions SET status = 'open', last_error = NULL, updated_at = $1 \
+                 WHERE id = $2 AND provider_session_id IS NULL AND last_error IS NOT NULL AND status = 'expired'",
+                now,
+                id
+            )
+            .execute
+        )
+        .db()?;
+        if reopened == 0 {
+            return Ok(false);
+        }
+        sql!(
+            tx,
+            query(
+                "UPDATE orders SET status = 'pending', canceled_at = NULL, updated_at = $1 \
+                 WHERE checkout_session_id = $2 AND status = 'canceled' AND payment_key IS NULL",
+                now,
+                id
+            )
+            .execute
+        )
+        .db()?;
+        audit::append(
+            &mut tx,
+            AuditRecord {
+                actor,
+                action: "checkout_session.reopened",
+                object_type: "checkout_session",
+                object_id: id,
+                data: json!({ "reason": "retried with the same Idempotency-Key" }),
+                request_id,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The provider opened the session: its id, hosted page and expiry.
+    pub async fn checkout_opened(
+        &self,
+        id: &str,
+        provider_session_id: &str,
+        url: Option<&str>,
+        expires_at: Option<i64>,
+        actor: &Actor,
+        request_id: Option<&str>,
+    ) -> StoreResult<()> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        // The session's own webhook may have linked it already; the status
+        // is the webhook's to set.
+        sql!(
+            tx,
+            query(
+                "UPDATE checkout_sessions SET provider_session_id = COALESCE(provider_session_id, $1), url = $2, \
+                 expires_at = $3, updated_at = $4 WHERE id = $5",
+                provider_session_id,
+                url,
+                expires_at,
+                now,
+                id
+            )
+            .execute
+        )
+        .db()?;
+        sql!(
+            tx,
+            query(
+                "UPDATE orders SET provider_checkout_session_id = COALESCE(provider_checkout_session_id, $1) \
+                 WHERE checkout_session_id = $2",
+                provider_session_id,
+                id
+            )
+            .execute
+        )
+        .db()?;
+        audit::append(
+            &mut tx,
+            AuditRecord {
+                actor,
+                action: "checkout_session.opened",
+                object_type: "checkout_session",
+                object_id: id,
+                data: json!({ "provider_session_id": provider_session_id, "expires_at": expires_at }),
+                request_id,
+            },
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    /// The provider did not open the session: it is `expired` with the
+    /// reason, and its order `canceled` (both revived by a retry of the same
+    /// request, see [`Store::reopen_checkout`]).
+    pub async fn checkout_failed(
+        &self,
+        id: &str,
+        error_code: &str,
+        actor: &Actor,
+        request_id: Option<&str>,
+    ) -> StoreResult<()> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let failed = sql!(
+            tx,
+            query(
+                "UPDATE checkout_sessions SET status = 'expired', last_error = $1, updated_at = $2 \
+                 WHERE id = $3 AND provider_session_id IS NULL AND status = 'open'",
+                error_code,
+                now,
+                id
+            )
+            .execute
+        )
+        .db()?;
+        if failed == 0 {
+            return Ok(());
+        }
+        sql!(
+            tx,
+            query(
+                "UPDATE orders SET status = 'canceled', canceled_at = $1, updated_at = $1 \
+                 WHERE checkout_session_id = $2 AND status = 'pending' AND payment_key IS NULL",
+                now,
+                id
+            )
+            .execute
+        )
+        .db()?;
+        audit::append(
+            &mut tx,
+            AuditRecord {
+                actor,
+                action: "checkout_session.failed",
+                object_type: "checkout_session",
+                object_id: id,
+                data: json!({ "error": error_code }),
+                request_id,
+            },
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    /// Links a provider customer tollgate just created for `external_id`,
+    /// as its `customer.created` event would (whichever comes first wins,
+    /// the other finds the link). Returns the provider customer the
+    /// tollgate customer is linked to now: another one, if a concurrent
+    /// checkout linked its own first.
+    pub async fn link_provider_customer(
+        &self,
+        customer_id: &str,
+        external_id: &ExternalId,
+        provider: &'static str,
+        provider_customer_id: &str,
+        actor: &Actor,
+        policy: &Policy,
+    ) -> StoreResult<String> {
+        let mut tx = self.begin().await?;
+        let pc = ProviderCustomer {
+            provider,
+            id: provider_customer_id.to_owned(),
+            external_id: Some(external_id.clone()),
+            ..Default::default()
+        };
+        apply_provider_customer(&mut tx, &pc, actor, policy).await?;
+        let linked: Option<String> = sql!(
+            tx,
+            query_scalar::<String>(
+                "SELECT provider_customer_id FROM provider_customers \
+                 WHERE customer_id = $1 AND provider = $2 AND deleted_at IS NULL \
+                 ORDER BY created_at, provider_customer_id LIMIT 1",
+                customer_id,
+                provider
+            )
+            .fetch_optional
+        )
+        .db()?;
+        tx.commit().await?;
+        linked.ok_or_else(|| {
+            StoreError::Corrupt(format!("provider customer {provider_customer_id} could not be linked"))
+        })
+    }
+}

@@ -1,0 +1,614 @@
+//! Selling through tollgate's API against the emulator: checkouts paid on
+//! the hosted page become paid orders and subscriptions through the
+//! webhooks; retries open one session; a failing provider answers 503 at
+//! once and recovers by itself; bad requests write nothing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use tollgate::billing::catalog::Catalog;
+use tollgate::providers::stripe::StripeClient;
+use tollgate::store::audit::Actor;
+
+use crate::helpers::*;
+
+/// The shipped catalog, plus a second one-time product and a price in
+/// another currency, for carts.
+fn shop_catalog() -> String {
+    let mut text = std::fs::read_to_string(manifest_path("tollgate.toml")).unwrap();
+    text.push_str(
+        r#"
+[products.sticker]
+name = "Sticker"
+features = ["stickers"]
+
+[prices.sticker_1]
+product = "sticker"
+currency = "usd"
+amount = 250
+
+[prices.card_pack_eur]
+product = "card_pack"
+currency = "eur"
+amount = 450
+"#,
+    );
+    text
+}
+
+/// A tollgate on the emulator whose catalog has been synced to it, as
+/// `tollgate catalog sync` does.
+async fn spawn_shop() -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, shop_catalog()).unwrap();
+    let app = spawn_app_with(|c| {
+        unlimited(c);
+        c.catalog_path = path.clone();
+    })
+    .await;
+    let client =
+        StripeClient::new(&app.url("/emulator/stripe"), SecretString::from("sk_test_shop".to_owned()));
+    let catalog = Catalog::parse(&shop_catalog()).unwrap();
+    tollgate::ops::catalog_sync::sync_stripe(&app.server_store, &client, &catalog, &Actor::Cli)
+        .await
+        .unwrap();
+    app
+}
+
+impl TestApp {
+    fn post_json(&self, path: &str, body: Value) -> reqwest::RequestBuilder {
+        self.client.post(self.url(path)).bearer_auth(&self.write_key).json(&body)
+    }
+
+    async fn checkout(&self, body: Value) -> reqwest::Response {
+        self.post_json("/v1/checkout/sessions", body).send().await.unwrap()
+    }
+
+    async fn read(&self, path: &str) -> Value {
+        let resp = self.get(path, &self.read_key).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "GET {path}");
+        resp.json().await.unwrap()
+    }
+
+    /// Polls `GET path` until `check` holds, saying what it saw last on failure.
+    async fn read_until(&self, path: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let last = Mutex::new(Value::Null);
+        let started = Instant::now();
+        loop {
+            let v = self.read(path).await;
+            if check(&v) {
+                return v;
+            }
+            *last.lock().unwrap() = v;
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "GET {path} never matched; last: {}",
+                last.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn payment(customer: &str, lines: Value) -> Value {
+    json!({
+        "customer": customer, "mode": "payment", "line_items": lines,
+        "success_url": "https://shop.example/thanks?session={CHECKOUT_SESSION_ID}",
+        "cancel_url": "https://shop.example/cart",
+    })
+}
+
+async fn created(resp: reqwest::Response) -> Value {
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn a_checkout_paid_on_the_hosted_page_makes_its_order_paid_and_fulfilled() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_ada", json!({ "email": "ada@example.com", "name": "Ada" })).await;
+
+    let session =
+        created(app.checkout(payment("u_ada", json!([{ "price": "card_pack_5", "quantity": 2 }]))).await)
+            .await;
+    assert!(session["id"].as_str().unwrap().starts_with("chk_"), "{session}");
+    assert_eq!(
+        (
+            &session["status"],
+            &session["mode"],
+            &session["customer"],
+            &session["amount_total"],
+            &session["currency"]
+        ),
+        (&json!("open"), &json!("payment"), &json!("u_ada"), &json!(1000), &json!("usd"))
+    );
+    assert!(session["url"].as_str().unwrap().starts_with(&app.base), "the emulator's hosted page");
+    assert!(session["expires_at"].as_i64().unwrap() > tollgate::store::now_unix());
+    assert_eq!(session["line_items"][0]["quantity"], 2);
+    let order_id = session["order"].as_str().expect("payment mode records an order").to_owned();
+
+    // The pending order exists before anyone pays.
+    let order = app.read(&format!("/v1/orders/{order_id}")).await;
+    assert_eq!((order["status"].as_str(), order["amount_total"].as_i64()), (Some("pending"), Some(1000)));
+    // The provider customer was created on first use and linked at once.
+    let customer = app.read("/v1/customers/u_ada").await;
+    let cus = customer["providers"]["stripe"].as_str().expect("linked").to_owned();
+    let at_provider = emulator_get(&app, &format!("/v1/customers/{cus}")).await;
+    assert_eq!(at_provider["metadata"]["tollgate_external_id"], "u_ada");
+    assert_eq!(at_provider["email"], "ada@example.com");
+    let provider_session = emulator_get(
+        &app,
+        &format!("/v1/checkout/sessions/{}", session["provider_session"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(provider_session["client_reference_id"], session["id"]);
+    assert_eq!(provider_session["metadata"]["tollgate_checkout_session"], session["id"]);
+
+    pay(&session, "4242424242424242").await;
+    let order = app.read_until(&format!("/v1/orders/{order_id}"), |o| o["status"] == "fulfilled").await;
+    assert_eq!(order["lines"][0]["price"], "card_pack_5");
+    let intent =
+        emulator_get(&app, &format!("/v1/payment_intents/{}", order["provider_payment"].as_str().unwrap()))
+            .await;
+    assert_eq!(intent["metadata"]["tollgate_order_id"], order_id.as_str());
+    // The session's own event may be applied after the payment's.
+    let done = app
+        .read_until(&format!("/v1/checkout/sessions/{}", session["id"].as_str().unwrap()), |s| {
+            s["status"] == "complete"
+        })
+        .await;
+    assert_eq!(done["payment_status"], "paid");
+    assert_eq!(done["url"], Value::Null, "a completed session has no page to pay");
+    let e = app.read_until("/v1/customers/u_ada/entitlements", |e| e["balances"]["cards"] == 10).await;
+    assert_eq!(e["balances"]["cards"], 10);
+
+    // A second checkout reuses the provider customer.
+    created(app.checkout(payment("u_ada", json!([{ "price": "card_pack_5" }]))).await).await;
+    let customers = emulator_get(&app, "/v1/customers?limit=100").await;
+    assert_eq!(customers["data"].as_array().unwrap().len(), 1, "{customers}");
+    let resp = app.get("/v1/checkout/sessions/chk_missing", &app.read_key).send().await.unwrap();
+    expect_error(resp, 404, "invalid_request_error", "resource_missing").await;
+}
+
+#[tokio::test]
+async fn a_cart_of_several_items_becomes_one_order_with_a_line_each() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_cart", json!({ "email": "cart@example.com" })).await;
+    let cart = json!([{ "price": "card_pack_5", "quantity": 3 }, { "price": "sticker_1", "quantity": 4 }]);
+    let session = created(app.checkout(payment("u_cart", cart)).await).await;
+    assert_eq!(session["amount_total"], 3 * 500 + 4 * 250);
+    let at_provider = emulator_get(
+        &app,
+        &format!("/v1/checkout/sessions/{}", session["provider_session"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(at_provider["amount_total"], 2500, "the provider charges what tollgate recorded");
+
+    pay(&session, "4242424242424242").await;
+    let order_path = format!("/v1/orders/{}", session["order"].as_str().unwrap());
+    let order = app.read_until(&order_path, |o| o["status"] == "fulfilled").await;
+    let lines: Vec<(i64, &str, i64, i64, i64)> = order["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["line"].as_i64().unwrap(),
+                l["price"].as_str().unwrap(),
+                l["quantity"].as_i64().unwrap(),
+                l["unit_amount"].as_i64().unwrap(),
+                l["amount_total"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(lines, [(1, "card_pack_5", 3, 500, 1500), (2, "sticker_1", 4, 250, 1000)]);
+    assert_eq!((order["amount_total"].as_i64(), order["currency"].as_str()), (Some(2500), Some("usd")));
+    let e = app.read_until("/v1/customers/u_cart/entitlements", |e| e["balances"]["cards"] == 15).await;
+    assert!(e["features"].as_array().unwrap().contains(&json!("stickers")), "{e}");
+}
+
+#[tokio::test]
+async fn a_subscription_checkout_with_a_trial_starts_trialing() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_sub", json!({ "email": "sub@example.com" })).await;
+    let session = created(
+        app.checkout(json!({
+            "customer": "u_sub", "mode": "subscription", "trial_days": 7,
+            "line_items": [{ "price": "pro_monthly" }],
+            "success_url": "https://shop.example/welcome", "metadata": { "campaign": "spring" },
+        }))
+        .await,
+    )
+    .await;
+    assert_eq!((&session["order"], &session["trial_days"]), (&Value::Null, &json!(7)));
+    assert_eq!(session["metadata"]["campaign"], "spring");
+    pay(&session, "4242424242424242").await;
+
+    let subs =
+        app.read_until("/v1/subscriptions?customer=u_sub", |l| l["data"][0]["status"] == "trialing").await;
+    let sub = &subs["data"][0];
+    assert_eq!(sub["price"], "pro_monthly");
+    assert_eq!(sub["trial_end"].as_i64().unwrap() - sub["trial_start"].as_i64().unwrap(), 7 * 86400);
+    let at_provider =
+        emulator_get(&app, &format!("/v1/subscriptions/{}", sub["provider_subscription"].as_str().unwrap()))
+            .await;
+    assert_eq!(at_provider["metadata"]["tollgate_external_id"], "u_sub");
+    let done = app
+        .read_until(&format!("/v1/checkout/sessions/{}", session["id"].as_str().unwrap()), |s| {
+            s["subscription"].is_string()
+        })
+        .await;
+    assert_eq!((&done["status"], &done["subscription"]), (&json!("complete"), &sub["id"]));
+    let e = app.read("/v1/customers/u_sub/entitlements").await;
+    assert!(e["features"].as_array().unwrap().contains(&json!("api_access")), "{e}");
+}
+
+#[tokio::test]
+async fn a_declined_card_leaves_the_order_pending_until_another_card_pays() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_declined", json!({})).await;
+    let session =
+        created(app.checkout(payment("u_declined", json!([{ "price": "card_pack_5" }]))).await).await;
+    let order_path = format!("/v1/orders/{}", session["order"].as_str().unwrap());
+
+    let page = session["url"].as_str().unwrap();
+    let declined = app
+        .client
+        .post(format!("{page}/pay"))
+        .form(&[("card_number", "4000000000000002")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(declined.status(), 402, "the hosted page shows the decline");
+    // The decline reaches tollgate as a failed payment naming the order.
+    eventually(Duration::from_secs(60), || async {
+        app.provider_events("")
+            .await
+            .iter()
+            .any(|e| e["type"] == "payment_intent.payment_failed" && e["status"] == "processed")
+            .then_some(())
+    })
+    .await;
+    let order = app.read(&order_path).await;
+    assert_eq!(order["status"], "pending", "a declined card does not end the checkout: {order}");
+    let open = app.read(&format!("/v1/checkout/sessions/{}", session["id"].as_str().unwrap())).await;
+    assert_eq!(open["status"], "open");
+
+    pay(&session, "4242424242424242").await;
+    let order = app.read_until(&order_path, |o| o["status"] == "fulfilled").await;
+    let paid = emulator_get(
+        &app,
+        &format!("/v1/checkout/sessions/{}", session["provider_session"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(
+        order["provider_payment"], paid["payment_intent"],
+        "the payment that succeeded is the order's"
+    );
+}
+
+#[tokio::test]
+async fn a_retried_checkout_with_the_same_idempotency_key_opens_one_session() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_retry", json!({})).await;
+    let body = payment("u_retry", json!([{ "price": "card_pack_5", "quantity": 1 }]));
+    let send =
+        || app.post_json("/v1/checkout/sessions", body.clone()).header("idempotency-key", "order-77").send();
+    let first = created(send().await.unwrap()).await;
+    let again = send().await.unwrap();
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
+    // Another key is another checkout.
+    let other = created(
+        app.post_json("/v1/checkout/sessions", body.clone())
+            .header("idempotency-key", "order-78")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_ne!(other["id"], first["id"]);
+
+    let sessions = emulator_get(&app, "/v1/checkout/sessions?limit=100").await;
+    assert_eq!(sessions["data"].as_array().unwrap().len(), 2, "one provider session per request: {sessions}");
+    let cust = app.read("/v1/customers/u_retry").await;
+    let orders = app.server_store.orders_for_customer(cust["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(orders.len(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_first_checkouts_of_a_customer_create_one_provider_customer() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_eager", json!({ "email": "eager@example.com" })).await;
+    // Five first checkouts at once, as a double-clicking buyer might.
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let req = app
+                .post_json("/v1/checkout/sessions", payment("u_eager", json!([{ "price": "card_pack_5" }])));
+            tokio::spawn(async move { req.send().await.unwrap() })
+        })
+        .collect();
+    let mut sessions = Vec::new();
+    for t in tasks {
+        sessions.push(created(t.await.unwrap()).await);
+    }
+    let customers = emulator_get(&app, "/v1/customers?limit=100").await;
+    assert_eq!(customers["data"].as_array().unwrap().len(), 1, "one provider customer: {customers}");
+    let linked = app.read("/v1/customers/u_eager").await;
+    assert_eq!(linked["providers"]["stripe"], customers["data"][0]["id"]);
+    for s in &sessions {
+        let at_provider =
+            emulator_get(&app, &format!("/v1/checkout/sessions/{}", s["provider_session"].as_str().unwrap()))
+                .await;
+        assert_eq!(at_provider["customer"], customers["data"][0]["id"]);
+    }
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("checkout_requests_total{") && l.contains("outcome=\"created\"")),
+        "checkout_requests_total is exported"
+    );
+}
+
+/// A stand-in for Stripe that fails with 500s until told to recover; then
+/// it answers customers and checkout sessions, one per Idempotency-Key, as
+/// Stripe does.
+#[derive(Clone, Default)]
+struct FlakyStripe {
+    healthy: Arc<AtomicBool>,
+    hits: Arc<AtomicUsize>,
+    sessions: Arc<Mutex<HashMap<String, Value>>>,
+}
+
+impl FlakyStripe {
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let this = self.clone();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let this = this.clone();
+            async move { this.answer(req) }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        base
+    }
+
+    fn answer(&self, req: axum::extract::Request) -> (axum::http::StatusCode, axum::Json<Value>) {
+        use axum::http::StatusCode;
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        if !self.healthy.load(Ordering::SeqCst) {
+            let error = json!({ "error": { "type": "api_error", "message": "Something went wrong on Stripe's end." } });
+            return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(error));
+        }
+        let key = req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let path = req.uri().path().to_owned();
+        let mut sessions = self.sessions.lock().unwrap();
+        let n = sessions.len();
+        let object = sessions
+            .entry(format!("{path} {key}"))
+            .or_insert_with(|| match path.as_str() {
+                "/v1/customers" => json!({ "id": format!("cus_flaky{n}"), "object": "customer" }),
+                _ => json!({
+                    "id": format!("cs_flaky{n}"), "object": "checkout.session",
+                    "url": format!("https://pay.example/{n}"), "expires_at": tollgate::store::now_unix() + 86400,
+                }),
+            })
+            .clone();
+        (StatusCode::OK, axum::Json(object))
+    }
+
+    fn checkout_sessions(&self) -> usize {
+        self.sessions.lock().unwrap().keys().filter(|k| k.starts_with("/v1/checkout/sessions")).count()
+    }
+}
+
+#[tokio::test]
+async fn while_the_provider_fails_checkouts_fail_fast_with_503_and_recover_without_a_restart() {
+    let stripe = FlakyStripe::default();
+    let base = stripe.start().await;
+    let app = spawn_app_with(|c| {
+        unlimited(c);
+        c.stripe_secret_key = Some(SecretString::from("sk_test_flaky".to_owned()));
+        c.stripe_api_base = Some(base.clone());
+        c.stripe_max_retries = 0;
+        c.stripe_breaker_failures = 2;
+        c.stripe_breaker_cooldown_seconds = 1;
+    })
+    .await;
+    let text = std::fs::read_to_string(manifest_path("tollgate.toml"))
+        .unwrap()
+        .replace("[prices.card_pack_5]\n", "[prices.card_pack_5]\nstripe_price = \"price_flaky\"\n");
+    app.server_store.sync_catalog(&Catalog::parse(&text).unwrap(), &Actor::Cli).await.unwrap();
+    let cust = app.upsert_customer("u_flaky", json!({})).await["id"].as_str().unwrap().to_owned();
+    let body = payment("u_flaky", json!([{ "price": "card_pack_5" }]));
+    let send = |key: Option<&'static str>| {
+        let mut req = app.post_json("/v1/checkout/sessions", body.clone());
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        req.send()
+    };
+    let provider_error = |resp: reqwest::Response| async move {
+        let retry_after =
+            resp.headers().get("retry-after").map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+        expect_error(resp, 503, "provider_error", "provider_unavailable").await;
+        assert!(retry_after.is_some_and(|s| s >= 1), "503 carries Retry-After");
+    };
+
+    // Two failures open the breaker; each failed checkout is left expired,
+    // its order canceled, not pending forever.
+    provider_error(send(Some("first")).await.unwrap()).await;
+    provider_error(send(None).await.unwrap()).await;
+    let orders = app.server_store.orders_for_customer(&cust).await.unwrap();
+    assert_eq!(orders.iter().map(|o| o.status.as_str()).collect::<Vec<_>>(), ["canceled", "canceled"]);
+    let failed = app
+        .read(&format!("/v1/checkout/sessions/{}", orders[0].checkout_session_id.as_deref().unwrap()))
+        .await;
+    assert_eq!(
+        (&failed["status"], &failed["last_error"]),
+        (&json!("expired"), &json!("provider_unavailable"))
+    );
+
+    // Open: answered at once, without calling the provider or writing anything.
+    let hits = stripe.hits.load(Ordering::SeqCst);
+    let started = Instant::now();
+    provider_error(send(None).await.unwrap()).await;
+    assert!(started.elapsed() < Duration::from_millis(500), "fails fast: {:?}", started.elapsed());
+    assert_eq!(stripe.hits.load(Ordering::SeqCst), hits, "the provider was not called");
+    assert_eq!(app.server_store.orders_for_customer(&cust).await.unwrap().len(), 2, "nothing recorded");
+
+    // The provider recovers; the client's retry of its first request goes
+    // through once the cool-down ends, and resumes that same checkout.
+    stripe.healthy.store(true, Ordering::SeqCst);
+    let session = eventually(Duration::from_secs(20), || async {
+        let resp = send(Some("first")).await.unwrap();
+        if resp.status() == 503 {
+            return None;
+        }
+        Some(created(resp).await)
+    })
+    .await;
+    assert_eq!(
+        session["id"].as_str(),
+        orders[0].checkout_session_id.as_deref(),
+        "the same checkout, revived"
+    );
+    assert_eq!((&session["status"], &session["last_error"]), (&json!("open"), &Value::Null));
+    assert_eq!(session["url"], "https://pay.example/1");
+    let order = app.read(&format!("/v1/orders/{}", orders[0].id)).await;
+    assert_eq!(order["status"], "pending", "its order is payable again");
+    assert_eq!(stripe.checkout_sessions(), 1);
+    // And new checkouts work as before, without a restart.
+    created(send(Some("later")).await.unwrap()).await;
+    assert_eq!(stripe.checkout_sessions(), 2);
+}
+
+#[tokio::test]
+async fn bad_checkout_and_portal_requests_are_refused_and_write_nothing() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_bad", json!({})).await;
+    let line = |price: &str, quantity: i64| json!([{ "price": price, "quantity": quantity }]);
+    let cases: Vec<(Value, u16, &str, Option<&str>)> = vec![
+        (payment("u_bad", line("no_such_price", 1)), 400, "parameter_invalid", Some("line_items[0][price]")),
+        (payment("u_bad", line("pro_monthly", 1)), 400, "parameter_invalid", Some("line_items[0][price]")),
+        (
+            json!({ "customer": "u_bad", "mode": "subscription", "line_items": line("card_pack_5", 1), "success_url": "https://shop.example/ok" }),
+            400,
+            "parameter_invalid",
+            Some("line_items[0][price]"),
+        ),
+        (
+            payment("u_bad", json!([{ "price": "card_pack_5" }, { "price": "card_pack_eur" }])),
+            400,
+            "parameter_invalid",
+            Some("line_items[1][price]"),
+        ),
+        (
+            payment("u_bad", line("card_pack_5", 1_000_000)),
+            400,
+            "parameter_invalid",
+            Some("line_items[0][quantity]"),
+        ),
+        (payment("u_bad", line("card_pack_5", 0)), 400, "parameter_invalid", Some("line_items[0][quantity]")),
+        (payment("u_bad", json!([])), 400, "parameter_invalid", Some("line_items")),
+        (payment("u_nobody", line("card_pack_5", 1)), 404, "resource_missing", Some("customer")),
+        (
+            json!({ "customer": "u_bad", "mode": "payment", "line_items": line("card_pack_5", 1), "success_url": "javascript:alert(1)" }),
+            400,
+            "url_invalid",
+            Some("success_url"),
+        ),
+        (
+            json!({ "customer": "u_bad", "mode": "payment", "line_items": line("card_pack_5", 1) }),
+            400,
+            "success_url_missing",
+            Some("success_url"),
+        ),
+        (
+            json!({ "customer": "u_bad", "mode": "payment", "line_items": line("card_pack_5", 1), "success_url": "https://shop.example/ok", "trial_days": 3 }),
+            400,
+            "parameter_invalid",
+            Some("trial_days"),
+        ),
+        (
+            json!({ "customer": "u_bad", "mode": "rent", "line_items": line("card_pack_5", 1), "success_url": "https://shop.example/ok" }),
+            400,
+            "parameter_invalid",
+            Some("mode"),
+        ),
+        (
+            json!({ "customer": "u_bad", "mode": "payment", "line_items": line("card_pack_5", 1), "success_url": "https://shop.example/ok", "coupon": "FREE" }),
+            400,
+            "parameter_unknown",
+            Some("coupon"),
+        ),
+        (
+            json!({ "customer": "u_bad", "mode": "payment", "line_items": line("card_pack_5", 1), "success_url": "https://shop.example/ok", "metadata": { "tollgate_order_id": "ord_x" } }),
+            400,
+            "parameter_invalid",
+            Some("metadata[tollgate_order_id]"),
+        ),
+    ];
+    for (body, status, code, param) in cases {
+        let resp = app.checkout(body.clone()).await;
+        let error = expect_error(resp, status, "invalid_request_error", code).await;
+        assert_eq!(error["param"].as_str(), param, "{body} → {error}");
+    }
+    let resp = app
+        .client
+        .post(app.url("/v1/checkout/sessions"))
+        .bearer_auth(&app.read_key)
+        .json(&payment("u_bad", line("card_pack_5", 1)))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 403, "permission_error", "insufficient_scope").await;
+
+    // The portal needs an account at the provider, which a checkout creates.
+    let portal = |body: Value| app.post_json("/v1/portal/sessions", body).send();
+    let resp =
+        portal(json!({ "customer": "u_bad", "return_url": "https://shop.example/account" })).await.unwrap();
+    let error = expect_error(resp, 400, "invalid_request_error", "customer_not_at_provider").await;
+    assert_eq!(error["param"], "customer");
+    let resp = portal(json!({ "customer": "u_nobody", "return_url": "https://shop.example/account" }))
+        .await
+        .unwrap();
+    expect_error(resp, 404, "invalid_request_error", "resource_missing").await;
+    let resp = portal(json!({ "customer": "u_bad", "return_url": "ftp://shop.example" })).await.unwrap();
+    expect_error(resp, 400, "invalid_request_error", "url_invalid").await;
+
+    // Nothing was written, here or at the provider.
+    let cust = app.read("/v1/customers/u_bad").await;
+    assert!(app.server_store.orders_for_customer(cust["id"].as_str().unwrap()).await.unwrap().is_empty());
+    assert_eq!(cust["providers"], json!({}), "no provider customer for a refused checkout");
+    assert!(emulator_get(&app, "/v1/customers").await["data"].as_array().unwrap().is_empty());
+    let log: Value =
+        app.get("/v1/audit-log?limit=100", &app.admin_key).send().await.unwrap().json().await.unwrap();
+    assert!(
+        !log["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"].as_str().unwrap().starts_with("checkout_session.")),
+        "no checkout recorded"
+    );
+
+    // After a checkout, the portal opens.
+    created(app.checkout(payment("u_bad", line("card_pack_5", 1))).await).await;
+    let resp =
+        portal(json!({ "customer": "u_bad", "return_url": "https://shop.example/account" })).await.unwrap();
+    let session = created(resp).await;
+    let url = session["url"].as_str().unwrap();
+    assert!(url.starts_with(&app.base) && url.contains("/portal/"), "{session}");
+    assert_eq!(app.client.get(url).send().await.unwrap().status(), 200, "the portal page");
+}
