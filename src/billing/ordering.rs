@@ -59,6 +59,16 @@ pub fn position(created: i64, event_type: &str, status: Option<&str>, event_id: 
     }
 }
 
+/// The position of an object as the provider's API answered it (tollgate
+/// changed it and applies the answer at once), at the provider's clock
+/// `answered_at`. It ranks as an update, above every event of earlier
+/// seconds (the answer already reflects them), and below an event of the
+/// same second and status progress (`"api"` sorts before `"evt_…"`): that
+/// event may be newer, and if it is the answer's own it carries the same state.
+pub fn api_answer_position(answered_at: i64, status: Option<&str>) -> Position {
+    position(answered_at, "updated", status, "api")
+}
+
 /// Whether an event at `candidate` should be applied over `watermark`.
 pub fn supersedes(candidate: &Position, watermark: Option<&Position>) -> bool {
     watermark.is_none_or(|w| candidate > w)
@@ -80,6 +90,27 @@ mod tests {
         assert!(!supersedes(&deleted, Some(&deleted)), "a duplicate is stale");
         // A newer second always wins.
         assert!(position(101, "customer.subscription.created", None, "evt_0") > deleted);
+    }
+
+    #[test]
+    fn an_api_answer_outranks_older_seconds_and_yields_to_its_own_second() {
+        let answer = api_answer_position(200, Some("active"));
+        assert!(supersedes(
+            &answer,
+            Some(&position(199, "customer.subscription.updated", Some("canceled"), "evt_z"))
+        ));
+        assert!(!supersedes(
+            &answer,
+            Some(&position(200, "customer.subscription.updated", Some("active"), "evt_a"))
+        ));
+        assert!(supersedes(
+            &position(200, "customer.subscription.updated", Some("active"), "evt_a"),
+            Some(&answer)
+        ));
+        assert!(supersedes(
+            &position(200, "customer.subscription.deleted", Some("canceled"), "evt_a"),
+            Some(&answer)
+        ));
     }
 
     proptest! {

@@ -21,8 +21,9 @@ use crate::providers::stripe::objects::{CheckoutSession, Dispute, LineItem, Paym
 #[derive(Debug, Clone, Copy)]
 pub struct Cause<'a> {
     pub provider: &'a str,
-    /// The inbox id (`pe_…`) of the provider event being applied.
-    pub provider_event_id: &'a str,
+    /// The inbox id (`pe_…`) of the provider event being applied; `None`
+    /// for a provider's answer to tollgate's own API call.
+    pub provider_event_id: Option<&'a str>,
     /// The provider event's `created`.
     pub at: i64,
     pub actor: &'a Actor,
@@ -291,7 +292,7 @@ pub async fn apply_checkout_session(
                 customer_id: customer_id.as_deref(),
                 object_type: "checkout_session",
                 object_id: &session_id,
-                provider_event_id: Some(cause.provider_event_id),
+                provider_event_id: cause.provider_event_id,
                 data: json!({
                     "id": session_id, "mode": s.mode, "payment_status": s.payment_status,
                     "provider": cause.provider, "provider_session_id": s.id, "subscription": s.subscription,
@@ -542,6 +543,11 @@ pub async fn apply_refunds(
             .execute
         )
         .db()?;
+        // A refund tollgate asked for stops counting as pending in the same
+        // transaction that makes it count as a refund.
+        if let Some(request) = &r.request {
+            super::refunds::link_request(tx, cause.provider, request, &r.id).await?;
+        }
         if !keys.contains(&key) {
             keys.push(key);
         }
@@ -710,7 +716,7 @@ pub async fn recompute_order(tx: &mut Tx, cause: Cause<'_>, order_id: &str) -> S
         customer_id: Some(&order.customer_id),
         object_type: "order",
         object_id: order_id,
-        provider_event_id: Some(cause.provider_event_id),
+        provider_event_id: cause.provider_event_id,
         data: data.clone(),
         dedupe_key,
     };
