@@ -59,14 +59,17 @@ pub fn position(created: i64, event_type: &str, status: Option<&str>, event_id: 
     }
 }
 
-/// The position of an object as the provider's API answered it (tollgate
-/// changed it and applies the answer at once), at the provider's clock
-/// `answered_at`. It ranks as an update, above every event of earlier
-/// seconds (the answer already reflects them), and below an event of the
-/// same second and status progress (`"api"` sorts before `"evt_…"`): that
-/// event may be newer, and if it is the answer's own it carries the same state.
-pub fn api_answer_position(answered_at: i64, status: Option<&str>) -> Position {
-    position(answered_at, "updated", status, "api")
+/// The position of an object as the provider's API answered tollgate's own
+/// call, at the provider's clock `answered_at`; `answer_id` is a fresh,
+/// increasing id (`new_id("api")`). The answer already reflects every event
+/// the provider emitted before it, including the call's own events, which
+/// carry the same second: so it ranks as an update above every event of its
+/// second with the same lifecycle and status progress (`~` sorts after
+/// `evt_`), and above earlier answers of the same second. An event of the
+/// same second that moves the status further (a failed payment making it
+/// `past_due`) or ends the object still wins, as it does between events.
+pub fn api_answer_position(answered_at: i64, status: Option<&str>, answer_id: &str) -> Position {
+    position(answered_at, "updated", status, &format!("~{answer_id}"))
 }
 
 /// Whether an event at `candidate` should be applied over `watermark`.
@@ -93,24 +96,17 @@ mod tests {
     }
 
     #[test]
-    fn an_api_answer_outranks_older_seconds_and_yields_to_its_own_second() {
-        let answer = api_answer_position(200, Some("active"));
-        assert!(supersedes(
-            &answer,
-            Some(&position(199, "customer.subscription.updated", Some("canceled"), "evt_z"))
-        ));
-        assert!(!supersedes(
-            &answer,
-            Some(&position(200, "customer.subscription.updated", Some("active"), "evt_a"))
-        ));
-        assert!(supersedes(
-            &position(200, "customer.subscription.updated", Some("active"), "evt_a"),
-            Some(&answer)
-        ));
-        assert!(supersedes(
-            &position(200, "customer.subscription.deleted", Some("canceled"), "evt_a"),
-            Some(&answer)
-        ));
+    fn an_api_answer_outranks_its_second_and_yields_to_further_progress() {
+        let answer = api_answer_position(200, Some("active"), "api_01");
+        let event = |t, kind, status| position(t, kind, Some(status), "evt_z");
+        assert!(supersedes(&answer, Some(&event(199, "customer.subscription.deleted", "canceled"))));
+        assert!(supersedes(&answer, Some(&event(200, "customer.subscription.updated", "active"))));
+        assert!(!supersedes(&event(200, "customer.subscription.updated", "active"), Some(&answer)));
+        assert!(supersedes(&event(200, "customer.subscription.updated", "past_due"), Some(&answer)));
+        assert!(supersedes(&event(200, "customer.subscription.deleted", "canceled"), Some(&answer)));
+        assert!(supersedes(&event(201, "customer.subscription.updated", "active"), Some(&answer)));
+        let later = api_answer_position(200, Some("active"), "api_02");
+        assert!(supersedes(&later, Some(&answer)), "a later answer in the same second wins");
     }
 
     proptest! {

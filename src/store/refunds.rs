@@ -245,7 +245,7 @@ impl Store {
         policy: &Policy,
     ) -> StoreResult<()> {
         let mut tx = self.begin().await?;
-        let position = ordering::api_answer_position(answered_at, None);
+        let position = ordering::api_answer_position(answered_at, None, &new_id("api"));
         if watermarks::advance(&mut tx, "stripe", &refund.id, &position).await? {
             let cause = Cause { provider: "stripe", provider_event_id: None, at: answered_at, actor, policy };
             orders::apply_refunds(&mut tx, cause, std::slice::from_ref(refund), false).await?;

@@ -429,7 +429,7 @@ impl Store {
             },
         )
         .await?;
-        let position = ordering::api_answer_position(answered.at, Some(&s.status));
+        let position = ordering::api_answer_position(answered.at, Some(&s.status), &new_id("api"));
         if watermarks::advance(&mut tx, "stripe", &s.id, &position).await? {
             let cause = Cause {
                 provider: "stripe",
