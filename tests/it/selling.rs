@@ -544,3 +544,148 @@ async fn a_refund_refuses_bad_input_and_unpaid_orders() {
     let e = expect_error(resp, 400, "invalid_request_error", "order_not_paid").await;
     assert!(e["message"].as_str().unwrap().contains("canceled"));
 }
+
+/// An emulator of its own, so the test can make it lose answers and fail.
+struct OwnEmulator {
+    base: String,
+    emulator: tollgate::providers::stripe_emulator::Emulator,
+    shutdown: tokio_util::sync::CancellationToken,
+    http: reqwest::Client,
+}
+
+impl Drop for OwnEmulator {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl OwnEmulator {
+    async fn start() -> Self {
+        use tollgate::providers::stripe_emulator::{DeliveryOptions, Emulator, EmulatorConfig};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let emulator = Emulator::new(EmulatorConfig {
+            public_url: base.clone(),
+            api_key: None,
+            delivery: DeliveryOptions::default(),
+        });
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(emulator.clone().serve(listener, shutdown.clone()));
+        OwnEmulator { base, emulator, shutdown, http: reqwest::Client::new() }
+    }
+
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> Value {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth("sk_test_own")
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        resp.json().await.unwrap()
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth("sk_test_own")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_refund_whose_answer_is_lost_or_fails_is_made_once_and_counted_while_in_flight() {
+    use tollgate::providers::stripe_emulator::Fault;
+    let emu = OwnEmulator::start().await;
+    let base = emu.base.clone();
+    let app = spawn_app_with(move |c| {
+        unlimited(c);
+        c.stripe_secret_key = Some(secrecy::SecretString::from("sk_test_own".to_owned()));
+        c.stripe_api_base = Some(base);
+        c.stripe_webhook_secret = Some(secrecy::SecretString::from(crate::webhooks::SECRET_A.to_owned()));
+    })
+    .await;
+    // A paid order, told to tollgate as the provider's webhooks would.
+    let customer = emu.post("/v1/customers", &[("metadata[tollgate_external_id]", "u_flaky")]).await;
+    let product = emu.post("/v1/products", &[("name", "Card pack")]).await;
+    let price = emu
+        .post(
+            "/v1/prices",
+            &[("product", product["id"].as_str().unwrap()), ("unit_amount", "500"), ("currency", "usd")],
+        )
+        .await;
+    let session = emu
+        .post(
+            "/v1/checkout/sessions",
+            &[
+                ("mode", "payment"),
+                ("customer", customer["id"].as_str().unwrap()),
+                ("line_items[0][price]", price["id"].as_str().unwrap()),
+                ("line_items[0][quantity]", "2"),
+                ("success_url", "https://shop.example/ok"),
+            ],
+        )
+        .await;
+    pay(&session, "4242424242424242").await;
+    let session = emu.get(&format!("/v1/checkout/sessions/{}", session["id"].as_str().unwrap())).await;
+    let pi = session["payment_intent"].as_str().unwrap().to_owned();
+    let now = tollgate::store::now_unix();
+    for body in [
+        crate::webhooks::event("evt_flaky_c", "customer.created", now, customer.clone()),
+        crate::webhooks::event("evt_flaky_s", "checkout.session.completed", now, session.clone()),
+    ] {
+        assert_eq!(app.deliver_signed(&body).await.status(), 200);
+    }
+    let order = eventually(Duration::from_secs(60), || async {
+        let orders = app.read_v1("/v1/orders?customer=u_flaky").await;
+        orders["data"].as_array()?.iter().find(|o| o["status"] == "paid").cloned()
+    })
+    .await;
+    let refunds = format!("/v1/orders/{}/refunds", order["id"].as_str().unwrap());
+    let ask = |amount: i64, key: &'static str| {
+        app.client
+            .post(app.url(&refunds))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", key)
+            .json(&json!({ "amount": amount }))
+            .send()
+    };
+
+    // The provider refunds, but its answer is lost: the client's retry,
+    // under the same key, gets the stored answer; one refund is made.
+    emu.emulator.set_fault(Some(Fault { status: 500, times: Some(1), after_processing: true }));
+    let resp = ask(400, "flaky-400").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["status"], "succeeded");
+    let made = emu.get(&format!("/v1/refunds?payment_intent={pi}")).await;
+    assert_eq!(made["data"].as_array().unwrap().len(), 1, "{made}");
+
+    // The provider fails outright: no answer, so the 100 stays in flight
+    // and counts against what is left.
+    emu.emulator.set_fault(Some(Fault::always(500)));
+    let resp = ask(100, "flaky-100").await.unwrap();
+    expect_error(resp, 503, "provider_error", "provider_unavailable").await;
+    emu.emulator.set_fault(None);
+    let resp = app.post_v1(&refunds, &app.write_key, json!({ "amount": 600 })).await;
+    let e = expect_error(resp, 400, "invalid_request_error", "amount_too_large").await;
+    assert!(e["message"].as_str().unwrap().contains("in flight 100"), "{e}");
+    // The client retries with its key: the same request reaches the provider.
+    let resp = ask(100, "flaky-100").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let made = emu.get(&format!("/v1/refunds?payment_intent={pi}")).await;
+    let amounts: Vec<i64> =
+        made["data"].as_array().unwrap().iter().map(|r| r["amount"].as_i64().unwrap()).collect();
+    assert_eq!(amounts.iter().sum::<i64>(), 500, "{amounts:?}");
+    let o = app.read_v1(&format!("/v1/orders/{}", order["id"].as_str().unwrap())).await;
+    assert_eq!(
+        (o["status"].as_str(), o["amount_refunded"].as_i64()),
+        (Some("partially_refunded"), Some(500))
+    );
+}
