@@ -68,6 +68,12 @@ pub fn position(created: i64, event_type: &str, status: Option<&str>, event_id: 
 /// `evt_`), and above earlier answers of the same second. An event of the
 /// same second that moves the status further (a failed payment making it
 /// `past_due`) or ends the object still wins, as it does between events.
+///
+/// Stripe stamps the events of a customer on a test clock with the clock's
+/// frozen time, not the wall clock the answer carries: after the clock has
+/// been advanced beyond now an answer ranks below its events (it is not
+/// applied; the webhook that follows carries the same state), and events of
+/// a clock frozen in the past rank below an answer. Test mode only.
 pub fn api_answer_position(answered_at: i64, status: Option<&str>, answer_id: &str) -> Position {
     position(answered_at, "updated", status, &format!("~{answer_id}"))
 }

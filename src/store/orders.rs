@@ -543,17 +543,20 @@ pub async fn apply_refunds(
             .execute
         )
         .db()?;
-        // A refund tollgate asked for stops counting as pending in the same
-        // transaction that makes it count as a refund.
-        if let Some(request) = &r.request {
-            super::refunds::link_request(tx, cause.provider, request, &r.id).await?;
-        }
         if !keys.contains(&key) {
             keys.push(key);
         }
     }
     for key in keys {
         recompute_orders_paid_by(tx, cause, &key).await?;
+    }
+    // A refund tollgate asked for stops counting as pending in the same
+    // transaction that makes it count as a refund (after the payment's and
+    // order's locks, taken above, as every path takes them).
+    for r in refunds {
+        if let Some(request) = &r.request {
+            super::refunds::link_request(tx, cause.provider, request, &r.id).await?;
+        }
     }
     Ok(())
 }

@@ -104,6 +104,10 @@ impl Store {
     /// Checks what is left to refund and records the request as `pending`,
     /// in one transaction with its audit entry.
     pub async fn reserve_refund(&self, new: NewRefund<'_>) -> StoreResult<Reservation> {
+        super::retry_lost_races(|| self.reserve_refund_once(new.clone())).await
+    }
+
+    async fn reserve_refund_once(&self, new: NewRefund<'_>) -> StoreResult<Reservation> {
         let mut tx = self.begin().await?;
         let lock = if tx.kind() == DbKind::Postgres { " FOR UPDATE" } else { "" };
         let sql = format!(
@@ -244,13 +248,29 @@ impl Store {
         http_request_id: Option<&str>,
         policy: &Policy,
     ) -> StoreResult<()> {
+        super::retry_lost_races(|| {
+            self.settle_refund_request_once(request_id, refund, answered_at, actor, http_request_id, policy)
+        })
+        .await
+    }
+
+    async fn settle_refund_request_once(
+        &self,
+        request_id: &str,
+        refund: &Refund,
+        answered_at: i64,
+        actor: &Actor,
+        http_request_id: Option<&str>,
+        policy: &Policy,
+    ) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         let position = ordering::api_answer_position(answered_at, None, &new_id("api"));
         if watermarks::advance(&mut tx, "stripe", &refund.id, &position).await? {
             let cause = Cause { provider: "stripe", provider_event_id: None, at: answered_at, actor, policy };
             orders::apply_refunds(&mut tx, cause, std::slice::from_ref(refund), false).await?;
         }
-        link_request(&mut tx, "stripe", request_id, &refund.id).await?;
+        // The audit chain before the request's row, as the inbox's refund
+        // path takes them.
         audit::append(
             &mut tx,
             AuditRecord {
@@ -263,12 +283,26 @@ impl Store {
             },
         )
         .await?;
+        link_request(&mut tx, "stripe", request_id, &refund.id).await?;
         tx.commit().await
     }
 
     /// The provider refused the refund, or it was never sent: it counts for
     /// nothing from now on.
     pub async fn fail_refund_request(
+        &self,
+        request_id: &str,
+        failure_code: &str,
+        actor: &Actor,
+        http_request_id: Option<&str>,
+    ) -> StoreResult<()> {
+        super::retry_lost_races(|| {
+            self.fail_refund_request_once(request_id, failure_code, actor, http_request_id)
+        })
+        .await
+    }
+
+    async fn fail_refund_request_once(
         &self,
         request_id: &str,
         failure_code: &str,

@@ -416,21 +416,22 @@ impl Store {
         s: &Subscription,
         answered: Answered<'_>,
     ) -> StoreResult<Option<SubscriptionRow>> {
+        super::retry_lost_races(|| self.apply_subscription_answer_once(s, answered)).await?;
+        self.subscription_by_provider_id("stripe", &s.id).await
+    }
+
+    /// Locks in the inbox's order (the object's watermark first, the audit
+    /// chain last), so that it rarely deadlocks with a worker applying the
+    /// same object's webhook.
+    async fn apply_subscription_answer_once(
+        &self,
+        s: &Subscription,
+        answered: Answered<'_>,
+    ) -> StoreResult<()> {
         let mut tx = self.begin().await?;
-        audit::append(
-            &mut tx,
-            AuditRecord {
-                actor: answered.actor,
-                action: answered.action,
-                object_type: "subscription",
-                object_id: answered.subscription_id,
-                data: json!({ "asked": answered.asked, "provider_status": s.status }),
-                request_id: answered.request_id,
-            },
-        )
-        .await?;
         let position = ordering::api_answer_position(answered.at, Some(&s.status), &new_id("api"));
-        if watermarks::advance(&mut tx, "stripe", &s.id, &position).await? {
+        let applied = watermarks::advance(&mut tx, "stripe", &s.id, &position).await?;
+        if applied {
             let cause = Cause {
                 provider: "stripe",
                 provider_event_id: None,
@@ -451,8 +452,19 @@ impl Store {
             .await?;
             apply_subscription(&mut tx, cause, s, &customer).await?;
         }
-        tx.commit().await?;
-        self.subscription_by_provider_id("stripe", &s.id).await
+        audit::append(
+            &mut tx,
+            AuditRecord {
+                actor: answered.actor,
+                action: answered.action,
+                object_type: "subscription",
+                object_id: answered.subscription_id,
+                data: json!({ "asked": answered.asked, "provider_status": s.status, "newer_than_known": applied }),
+                request_id: answered.request_id,
+            },
+        )
+        .await?;
+        tx.commit().await
     }
 
     /// A catalog price as a subscription change needs it: its currency,
