@@ -245,6 +245,10 @@ fn refusal_error(refusal: RefundRefusal, order: &str) -> ApiError {
             "order_not_paid",
             format!("Order '{order}' is {status}: only a paid order can be refunded."),
         ),
+        RefundRefusal::NoPayment => ApiError::invalid(
+            "order_not_paid",
+            format!("Order '{order}' was free: no payment was taken, so there is nothing to refund."),
+        ),
         RefundRefusal::AlreadyRefunded => {
             ApiError::invalid("order_already_refunded", format!("Order '{order}' has been refunded in full."))
         }

@@ -68,6 +68,8 @@ pub enum RefundRefusal {
         status: String,
     },
     AlreadyRefunded,
+    /// Paid with nothing charged (a free checkout): no payment to refund.
+    NoPayment,
     /// A dispute is open or lost: the card network holds the money.
     Disputed {
         status: String,
@@ -359,6 +361,7 @@ impl Store {
 fn refusal(order: &OrderRow) -> Option<RefundRefusal> {
     match order.status.as_str() {
         "paid" | "fulfilled" | "partially_refunded" | "dispute_won" if order.payment_key.is_some() => None,
+        "paid" | "fulfilled" => Some(RefundRefusal::NoPayment),
         "refunded" => Some(RefundRefusal::AlreadyRefunded),
         "disputed" | "dispute_lost" => Some(RefundRefusal::Disputed { status: order.status.clone() }),
         other => Some(RefundRefusal::NotPaid { status: other.to_owned() }),
@@ -387,4 +390,45 @@ pub(crate) async fn link_request(
     )
     .db()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(status: &str, payment_key: Option<&str>) -> OrderRow {
+        OrderRow {
+            id: "ord_1".into(),
+            customer_id: "cust_1".into(),
+            provider: "stripe".into(),
+            status: status.into(),
+            currency: "usd".into(),
+            amount_total: 1000,
+            amount_refunded: 0,
+            checkout_session_id: None,
+            provider_checkout_session_id: None,
+            payment_key: payment_key.map(str::to_owned),
+            paid_at: None,
+            payment_failed_at: None,
+            canceled_at: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn only_paid_undisputed_orders_with_a_payment_can_be_refunded() {
+        for status in ["paid", "fulfilled", "partially_refunded", "dispute_won"] {
+            assert_eq!(refusal(&order(status, Some("pi_1"))), None, "{status}");
+        }
+        assert_eq!(refusal(&order("refunded", Some("pi_1"))), Some(RefundRefusal::AlreadyRefunded));
+        for status in ["disputed", "dispute_lost"] {
+            assert!(matches!(refusal(&order(status, Some("pi_1"))), Some(RefundRefusal::Disputed { .. })));
+        }
+        for status in ["pending", "canceled", "payment_failed"] {
+            assert!(matches!(refusal(&order(status, Some("pi_1"))), Some(RefundRefusal::NotPaid { .. })));
+        }
+        // Paid without a payment to refund (a free checkout): nothing to give back.
+        assert_eq!(refusal(&order("paid", None)), Some(RefundRefusal::NoPayment));
+    }
 }
