@@ -59,6 +59,25 @@ pub fn position(created: i64, event_type: &str, status: Option<&str>, event_id: 
     }
 }
 
+/// The position of an object as the provider's API answered tollgate's own
+/// call, at the provider's clock `answered_at`; `answer_id` is a fresh,
+/// increasing id (`new_id("api")`). The answer already reflects every event
+/// the provider emitted before it, including the call's own events, which
+/// carry the same second: so it ranks as an update above every event of its
+/// second with the same lifecycle and status progress (`~` sorts after
+/// `evt_`), and above earlier answers of the same second. An event of the
+/// same second that moves the status further (a failed payment making it
+/// `past_due`) or ends the object still wins, as it does between events.
+///
+/// Stripe stamps the events of a customer on a test clock with the clock's
+/// frozen time, not the wall clock the answer carries: after the clock has
+/// been advanced beyond now an answer ranks below its events (it is not
+/// applied; the webhook that follows carries the same state), and events of
+/// a clock frozen in the past rank below an answer. Test mode only.
+pub fn api_answer_position(answered_at: i64, status: Option<&str>, answer_id: &str) -> Position {
+    position(answered_at, "updated", status, &format!("~{answer_id}"))
+}
+
 /// Whether an event at `candidate` should be applied over `watermark`.
 pub fn supersedes(candidate: &Position, watermark: Option<&Position>) -> bool {
     watermark.is_none_or(|w| candidate > w)
@@ -80,6 +99,20 @@ mod tests {
         assert!(!supersedes(&deleted, Some(&deleted)), "a duplicate is stale");
         // A newer second always wins.
         assert!(position(101, "customer.subscription.created", None, "evt_0") > deleted);
+    }
+
+    #[test]
+    fn an_api_answer_outranks_its_second_and_yields_to_further_progress() {
+        let answer = api_answer_position(200, Some("active"), "api_01");
+        let event = |t, kind, status| position(t, kind, Some(status), "evt_z");
+        assert!(supersedes(&answer, Some(&event(199, "customer.subscription.deleted", "canceled"))));
+        assert!(supersedes(&answer, Some(&event(200, "customer.subscription.updated", "active"))));
+        assert!(!supersedes(&event(200, "customer.subscription.updated", "active"), Some(&answer)));
+        assert!(supersedes(&event(200, "customer.subscription.updated", "past_due"), Some(&answer)));
+        assert!(supersedes(&event(200, "customer.subscription.deleted", "canceled"), Some(&answer)));
+        assert!(supersedes(&event(201, "customer.subscription.updated", "active"), Some(&answer)));
+        let later = api_answer_position(200, Some("active"), "api_02");
+        assert!(supersedes(&later, Some(&answer)), "a later answer in the same second wins");
     }
 
     proptest! {

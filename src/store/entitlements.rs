@@ -119,8 +119,7 @@ pub async fn sync_order_grants(tx: &mut Tx, cause: Cause<'_>, order_id: &str) ->
         }
     }
     if changed {
-        recompute_entitlements(tx, &customer_id, Some(cause.provider_event_id), cause.actor, cause.policy)
-            .await?;
+        recompute_entitlements(tx, &customer_id, cause.provider_event_id, cause.actor, cause.policy).await?;
     }
     Ok(created)
 }

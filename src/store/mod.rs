@@ -27,6 +27,7 @@ pub mod ops;
 pub mod orders;
 pub mod provider_events;
 pub mod provider_webhooks;
+pub mod refunds;
 pub mod subscriptions;
 pub mod watermarks;
 pub mod webhook_endpoints;
@@ -122,6 +123,18 @@ impl StoreError {
 
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
+    }
+
+    /// PostgreSQL chose this transaction as a deadlock victim, or it failed
+    /// to serialise: the other transaction has moved on, and running this
+    /// one again succeeds.
+    pub fn is_lost_race(&self) -> bool {
+        match self {
+            StoreError::Unavailable(sqlx::Error::Database(db)) => {
+                matches!(db.code().as_deref(), Some("40P01" | "40001"))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -517,5 +530,27 @@ impl Page {
             rows.reverse();
         }
         Listed { data: rows, has_more }
+    }
+}
+
+/// Runs a transaction again (a few times, after a short random pause) when it
+/// lost a race to a concurrent one (see [`StoreError::is_lost_race`]): an API
+/// request applying a provider's answer can meet the inbox worker applying
+/// the same object's webhook, and the caller should not see a 503 for it.
+pub(crate) async fn retry_lost_races<T, F, Fut>(mut attempt: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let mut tries = 0u32;
+    loop {
+        match attempt().await {
+            Err(e) if tries < 5 && e.is_lost_race() => {
+                tries += 1;
+                let pause = rand::random::<u64>() % (10 * u64::from(tries)) + 1;
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
+            other => return other,
+        }
     }
 }

@@ -21,8 +21,9 @@ use crate::providers::stripe::objects::{CheckoutSession, Dispute, LineItem, Paym
 #[derive(Debug, Clone, Copy)]
 pub struct Cause<'a> {
     pub provider: &'a str,
-    /// The inbox id (`pe_…`) of the provider event being applied.
-    pub provider_event_id: &'a str,
+    /// The inbox id (`pe_…`) of the provider event being applied; `None`
+    /// for a provider's answer to tollgate's own API call.
+    pub provider_event_id: Option<&'a str>,
     /// The provider event's `created`.
     pub at: i64,
     pub actor: &'a Actor,
@@ -291,7 +292,7 @@ pub async fn apply_checkout_session(
                 customer_id: customer_id.as_deref(),
                 object_type: "checkout_session",
                 object_id: &session_id,
-                provider_event_id: Some(cause.provider_event_id),
+                provider_event_id: cause.provider_event_id,
                 data: json!({
                     "id": session_id, "mode": s.mode, "payment_status": s.payment_status,
                     "provider": cause.provider, "provider_session_id": s.id, "subscription": s.subscription,
@@ -567,6 +568,14 @@ pub async fn apply_refunds(
     for key in keys {
         recompute_orders_paid_by(tx, cause, &key).await?;
     }
+    // A refund tollgate asked for stops counting as pending in the same
+    // transaction that makes it count as a refund (after the payment's and
+    // order's locks, taken above, as every path takes them).
+    for r in refunds {
+        if let Some(request) = &r.request {
+            super::refunds::link_request(tx, cause.provider, request, &r.id).await?;
+        }
+    }
     Ok(())
 }
 
@@ -752,7 +761,7 @@ pub async fn recompute_order(tx: &mut Tx, cause: Cause<'_>, order_id: &str) -> S
         customer_id: Some(&order.customer_id),
         object_type: "order",
         object_id: order_id,
-        provider_event_id: Some(cause.provider_event_id),
+        provider_event_id: cause.provider_event_id,
         data: data.clone(),
         dedupe_key,
     };
@@ -792,7 +801,7 @@ async fn announce_disputes(
             customer_id: Some(&order.customer_id),
             object_type: "order",
             object_id: &order.id,
-            provider_event_id: Some(cause.provider_event_id),
+            provider_event_id: cause.provider_event_id,
             data: data.clone(),
             dedupe_key: Some(key),
         };

@@ -7,11 +7,13 @@
 use serde::Serialize;
 use serde_json::json;
 
-use super::audit::{self, AuditRecord};
+use super::audit::{self, Actor, AuditRecord};
+use super::customers::resolve_provider_customer;
 use super::events::{emit, NewEvent};
 use super::orders::{resolve_price, Cause};
-use super::{now_unix, sql, SqlxResultExt, Store, StoreResult, Tx};
-use crate::ids::new_id;
+use super::{now_unix, sql, watermarks, SqlxResultExt, Store, StoreResult, Tx};
+use crate::billing::ordering;
+use crate::ids::{new_id, ExternalId};
 use crate::providers::stripe::objects::{Invoice, Subscription};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -244,7 +246,7 @@ pub async fn apply_subscription(
         customer_id: Some(customer_id),
         object_type: "subscription",
         object_id: &row.id,
-        provider_event_id: Some(cause.provider_event_id),
+        provider_event_id: cause.provider_event_id,
         data: data.clone(),
         dedupe_key: None,
     };
@@ -257,7 +259,7 @@ pub async fn apply_subscription(
     super::entitlements::recompute_entitlements(
         tx,
         customer_id,
-        Some(cause.provider_event_id),
+        cause.provider_event_id,
         cause.actor,
         cause.policy,
     )
@@ -268,7 +270,7 @@ pub async fn apply_subscription(
         super::entitlements::recompute_entitlements(
             tx,
             &p.customer_id,
-            Some(cause.provider_event_id),
+            cause.provider_event_id,
             cause.actor,
             cause.policy,
         )
@@ -363,7 +365,7 @@ pub async fn apply_invoice(
             customer_id,
             object_type: "invoice",
             object_id: &inv.id,
-            provider_event_id: Some(cause.provider_event_id),
+            provider_event_id: cause.provider_event_id,
             data,
             dedupe_key: Some(dedupe_key),
         },
@@ -384,6 +386,115 @@ pub async fn apply_invoice(
         .await?;
     }
     Ok(())
+}
+
+/// A change tollgate asked the provider for, and the provider's answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Answered<'a> {
+    /// tollgate's subscription (`sub_…`), for the audit entry.
+    pub subscription_id: &'a str,
+    /// `subscription.change`, `subscription.cancel`, `subscription.resume`.
+    pub action: &'a str,
+    /// What was asked, for the audit entry.
+    pub asked: &'a serde_json::Value,
+    /// The provider's clock when it answered.
+    pub at: i64,
+    pub actor: &'a Actor,
+    pub request_id: Option<&'a str>,
+    pub policy: &'a crate::billing::entitlements::Policy,
+}
+
+impl Store {
+    /// Applies the provider's answer to a change tollgate asked for, through
+    /// the webhook's code path and watermark: an answer never overwrites a
+    /// newer webhook already applied, and an older webhook arriving later
+    /// is stale against it. The audit entry of the request is written in the
+    /// same transaction whether or not the answer was newer. Returns the
+    /// subscription as tollgate now reports it.
+    pub async fn apply_subscription_answer(
+        &self,
+        s: &Subscription,
+        answered: Answered<'_>,
+    ) -> StoreResult<Option<SubscriptionRow>> {
+        super::retry_lost_races(|| self.apply_subscription_answer_once(s, answered)).await?;
+        self.subscription_by_provider_id("stripe", &s.id).await
+    }
+
+    /// Locks in the inbox's order (the object's watermark first, the audit
+    /// chain last), so that it rarely deadlocks with a worker applying the
+    /// same object's webhook.
+    async fn apply_subscription_answer_once(
+        &self,
+        s: &Subscription,
+        answered: Answered<'_>,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let position = ordering::api_answer_position(answered.at, Some(&s.status), &new_id("api"));
+        let applied = watermarks::advance(&mut tx, "stripe", &s.id, &position).await?;
+        if applied {
+            let cause = Cause {
+                provider: "stripe",
+                provider_event_id: None,
+                at: answered.at,
+                actor: answered.actor,
+                policy: answered.policy,
+            };
+            let external =
+                s.metadata["tollgate_external_id"].as_str().and_then(|e| ExternalId::parse(e).ok());
+            let customer = resolve_provider_customer(
+                &mut tx,
+                "stripe",
+                &s.customer,
+                external,
+                answered.actor,
+                answered.policy,
+            )
+            .await?;
+            apply_subscription(&mut tx, cause, s, &customer).await?;
+        }
+        audit::append(
+            &mut tx,
+            AuditRecord {
+                actor: answered.actor,
+                action: answered.action,
+                object_type: "subscription",
+                object_id: answered.subscription_id,
+                data: json!({ "asked": answered.asked, "provider_status": s.status, "newer_than_known": applied }),
+                request_id: answered.request_id,
+            },
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    /// A catalog price as a subscription change needs it: its currency,
+    /// whether it recurs and is still sold, and the provider price it maps to.
+    pub async fn price_for_change(
+        &self,
+        price_id: &str,
+        provider: &str,
+    ) -> StoreResult<Option<PriceForChange>> {
+        let row: Option<(String, String, bool)> = sql!(
+            self,
+            query_as::<(String, String, bool)>(
+                "SELECT currency, kind, active FROM prices WHERE id = $1",
+                price_id
+            )
+            .fetch_optional
+        )
+        .db()?;
+        let Some((currency, kind, active)) = row else { return Ok(None) };
+        let provider_price = self.current_catalog_link(provider, "price", price_id).await?;
+        Ok(Some(PriceForChange { currency, recurring: kind == "recurring", active, provider_price }))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriceForChange {
+    pub currency: String,
+    pub recurring: bool,
+    pub active: bool,
+    pub provider_price: Option<String>,
 }
 
 impl Store {

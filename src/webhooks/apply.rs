@@ -189,7 +189,7 @@ pub async fn apply(
             if watermarks::advance(&mut tx, &event.provider, &object_id, &position).await? {
                 let cause = Cause {
                     provider: "stripe",
-                    provider_event_id: &event.id,
+                    provider_event_id: Some(&event.id),
                     at: event.provider_created,
                     actor: &Actor::System("stripe"),
                     policy,

@@ -372,7 +372,12 @@ async fn payloads_of_2017_08_15_and_of_the_fixtures_are_read() {
 }
 
 /// A price at the emulator for a new product: one-time, or recurring every `interval`.
-async fn emulator_price(app: &TestApp, product: &str, amount: &str, interval: Option<&str>) -> String {
+pub(crate) async fn emulator_price(
+    app: &TestApp,
+    product: &str,
+    amount: &str,
+    interval: Option<&str>,
+) -> String {
     let product = emulator(app, "/v1/products", &[("name", product)]).await;
     let mut form =
         vec![("product", product["id"].as_str().unwrap()), ("unit_amount", amount), ("currency", "usd")];
@@ -384,7 +389,7 @@ async fn emulator_price(app: &TestApp, product: &str, amount: &str, interval: Op
 
 /// Two of `price` bought by `customer` on the hosted page with `card`: the
 /// session as the emulator has it afterwards.
-async fn buy(app: &TestApp, customer: &str, price: &str, card: &str) -> Value {
+pub(crate) async fn buy(app: &TestApp, customer: &str, price: &str, card: &str) -> Value {
     let session = emulator(
         app,
         "/v1/checkout/sessions",
@@ -402,7 +407,7 @@ async fn buy(app: &TestApp, customer: &str, price: &str, card: &str) -> Value {
 }
 
 /// Slow under load is fine; a failing event is not: a long wait says which.
-async fn print_failing_events(app: &TestApp) {
+pub(crate) async fn print_failing_events(app: &TestApp) {
     for pe in app.provider_events("").await {
         if pe["last_error"].is_string() {
             eprintln!("  {} {} attempts {}: {}", pe["type"], pe["status"], pe["attempts"], pe["last_error"]);
@@ -410,7 +415,7 @@ async fn print_failing_events(app: &TestApp) {
     }
 }
 
-async fn order_in_status(
+pub(crate) async fn order_in_status(
     app: &TestApp,
     customer_id: &str,
     nth: usize,
@@ -885,7 +890,7 @@ async fn a_deleted_or_second_provider_customer_keeps_finding_its_owner() {
 
 /// Maps emulator prices onto catalog prices, as `stripe_price` lines in the
 /// catalog file do for a team already selling on Stripe.
-async fn link_catalog(app: &TestApp, links: &[(&str, &str)]) {
+pub(crate) async fn link_catalog(app: &TestApp, links: &[(&str, &str)]) {
     let mut text = std::fs::read_to_string(manifest_path("tollgate.toml")).unwrap();
     for (catalog_price, stripe_price) in links {
         let header = format!("[prices.{catalog_price}]\n");
@@ -895,7 +900,7 @@ async fn link_catalog(app: &TestApp, links: &[(&str, &str)]) {
     app.server_store.sync_catalog(&catalog, &tollgate::store::audit::Actor::Cli).await.unwrap();
 }
 
-async fn entitlements_of(app: &TestApp, external: &str) -> Value {
+pub(crate) async fn entitlements_of(app: &TestApp, external: &str) -> Value {
     app.get(&format!("/v1/customers/{external}/entitlements"), &app.read_key)
         .send()
         .await
@@ -905,7 +910,11 @@ async fn entitlements_of(app: &TestApp, external: &str) -> Value {
         .unwrap()
 }
 
-async fn wait_entitlements(app: &TestApp, external: &str, check: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_entitlements(
+    app: &TestApp,
+    external: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
     let started = std::time::Instant::now();
     let reported = std::sync::atomic::AtomicBool::new(false);
     eventually(Duration::from_secs(60), || async {

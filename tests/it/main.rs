@@ -20,6 +20,7 @@ mod openapi;
 mod operations;
 mod processes;
 mod ratelimit;
+mod selling;
 mod store;
 mod stripe_client;
 mod tls;

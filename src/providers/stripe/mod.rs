@@ -81,6 +81,19 @@ impl StripeClientError {
     }
 }
 
+/// An object as Stripe answered it, with when Stripe answered.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub object: Value,
+    /// Stripe's clock at the answer (its `Date` header, Unix seconds): the
+    /// object is Stripe's state as of then, comparable with its events'
+    /// `created`, whatever tollgate's own clock says.
+    pub date: Option<i64>,
+    /// `Idempotent-Replayed: true`: a stored answer to an earlier request
+    /// with the same key, possibly older than events since.
+    pub replayed: bool,
+}
+
 /// Timeouts, retries and breaker thresholds.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -212,7 +225,12 @@ impl StripeClient {
     }
 
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, StripeClientError> {
-        self.send(Method::GET, path, query, None, None).await
+        self.send(Method::GET, path, query, None, None).await.map(|a| a.object)
+    }
+
+    /// A GET with when Stripe answered, for applying the object as current state.
+    pub async fn get_answer(&self, path: &str) -> Result<Answer, StripeClientError> {
+        self.send(Method::GET, path, &[], None, None).await
     }
 
     /// A POST. `idempotency_key`: pass one derived from what the caller is
@@ -225,10 +243,32 @@ impl StripeClient {
         form: &Form,
         idempotency_key: Option<&str>,
     ) -> Result<Value, StripeClientError> {
+        self.post_answer(path, form, idempotency_key).await.map(|a| a.object)
+    }
+
+    /// A POST (see [`Self::post`]) with when Stripe answered and whether the
+    /// answer was replayed.
+    pub async fn post_answer(
+        &self,
+        path: &str,
+        form: &Form,
+        idempotency_key: Option<&str>,
+    ) -> Result<Answer, StripeClientError> {
         let key = idempotency_key
             .map(str::to_owned)
             .unwrap_or_else(|| format!("tollgate-{}", ulid::Ulid::new().to_string().to_lowercase()));
         self.send(Method::POST, path, &[], Some(form), Some(key)).await
+    }
+
+    /// A DELETE (cancelling a subscription now). Stripe's DELETEs are
+    /// idempotent by nature; the key is sent all the same, so a retry is
+    /// recognisable in Stripe's logs.
+    pub async fn delete_answer(
+        &self,
+        path: &str,
+        idempotency_key: &str,
+    ) -> Result<Answer, StripeClientError> {
+        self.send(Method::DELETE, path, &[], None, Some(idempotency_key.to_owned())).await
     }
 
     /// Every object of a list endpoint, page by page.
@@ -282,7 +322,7 @@ impl StripeClient {
         query: &[(&str, String)],
         form: Option<&Form>,
         idempotency_key: Option<String>,
-    ) -> Result<Value, StripeClientError> {
+    ) -> Result<Answer, StripeClientError> {
         let operation = operation_name(&method, path);
         let deadline = Instant::now() + self.options.max_elapsed;
         let mut retry = 0;
@@ -347,7 +387,7 @@ impl StripeClient {
         form: Option<&Form>,
         idempotency_key: Option<&str>,
         timeout: Duration,
-    ) -> Result<Value, AttemptFailure> {
+    ) -> Result<Answer, AttemptFailure> {
         let mut request = self
             .http
             .request(method.clone(), format!("{}{path}", self.base))
@@ -377,13 +417,21 @@ impl StripeClient {
         // A body cut off mid-way is as transient as a refused connection.
         let bytes = response.bytes().await.map_err(unreachable)?;
         if (200..300).contains(&status) {
-            return serde_json::from_slice(&bytes).map_err(|e| AttemptFailure {
+            let object = serde_json::from_slice(&bytes).map_err(|e| AttemptFailure {
                 error: StripeClientError::Decode(e.to_string()),
                 retryable: false,
                 breaker_failure: false,
                 outcome: "invalid_response",
                 retry_after: None,
-            });
+            })?;
+            let date = headers
+                .get(reqwest::header::DATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| httpdate::parse_http_date(v).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs() as i64);
+            let replayed = headers.get("idempotent-replayed").is_some_and(|v| v.as_bytes() == b"true");
+            return Ok(Answer { object, date, replayed });
         }
         Err(classify_failure(status, &headers, &bytes))
     }

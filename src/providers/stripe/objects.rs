@@ -400,6 +400,9 @@ pub struct Refund {
     pub status: String,
     pub reason: Option<String>,
     pub created: i64,
+    /// tollgate's refund request (`rfr_…`) when tollgate asked for it
+    /// (`metadata.tollgate_refund_request`).
+    pub request: Option<String>,
 }
 
 pub fn refund(obj: &Value) -> Result<Refund, ReadError> {
@@ -419,6 +422,7 @@ pub fn refund(obj: &Value) -> Result<Refund, ReadError> {
         status: str_of(&obj["status"]).unwrap_or_else(|| "succeeded".to_owned()),
         reason: str_of(&obj["reason"]),
         created: int(&obj["created"]).unwrap_or(0),
+        request: str_of(&obj["metadata"]["tollgate_refund_request"]),
     })
 }
 
