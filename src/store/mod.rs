@@ -26,6 +26,7 @@ pub mod ops;
 pub mod orders;
 pub mod provider_events;
 pub mod provider_webhooks;
+pub mod signing_keys;
 pub mod subscriptions;
 pub mod watermarks;
 pub mod webhook_endpoints;
