@@ -548,7 +548,10 @@ async fn keys(store: &Store, config: &Config, cmd: KeysCommand) -> Result<ExitCo
                 crate::tokens::keys::rotate(store, config, &Actor::Cli).await.map_err(|e| e.to_string())?;
             println!("new signing key {} is active", rotation.new_kid);
             if let (Some(old), Some(until)) = (rotation.retired_kid, rotation.retired_published_until) {
-                println!("retired {old}: published in the JWKS until {} (its last tokens expire)", rfc3339(until));
+                println!(
+                    "retired {old}: published in the JWKS until {} (its last tokens expire)",
+                    rfc3339(until)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

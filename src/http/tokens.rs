@@ -85,7 +85,8 @@ pub async fn create_entitlement_token(
     ReadKey(_caller): ReadKey,
     ApiPath(external_id): ApiPath<String>,
 ) -> ApiResult<Json<EntitlementToken>> {
-    let external = ExternalId::parse(&external_id).map_err(|e| ApiError::invalid_param("external_id", e.0))?;
+    let external =
+        ExternalId::parse(&external_id).map_err(|e| ApiError::invalid_param("external_id", e.0))?;
     let customer = state
         .store
         .get_customer(&external)

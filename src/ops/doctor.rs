@@ -263,7 +263,11 @@ async fn signing_key(config: &Config, store: Option<&crate::store::Store>) -> Ch
     };
     let sealer = crate::tokens::Sealer::new(config.secret_key.as_ref().map(|s| s.expose_secret()));
     if let Err(e) = sealer.open(&active.kid, stored) {
-        return Check::fail(NAME, e.0, "restore the SECRET_KEY it was sealed with, or run `tollgate keys rotate`");
+        return Check::fail(
+            NAME,
+            e.0,
+            "restore the SECRET_KEY it was sealed with, or run `tollgate keys rotate`",
+        );
     }
     if stored.starts_with("plain:") && config.is_production() {
         return Check::fail(
@@ -272,8 +276,15 @@ async fn signing_key(config: &Config, store: Option<&crate::store::Store>) -> Ch
             "with SECRET_KEY set, run `tollgate keys rotate`",
         );
     }
-    let how = if stored.starts_with("plain:") { "stored in clear (no SECRET_KEY)" } else { "sealed with SECRET_KEY" };
-    Check::pass(NAME, format!("generated, {how}, kid {}, created {} ago", active.kid, age(now_unix() - active.created_at)))
+    let how = if stored.starts_with("plain:") {
+        "stored in clear (no SECRET_KEY)"
+    } else {
+        "sealed with SECRET_KEY"
+    };
+    Check::pass(
+        NAME,
+        format!("generated, {how}, kid {}, created {} ago", active.kid, age(now_unix() - active.created_at)),
+    )
 }
 
 fn paypal(config: &Config) -> Check {

@@ -96,8 +96,11 @@ impl Store {
         if current.as_deref() != replaces {
             return Ok(false);
         }
-        sql!(tx, query("UPDATE signing_keys SET active = NULL, retired_at = $1 WHERE active = 1", now).execute)
-            .db()?;
+        sql!(
+            tx,
+            query("UPDATE signing_keys SET active = NULL, retired_at = $1 WHERE active = 1", now).execute
+        )
+        .db()?;
         // A configured key seen before (the operator went back to it) is
         // made active again rather than duplicated.
         sql!(

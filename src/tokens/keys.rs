@@ -105,11 +105,9 @@ impl KeyRing {
         if let Some(key) = &self.configured {
             return Ok(key.clone());
         }
-        let row = self
-            .store
-            .active_signing_key()
-            .await?
-            .ok_or_else(|| KeyError("no active signing key (was it removed from the database?)".to_owned()))?;
+        let row = self.store.active_signing_key().await?.ok_or_else(|| {
+            KeyError("no active signing key (was it removed from the database?)".to_owned())
+        })?;
         if let Some(key) = self.opened.lock().expect("key cache").get(&row.kid) {
             return Ok(key.clone());
         }
@@ -187,7 +185,9 @@ pub async fn rotate(store: &Store, config: &Config, actor: &Actor) -> Result<Rot
     };
     let replaces = active.as_ref().map(|a| a.kid.as_str());
     if !store.activate_signing_key(&new, replaces, window, actor).await? {
-        return Err(KeyError("another rotation happened at the same moment; nothing was changed".to_owned()).into());
+        return Err(
+            KeyError("another rotation happened at the same moment; nothing was changed".to_owned()).into()
+        );
     }
     Ok(Rotation {
         new_kid: new.kid,

@@ -92,7 +92,8 @@ impl SigningKey {
     pub fn sign<T: Serialize>(&self, claims: &T) -> String {
         let header = serde_json::json!({ "alg": ALGORITHM, "typ": "JWT", "kid": self.kid });
         let payload = serde_json::to_vec(claims).expect("claims serialize");
-        let mut token = format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(payload));
+        let mut token =
+            format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(payload));
         let signature = self.pair.sign(token.as_bytes());
         token.push('.');
         token.push_str(&URL_SAFE_NO_PAD.encode(signature.as_ref()));
@@ -226,8 +227,9 @@ pub fn configured_key(raw: &str) -> Result<(SigningKey, ConfiguredFrom), KeyErro
         || raw_trimmed.ends_with(".pem")
         || raw_trimmed.ends_with(".key");
     if looks_like_path || path.is_file() {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| KeyError(format!("JWT_SECRET_KEY: cannot read the key file {raw_trimmed:?}: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            KeyError(format!("JWT_SECRET_KEY: cannot read the key file {raw_trimmed:?}: {e}"))
+        })?;
         let key = pem_key(text.trim()).map_err(|e| KeyError(format!("{e} (in {raw_trimmed:?})")))?;
         return Ok((key, ConfiguredFrom::File));
     }
@@ -272,7 +274,8 @@ fn pem_key(text: &str) -> Result<SigningKey, KeyError> {
     if !ended {
         return Err(KeyError("JWT_SECRET_KEY: the PEM has no -----END PRIVATE KEY----- line".to_owned()));
     }
-    let der = STANDARD.decode(body).map_err(|e| KeyError(format!("JWT_SECRET_KEY: the PEM is not base64: {e}")))?;
+    let der =
+        STANDARD.decode(body).map_err(|e| KeyError(format!("JWT_SECRET_KEY: the PEM is not base64: {e}")))?;
     SigningKey::from_pkcs8(&der).map_err(|e| KeyError(format!("JWT_SECRET_KEY: {e}")))
 }
 
@@ -332,8 +335,9 @@ impl Sealer {
                 "the signing key {kid} is stored encrypted with SECRET_KEY, which is not set"
             )));
         };
-        let raw =
-            URL_SAFE_NO_PAD.decode(sealed).map_err(|_| KeyError(format!("the stored signing key {kid} is corrupt")))?;
+        let raw = URL_SAFE_NO_PAD
+            .decode(sealed)
+            .map_err(|_| KeyError(format!("the stored signing key {kid} is corrupt")))?;
         if raw.len() < 12 + 16 {
             return Err(KeyError(format!("the stored signing key {kid} is corrupt")));
         }
@@ -364,7 +368,8 @@ mod tests {
     fn verify(token: &str, key: &SigningKey) -> bool {
         let Some((signed, sig)) = token.rsplit_once('.') else { return false };
         let Ok(sig) = URL_SAFE_NO_PAD.decode(sig) else { return false };
-        let public = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key.pair.public_key());
+        let public =
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key.pair.public_key());
         public.verify(signed.as_bytes(), &sig).is_ok()
     }
 
@@ -374,7 +379,8 @@ mod tests {
         let token = key.sign(&serde_json::json!({ "sub": "u1" }));
         assert!(verify(&token, &key));
         let header: serde_json::Value =
-            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap())
+                .unwrap();
         assert_eq!(header["alg"], "EdDSA");
         assert_eq!(header["kid"], key.kid());
         let (other, _) = SigningKey::generate().unwrap();
@@ -394,7 +400,8 @@ mod tests {
     fn keys_round_trip_through_pkcs8_and_pem() {
         let (key, der) = SigningKey::generate().unwrap();
         assert_eq!(SigningKey::from_pkcs8(&der).unwrap().kid(), key.kid());
-        let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", STANDARD.encode(&der));
+        let pem =
+            format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", STANDARD.encode(&der));
         let (configured, from) = configured_key(&pem).unwrap();
         assert_eq!((configured.kid(), from), (key.kid(), ConfiguredFrom::Pem));
     }

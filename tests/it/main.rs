@@ -22,4 +22,5 @@ mod ratelimit;
 mod store;
 mod stripe_client;
 mod tls;
+mod tokens;
 mod webhooks;
