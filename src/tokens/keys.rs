@@ -40,6 +40,10 @@ pub struct KeyRing {
     sealer: Sealer,
     /// Generated keys opened so far, by `kid`: opening is done once per key.
     opened: Arc<Mutex<HashMap<String, Arc<SigningKey>>>>,
+    /// The generated key this process signed with last: what it keeps
+    /// using while another instance has made a configured key active that
+    /// this one does not hold (a rolling change to `JWT_SECRET_KEY`).
+    last: Arc<Mutex<Option<Arc<SigningKey>>>>,
     /// Seconds a retired key stays published: token lifetime plus leeway.
     window: i64,
 }
@@ -58,6 +62,7 @@ impl KeyRing {
             configured,
             sealer: Sealer::new(config.secret_key.as_ref().map(|s| s.expose_secret())),
             opened: Default::default(),
+            last: Default::default(),
             window: signing_key_window(config),
         };
         // A few tries: another instance starting at the same moment may
@@ -108,21 +113,40 @@ impl KeyRing {
         let row = self.store.active_signing_key().await?.ok_or_else(|| {
             KeyError("no active signing key (was it removed from the database?)".to_owned())
         })?;
-        if let Some(key) = self.opened.lock().expect("key cache").get(&row.kid) {
-            return Ok(key.clone());
-        }
-        let stored = row.private_key.as_deref().ok_or_else(|| {
-            KeyError(format!(
-                "the active signing key {} was configured elsewhere (JWT_SECRET_KEY) and this instance does not hold it",
-                row.kid
-            ))
-        })?;
-        let key = SigningKey::from_pkcs8(&self.sealer.open(&row.kid, stored)?)?;
-        if key.kid() != row.kid {
-            return Err(KeyError(format!("the stored signing key {} does not match its kid", row.kid)).into());
-        }
-        let key = Arc::new(key);
-        self.opened.lock().expect("key cache").insert(row.kid.clone(), key.clone());
+        let cached = self.opened.lock().expect("key cache").get(&row.kid).cloned();
+        let key = match (cached, row.private_key.as_deref()) {
+            (Some(key), _) => key,
+            (None, Some(stored)) => {
+                let key = SigningKey::from_pkcs8(&self.sealer.open(&row.kid, stored)?)?;
+                if key.kid() != row.kid {
+                    return Err(KeyError(format!(
+                        "the stored signing key {} does not match its kid",
+                        row.kid
+                    ))
+                    .into());
+                }
+                let key = Arc::new(key);
+                self.opened.lock().expect("key cache").insert(row.kid.clone(), key.clone());
+                key
+            }
+            (None, None) => {
+                let last = self.last.lock().expect("key cache").clone();
+                return match last {
+                    // Its key stays published for the token lifetime plus
+                    // leeway after being retired: finish the rollout by then.
+                    Some(key) => {
+                        tracing::warn!(active = %row.kid, signing = %key.kid(), "the active signing key is configured (JWT_SECRET_KEY) on other instances; signing with the previous key until this one is reconfigured");
+                        Ok(key)
+                    }
+                    None => Err(KeyError(format!(
+                        "the active signing key {} is configured (JWT_SECRET_KEY) on another instance and this one does not hold it",
+                        row.kid
+                    ))
+                    .into()),
+                };
+            }
+        };
+        *self.last.lock().expect("key cache") = Some(key.clone());
         Ok(key)
     }
 

@@ -366,3 +366,123 @@ async fn two_instances_on_one_database_share_one_key_and_publish_the_same_jwks()
     drop(instances);
     store.close().await;
 }
+
+/// Another tollgate on `db` with its own settings, serving until dropped.
+async fn start_on(db: &TestDb, adjust: impl FnOnce(&mut tollgate::Config)) -> Result<Instance, String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = test_config(db);
+    config.port = listener.local_addr().unwrap().port();
+    adjust(&mut config);
+    let shutdown = CancellationToken::new();
+    let server = tollgate::app::Server::build(config, shutdown.clone()).await.map_err(|e| e.to_string())?;
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(server.serve(listener));
+    Ok(Instance { base, shutdown })
+}
+
+/// RFC 8410's example Ed25519 key, as `openssl genpkey -algorithm ed25519` writes one.
+const PEM: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC\n-----END PRIVATE KEY-----\n";
+const PEM_PUBLIC_X: &str = "Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE";
+
+fn secret(s: &str) -> Option<secrecy::SecretString> {
+    Some(secrecy::SecretString::from(s.to_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configured_key_signs_and_the_keys_it_replaced_stay_published() {
+    let app = spawn_app().await;
+    app.upsert_customer("u_conf", json!({})).await;
+    let generated = token_for(&app, "u_conf").await;
+    let generated_kid = generated["kid"].as_str().unwrap().to_owned();
+
+    // An instance configured with a PEM file takes over signing.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwt.pem");
+    std::fs::write(&path, PEM).unwrap();
+    let pem_instance =
+        start_on(&app.db, |c| c.jwt_secret_key = secret(path.to_str().unwrap())).await.unwrap();
+    let resp = issue(&pem_instance.base, &app.client, &app.read_key, "u_conf").await;
+    let configured: Value = resp.json().await.unwrap();
+    let pem_kid = tollgate::tokens::thumbprint(PEM_PUBLIC_X);
+    assert_eq!(configured["kid"], pem_kid.as_str(), "the kid is the key's RFC 7638 thumbprint");
+    let jwks = jwks_of(&pem_instance.base).await;
+    assert_eq!(kids(&jwks), [pem_kid.clone(), generated_kid.clone()]);
+    assert_eq!(serde_json::to_value(&jwks).unwrap(), serde_json::to_value(jwks_of(&app.base).await).unwrap());
+    verify(configured["token"].as_str().unwrap(), &jwks, &pem_instance.base, None).unwrap();
+    verify(generated["token"].as_str().unwrap(), &jwks, &app.base, None)
+        .expect("a token of the replaced key still verifies");
+    // The instance without JWT_SECRET_KEY (mid-rollout) keeps signing with
+    // the key it had, still published.
+    let straggler = token_for(&app, "u_conf").await;
+    assert_eq!(straggler["kid"], generated_kid.as_str());
+    verify(straggler["token"].as_str().unwrap(), &jwks_of(&app.base).await, &app.base, None).unwrap();
+
+    // The operator changes JWT_SECRET_KEY (here to a random secret): the
+    // PEM key stays published beside the new one.
+    let derived =
+        start_on(&app.db, |c| c.jwt_secret_key = secret("4mB9zQ2xLr7Kp0vWc5Ty8Hn3Js6Fd1GeXa")).await.unwrap();
+    let resp = issue(&derived.base, &app.client, &app.read_key, "u_conf").await;
+    let from_secret: Value = resp.json().await.unwrap();
+    let jwks = jwks_of(&derived.base).await;
+    assert_eq!(kids(&jwks)[0], from_secret["kid"].as_str().unwrap());
+    assert!(kids(&jwks).contains(&pem_kid) && kids(&jwks).contains(&generated_kid), "{:?}", kids(&jwks));
+    verify(configured["token"].as_str().unwrap(), &jwks, &pem_instance.base, None).unwrap();
+    verify(from_secret["token"].as_str().unwrap(), &jwks, &derived.base, None).unwrap();
+
+    // `keys rotate` is for generated keys; a configured key is rotated by changing it.
+    let out =
+        tollgate(&app.db, &["keys", "rotate"], &[("JWT_SECRET_KEY", "4mB9zQ2xLr7Kp0vWc5Ty8Hn3Js6Fd1GeXa")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("JWT_SECRET_KEY is set"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn generated_keys_are_sealed_with_secret_key_and_a_wrong_one_stops_start_up() {
+    const SECRET: &str = "q8Zr1vX0pL3mN7bK2yT5wE9uJ4hG6fD0sAx";
+    let app = spawn_app_with(|c| c.secret_key = secret(SECRET)).await;
+    let stored = app.server_store.active_signing_key().await.unwrap().unwrap();
+    let private = stored.private_key.unwrap();
+    assert!(private.starts_with("aead:v1:"), "sealed, not in clear: {}", &private[..12]);
+    assert_eq!(stored.source, "generated");
+
+    // Another instance with the same SECRET_KEY signs with the same key.
+    let same = start_on(&app.db, |c| c.secret_key = secret(SECRET)).await.unwrap();
+    app.upsert_customer("u_seal", json!({})).await;
+    let resp = issue(&same.base, &app.client, &app.read_key, "u_seal").await;
+    assert_eq!(resp.json::<Value>().await.unwrap()["kid"], stored.kid.as_str());
+
+    let wrong = start_on(&app.db, |c| c.secret_key = secret("another-long-random-secret-0123456789"))
+        .await
+        .err()
+        .expect("a key it cannot open stops start-up");
+    assert!(wrong.contains("cannot be decrypted with this SECRET_KEY"), "{wrong}");
+    let unset = start_on(&app.db, |c| c.secret_key = None).await.err().expect("no SECRET_KEY, no key");
+    assert!(unset.contains("SECRET_KEY, which is not set"), "{unset}");
+
+    // doctor says the same.
+    let mut config = test_config(&app.db);
+    config.secret_key = secret(SECRET);
+    let report = tollgate::ops::doctor::run(&config).await;
+    let check = report.checks.get("signing key").unwrap();
+    assert_eq!(check.status, tollgate::ops::report::Status::Pass, "{report}");
+    assert!(check.detail.contains("sealed with SECRET_KEY") && check.detail.contains(&stored.kid));
+    config.secret_key = secret("another-long-random-secret-0123456789");
+    let report = tollgate::ops::doctor::run(&config).await;
+    assert_eq!(report.checks.get("signing key").unwrap().status, tollgate::ops::report::Status::Fail);
+}
+
+#[tokio::test]
+async fn an_unreadable_or_invalid_jwt_secret_key_stops_serve_with_the_reason() {
+    let db = TestDb::new().await;
+    for (value, reason) in [
+        ("/nonexistent/jwt.pem", "cannot read the key file"),
+        ("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----", "not an Ed25519 private key"),
+        ("hunter2", "JWT_SECRET_KEY must be"),
+    ] {
+        let out = tollgate(&db, &["serve"], &[("JWT_SECRET_KEY", value), ("PORT", "0")]);
+        assert_eq!(out.status.code(), Some(2), "refused: {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(reason), "{value}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "a secret is never echoed: {stderr}");
+    }
+}
