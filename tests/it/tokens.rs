@@ -253,7 +253,7 @@ async fn after_a_rotation_new_tokens_use_the_new_key_and_the_old_key_leaves_once
     let old = token_for(&app, "u_rot").await;
     let old_token = old["token"].as_str().unwrap().to_owned();
     let old_kid = old["kid"].as_str().unwrap().to_owned();
-    assert_eq!(kids(&jwks_of(&app.base).await), [old_kid.clone()]);
+    assert_eq!(kids(&jwks_of(&app.base).await), [old_kid.as_str()]);
 
     let ttl = TTL.to_string();
     let out = tollgate(
@@ -290,7 +290,7 @@ async fn after_a_rotation_new_tokens_use_the_new_key_and_the_old_key_leaves_once
     .await;
     let (jwks, left_at) = gone;
     assert!(left_at > old["expires_at"].as_i64().unwrap(), "not before its last token expired");
-    assert_eq!(kids(&jwks), [new_kid.clone()]);
+    assert_eq!(kids(&jwks), [new_kid.as_str()]);
     assert!(verify(&old_token, &jwks, &issuer, None).is_err());
 
     // The rotation is in the audit log, by the operator.
