@@ -111,7 +111,7 @@ pub async fn create_entitlement_token(
             version: stored.version,
         },
     );
-    metrics::counter!("tollgate_entitlement_tokens_issued_total").increment(1);
+    metrics::counter!("entitlement_tokens_issued_total").increment(1);
     Ok(Json(EntitlementToken {
         object: "entitlement_token",
         customer: external.to_string(),

@@ -8,9 +8,9 @@
 //! out of the server lets the tests verify every token with one
 //! (`jsonwebtoken`) that shares no code with the signer.
 //!
-//! This module is pure apart from key generation's randomness: claims,
-//! signing, JWKs, key parsing and the sealing of stored private keys. Which
-//! key signs, and how instances share keys, is [`keys`].
+//! Here: claims, signing, JWKs, reading a configured key and sealing
+//! stored private keys, with no database. Which key signs, and how
+//! instances share keys, is [`keys`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
