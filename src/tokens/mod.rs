@@ -219,7 +219,9 @@ pub fn claims(issue: Issue<'_>, entitlements: TokenEntitlements) -> Claims {
 pub fn configured_key(raw: &str) -> Result<(SigningKey, ConfiguredFrom), KeyError> {
     let raw_trimmed = raw.trim();
     if raw_trimmed.starts_with("-----BEGIN") {
-        return Ok((pem_key(raw_trimmed)?, ConfiguredFrom::Pem));
+        // Env files and secret stores often hold a PEM on one line with
+        // literal `\n`s.
+        return Ok((pem_key(&raw_trimmed.replace("\\n", "\n"))?, ConfiguredFrom::Pem));
     }
     let path = std::path::Path::new(raw_trimmed);
     let looks_like_path = raw_trimmed.starts_with('/')
@@ -404,6 +406,12 @@ mod tests {
             format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", STANDARD.encode(&der));
         let (configured, from) = configured_key(&pem).unwrap();
         assert_eq!((configured.kid(), from), (key.kid(), ConfiguredFrom::Pem));
+        let one_line = pem.trim().replace('\n', "\\n");
+        assert_eq!(
+            configured_key(&one_line).unwrap().0.kid(),
+            key.kid(),
+            "escaped newlines, as in env files"
+        );
     }
 
     #[test]

@@ -292,6 +292,14 @@ async fn after_a_rotation_new_tokens_use_the_new_key_and_the_old_key_leaves_once
     assert!(left_at > old["expires_at"].as_i64().unwrap(), "not before its last token expired");
     assert_eq!(kids(&jwks), [new_kid.as_str()]);
     assert!(verify(&old_token, &jwks, &issuer, None).is_err());
+    let out = tollgate(
+        &app.db,
+        &["keys", "list"],
+        &[("ENTITLEMENT_TOKEN_TTL_SECONDS", &ttl), ("ENTITLEMENT_TOKEN_LEEWAY_SECONDS", "0")],
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && listed.contains(&new_kid) && listed.contains("active"), "{listed}");
+    assert!(!listed.contains(&old_kid), "an unpublished key is not listed: {listed}");
 
     // The rotation is in the audit log, by the operator.
     let audit = app.server_store.list_audit_entries(&tollgate::store::Page::first(100)).await.unwrap();
