@@ -97,6 +97,13 @@ async fn a_token_carries_the_customers_entitlements_and_verifies_against_the_jwk
     )
     .await;
     pay(&session, "4242424242424242").await;
+    // One purchase at a time, as a user would: the subscription's events
+    // applied before the card packs' (concurrent first purchases of one
+    // customer can race on PostgreSQL: see the branch report).
+    wait_entitlements(&app, "u_tok", |e| {
+        e["features"].as_array().is_some_and(|f| f.contains(&json!("api_access")))
+    })
+    .await;
     buy(&app, customer, &pack, "4242424242424242").await;
     let e = wait_entitlements(&app, "u_tok", |e| {
         e["balances"]["cards"] == 10
