@@ -32,6 +32,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("entitlement token signing key: {0}")]
+    SigningKey(#[from] crate::tokens::keys::KeyRingError),
 }
 
 pub fn store_options(config: &Config) -> StoreOptions {
@@ -118,6 +120,7 @@ impl Server {
         };
         // One client for the whole process, so its circuit breaker sees every call.
         let stripe = crate::providers::stripe::StripeClient::from_config(&config);
+        let keys = crate::tokens::keys::KeyRing::start(store.clone(), &config).await?;
         let state = AppState {
             store,
             metrics: telemetry::metrics_handle(),
@@ -136,6 +139,7 @@ impl Server {
             rate_limits,
             trusted_proxies,
             stripe,
+            keys,
         };
         Ok(Server { state, inbox_writers, tls })
     }

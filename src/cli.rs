@@ -34,6 +34,9 @@ pub enum Command {
     /// Inspect the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The keys that sign entitlement tokens.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Inspect and replay provider events (the webhook inbox).
     #[command(subcommand)]
     Events(EventsCommand),
@@ -133,6 +136,15 @@ pub enum ApiKeyCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a new key sign entitlement tokens from now on, on every
+    /// instance; the old key stays in the JWKS until its tokens expire.
+    Rotate,
+    /// The keys in the JWKS now (public halves only).
+    List,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum EventsCommand {
     /// Send events back to be applied: by id (`pe_…`), or every dead one.
     Replay {
@@ -225,6 +237,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
             );
             store.close().await;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(cmd) => {
+            let store = open_store(&config).await?;
+            let result = keys(&store, &config, cmd).await;
+            store.close().await;
+            result
         }
         Command::ApiKey(cmd) => {
             let store = open_store(&config).await?;
@@ -521,4 +539,39 @@ async fn api_key(store: &Store, config: &Config, cmd: ApiKeyCommand) -> Result<E
             }
         }
     }
+}
+
+async fn keys(store: &Store, config: &Config, cmd: KeysCommand) -> Result<ExitCode, String> {
+    match cmd {
+        KeysCommand::Rotate => {
+            let rotation =
+                crate::tokens::keys::rotate(store, config, &Actor::Cli).await.map_err(|e| e.to_string())?;
+            println!("new signing key {} is active", rotation.new_kid);
+            if let (Some(old), Some(until)) = (rotation.retired_kid, rotation.retired_published_until) {
+                println!(
+                    "retired {old}: published in the JWKS until {} (its last tokens expire)",
+                    rfc3339(until)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::List => {
+            let window = crate::tokens::keys::signing_key_window(config);
+            for key in store.published_signing_keys(window).await.map_err(|e| e.to_string())? {
+                let status = match key.retired_at {
+                    None => "active".to_owned(),
+                    Some(at) => format!("retired {}, published until {}", rfc3339(at), rfc3339(at + window)),
+                };
+                println!("{}  {}  {}  {status}", key.kid, key.algorithm, key.source);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
 }

@@ -147,9 +147,25 @@ pub struct Config {
     #[arg(long, env = "SECRET_KEY", value_parser = secret, hide_env_values = true, global = true)]
     pub secret_key: Option<SecretString>,
 
-    /// Secret for entitlement tokens (otherwise a signing key pair is used).
+    /// Key that signs entitlement tokens: an Ed25519 private key in PKCS#8
+    /// PEM, inline or the path of a file, or a random secret of 32+
+    /// characters to derive one from. Unset: a key pair is generated at first
+    /// start and kept in the database (rotate with `tollgate keys rotate`).
     #[arg(long, env = "JWT_SECRET_KEY", value_parser = secret, hide_env_values = true, global = true)]
     pub jwt_secret_key: Option<SecretString>,
+
+    /// Lifetime of an entitlement token, in seconds.
+    #[arg(long, env = "ENTITLEMENT_TOKEN_TTL_SECONDS", default_value_t = 300, global = true)]
+    pub entitlement_token_ttl_seconds: u64,
+
+    /// The `aud` claim of entitlement tokens (none if unset).
+    #[arg(long, env = "ENTITLEMENT_TOKEN_AUDIENCE", global = true)]
+    pub entitlement_token_audience: Option<String>,
+
+    /// How long a retired signing key stays in the JWKS after the last
+    /// token it signed expired: the clock skew verifiers allow.
+    #[arg(long, env = "ENTITLEMENT_TOKEN_LEEWAY_SECONDS", default_value_t = 60, global = true)]
+    pub entitlement_token_leeway_seconds: u64,
 
     /// Browser origins allowed by CORS, comma-separated; empty means none.
     #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',', global = true)]
@@ -469,6 +485,30 @@ impl Config {
                 }
             }
         }
+        if let Some(raw) = &self.jwt_secret_key {
+            match crate::tokens::configured_key(raw.expose_secret()) {
+                Err(e) => problems.push(e.0),
+                Ok((_, crate::tokens::ConfiguredFrom::Secret))
+                    if self.is_production() && is_weak_secret(raw.expose_secret()) =>
+                {
+                    problems.push(
+                        "JWT_SECRET_KEY is weak: use an Ed25519 PEM key (`openssl genpkey -algorithm ed25519`) or at least 32 random characters"
+                            .to_owned(),
+                    )
+                }
+                Ok(_) => {}
+            }
+        }
+        if !(1..=MAX_ENTITLEMENT_TOKEN_TTL_SECONDS).contains(&self.entitlement_token_ttl_seconds) {
+            problems.push(format!(
+                "ENTITLEMENT_TOKEN_TTL_SECONDS must be from 1 to {MAX_ENTITLEMENT_TOKEN_TTL_SECONDS}: tokens are short-lived snapshots of entitlements"
+            ));
+        }
+        if self.entitlement_token_leeway_seconds > MAX_ENTITLEMENT_TOKEN_TTL_SECONDS {
+            problems.push(format!(
+                "ENTITLEMENT_TOKEN_LEEWAY_SECONDS must be at most {MAX_ENTITLEMENT_TOKEN_TTL_SECONDS}"
+            ));
+        }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 problems.push(format!("PUBLIC_URL {url:?} must start with http:// or https://"));
@@ -516,6 +556,10 @@ impl Config {
         problems
     }
 }
+
+/// A day: an entitlement token is a snapshot that goes stale, and a
+/// retired key is published for this long after rotation.
+pub const MAX_ENTITLEMENT_TOKEN_TTL_SECONDS: u64 = 86_400;
 
 /// Stripe keeps events listable (and `reconcile` may fetch them again) for
 /// 30 days; a pruned event that comes back must still be recognised by the
@@ -682,6 +726,22 @@ mod tests {
         c.rate_limit_per_key = 0;
         c.rate_limit_per_ip = 0;
         assert!(c.problems().is_empty());
+    }
+
+    #[test]
+    fn an_invalid_or_weak_jwt_secret_key_is_refused() {
+        let mut c = Config::defaults();
+        c.jwt_secret_key = Some(SecretString::from("/nonexistent/jwt.pem".to_owned()));
+        refused(&c, "cannot read the key file");
+        c.jwt_secret_key = Some(SecretString::from("short".to_owned()));
+        refused(&c, "JWT_SECRET_KEY must be");
+        let mut c = production();
+        c.jwt_secret_key = Some(SecretString::from("changeme-changeme-changeme-changeme".to_owned()));
+        refused(&c, "JWT_SECRET_KEY is weak");
+        c.jwt_secret_key = Some(SecretString::from("4mB9zQ2xLr7Kp0vWc5Ty8Hn3Js6Fd1Ge".to_owned()));
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        c.entitlement_token_ttl_seconds = 0;
+        refused(&c, "ENTITLEMENT_TOKEN_TTL_SECONDS");
     }
 
     #[test]

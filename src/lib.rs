@@ -20,6 +20,7 @@ pub mod providers;
 pub mod ratelimit;
 pub mod store;
 pub mod telemetry;
+pub mod tokens;
 pub mod webhooks;
 
 pub use app::run;

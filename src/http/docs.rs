@@ -26,6 +26,8 @@ use super::AppState;
         super::entitlements::get_entitlements,
         super::entitlements::check_entitlement,
         super::entitlements::debit_balance,
+        super::tokens::create_entitlement_token,
+        super::tokens::get_jwks,
         super::orders::list_orders,
         super::orders::get_order,
         super::orders::create_refund,

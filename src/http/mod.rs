@@ -35,6 +35,7 @@ pub mod provider_events;
 pub mod ratelimit;
 pub mod subscriptions;
 pub mod tls;
+pub mod tokens;
 pub mod webhook_endpoints;
 
 /// What every handler can reach. Cheap to clone.
@@ -67,6 +68,8 @@ pub struct AppState {
     /// The provider's API (Stripe, or the built-in emulator), with its
     /// retries and circuit breaker.
     pub stripe: crate::providers::stripe::StripeClient,
+    /// The keys that sign entitlement tokens.
+    pub keys: crate::tokens::keys::KeyRing,
 }
 
 /// A counter of requests in progress; `enter` returns a guard that leaves on drop.
@@ -132,6 +135,7 @@ pub fn router(state: AppState) -> Router {
         .merge(provider_events::router())
         .merge(events::router())
         .merge(webhook_endpoints::router())
+        .merge(tokens::router())
         // Inner to outer: a request is limited by address, authenticated,
         // limited by key, and only then is its Idempotency-Key looked up
         // under that key.
@@ -143,6 +147,7 @@ pub fn router(state: AppState) -> Router {
     let app = Router::new()
         .nest("/v1", v1)
         .merge(health::router())
+        .merge(tokens::public_router())
         .merge(docs::router())
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,

@@ -59,22 +59,12 @@ pub async fn run(config: &Config) -> DoctorReport {
         ),
         Some(_) => Check::pass("SECRET_KEY", "set and strong"),
     });
-    checks.push(match &config.jwt_secret_key {
-        None => {
-            Check::pass("JWT_SECRET_KEY", "unset: entitlement tokens are signed with a generated key pair")
-        }
-        Some(k) if is_weak_secret(k.expose_secret()) => Check::fail(
-            "JWT_SECRET_KEY",
-            "weak",
-            format!("replace it, or unset it to use a key pair: {GENERATE}"),
-        ),
-        Some(_) => Check::pass("JWT_SECRET_KEY", "set and strong"),
-    });
     checks.push(paypal(config));
     let (database, migrations, store) = database(config).await;
     checks.push(database_engine(config));
     checks.push(database);
     checks.push(migrations);
+    checks.push(signing_key(config, store.as_ref()).await);
     checks.push(backups(config, store.as_ref()).await);
     checks.push(last_drill(config, store.as_ref()).await);
     if let Some(store) = store {
@@ -232,6 +222,69 @@ async fn webhook_endpoint(config: &Config) -> Check {
             "run `tollgate stripe setup`, or add the events to the endpoint in Stripe's dashboard",
         )
     }
+}
+
+/// The key that signs entitlement tokens: configured and valid (and not a
+/// weak secret), or generated, stored sealed, and openable with this
+/// `SECRET_KEY`.
+async fn signing_key(config: &Config, store: Option<&crate::store::Store>) -> Check {
+    const NAME: &str = "signing key";
+    const GENPKEY: &str = "`openssl genpkey -algorithm ed25519`";
+    if let Some(raw) = &config.jwt_secret_key {
+        use crate::tokens::ConfiguredFrom;
+        return match crate::tokens::configured_key(raw.expose_secret()) {
+            Err(e) => Check::fail(NAME, e.0, format!("fix JWT_SECRET_KEY, e.g. a PEM from {GENPKEY}")),
+            Ok((_, ConfiguredFrom::Secret)) if is_weak_secret(raw.expose_secret()) => Check::fail(
+                NAME,
+                "JWT_SECRET_KEY is a weak secret (short, repetitive or a placeholder)",
+                format!("use a PEM key from {GENPKEY}, or unset it to use a generated key pair"),
+            ),
+            Ok((key, from)) => {
+                let from = match from {
+                    ConfiguredFrom::Pem | ConfiguredFrom::File => "Ed25519 PEM",
+                    ConfiguredFrom::Secret => "derived from a secret",
+                };
+                Check::pass(NAME, format!("JWT_SECRET_KEY: {from}, kid {}", key.kid()))
+            }
+        };
+    }
+    let Some(store) = store else { return Check::skip(NAME, "not checked: no database") };
+    let active = match store.active_signing_key().await {
+        Ok(Some(row)) => row,
+        Ok(None) => return Check::pass(NAME, "none yet: `tollgate serve` generates one at first start"),
+        Err(e) => return Check::fail(NAME, e.to_string(), "check the database"),
+    };
+    let Some(stored) = active.private_key.as_deref() else {
+        return Check::fail(
+            NAME,
+            format!("the active key {} was configured with JWT_SECRET_KEY, which is now unset", active.kid),
+            "set JWT_SECRET_KEY again, or run `tollgate keys rotate` to generate one",
+        );
+    };
+    let sealer = crate::tokens::Sealer::new(config.secret_key.as_ref().map(|s| s.expose_secret()));
+    if let Err(e) = sealer.open(&active.kid, stored) {
+        return Check::fail(
+            NAME,
+            e.0,
+            "restore the SECRET_KEY it was sealed with, or run `tollgate keys rotate`",
+        );
+    }
+    if stored.starts_with("plain:") && config.is_production() {
+        return Check::fail(
+            NAME,
+            format!("the active key {} is stored unencrypted (generated without SECRET_KEY)", active.kid),
+            "with SECRET_KEY set, run `tollgate keys rotate`",
+        );
+    }
+    let how = if stored.starts_with("plain:") {
+        "stored in clear (no SECRET_KEY)"
+    } else {
+        "sealed with SECRET_KEY"
+    };
+    Check::pass(
+        NAME,
+        format!("generated, {how}, kid {}, created {} ago", active.kid, age(now_unix() - active.created_at)),
+    )
 }
 
 fn paypal(config: &Config) -> Check {

@@ -28,6 +28,7 @@ pub mod orders;
 pub mod provider_events;
 pub mod provider_webhooks;
 pub mod refunds;
+pub mod signing_keys;
 pub mod subscriptions;
 pub mod watermarks;
 pub mod webhook_endpoints;

@@ -24,4 +24,5 @@ mod selling;
 mod store;
 mod stripe_client;
 mod tls;
+mod tokens;
 mod webhooks;
