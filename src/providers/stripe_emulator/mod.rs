@@ -106,6 +106,9 @@ struct Persist {
     path: PathBuf,
     /// Notified by every guard that handed out the state mutably.
     changed: Notify,
+    /// Set with `changed`, cleared by a save: a process that changed
+    /// nothing (a load test, a read-only session) never rewrites the file.
+    dirty: std::sync::atomic::AtomicBool,
     /// One save at a time, so an older copy never replaces a newer one.
     writing: Mutex<()>,
 }
@@ -148,6 +151,7 @@ impl DerefMut for StateGuard<'_> {
 impl Drop for StateGuard<'_> {
     fn drop(&mut self) {
         if let (true, Some(persist)) = (self.touched, self.persist) {
+            persist.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
             persist.changed.notify_one();
         }
     }
@@ -193,7 +197,8 @@ impl Emulator {
                 tracing::info!(path = %path.display(), "Stripe emulator state will be kept in a new file")
             }
         }
-        let persist = Persist { path, changed: Notify::new(), writing: Mutex::new(()) };
+        let persist =
+            Persist { path, changed: Notify::new(), dirty: Default::default(), writing: Mutex::new(()) };
         Ok(Self::with_state(config, state.unwrap_or_default(), Some(persist)))
     }
 
@@ -221,15 +226,22 @@ impl Emulator {
         self.inner.persist.as_ref().map(|p| p.path.as_path())
     }
 
-    /// Writes the state to its file now (nothing without one). Blocking: the
-    /// lock is held only to clone the state, the writing happens after.
+    /// Writes the state to its file now if it changed since the last save
+    /// (nothing without a file). Blocking: the lock is held only to clone
+    /// the state, the writing happens after.
     pub fn save_now(&self) {
         let Some(persist) = self.inner.persist.as_ref() else { return };
         let _writing = persist.writing.lock().unwrap_or_else(|p| p.into_inner());
+        // Cleared before the copy: a change made meanwhile is saved next time.
+        if !persist.dirty.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let copy = self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match persist::save(&persist.path, copy) {
             Ok(()) => tracing::debug!(path = %persist.path.display(), "Stripe emulator state saved"),
             Err(e) => {
+                // Kept dirty, so the next change or the shutdown tries again.
+                persist.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
                 tracing::warn!(path = %persist.path.display(), error = %e, "cannot save the Stripe emulator state")
             }
         }
