@@ -34,6 +34,8 @@ pub enum StartError {
     Tls(String),
     #[error("entitlement token signing key: {0}")]
     SigningKey(#[from] crate::tokens::keys::KeyRingError),
+    #[error(transparent)]
+    EmulatorState(#[from] crate::providers::stripe_emulator::persist::StateFileError),
 }
 
 pub fn store_options(config: &Config) -> StoreOptions {
@@ -82,15 +84,21 @@ impl Server {
         if !report.is_noop() {
             tracing::info!(created = ?report.created, updated = ?report.updated, deactivated = ?report.deactivated, "catalog synced");
         }
-        let emulator = config.uses_stripe_emulator().then(|| {
-            use crate::providers::stripe_emulator::{Emulator, EmulatorConfig};
-            tracing::info!(api_base = %format!("{}{}", config.public_url(), http::EMULATOR_PREFIX), "no STRIPE_SECRET_KEY: serving the built-in Stripe emulator");
-            Emulator::new(EmulatorConfig {
-                public_url: format!("{}{}", config.public_url(), http::EMULATOR_PREFIX),
-                api_key: None,
-                delivery: Default::default(),
+        let emulator = config
+            .uses_stripe_emulator()
+            .then(|| {
+                use crate::providers::stripe_emulator::{Emulator, EmulatorConfig};
+                tracing::info!(api_base = %format!("{}{}", config.public_url(), http::EMULATOR_PREFIX), "no STRIPE_SECRET_KEY: serving the built-in Stripe emulator");
+                Emulator::open(
+                    EmulatorConfig {
+                        public_url: format!("{}{}", config.public_url(), http::EMULATOR_PREFIX),
+                        api_key: None,
+                        delivery: Default::default(),
+                    },
+                    config.stripe_emulator_state_path(),
+                )
             })
-        });
+            .transpose()?;
         let mut stripe_webhook_secrets = config.stripe_webhook_secrets();
         if let (Some(em), true) = (&emulator, stripe_webhook_secrets.is_empty()) {
             // Development with the emulator: register tollgate's own endpoint
@@ -153,6 +161,7 @@ impl Server {
         let shutdown = state.shutdown.clone();
         let store = state.store.clone();
         let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
+        let emulator = state.emulator.clone();
         let workers = jobs::spawn_all(&state, shutdown.clone());
         let app = http::router(state);
 
@@ -193,6 +202,10 @@ impl Server {
             tokio::time::timeout(grace, async { while inbox_writers.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!("inbox writers did not drain within the grace period");
+        }
+        // Requests and jobs have stopped: the emulator's last changes are saved.
+        if let Some(em) = emulator {
+            let _ = tokio::task::spawn_blocking(move || em.save_now()).await;
         }
         store.close().await;
         tracing::info!("tollgate stopped");

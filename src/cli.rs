@@ -81,6 +81,10 @@ pub enum Command {
         /// Accept only this secret key (default: any sk_test_ key).
         #[arg(long, env = "EMULATOR_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// Keep the state in FILE across restarts (default:
+        /// STRIPE_EMULATOR_STATE if set, else in memory only).
+        #[arg(long, value_name = "FILE")]
+        state: Option<std::path::PathBuf>,
     },
     /// Exit 0 if tollgate answers 2xx, 1 otherwise: for container health
     /// checks, since the runtime image has no shell or curl.
@@ -318,21 +322,31 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
                 }
             }
         }
-        Command::StripeEmulator { shuffle_deliveries, duplicate_deliveries, api_key } => {
+        Command::StripeEmulator { shuffle_deliveries, duplicate_deliveries, api_key, state } => {
             use crate::providers::stripe_emulator::{DeliveryOptions, Emulator, EmulatorConfig};
             let address = format!("{}:{}", config.bind_address, config.port);
             let listener = tokio::net::TcpListener::bind(&address)
                 .await
                 .map_err(|e| format!("cannot listen on {address}: {e}"))?;
-            let emulator = Emulator::new(EmulatorConfig {
-                public_url: config.public_url(),
-                api_key,
-                delivery: DeliveryOptions {
-                    shuffle: shuffle_deliveries,
-                    duplicate: duplicate_deliveries,
-                    ..DeliveryOptions::default()
+            // Standalone, there is no database to sit beside: a file only when asked.
+            let state = match state {
+                Some(path) => Some(path),
+                None if config.stripe_emulator_state.is_some() => config.stripe_emulator_state_path(),
+                None => None,
+            };
+            let emulator = Emulator::open(
+                EmulatorConfig {
+                    public_url: config.public_url(),
+                    api_key,
+                    delivery: DeliveryOptions {
+                        shuffle: shuffle_deliveries,
+                        duplicate: duplicate_deliveries,
+                        ..DeliveryOptions::default()
+                    },
                 },
-            });
+                state,
+            )
+            .map_err(|e| e.to_string())?;
             let shutdown = CancellationToken::new();
             tokio::spawn(app::cancel_on_signal(shutdown.clone()));
             tracing::info!(address = %listener.local_addr().map_err(|e| e.to_string())?, api_base = %config.public_url(), "Stripe emulator listening");

@@ -72,6 +72,17 @@ impl std::fmt::Debug for ConnectionUrl {
     }
 }
 
+/// The database file a `sqlite:` URL names; `None` for other databases and
+/// in-memory SQLite.
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() || path.contains(":memory:") || query.split('&').any(|kv| kv == "mode=memory") {
+        return None;
+    }
+    Some(PathBuf::from(path))
+}
+
 fn connection_url(raw: &str) -> Result<ConnectionUrl, std::convert::Infallible> {
     Ok(ConnectionUrl::new(raw))
 }
@@ -130,6 +141,12 @@ pub struct Config {
     /// Base URL of Stripe's API (for proxies and the emulator).
     #[arg(long, env = "STRIPE_API_BASE", global = true)]
     pub stripe_api_base: Option<String>,
+
+    /// File the built-in Stripe emulator keeps its state in, so it survives
+    /// a restart; `none`: in memory only. Default: beside a SQLite database
+    /// file (`tollgate.db.stripe-emulator.json`), none with PostgreSQL.
+    #[arg(long, env = "STRIPE_EMULATOR_STATE", global = true)]
+    pub stripe_emulator_state: Option<String>,
 
     /// PayPal REST app client id.
     #[arg(long, env = "PAYPAL_CLIENT_ID", global = true)]
@@ -420,6 +437,21 @@ impl Config {
         self.stripe_secret_key.is_none()
     }
 
+    /// Where the built-in Stripe emulator keeps its state (see
+    /// `STRIPE_EMULATOR_STATE`): the setting, else beside a SQLite database
+    /// file; `None` keeps it in memory.
+    pub fn stripe_emulator_state_path(&self) -> Option<PathBuf> {
+        match self.stripe_emulator_state.as_deref().map(str::trim) {
+            Some(s) if s.is_empty() || s.eq_ignore_ascii_case("none") => None,
+            Some(path) => Some(PathBuf::from(path)),
+            None => sqlite_file(self.database_url.expose()).map(|db| {
+                let mut name = db.into_os_string();
+                name.push(".stripe-emulator.json");
+                PathBuf::from(name)
+            }),
+        }
+    }
+
     /// Every reason this configuration must not start, one line each.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
@@ -658,6 +690,24 @@ mod tests {
         refused(&c, "SQLite in production");
         c.allow_sqlite_in_production = true;
         assert!(c.problems().is_empty());
+    }
+
+    #[test]
+    fn the_emulator_state_sits_beside_a_sqlite_file_unless_configured() {
+        let mut c = Config::defaults();
+        let path = |c: &Config| c.stripe_emulator_state_path().map(|p| p.display().to_string());
+        assert_eq!(path(&c).as_deref(), Some("tollgate.db.stripe-emulator.json"));
+        c.database_url = ConnectionUrl::new("sqlite:///var/lib/tg/app.db?mode=rwc");
+        assert_eq!(path(&c).as_deref(), Some("/var/lib/tg/app.db.stripe-emulator.json"));
+        c.database_url = ConnectionUrl::new("sqlite::memory:");
+        assert_eq!(path(&c), None);
+        c.database_url = ConnectionUrl::new("postgres://postgres@127.0.0.1/tg");
+        assert_eq!(path(&c), None);
+        c.stripe_emulator_state = Some("/tmp/em.json".to_owned());
+        assert_eq!(path(&c).as_deref(), Some("/tmp/em.json"));
+        c.database_url = ConnectionUrl::new("sqlite://tollgate.db");
+        c.stripe_emulator_state = Some("none".to_owned());
+        assert_eq!(path(&c), None);
     }
 
     #[test]

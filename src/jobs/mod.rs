@@ -74,6 +74,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     }
     tasks.spawn(rate_limits::run(state.rate_limits.clone(), shutdown.clone(), Duration::from_secs(60)));
     if let Some(emulator) = &state.emulator {
+        tasks.spawn(crate::providers::stripe_emulator::persist::run(emulator.clone(), shutdown.clone()));
         tasks.spawn(crate::providers::stripe_emulator::delivery::run(emulator.clone(), shutdown));
     }
     Workers { tasks }

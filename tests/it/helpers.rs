@@ -52,6 +52,11 @@ impl TestDb {
         }
     }
 
+    /// The SQLite database file, if this is one.
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        self.url.strip_prefix("sqlite://").filter(|_| !self.is_postgres()).map(PathBuf::from)
+    }
+
     pub fn is_postgres(&self) -> bool {
         self.admin_url.is_some()
     }
@@ -174,6 +179,15 @@ impl TestApp {
             .unwrap();
         assert!(resp.status().is_success(), "upsert failed: {}", resp.status());
         resp.json().await.unwrap()
+    }
+
+    /// Stops this tollgate and starts another on the same database (and
+    /// whatever files sit beside it), on a new port, as after a restart.
+    pub async fn restart(mut self, adjust: impl FnOnce(&mut Config)) -> TestApp {
+        self.stop().await;
+        let placeholder = TestDb { url: String::new(), admin_url: None, name: String::new(), _dir: None };
+        let db = std::mem::replace(&mut self.db, placeholder);
+        spawn_on(db, adjust).await
     }
 
     /// Cancels the shutdown token and waits for `run` to return.

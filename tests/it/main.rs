@@ -15,6 +15,7 @@ mod customers;
 mod delivery;
 mod doctor;
 mod emulator;
+mod emulator_state;
 mod idempotency;
 mod openapi;
 mod operations;

@@ -28,8 +28,8 @@ pub async fn run(em: Emulator, shutdown: CancellationToken) {
         // Sessions expire on time even when nobody reads them, with their event.
         super::checkout::expire_due(&mut em.lock());
         let (due, next) = take_due(&em);
-        for delivery in due {
-            tokio::spawn(deliver(em.clone(), delivery));
+        for (flight, delivery) in due {
+            tokio::spawn(deliver(em.clone(), flight, delivery));
         }
         let wait = next
             .map(|at| at.saturating_duration_since(Instant::now()))
@@ -43,15 +43,20 @@ pub async fn run(em: Emulator, shutdown: CancellationToken) {
     }
 }
 
-/// Removes and returns the deliveries due now (shuffled if asked), and when
-/// the next one falls due.
-fn take_due(em: &Emulator) -> (Vec<Delivery>, Option<Instant>) {
+/// Moves the deliveries due now into flight and returns them (shuffled if
+/// asked) with their flight numbers, and when the next one falls due.
+fn take_due(em: &Emulator) -> (Vec<(u64, Delivery)>, Option<Instant>) {
     let now = Instant::now();
     let mut state = em.lock();
-    let (mut due, later): (Vec<Delivery>, Vec<Delivery>) =
-        state.deliveries.drain(..).partition(|d| d.due <= now);
+    // Read first: the state only counts as changed (and is saved) when
+    // something is due.
+    if !state.deliveries.iter().any(|d| d.due <= now) {
+        return (Vec::new(), state.deliveries.iter().map(|d| d.due).min());
+    }
+    let (due, later): (Vec<Delivery>, Vec<Delivery>) = state.deliveries.drain(..).partition(|d| d.due <= now);
     let next = later.iter().map(|d| d.due).min();
     state.deliveries.extend(later);
+    let mut due: Vec<(u64, Delivery)> = due.into_iter().map(|d| (state.start_flight(d.clone()), d)).collect();
     drop(state);
     if em.config().delivery.shuffle {
         due.shuffle(&mut rand::thread_rng());
@@ -59,7 +64,7 @@ fn take_due(em: &Emulator) -> (Vec<Delivery>, Option<Instant>) {
     (due, next)
 }
 
-async fn deliver(em: Emulator, delivery: Delivery) {
+async fn deliver(em: Emulator, flight: u64, delivery: Delivery) {
     let prepared = {
         let state = em.lock();
         let endpoint = state.get(&delivery.endpoint_id).cloned();
@@ -78,7 +83,10 @@ async fn deliver(em: Emulator, delivery: Delivery) {
             _ => None,
         }
     };
-    let Some((url, secret, body)) = prepared else { return };
+    let Some((url, secret, body)) = prepared else {
+        em.lock().in_flight.remove(&flight);
+        return;
+    };
     let signature = sign(&secret, real_now(), &body);
     let result = em
         .inner
@@ -91,6 +99,7 @@ async fn deliver(em: Emulator, delivery: Delivery) {
         .await;
     let delivered = matches!(&result, Ok(r) if r.status().is_success());
     let mut state = em.lock();
+    state.in_flight.remove(&flight);
     if delivered {
         if let Some(event) = state.get_mut(&delivery.event_id) {
             let pending = event["pending_webhooks"].as_i64().unwrap_or(1);

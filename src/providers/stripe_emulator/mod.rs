@@ -11,6 +11,8 @@
 //! mounted by `tollgate serve` under `/emulator/stripe` when no Stripe key is
 //! configured.
 
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,6 +36,7 @@ pub mod objects;
 pub mod pages;
 pub mod params;
 pub mod payments;
+pub mod persist;
 pub mod state;
 
 use error::{StripeError, StripeResult};
@@ -94,6 +97,64 @@ struct Inner {
     /// Woken when deliveries are queued.
     wake: Notify,
     http: reqwest::Client,
+    /// Set when the state is kept in a file.
+    persist: Option<Persist>,
+}
+
+/// Where the state is saved and how the saver hears of changes.
+struct Persist {
+    path: PathBuf,
+    /// Notified by every guard that handed out the state mutably.
+    changed: Notify,
+    /// Set with `changed`, cleared by a save: a process that changed
+    /// nothing (a load test, a read-only session) never rewrites the file.
+    dirty: std::sync::atomic::AtomicBool,
+    /// One save at a time, so an older copy never replaces a newer one.
+    writing: Mutex<()>,
+}
+
+/// The locked state. Handing it out mutably marks it changed, so the saver
+/// writes only after something may have changed, never after a read.
+pub struct StateGuard<'a> {
+    guard: MutexGuard<'a, State>,
+    persist: Option<&'a Persist>,
+    touched: bool,
+}
+
+impl StateGuard<'_> {
+    /// The state, mutable without marking it changed: for requests that
+    /// only read, whose incidental changes the caller detects itself.
+    fn untracked(&mut self) -> &mut State {
+        &mut self.guard
+    }
+
+    /// Marks the state changed.
+    fn touch(&mut self) {
+        self.touched = true;
+    }
+}
+
+impl Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.touched = true;
+        &mut self.guard
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        if let (true, Some(persist)) = (self.touched, self.persist) {
+            persist.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+            persist.changed.notify_one();
+        }
+    }
 }
 
 /// What a request carries besides its parameters.
@@ -114,13 +175,39 @@ impl Ctx {
 type Operation = fn(&mut State, &Ctx, &Params) -> StripeResult<Value>;
 
 impl Emulator {
+    /// An emulator whose state lives in memory only.
     pub fn new(config: EmulatorConfig) -> Self {
+        Self::with_state(config, State::default(), None)
+    }
+
+    /// An emulator whose state is kept in `state_file` (loaded now if it
+    /// exists, saved after changes by [`persist::run`] and by
+    /// [`Emulator::save_now`]); in memory only when `None`.
+    pub fn open(
+        config: EmulatorConfig,
+        state_file: Option<PathBuf>,
+    ) -> Result<Self, persist::StateFileError> {
+        let Some(path) = state_file else { return Ok(Self::new(config)) };
+        let state = persist::load(&path)?;
+        match &state {
+            Some(s) => {
+                tracing::info!(path = %path.display(), objects = s.object_count(), "Stripe emulator state loaded")
+            }
+            None => {
+                tracing::info!(path = %path.display(), "Stripe emulator state will be kept in a new file")
+            }
+        }
+        let persist =
+            Persist { path, changed: Notify::new(), dirty: Default::default(), writing: Mutex::new(()) };
+        Ok(Self::with_state(config, state.unwrap_or_default(), Some(persist)))
+    }
+
+    fn with_state(config: EmulatorConfig, mut state: State, persist: Option<Persist>) -> Self {
         let http = reqwest::Client::builder()
             .timeout(config.delivery.timeout)
             .user_agent("Stripe/1.0 (+https://stripe.com/docs/webhooks)")
             .build()
             .expect("HTTP client builds");
-        let mut state = State::default();
         state.duplicate_deliveries = config.delivery.duplicate;
         Emulator {
             inner: Arc::new(Inner {
@@ -129,7 +216,34 @@ impl Emulator {
                 config,
                 wake: Notify::new(),
                 http,
+                persist,
             }),
+        }
+    }
+
+    /// The file the state is kept in, if any.
+    pub fn state_file(&self) -> Option<&std::path::Path> {
+        self.inner.persist.as_ref().map(|p| p.path.as_path())
+    }
+
+    /// Writes the state to its file now if it changed since the last save
+    /// (nothing without a file). Blocking: the lock is held only to clone
+    /// the state, the writing happens after.
+    pub fn save_now(&self) {
+        let Some(persist) = self.inner.persist.as_ref() else { return };
+        let _writing = persist.writing.lock().unwrap_or_else(|p| p.into_inner());
+        // Cleared before the copy: a change made meanwhile is saved next time.
+        if !persist.dirty.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let copy = self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match persist::save(&persist.path, copy) {
+            Ok(()) => tracing::debug!(path = %persist.path.display(), "Stripe emulator state saved"),
+            Err(e) => {
+                // Kept dirty, so the next change or the shutdown tries again.
+                persist.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::warn!(path = %persist.path.display(), error = %e, "cannot save the Stripe emulator state")
+            }
         }
     }
 
@@ -138,15 +252,39 @@ impl Emulator {
     }
 
     /// The state, for the hosted pages and tests. Never held across an await.
-    pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    pub fn lock(&self) -> StateGuard<'_> {
+        StateGuard {
+            guard: self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
+            persist: self.inner.persist.as_ref(),
+            touched: false,
+        }
     }
 
     /// Registers a webhook endpoint for every event type and returns its
     /// signing secret: how `tollgate serve` subscribes itself in development.
+    ///
+    /// With a saved state the endpoint usually exists already: the one for
+    /// `url`, or the one an earlier run registered for itself at another
+    /// address (another port), is reused with its secret, moved to `url` and
+    /// enabled, rather than a second endpoint being added.
     pub fn register_webhook_endpoint(&self, url: &str) -> String {
+        const OWN: &str = "tollgate_self";
         let mut state = self.lock();
-        let params = Params::new(json!({ "url": url, "enabled_events": ["*"] }));
+        let endpoints = state.all("webhook_endpoint");
+        let existing = endpoints
+            .iter()
+            .find(|e| e["url"] == url)
+            .or_else(|| endpoints.iter().find(|e| e["metadata"][OWN] == "true"))
+            .map(|e| e["id"].as_str().unwrap_or_default().to_owned());
+        if let Some(id) = existing {
+            let mut changes = serde_json::Map::new();
+            changes.insert("url".into(), json!(url));
+            changes.insert("status".into(), json!("enabled"));
+            changes.insert("enabled_events".into(), json!(["*"]));
+            let (endpoint, _) = state.update(&id, changes);
+            return endpoint["secret"].as_str().unwrap_or_default().to_owned();
+        }
+        let params = Params::new(json!({ "url": url, "enabled_events": ["*"], "metadata": { OWN: "true" } }));
         let ctx = Ctx {
             version: CURRENT_API_VERSION.to_owned(),
             path: vec![],
@@ -186,6 +324,9 @@ impl Emulator {
     /// itself under the state lock, `expand[]`, and version shaping.
     async fn handle(&self, req: ApiRequest, op: Operation) -> Response {
         let ApiRequest { method, key, idempotency_key, ctx, params, fingerprint } = req;
+        // Stored responses are found by a hash of the key, so a saved state
+        // file holds no API keys.
+        let key = hex::encode(Sha256::digest(key.as_bytes()));
         let fault = self.take_fault();
         if let Some(f) = fault.as_ref().filter(|f| !f.after_processing) {
             return f.response();
@@ -206,7 +347,18 @@ impl Emulator {
                     (StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK), stored.body, true)
                 }
                 None => {
-                    let (status, body) = match op(&mut state, &ctx, &params) {
+                    // A read changes nothing worth saving at once, except
+                    // what it sets off (a session expiring emits its event).
+                    let before = state.object_count();
+                    let outcome = if method == Method::GET {
+                        op(state.untracked(), &ctx, &params)
+                    } else {
+                        op(&mut state, &ctx, &params)
+                    };
+                    if state.object_count() != before {
+                        state.touch();
+                    }
+                    let (status, body) = match outcome {
                         Ok(mut value) => {
                             shape_for_version(&state, &mut value, &ctx.version);
                             for path in &expand {
@@ -336,8 +488,12 @@ impl Emulator {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> std::io::Result<()> {
         let deliveries = tokio::spawn(delivery::run(self.clone(), shutdown.clone()));
+        let saver = tokio::spawn(persist::run(self.clone(), shutdown.clone()));
         axum::serve(listener, self.router()).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
         let _ = deliveries.await;
+        let _ = saver.await;
+        let em = self.clone();
+        let _ = tokio::task::spawn_blocking(move || em.save_now()).await;
         Ok(())
     }
 }

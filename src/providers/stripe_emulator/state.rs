@@ -43,7 +43,7 @@ pub struct StoredResponse {
     pub body: Value,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct State {
     objects: HashMap<String, Value>,
     /// Object type → ids in creation order.
@@ -54,6 +54,10 @@ pub struct State {
     /// like Stripe's only shows `last4`.
     pub cards: HashMap<String, String>,
     pub deliveries: VecDeque<Delivery>,
+    /// Deliveries being attempted, by a number of their own: still owed
+    /// until answered, so a state saved meanwhile keeps them.
+    pub in_flight: HashMap<u64, Delivery>,
+    next_flight: u64,
     /// Checkout session id → its line items (Stripe returns them only on
     /// request).
     pub line_items: HashMap<String, Vec<Value>>,
@@ -64,6 +68,28 @@ pub struct State {
 }
 
 impl State {
+    /// A state holding these objects (as saved by [`State::objects_and_order`]).
+    pub fn from_objects(objects: HashMap<String, Value>, order: HashMap<String, Vec<String>>) -> Self {
+        State { objects, order, ..State::default() }
+    }
+
+    /// Takes the objects and their creation order out, for saving a copy.
+    pub fn take_objects_and_order(&mut self) -> (HashMap<String, Value>, HashMap<String, Vec<String>>) {
+        (std::mem::take(&mut self.objects), std::mem::take(&mut self.order))
+    }
+
+    /// How many objects there are (events included).
+    pub fn object_count(&self) -> usize {
+        self.objects.len()
+    }
+
+    /// Moves a delivery into flight and returns its number.
+    pub fn start_flight(&mut self, delivery: Delivery) -> u64 {
+        self.next_flight += 1;
+        self.in_flight.insert(self.next_flight, delivery);
+        self.next_flight
+    }
+
     pub fn insert(&mut self, object: Value) -> Value {
         let id = object["id"].as_str().expect("objects have ids").to_owned();
         let kind = object["object"].as_str().expect("objects have a type").to_owned();
