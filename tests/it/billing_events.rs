@@ -36,7 +36,7 @@ pub(crate) const T0: i64 = 1_800_000_000;
 
 /// Waits until every one of `expected` stored events is applied (or
 /// ignored), failing on any that failed.
-async fn wait_applied(app: &TestApp, expected: i64) {
+pub(crate) async fn wait_applied(app: &TestApp, expected: i64) {
     eventually(Duration::from_secs(60), || async {
         let counts = app.server_store.provider_event_counts().await.ok()?;
         let failed = counts.get("failed").copied().unwrap_or(0) + counts.get("dead").copied().unwrap_or(0);
@@ -388,7 +388,7 @@ async fn pay(session: &Value, card: &str) {
     assert_eq!(resp.status(), 303, "paid");
 }
 
-async fn emulator(app: &TestApp, path: &str, form: &[(&str, &str)]) -> Value {
+pub(crate) async fn emulator(app: &TestApp, path: &str, form: &[(&str, &str)]) -> Value {
     let resp = app
         .client
         .post(app.url(&format!("/emulator/stripe{path}")))
@@ -401,7 +401,7 @@ async fn emulator(app: &TestApp, path: &str, form: &[(&str, &str)]) -> Value {
     resp.json().await.unwrap()
 }
 
-async fn emulator_get(app: &TestApp, path: &str) -> Value {
+pub(crate) async fn emulator_get(app: &TestApp, path: &str) -> Value {
     app.client
         .get(app.url(&format!("/emulator/stripe{path}")))
         .bearer_auth("sk_test_local")
@@ -414,7 +414,12 @@ async fn emulator_get(app: &TestApp, path: &str) -> Value {
 }
 
 /// A price at the emulator for a new product: one-time, or recurring every `interval`.
-async fn emulator_price(app: &TestApp, product: &str, amount: &str, interval: Option<&str>) -> String {
+pub(crate) async fn emulator_price(
+    app: &TestApp,
+    product: &str,
+    amount: &str,
+    interval: Option<&str>,
+) -> String {
     let product = emulator(app, "/v1/products", &[("name", product)]).await;
     let mut form =
         vec![("product", product["id"].as_str().unwrap()), ("unit_amount", amount), ("currency", "usd")];
@@ -426,7 +431,7 @@ async fn emulator_price(app: &TestApp, product: &str, amount: &str, interval: Op
 
 /// Two of `price` bought by `customer` on the hosted page with `card`: the
 /// session as the emulator has it afterwards.
-async fn buy(app: &TestApp, customer: &str, price: &str, card: &str) -> Value {
+pub(crate) async fn buy(app: &TestApp, customer: &str, price: &str, card: &str) -> Value {
     let session = emulator(
         app,
         "/v1/checkout/sessions",
@@ -665,7 +670,7 @@ async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_cu
 
 /// Maps emulator prices onto catalog prices, as `stripe_price` lines in the
 /// catalog file do for a team already selling on Stripe.
-async fn link_catalog(app: &TestApp, links: &[(&str, &str)]) {
+pub(crate) async fn link_catalog(app: &TestApp, links: &[(&str, &str)]) {
     let mut text = std::fs::read_to_string(manifest_path("tollgate.toml")).unwrap();
     for (catalog_price, stripe_price) in links {
         let header = format!("[prices.{catalog_price}]\n");
