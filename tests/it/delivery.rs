@@ -662,7 +662,8 @@ async fn order_paid_is_delivered_once_when_the_provider_sends_the_payment_five_t
         let id = serde_json::from_slice::<Value>(body).unwrap()["id"].as_str().unwrap().to_owned();
         eventually(Duration::from_secs(20), || async {
             app.provider_events("").await.into_iter().find(|e| {
-                e["provider_event_id"] == id.as_str() && (e["status"] == "processed" || e["status"] == "ignored")
+                e["provider_event_id"] == id.as_str()
+                    && (e["status"] == "processed" || e["status"] == "ignored")
             })
         })
         .await;
