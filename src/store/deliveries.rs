@@ -140,10 +140,10 @@ impl Store {
         // Most wake-ups find nothing new (every finished send wakes the
         // worker): a read on the read side answers those without taking
         // SQLite's single write lock or opening a PostgreSQL transaction.
-        let due: Option<i64> = sql!(
+        let due: Option<String> = sql!(
             self,
-            query_scalar::<i64>(
-                "SELECT 1 FROM deliveries WHERE status IN ('pending', 'failed') AND next_attempt_at <= $1 \
+            query_scalar::<String>(
+                "SELECT id FROM deliveries WHERE status IN ('pending', 'failed') AND next_attempt_at <= $1 \
                  AND (locked_until IS NULL OR locked_until < $1) LIMIT 1",
                 now
             )
