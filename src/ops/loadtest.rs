@@ -239,10 +239,11 @@ async fn record_arrival(
         .and_then(|v| v["data"]["provider_subscription_id"].as_str().map(str::to_owned));
     if let Some(sub) = sub {
         let mut a = arrivals.lock().unwrap_or_else(|e| e.into_inner());
-        if a.by_subscription.contains_key(&sub) {
-            a.duplicates += 1;
-        } else {
-            a.by_subscription.insert(sub, (at, event_id));
+        match a.by_subscription.entry(sub) {
+            std::collections::hash_map::Entry::Occupied(_) => a.duplicates += 1,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((at, event_id));
+            }
         }
     }
     axum::http::StatusCode::NO_CONTENT
