@@ -74,6 +74,13 @@ impl Server {
             return Err(StartError::Config(problems.join("; ")));
         }
         let catalog = Catalog::load(&config.catalog_path)?;
+        let declared_endpoints = crate::delivery::declared::load(
+            &config.catalog_path,
+            crate::delivery::TargetPolicy::from_config(&config),
+            |name| std::env::var(name).ok(),
+        )
+        .await
+        .map_err(StartError::Config)?;
         let store = Store::connect_and_migrate(config.database_url.expose(), &store_options(&config)).await?;
         // Secrets `tollgate stripe setup` stored, verified beside the configured ones.
         let stored_webhook_secrets = store.provider_webhook_secrets("stripe").await?;
@@ -83,6 +90,11 @@ impl Server {
         let report = store.sync_catalog(&catalog, &Actor::System("catalog")).await?;
         if !report.is_noop() {
             tracing::info!(created = ?report.created, updated = ?report.updated, deactivated = ?report.deactivated, "catalog synced");
+        }
+        let report =
+            store.reconcile_declared_webhook_endpoints(&declared_endpoints, &Actor::System("config")).await?;
+        if !report.is_noop() {
+            tracing::info!(created = ?report.created, updated = ?report.updated, removed = ?report.removed, "webhook endpoints from the config file reconciled");
         }
         let emulator = config
             .uses_stripe_emulator()

@@ -357,6 +357,17 @@ pub struct Config {
     /// spec's schedule, except in tests that need retries to happen now.
     #[arg(skip)]
     pub webhook_retry_schedule: Option<Vec<Duration>>,
+
+    /// How often the outbound delivery workers look for due deliveries when
+    /// nothing woke them (retries coming due; a missed wake-up). New events
+    /// wake them at once.
+    #[arg(long, env = "WEBHOOK_DELIVERY_POLL_MS", default_value_t = 250, global = true)]
+    pub webhook_delivery_poll_ms: u64,
+
+    /// Outbound delivery workers in this process (default: 1 on SQLite, 2
+    /// on PostgreSQL); 0 leaves sending to other instances.
+    #[arg(long, env = "WEBHOOK_DELIVERY_WORKERS", global = true)]
+    pub webhook_delivery_workers: Option<u32>,
 }
 
 impl Config {

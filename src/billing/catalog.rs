@@ -125,6 +125,10 @@ struct RawCatalog {
     products: BTreeMap<String, RawProduct>,
     #[serde(default)]
     prices: BTreeMap<String, RawPrice>,
+    /// Outbound webhook endpoints declared beside the catalog; read and
+    /// checked by `delivery::declared`.
+    #[serde(default, rename = "webhook_endpoints")]
+    _webhook_endpoints: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]

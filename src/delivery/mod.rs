@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod declared;
+pub mod listen;
 pub mod signing;
 pub mod worker;
 
@@ -209,9 +211,53 @@ pub const EVENT_TYPES: &[&str] = &[
     "entitlements.updated",
 ];
 
+/// An endpoint's event filter as stored: known types only, sorted and
+/// deduplicated, `["*"]` when it names all (absent: all). The error says
+/// what is wrong, for the API and for the config file alike.
+pub fn normalize_events(events: Option<Vec<String>>) -> Result<Vec<String>, String> {
+    let mut events = events.unwrap_or_else(|| vec!["*".to_owned()]);
+    if events.is_empty() {
+        return Err("events must list at least one type, or \"*\".".to_owned());
+    }
+    if let Some(bad) = events.iter().find(|t| *t != "*" && !EVENT_TYPES.contains(&t.as_str())) {
+        return Err(format!(
+            "Unknown event type '{bad}'; expected \"*\" or one of {}.",
+            EVENT_TYPES.join(", ")
+        ));
+    }
+    events.sort();
+    events.dedup();
+    if events.iter().any(|t| t == "*") {
+        events = vec!["*".to_owned()];
+    }
+    Ok(events)
+}
+
+/// The URL rules shared by the API and the config file: length, no
+/// control characters, then [`check_target`].
+pub async fn check_endpoint_url(raw: &str, policy: TargetPolicy) -> Result<reqwest::Url, String> {
+    if raw.len() > 2048 || raw.chars().any(char::is_control) {
+        return Err("url must be at most 2048 characters.".to_owned());
+    }
+    check_target(raw, policy).await.map_err(|e| format!("{e}."))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_filters_are_checked_and_normalised() {
+        assert_eq!(normalize_events(None).unwrap(), ["*"]);
+        assert_eq!(
+            normalize_events(Some(vec!["order.paid".into(), "invoice.paid".into(), "order.paid".into()]))
+                .unwrap(),
+            ["invoice.paid", "order.paid"]
+        );
+        assert_eq!(normalize_events(Some(vec!["order.paid".into(), "*".into()])).unwrap(), ["*"]);
+        assert!(normalize_events(Some(vec![])).is_err());
+        assert!(normalize_events(Some(vec!["order.shipped".into()])).unwrap_err().contains("order.shipped"));
+    }
 
     const STRICT: TargetPolicy = TargetPolicy { strict: true };
     const LAX: TargetPolicy = TargetPolicy { strict: false };

@@ -32,7 +32,7 @@ impl DeliveryOptions {
             schedule: config.webhook_retry_schedule.clone().unwrap_or_else(|| RETRY_SCHEDULE.to_vec()),
             policy: TargetPolicy::from_config(config),
             batch: 64,
-            idle_poll: Duration::from_millis(250),
+            idle_poll: Duration::from_millis(config.webhook_delivery_poll_ms.max(1)),
         }
     }
 

@@ -52,6 +52,7 @@ use super::AppState;
         super::webhook_endpoints::get_webhook_endpoint,
         super::webhook_endpoints::delete_webhook_endpoint,
         super::webhook_endpoints::rotate_webhook_endpoint_secret,
+        super::webhook_endpoints::enable_webhook_endpoint,
         super::webhook_endpoints::list_deliveries,
         super::webhook_endpoints::retry_delivery,
         super::health::livez,

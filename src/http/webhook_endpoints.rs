@@ -20,6 +20,7 @@ pub fn router() -> Router<AppState> {
         .route("/webhook-endpoints", post(create_webhook_endpoint).get(list_webhook_endpoints))
         .route("/webhook-endpoints/{id}", get(get_webhook_endpoint).delete(delete_webhook_endpoint))
         .route("/webhook-endpoints/{id}/rotate-secret", post(rotate_webhook_endpoint_secret))
+        .route("/webhook-endpoints/{id}/enable", post(enable_webhook_endpoint))
         .route("/webhook-endpoints/{id}/deliveries", get(list_deliveries))
         .route("/deliveries/{id}/retry", post(retry_delivery))
 }
@@ -38,6 +39,10 @@ pub struct WebhookEndpoint {
     /// `enabled`, or `disabled` (it answered `410 Gone`).
     pub status: String,
     pub disabled_reason: Option<String>,
+    /// The `[webhook_endpoints.<key>]` entry of the config file that
+    /// manages it (its secret comes from the environment; it is changed or
+    /// removed there, not by API); null when created by API.
+    pub config_key: Option<String>,
     /// `whsec_…`: only in the responses that create or rotate it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
@@ -56,6 +61,7 @@ impl WebhookEndpoint {
             description: r.description,
             status: r.status,
             disabled_reason: r.disabled_reason,
+            config_key: r.config_key,
             created: r.created_at,
             updated: r.updated_at,
         }
@@ -97,25 +103,7 @@ pub async fn create_webhook_endpoint(
     let url = delivery::check_target(&body.url, TargetPolicy::from_config(&state.config))
         .await
         .map_err(|e| ApiError::invalid("url_invalid", format!("{e}.")).with_param("url"))?;
-    let events = body.events.unwrap_or_else(|| vec!["*".to_owned()]);
-    if events.is_empty() {
-        return Err(ApiError::invalid_param("events", "events must list at least one type, or \"*\"."));
-    }
-    if let Some(bad) = events.iter().find(|t| *t != "*" && !delivery::EVENT_TYPES.contains(&t.as_str())) {
-        return Err(ApiError::invalid_param(
-            "events",
-            format!(
-                "Unknown event type '{bad}'; expected \"*\" or one of {}.",
-                delivery::EVENT_TYPES.join(", ")
-            ),
-        ));
-    }
-    let mut events: Vec<String> = events;
-    events.sort();
-    events.dedup();
-    if events.iter().any(|t| t == "*") {
-        events = vec!["*".to_owned()];
-    }
+    let events = delivery::normalize_events(body.events).map_err(|e| ApiError::invalid_param("events", e))?;
     let description = super::extract::text_filter("description", body.description)?;
     let secret = signing::generate_secret();
     let request_id = current_request_id();
@@ -188,13 +176,15 @@ pub struct Deleted {
 /// Delete a webhook endpoint
 ///
 /// Nothing more is sent to it, including deliveries still pending; its
-/// deliveries stay in the audit trail.
+/// deliveries stay in the audit trail. An endpoint declared in the config
+/// file is refused with 409 `endpoint_config_managed`: remove its
+/// declaration and restart instead.
 #[utoipa::path(
     delete,
     path = "/v1/webhook-endpoints/{id}",
     tag = "webhooks",
     params(("id" = String, Path, description = "we_…")),
-    responses((status = 200, body = Deleted), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = Deleted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("api_key" = []))
 )]
 #[tracing::instrument(skip_all)]
@@ -203,6 +193,7 @@ pub async fn delete_webhook_endpoint(
     AdminKey(caller): AdminKey,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Deleted>> {
+    refuse_config_managed(&find(&state, &id).await?, "deleted")?;
     let request_id = current_request_id();
     if !state.store.delete_webhook_endpoint(&id, &caller.actor(), request_id.as_deref()).await? {
         return Err(ApiError::not_found("webhook endpoint", &id));
@@ -213,13 +204,14 @@ pub async fn delete_webhook_endpoint(
 /// Rotate a webhook endpoint's secret
 ///
 /// The response carries the new `secret`, shown this once; the old one
-/// stops signing at once.
+/// stops signing at once. An endpoint declared in the config file takes its
+/// secret from the environment: 409 `endpoint_config_managed`.
 #[utoipa::path(
     post,
     path = "/v1/webhook-endpoints/{id}/rotate-secret",
     tag = "webhooks",
     params(("id" = String, Path, description = "we_…")),
-    responses((status = 200, body = WebhookEndpoint), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = WebhookEndpoint), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("api_key" = []))
 )]
 #[tracing::instrument(skip_all)]
@@ -228,6 +220,7 @@ pub async fn rotate_webhook_endpoint_secret(
     AdminKey(caller): AdminKey,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<WebhookEndpoint>> {
+    refuse_config_managed(&find(&state, &id).await?, "given a new secret")?;
     let secret = signing::generate_secret();
     let request_id = current_request_id();
     let record = state
@@ -236,6 +229,78 @@ pub async fn rotate_webhook_endpoint_secret(
         .await?
         .ok_or_else(|| ApiError::not_found("webhook endpoint", &id))?;
     Ok(Json(WebhookEndpoint::from_record(record, true)))
+}
+
+/// The config file owns what it declares; the API says where to change it.
+fn refuse_config_managed(endpoint: &EndpointRecord, what: &str) -> ApiResult<()> {
+    match &endpoint.config_key {
+        None => Ok(()),
+        Some(key) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorType::InvalidRequestError,
+            "endpoint_config_managed",
+            format!(
+                "Webhook endpoint {} is declared in the config file ([webhook_endpoints.{key}]) and cannot be {what} \
+                 by API; change the declaration and restart.",
+                endpoint.id
+            ),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnableWebhookEndpoint {
+    /// Also queue this endpoint's dead deliveries again (default false).
+    #[serde(default)]
+    pub retry_dead: bool,
+}
+
+/// The endpoint, and what enabling it set in motion.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnabledWebhookEndpoint {
+    #[serde(flatten)]
+    pub endpoint: WebhookEndpoint,
+    /// Dead deliveries queued again by `retry_dead`.
+    pub requeued_dead_deliveries: u64,
+}
+
+/// Enable a webhook endpoint
+///
+/// Sends to an endpoint again after it was disabled (it answered `410
+/// Gone`). Its deliveries still waiting, queued before it was disabled and
+/// including the one it refused, become due now and go out in order per
+/// customer. Events that happened while it was disabled were not queued for
+/// it (`GET /v1/events` lists them). Deliveries do not die while their
+/// endpoint is disabled; ones that died before can be queued again with
+/// `retry_dead`. Enabling an enabled endpoint changes nothing. Works for
+/// endpoints declared in the config file too.
+#[utoipa::path(
+    post,
+    path = "/v1/webhook-endpoints/{id}/enable",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "we_…")),
+    request_body(content = Option<EnableWebhookEndpoint>, description = "Optional: an empty body enables only."),
+    responses((status = 200, body = EnabledWebhookEndpoint), (status = 404, body = ErrorBody)),
+    security(("api_key" = []))
+)]
+#[tracing::instrument(skip_all)]
+pub async fn enable_webhook_endpoint(
+    State(state): State<AppState>,
+    AdminKey(caller): AdminKey,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(options): ApiJson<EnableWebhookEndpoint>,
+) -> ApiResult<Json<EnabledWebhookEndpoint>> {
+    let request_id = current_request_id();
+    let enabled = state
+        .store
+        .enable_webhook_endpoint(&id, options.retry_dead, &caller.actor(), request_id.as_deref())
+        .await?
+        .ok_or_else(|| ApiError::not_found("webhook endpoint", &id))?;
+    Ok(Json(EnabledWebhookEndpoint {
+        endpoint: WebhookEndpoint::from_record(enabled.endpoint, false),
+        requeued_dead_deliveries: enabled.requeued_dead,
+    }))
 }
 
 /// One event's delivery to one endpoint.

@@ -65,8 +65,12 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     });
     tasks.spawn(grace::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
     let delivery = crate::delivery::worker::DeliveryOptions::from_config(&state.config);
-    for _ in 0..workers {
+    let senders = state.config.webhook_delivery_workers.map_or(workers, |n| n as usize);
+    for _ in 0..senders {
         tasks.spawn(crate::delivery::worker::run(state.store.clone(), delivery.clone(), shutdown.clone()));
+    }
+    if senders > 0 {
+        tasks.spawn(crate::delivery::listen::run(state.store.clone(), shutdown.clone()));
     }
     if state.config.reconcile_interval_seconds > 0 {
         let every = Duration::from_secs(state.config.reconcile_interval_seconds);

@@ -2,6 +2,10 @@
 //! connections for T seconds against a tollgate (its own, in-process, by
 //! default), then a check that the inbox holds every acknowledged event.
 //!
+//! `tollgate loadtest deliveries`: signed provider events at a steady rate,
+//! and a local application endpoint that records when each resulting
+//! outbound webhook arrives: provider event accepted → delivery received.
+//!
 //! The load generator shares the machine with the server, as SPEC 10 asks.
 
 use std::collections::HashSet;
@@ -192,6 +196,363 @@ pub async fn webhooks(mut config: Config, load: WebhookLoad) -> Result<String, S
     Ok(report)
 }
 
+/// What `tollgate loadtest deliveries` sends.
+#[derive(Debug, Clone)]
+pub struct DeliveryLoad {
+    /// Provider events per second.
+    pub rate: u32,
+    pub duration: Duration,
+    /// Distinct customers the events cycle through; `None`: one per event,
+    /// so per-customer ordering never holds one back.
+    pub customers: Option<usize>,
+    /// Requests in flight at most (the generator falls behind the rate
+    /// rather than open more).
+    pub connections: usize,
+    /// How long to wait for the stragglers after the last event.
+    pub drain: Duration,
+    /// A running tollgate (with `api_key`, an admin key, to register the
+    /// receiver); otherwise one is started in-process on a scratch database.
+    pub url: Option<String>,
+    pub api_key: Option<String>,
+}
+
+/// What the receiving endpoint saw.
+#[derive(Default)]
+struct Arrivals {
+    /// Provider subscription id → when its delivery arrived, and the
+    /// canonical event's id.
+    by_subscription: std::collections::HashMap<String, (Instant, String)>,
+    duplicates: u64,
+}
+
+type SharedArrivals = Arc<std::sync::Mutex<Arrivals>>;
+
+async fn record_arrival(
+    axum::extract::State(arrivals): axum::extract::State<SharedArrivals>,
+    headers: axum::http::HeaderMap,
+    body: bytes::Bytes,
+) -> axum::http::StatusCode {
+    let at = Instant::now();
+    let event_id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let sub = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["data"]["provider_subscription_id"].as_str().map(str::to_owned));
+    if let Some(sub) = sub {
+        let mut a = arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        match a.by_subscription.entry(sub) {
+            std::collections::hash_map::Entry::Occupied(_) => a.duplicates += 1,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((at, event_id));
+            }
+        }
+    }
+    axum::http::StatusCode::NO_CONTENT
+}
+
+/// A Stripe `customer.subscription.created` event for a new subscription.
+fn subscription_event(id: &str, sub: &str, customer: &str, created: i64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "id": id, "object": "event", "api_version": "2025-10-29.clover", "created": created,
+        "data": { "object": {
+            "id": sub, "object": "subscription", "customer": customer, "status": "active",
+            "cancel_at_period_end": false, "canceled_at": null, "ended_at": null, "created": created,
+            "items": { "object": "list", "data": [{
+                "id": format!("si_{sub}"), "object": "subscription_item", "quantity": 1,
+                "price": { "id": "price_loadtest", "object": "price", "product": "prod_loadtest" },
+                "current_period_start": created, "current_period_end": created + 30 * 86400,
+            }]},
+            "metadata": {},
+        }},
+        "livemode": false, "pending_webhooks": 1, "request": { "id": null, "idempotency_key": null },
+        "type": "customer.subscription.created",
+    }))
+    .unwrap_or_default()
+}
+
+/// A database that exists for one run: a SQLite file in a temporary
+/// directory, or a new database beside `DATABASE_URL`'s on PostgreSQL
+/// (dropped afterwards).
+struct ScratchDb {
+    url: String,
+    admin: Option<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl ScratchDb {
+    async fn create(base_url: &str) -> Result<Self, String> {
+        match crate::store::DbKind::from_url(base_url).map_err(|e| e.to_string())? {
+            crate::store::DbKind::Sqlite => {
+                let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                let url = format!("sqlite://{}", dir.path().join("loadtest.db").display());
+                Ok(ScratchDb { url, admin: None, _dir: Some(dir) })
+            }
+            crate::store::DbKind::Postgres => {
+                let name = format!("tollgate_loadtest_{}", ulid::Ulid::new().to_string().to_lowercase());
+                let admin = crate::store::Store::connect(base_url, &Default::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                admin.execute_raw(&format!("CREATE DATABASE {name}")).await.map_err(|e| e.to_string())?;
+                admin.close().await;
+                let (head, query) = match base_url.split_once('?') {
+                    Some((h, q)) => (h, format!("?{q}")),
+                    None => (base_url, String::new()),
+                };
+                let server = head.rsplit_once('/').map_or(head, |(s, _)| s);
+                Ok(ScratchDb {
+                    url: format!("{server}/{name}{query}"),
+                    admin: Some((base_url.to_owned(), name)),
+                    _dir: None,
+                })
+            }
+        }
+    }
+
+    async fn drop_database(self) {
+        if let Some((admin_url, name)) = &self.admin {
+            if let Ok(admin) = crate::store::Store::connect(admin_url, &Default::default()).await {
+                let _ = admin.execute_raw(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                admin.close().await;
+            }
+        }
+    }
+}
+
+/// Runs the load and prints the report; an error if an accepted event's
+/// delivery never arrived.
+pub async fn deliveries(mut config: Config, load: DeliveryLoad) -> Result<String, String> {
+    const SECRET: &str = "whsec_loadtest_local_secret";
+    // The application's endpoint, in this process, so both ends of every
+    // measurement read the same clock.
+    let arrivals: SharedArrivals = Default::default();
+    let receiver_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let receiver_url = format!("http://{}/hook", receiver_listener.local_addr().map_err(|e| e.to_string())?);
+    let receiver_app =
+        axum::Router::new().route("/hook", axum::routing::post(record_arrival)).with_state(arrivals.clone());
+    let receiver_stop = CancellationToken::new();
+    let receiver_task = {
+        let stop = receiver_stop.clone().cancelled_owned();
+        tokio::spawn(async move {
+            axum::serve(receiver_listener, receiver_app).with_graceful_shutdown(stop).await
+        })
+    };
+
+    let shutdown = CancellationToken::new();
+    let mut server_task = None;
+    let mut scratch = None;
+    let mut store = None;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(load.connections)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (base, secret, database) = match &load.url {
+        Some(url) => {
+            let base = url.trim_end_matches('/').to_owned();
+            let key = load.api_key.clone().ok_or("--url needs --api-key, an admin key of that tollgate")?;
+            let resp = client
+                .post(format!("{base}/v1/webhook-endpoints"))
+                .bearer_auth(key)
+                .json(&serde_json::json!({ "url": receiver_url, "events": ["subscription.created"],
+                    "description": "tollgate loadtest deliveries" }))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!(
+                    "could not register the receiver: {}",
+                    resp.text().await.unwrap_or_default()
+                ));
+            }
+            let secret = config
+                .stripe_webhook_secrets()
+                .first()
+                .map(|s| secrecy::ExposeSecret::expose_secret(s).to_owned())
+                .ok_or("--url needs STRIPE_WEBHOOK_SECRET, the secret that server verifies with")?;
+            (base, secret, "remote".to_owned())
+        }
+        None => {
+            let db = ScratchDb::create(config.database_url.expose()).await?;
+            config.database_url = crate::config::ConnectionUrl::new(db.url.clone());
+            config.stripe_webhook_secret = Some(secrecy::SecretString::from(SECRET.to_owned()));
+            config.database_max_connections = config.database_max_connections.max(16);
+            config.rate_limit_per_ip = 0;
+            config.rate_limit_per_key = 0;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            config.public_url = Some(format!("http://{addr}"));
+            let server = crate::app::Server::build(config.clone(), shutdown.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            server
+                .store()
+                .create_webhook_endpoint(
+                    crate::store::webhook_endpoints::NewEndpoint {
+                        url: &receiver_url,
+                        description: Some("tollgate loadtest deliveries"),
+                        events: &["subscription.created".to_owned()],
+                        secret: &crate::delivery::signing::generate_secret(),
+                    },
+                    &crate::store::audit::Actor::Cli,
+                    None,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            store = Some(server.store().clone());
+            server_task = Some(tokio::spawn(server.serve(listener)));
+            let kind = crate::store::DbKind::from_url(&db.url).map(|k| format!("{k:?}")).unwrap_or_default();
+            scratch = Some(db);
+            (format!("http://{addr}"), SECRET.to_owned(), format!("{kind} (scratch, in-process)"))
+        }
+    };
+
+    let run = ulid::Ulid::new().to_string().to_lowercase();
+    let total = u64::from(load.rate) * load.duration.as_secs().max(1);
+    let accepted: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Default::default();
+    let statuses: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>> = Default::default();
+    let permits = Arc::new(tokio::sync::Semaphore::new(load.connections.max(1)));
+    let mut senders = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut sent = 0u64;
+    while sent < total {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * f64::from(load.rate)) as u64).min(total);
+        while sent < due {
+            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+            let i = sent;
+            sent += 1;
+            let customer = match load.customers {
+                Some(n) => format!("cus_ldl_{run}_{}", i % n.max(1) as u64),
+                None => format!("cus_ldl_{run}_{i}"),
+            };
+            let sub = format!("sub_ldl_{run}_{i}");
+            let event_id = format!("evt_ldl_{run}_{i}");
+            let (client, base, secret, accepted, statuses) =
+                (client.clone(), base.clone(), secret.clone(), accepted.clone(), statuses.clone());
+            senders.spawn(async move {
+                let _permit = permit;
+                let now = crate::store::now_unix();
+                let body = subscription_event(&event_id, &sub, &customer, now);
+                let sig = format!("t={now},v1={}", hex::encode(expected_signature(&secret, now, &body)));
+                let result = client
+                    .post(format!("{base}/webhooks/stripe"))
+                    .header("stripe-signature", sig)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                let status = match result {
+                    Ok(resp) => {
+                        let s = resp.status();
+                        let _ = resp.bytes().await;
+                        if s.is_success() {
+                            accepted.lock().unwrap_or_else(|e| e.into_inner()).insert(sub, Instant::now());
+                        }
+                        s.as_u16().to_string()
+                    }
+                    Err(e) if e.is_timeout() => "timeout".to_owned(),
+                    Err(_) => "connection_error".to_owned(),
+                };
+                *statuses.lock().unwrap_or_else(|e| e.into_inner()).entry(status).or_default() += 1;
+            });
+            while senders.try_join_next().is_some() {}
+        }
+    }
+    while senders.join_next().await.is_some() {}
+    let send_elapsed = started.elapsed();
+    let accepted = std::mem::take(&mut *accepted.lock().unwrap_or_else(|e| e.into_inner()));
+    let received_at_end = arrivals.lock().unwrap_or_else(|e| e.into_inner()).by_subscription.len();
+    let mut depths = String::new();
+    if let Some(store) = &store {
+        let inbox = store.provider_event_counts().await.map_err(|e| e.to_string())?;
+        let queued = store.delivery_queue_depth().await.map_err(|e| e.to_string())?;
+        depths = format!(
+            " (inbox: {} provider events not yet applied; {queued} deliveries queued)",
+            inbox.get("received").copied().unwrap_or(0) + inbox.get("failed").copied().unwrap_or(0)
+        );
+    }
+
+    // Drain: every accepted event's delivery, or the deadline.
+    let drain_started = Instant::now();
+    loop {
+        let got = arrivals.lock().unwrap_or_else(|e| e.into_inner()).by_subscription.len();
+        if got >= accepted.len() || drain_started.elapsed() >= load.drain {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let arrivals = std::mem::take(&mut *arrivals.lock().unwrap_or_else(|e| e.into_inner()));
+    receiver_stop.cancel();
+    shutdown.cancel();
+    if let Some(task) = server_task {
+        let _ = task.await;
+    }
+    let _ = receiver_task.await;
+    if let Some(db) = scratch {
+        db.drop_database().await;
+    }
+
+    let mut end_to_end = Vec::with_capacity(accepted.len());
+    let mut from_event = Vec::with_capacity(accepted.len());
+    let wall = std::time::SystemTime::now();
+    let now = Instant::now();
+    let mut last_arrival = started;
+    for (sub, at) in &accepted {
+        if let Some((arrived, event_id)) = arrivals.by_subscription.get(sub) {
+            end_to_end.push(arrived.saturating_duration_since(*at).as_micros() as u64);
+            last_arrival = last_arrival.max(*arrived);
+            // When the canonical event was written (its id is a ULID).
+            let minted = event_id
+                .split_once('_')
+                .and_then(|(_, u)| ulid::Ulid::from_string(u).ok())
+                .map(|u| std::time::UNIX_EPOCH + Duration::from_millis(u.timestamp_ms()));
+            if let (Some(minted), Some(arrived_wall)) = (minted, wall.checked_sub(now - *arrived)) {
+                if let Ok(d) = arrived_wall.duration_since(minted) {
+                    from_event.push(d.as_micros() as u64);
+                }
+            }
+        }
+    }
+    end_to_end.sort_unstable();
+    from_event.sort_unstable();
+    let delivered = end_to_end.len();
+    let missing = accepted.len() - delivered;
+    let statuses = std::mem::take(&mut *statuses.lock().unwrap_or_else(|e| e.into_inner()));
+    let ms = |v: &[u64], p: f64| percentile(v, p) as f64 / 1000.0;
+    let mut report = format!(
+        "outbound deliveries: target {} provider events/s for {} s ({total} events), {} customers, database {database}\n\
+         sent {sent} in {:.2} s: {:.0} events/s achieved; accepted {}; statuses {statuses:?}\n\
+         backlog when the last event was accepted: {} deliveries not yet received{depths}\n\
+         delivered {delivered} of {} accepted ({missing} missing after a {} s drain, {} duplicates); \
+         last delivery {:.2} s after the first event\n\
+         provider event accepted -> delivery received: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n\
+         canonical event written -> delivery received: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (wall clock, ms resolution)\n",
+        load.rate,
+        load.duration.as_secs().max(1),
+        load.customers.map_or("distinct".to_owned(), |n| n.to_string()),
+        send_elapsed.as_secs_f64(),
+        sent as f64 / send_elapsed.as_secs_f64(),
+        accepted.len(),
+        accepted.len().saturating_sub(received_at_end),
+        accepted.len(),
+        load.drain.as_secs(),
+        arrivals.duplicates,
+        last_arrival.saturating_duration_since(started).as_secs_f64(),
+        ms(&end_to_end, 50.0),
+        ms(&end_to_end, 99.0),
+        end_to_end.last().copied().unwrap_or(0) as f64 / 1000.0,
+        ms(&from_event, 50.0),
+        ms(&from_event, 99.0),
+        from_event.last().copied().unwrap_or(0) as f64 / 1000.0,
+    );
+    if missing > 0 {
+        report.push_str("FAILED: accepted events whose delivery never arrived\n");
+        return Err(report);
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +567,14 @@ mod tests {
         assert_eq!(percentile(&data, 50.0), 51);
         assert_eq!(percentile(&data, 99.0), 99);
         assert_eq!(percentile(&[], 99.0), 0);
+    }
+
+    #[test]
+    fn subscription_events_are_stripe_shaped() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&subscription_event("evt_1", "sub_1", "cus_1", 5)).unwrap();
+        assert_eq!(v["type"], "customer.subscription.created");
+        assert_eq!(v["data"]["object"]["customer"], "cus_1");
+        assert_eq!(v["data"]["object"]["items"]["data"][0]["price"]["id"], "price_loadtest");
     }
 }

@@ -137,6 +137,22 @@ impl Store {
         lease_seconds: i64,
     ) -> StoreResult<Vec<ClaimedDelivery>> {
         let now = now_unix();
+        // Most wake-ups find nothing new (every finished send wakes the
+        // worker): a read on the read side answers those without taking
+        // SQLite's single write lock or opening a PostgreSQL transaction.
+        let due: Option<String> = sql!(
+            self,
+            query_scalar::<String>(
+                "SELECT id FROM deliveries WHERE status IN ('pending', 'failed') AND next_attempt_at <= $1 \
+                 AND (locked_until IS NULL OR locked_until < $1) LIMIT 1",
+                now
+            )
+            .fetch_optional
+        )
+        .db()?;
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.begin().await?;
         let lock = match tx.kind() {
             super::DbKind::Postgres => " FOR UPDATE OF d SKIP LOCKED",

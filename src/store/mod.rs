@@ -213,6 +213,10 @@ pub struct Store {
     /// delivery worker in this process sends them at once instead of at
     /// its next poll.
     delivery_wake: std::sync::Arc<tokio::sync::Notify>,
+    /// Names this store in the cross-instance wake-up (PostgreSQL
+    /// `NOTIFY`), so its own listener skips what `delivery_wake` already
+    /// signalled.
+    instance: std::sync::Arc<str>,
 }
 
 impl std::fmt::Debug for Store {
@@ -267,7 +271,7 @@ impl Store {
                 Backend::Postgres(pool)
             }
         };
-        Ok(Store { backend, delivery_wake: Default::default() })
+        Ok(Store { backend, delivery_wake: Default::default(), instance: new_instance() })
     }
 
     /// Opens the pools and brings the schema up to date.
@@ -379,13 +383,35 @@ impl Store {
             }
             Backend::Postgres(pool) => TxInner::Postgres(pool.begin().await.db()?),
         };
-        Ok(Tx { inner, wake: self.delivery_wake.clone(), deliveries_queued: false })
+        Ok(Tx {
+            inner,
+            wake: self.delivery_wake.clone(),
+            instance: self.instance.clone(),
+            deliveries_queued: false,
+        })
     }
 
     /// What the delivery worker waits on between polls.
     pub fn delivery_wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
         self.delivery_wake.clone()
     }
+
+    /// This store's name in cross-instance wake-ups.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The PostgreSQL pool, for what only PostgreSQL offers (`LISTEN`).
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        match &self.backend {
+            Backend::Postgres(pool) => Some(pool),
+            Backend::Sqlite { .. } => None,
+        }
+    }
+}
+
+pub(crate) fn new_instance() -> std::sync::Arc<str> {
+    crate::ids::new_id("inst").into()
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -409,6 +435,7 @@ enum TxInner {
 pub struct Tx {
     inner: TxInner,
     wake: std::sync::Arc<tokio::sync::Notify>,
+    instance: std::sync::Arc<str>,
     /// Set by `events::emit` when it queued deliveries: committing wakes
     /// the delivery worker.
     deliveries_queued: bool,
@@ -429,7 +456,18 @@ impl Tx {
         }
     }
 
-    pub async fn commit(self) -> StoreResult<()> {
+    pub async fn commit(mut self) -> StoreResult<()> {
+        if self.deliveries_queued && self.kind() == DbKind::Postgres {
+            // Inside the transaction: PostgreSQL delivers it on commit, and
+            // not at all on rollback, so other instances' delivery workers
+            // wake exactly when there is something to claim.
+            let instance = self.instance.clone();
+            sql!(
+                self,
+                query("SELECT pg_notify($1, $2)", crate::delivery::listen::CHANNEL, &*instance).execute
+            )
+            .db()?;
+        }
         match self.inner {
             TxInner::Sqlite(tx) => tx.commit().await.db()?,
             TxInner::Postgres(tx) => tx.commit().await.db()?,

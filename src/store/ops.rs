@@ -317,6 +317,7 @@ impl Store {
         Ok(Store {
             backend: super::Backend::Sqlite { writer: pool.clone(), reader: pool },
             delivery_wake: Default::default(),
+            instance: super::new_instance(),
         })
     }
 

@@ -20,6 +20,9 @@ pub struct EndpointRecord {
     pub secret: String,
     pub status: String,
     pub disabled_reason: Option<String>,
+    /// The `[webhook_endpoints.<key>]` entry of tollgate.toml that manages
+    /// it; `None` for endpoints created through the API.
+    pub config_key: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -32,6 +35,7 @@ impl std::fmt::Debug for EndpointRecord {
             .field("events", &self.events)
             .field("secret", &"[REDACTED]")
             .field("status", &self.status)
+            .field("config_key", &self.config_key)
             .finish_non_exhaustive()
     }
 }
@@ -42,7 +46,8 @@ impl EndpointRecord {
     }
 }
 
-const COLUMNS: &str = "id, url, description, events, secret, status, disabled_reason, created_at, updated_at";
+const COLUMNS: &str =
+    "id, url, description, events, secret, status, disabled_reason, config_key, created_at, updated_at";
 
 pub struct NewEndpoint<'a> {
     pub url: &'a str,
@@ -114,7 +119,8 @@ impl Store {
     }
 
     /// Deletes an endpoint: nothing more is sent to it, and its history
-    /// stays for the audit. `false` when there was no such endpoint.
+    /// stays for the audit. `false` when there was no such endpoint, or it
+    /// is declared in the config file (removing the declaration removes it).
     pub async fn delete_webhook_endpoint(
         &self,
         id: &str,
@@ -126,7 +132,8 @@ impl Store {
         let n = sql!(
             tx,
             query(
-                "UPDATE webhook_endpoints SET deleted_at = $1, updated_at = $1 WHERE id = $2 AND deleted_at IS NULL",
+                "UPDATE webhook_endpoints SET deleted_at = $1, updated_at = $1 \
+                 WHERE id = $2 AND deleted_at IS NULL AND config_key IS NULL",
                 now,
                 id
             )
@@ -152,6 +159,8 @@ impl Store {
     }
 
     /// Replaces the signing secret; the old one stops working at once.
+    /// `None` when there is no such endpoint or its secret comes from the
+    /// config file.
     pub async fn rotate_webhook_endpoint_secret(
         &self,
         id: &str,
@@ -163,7 +172,8 @@ impl Store {
         let n = sql!(
             tx,
             query(
-                "UPDATE webhook_endpoints SET secret = $1, updated_at = $2 WHERE id = $3 AND deleted_at IS NULL",
+                "UPDATE webhook_endpoints SET secret = $1, updated_at = $2 \
+                 WHERE id = $3 AND deleted_at IS NULL AND config_key IS NULL",
                 secret,
                 now_unix(),
                 id
@@ -227,4 +237,270 @@ pub(crate) async fn disable(tx: &mut Tx, id: &str, reason: &str) -> StoreResult<
 async fn fetch(tx: &mut Tx, id: &str) -> StoreResult<Option<EndpointRecord>> {
     let q = format!("SELECT {COLUMNS} FROM webhook_endpoints WHERE id = $1");
     sql!(tx, query_as::<EndpointRecord>(&q, id).fetch_optional).db()
+}
+
+/// What re-enabling an endpoint did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enabled {
+    pub endpoint: EndpointRecord,
+    /// Whether it was disabled until now.
+    pub was_disabled: bool,
+    /// Dead deliveries queued again (only when asked to).
+    pub requeued_dead: u64,
+}
+
+/// An endpoint as the config file declares it, secret resolved.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeclaredEndpoint {
+    pub key: String,
+    pub url: String,
+    pub description: Option<String>,
+    /// Sorted, deduplicated; `["*"]` for all.
+    pub events: Vec<String>,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for DeclaredEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeclaredEndpoint")
+            .field("key", &self.key)
+            .field("url", &self.url)
+            .field("events", &self.events)
+            .field("secret", &"[REDACTED]")
+            .finish_non_exhaustive()
+    }
+}
+
+/// What start-up changed to make the stored endpoints match the file, by
+/// config key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeclaredReport {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl DeclaredReport {
+    pub fn is_noop(&self) -> bool {
+        self.created.is_empty() && self.updated.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl Store {
+    /// Sends to a disabled endpoint again. Its deliveries still waiting
+    /// (queued before it was disabled, including the one it answered
+    /// `410`) become due at once and go out in order; with `retry_dead`,
+    /// its dead deliveries are queued again too. Events that happened while
+    /// it was disabled were never queued for it. `None`: no such endpoint.
+    pub async fn enable_webhook_endpoint(
+        &self,
+        id: &str,
+        retry_dead: bool,
+        actor: &Actor,
+        request_id: Option<&str>,
+    ) -> StoreResult<Option<Enabled>> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let q = format!("SELECT {COLUMNS} FROM webhook_endpoints WHERE id = $1 AND deleted_at IS NULL");
+        let Some(before) = sql!(tx, query_as::<EndpointRecord>(&q, id).fetch_optional).db()? else {
+            return Ok(None);
+        };
+        let was_disabled = before.status == "disabled";
+        if was_disabled {
+            sql!(
+                tx,
+                query(
+                    "UPDATE webhook_endpoints SET status = 'enabled', disabled_reason = NULL, updated_at = $1 \
+                     WHERE id = $2",
+                    now,
+                    id
+                )
+                .execute
+            )
+            .db()?;
+            sql!(
+                tx,
+                query(
+                    "UPDATE deliveries SET next_attempt_at = $1 \
+                     WHERE endpoint_id = $2 AND status IN ('pending', 'failed') AND next_attempt_at > $1",
+                    now,
+                    id
+                )
+                .execute
+            )
+            .db()?;
+        }
+        let requeued_dead = if retry_dead {
+            sql!(
+                tx,
+                query(
+                    "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, locked_until = NULL \
+                     WHERE endpoint_id = $2 AND status = 'dead'",
+                    now,
+                    id
+                )
+                .execute
+            )
+            .db()?
+        } else {
+            0
+        };
+        if was_disabled || requeued_dead > 0 {
+            audit::append(
+                &mut tx,
+                AuditRecord {
+                    actor,
+                    action: "webhook_endpoint.enabled",
+                    object_type: "webhook_endpoint",
+                    object_id: id,
+                    data: serde_json::json!({
+                        "was_disabled": was_disabled,
+                        "previous_reason": before.disabled_reason,
+                        "retry_dead": retry_dead,
+                        "requeued_dead": requeued_dead,
+                    }),
+                    request_id,
+                },
+            )
+            .await?;
+            tx.deliveries_queued = true;
+        }
+        let endpoint = fetch(&mut tx, id)
+            .await?
+            .ok_or_else(|| super::StoreError::Corrupt(format!("endpoint {id} vanished")))?;
+        tx.commit().await?;
+        Ok(Some(Enabled { endpoint, was_disabled, requeued_dead }))
+    }
+
+    /// Makes the config-managed endpoints match `declared`, in one
+    /// transaction: new keys are created, changed ones updated (url,
+    /// events, description, secret), keys no longer declared deleted.
+    /// Running it again with the same declarations changes nothing. An
+    /// endpoint disabled by a `410` stays disabled: re-enabling is an
+    /// operator's decision, by API.
+    pub async fn reconcile_declared_webhook_endpoints(
+        &self,
+        declared: &[DeclaredEndpoint],
+        actor: &Actor,
+    ) -> StoreResult<DeclaredReport> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        if tx.kind() == super::DbKind::Postgres {
+            // Instances starting together reconcile one after the other
+            // (SQLite's write lock already does this).
+            sql!(
+                tx,
+                query("SELECT pg_advisory_xact_lock(hashtextextended('tollgate:declared_webhook_endpoints', 0))")
+                    .execute
+            )
+            .db()?;
+        }
+        let q = format!(
+            "SELECT {COLUMNS} FROM webhook_endpoints WHERE config_key IS NOT NULL AND deleted_at IS NULL"
+        );
+        let stored: Vec<EndpointRecord> = sql!(tx, query_as::<EndpointRecord>(&q).fetch_all).db()?;
+        let mut report = DeclaredReport::default();
+        for d in declared {
+            let events = serde_json::to_string(&d.events)?;
+            let existing = stored.iter().find(|s| s.config_key.as_deref() == Some(d.key.as_str()));
+            let (id, action, data) = match existing {
+                None => {
+                    let id = new_id("we");
+                    sql!(
+                        tx,
+                        query(
+                            "INSERT INTO webhook_endpoints (id, url, description, events, secret, status, config_key, \
+                             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'enabled', $6, $7, $7)",
+                            &id,
+                            &d.url,
+                            &d.description,
+                            &events,
+                            &d.secret,
+                            &d.key,
+                            now
+                        )
+                        .execute
+                    )
+                    .db()?;
+                    report.created.push(d.key.clone());
+                    let data = serde_json::json!({ "config_key": d.key, "url": d.url, "events": d.events });
+                    (id, "webhook_endpoint.created", data)
+                }
+                Some(s)
+                    if s.url == d.url
+                        && s.description == d.description
+                        && s.events == events
+                        && s.secret == d.secret =>
+                {
+                    continue
+                }
+                Some(s) => {
+                    sql!(
+                        tx,
+                        query(
+                            "UPDATE webhook_endpoints SET url = $1, description = $2, events = $3, secret = $4, \
+                             updated_at = $5 WHERE id = $6",
+                            &d.url,
+                            &d.description,
+                            &events,
+                            &d.secret,
+                            now,
+                            &s.id
+                        )
+                        .execute
+                    )
+                    .db()?;
+                    report.updated.push(d.key.clone());
+                    let data = serde_json::json!({
+                        "config_key": d.key, "url": d.url, "events": d.events,
+                        "secret_changed": s.secret != d.secret,
+                    });
+                    (s.id.clone(), "webhook_endpoint.updated", data)
+                }
+            };
+            audit::append(
+                &mut tx,
+                AuditRecord {
+                    actor,
+                    action,
+                    object_type: "webhook_endpoint",
+                    object_id: &id,
+                    data,
+                    request_id: None,
+                },
+            )
+            .await?;
+        }
+        for s in &stored {
+            let key = s.config_key.as_deref().unwrap_or_default();
+            if declared.iter().any(|d| d.key == key) {
+                continue;
+            }
+            sql!(
+                tx,
+                query(
+                    "UPDATE webhook_endpoints SET deleted_at = $1, updated_at = $1 WHERE id = $2",
+                    now,
+                    &s.id
+                )
+                .execute
+            )
+            .db()?;
+            audit::append(
+                &mut tx,
+                AuditRecord {
+                    actor,
+                    action: "webhook_endpoint.deleted",
+                    object_type: "webhook_endpoint",
+                    object_id: &s.id,
+                    data: serde_json::json!({ "config_key": key, "reason": "no longer declared in the config file" }),
+                    request_id: None,
+                },
+            )
+            .await?;
+            report.removed.push(key.to_owned());
+        }
+        tx.commit().await?;
+        Ok(report)
+    }
 }

@@ -28,7 +28,7 @@ pub(crate) const T0: i64 = 1_800_000_000;
 
 /// Waits until every one of `expected` stored events is applied (or
 /// ignored), failing on any that failed.
-async fn wait_applied(app: &TestApp, expected: i64) {
+pub(crate) async fn wait_applied(app: &TestApp, expected: i64) {
     eventually(Duration::from_secs(60), || async {
         let counts = app.server_store.provider_event_counts().await.ok()?;
         let failed = counts.get("failed").copied().unwrap_or(0) + counts.get("dead").copied().unwrap_or(0);

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use crate::billing_events::{invoice, subscription, T0};
+use crate::billing_events::{buy, emulator_price, invoice, link_catalog, subscription, wait_applied, T0};
 use crate::helpers::*;
 use crate::webhooks::{event, SECRET_A};
 
@@ -623,60 +623,410 @@ async fn a_name_that_resolves_to_a_private_address_is_refused_at_delivery_time()
     assert_eq!(receiver.count(), 0);
 }
 
-/// A measurement, not a check: `cargo test --release --test it
-/// delivery::latency -- --ignored --nocapture`. Provider events for distinct
-/// customers at a steady rate; prints provider webhook → application
-/// webhook and event written → application webhook percentiles.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn latency() {
+#[tokio::test]
+async fn order_paid_is_delivered_once_when_the_provider_sends_the_payment_five_times() {
     let app = spawn(|_| {}).await;
     let receiver = Receiver::start().await;
-    let endpoint = app.create_endpoint(&receiver.url(), json!(["subscription.created"])).await;
-    let n: usize = std::env::var("LATENCY_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
-    let every = Duration::from_micros(
-        std::env::var("LATENCY_EVERY_US").ok().and_then(|v| v.parse().ok()).unwrap_or(5000),
+    let endpoint = app.create_endpoint(&receiver.url(), json!(["order.paid", "order.refunded"])).await;
+    let secret = endpoint["secret"].as_str().unwrap().to_owned();
+    // A card pack bought on the emulator's hosted page.
+    let pack = emulator_price(&app, "Card pack", "500", None).await;
+    link_catalog(&app, &[("card_pack_5", &pack)]).await;
+    app.upsert_customer("u_five", json!({ "email": "five@example.com" })).await;
+    let customer = emulator(&app, "/v1/customers", &[("metadata[tollgate_external_id]", "u_five")]).await;
+    buy(&app, customer["id"].as_str().unwrap(), &pack, "4242424242424242").await;
+    // The emulator's events for it, sent five times each as Stripe's
+    // retries would (tollgate trusts SECRET_A here, so the emulator's own
+    // deliveries do not reach it: the test plays the provider).
+    let events = emulator_get(&app, "/v1/events?limit=100").await;
+    let bodies: Vec<Vec<u8>> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] != "checkout.session.expired")
+        .map(|e| serde_json::to_vec(e).unwrap())
+        .collect();
+    let paying: Vec<&str> =
+        events["data"].as_array().unwrap().iter().filter_map(|e| e["type"].as_str()).collect();
+    assert!(
+        paying.contains(&"checkout.session.completed") && paying.contains(&"payment_intent.succeeded"),
+        "{paying:?}"
     );
-    let mut sent_at = BTreeMap::new();
-    let mut tick = tokio::time::interval(every);
-    for i in 0..n {
-        tick.tick().await;
-        let cus = format!("cus_lat{i}");
-        let body = event(
-            &format!("evt_lat{i}"),
-            "customer.subscription.created",
-            T0,
-            subscription(&format!("sub_lat{i}"), &cus, "active", json!({})),
-        );
-        sent_at.insert(cus, now_ms());
-        assert_eq!(app.deliver_signed(&body).await.status(), 200);
+    // Once in the order they happened, then four more times each, all at once.
+    let mut oldest_first = bodies.clone();
+    oldest_first.reverse();
+    for body in &oldest_first {
+        assert_eq!(app.deliver_signed(body).await.status(), 200);
+        let id = serde_json::from_slice::<Value>(body).unwrap()["id"].as_str().unwrap().to_owned();
+        eventually(Duration::from_secs(20), || async {
+            app.provider_events("").await.into_iter().find(|e| {
+                e["provider_event_id"] == id.as_str()
+                    && (e["status"] == "processed" || e["status"] == "ignored")
+            })
+        })
+        .await;
     }
-    let delivered = eventually(Duration::from_secs(120), || async {
-        let d = receiver.delivered(endpoint["secret"].as_str().unwrap());
-        (d.len() == n).then_some(d)
-    })
-    .await;
-    let log = receiver.log();
-    let mut end_to_end = Vec::new();
-    let mut outbox = Vec::new();
-    for (d, (id, _, at)) in delivered.iter().zip(&log) {
-        assert_eq!(d["id"].as_str().unwrap(), id);
-        outbox.push(at.saturating_sub(minted_ms(id)));
-        let cus = d["data"]["provider_customer_id"].as_str().or(d["customer"].as_str()).unwrap_or("");
-        if let Some(t) = sent_at.get(cus) {
-            end_to_end.push(at.saturating_sub(*t));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        for body in &bodies {
+            let (client, url, body) = (app.client.clone(), app.url("/webhooks/stripe"), body.clone());
+            let sig = crate::webhooks::sign(SECRET_A, tollgate::store::now_unix(), &body);
+            tasks.push(tokio::spawn(async move {
+                client.post(url).header("stripe-signature", sig).body(body).send().await.unwrap().status()
+            }));
         }
     }
-    let pct = |v: &mut Vec<u64>, p: f64| {
-        v.sort();
-        v.get(((v.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0)
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    wait_applied(&app, bodies.len() as i64).await;
+    let delivered = eventually(Duration::from_secs(20), || async {
+        let d = receiver.delivered(&secret);
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    // Everything is applied and the queue is empty: what was sent is all
+    // that will be.
+    eventually(Duration::from_secs(10), || async {
+        (app.server_store.delivery_queue_depth().await.ok()? == 0).then_some(())
+    })
+    .await;
+    let delivered_now = receiver.delivered(&secret);
+    assert_eq!(delivered_now.len(), delivered.len());
+    let paid: Vec<&Value> = delivered_now.iter().filter(|e| e["type"] == "order.paid").collect();
+    assert_eq!(paid.len(), 1, "order.paid once: {delivered_now:#?}");
+    assert_eq!(receiver.count(), delivered_now.len(), "no request failed or was repeated");
+    assert_eq!(paid[0]["customer"], "u_five");
+    assert_eq!(paid[0]["data"]["grants"][0]["grants"]["credits"]["cards"], 10, "{}", paid[0]);
+}
+
+/// A second tollgate on the test's database, as another replica would be.
+async fn second_instance(
+    db: &TestDb,
+    adjust: impl FnOnce(&mut tollgate::Config),
+) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<Result<(), tollgate::app::StartError>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = test_config(db);
+    config.port = listener.local_addr().unwrap().port();
+    unlimited(&mut config);
+    adjust(&mut config);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server =
+        tollgate::app::Server::build(config, shutdown.clone()).await.expect("second instance builds");
+    (shutdown, tokio::spawn(server.serve(listener)))
+}
+
+#[tokio::test]
+async fn a_delivery_queued_by_one_instance_is_sent_at_once_by_another() {
+    // Instance A sends nothing; B polls only once a minute on PostgreSQL,
+    // so a prompt delivery there can only come from A's NOTIFY. (SQLite has
+    // no cross-process signal: B's poll finds it.)
+    let app = spawn(|c| {
+        c.webhook_delivery_workers = Some(0);
+        c.webhook_retry_schedule = Some(vec![Duration::from_secs(3600); 7]);
+    })
+    .await;
+    let poll = if app.db.is_postgres() { 60_000 } else { 100 };
+    let receiver = Receiver::start().await;
+    receiver.set(|s| s.fail_next = 1);
+    let endpoint = app.create_endpoint(&receiver.url(), json!(["subscription.created"])).await;
+    let (id, secret) = (endpoint["id"].as_str().unwrap(), endpoint["secret"].as_str().unwrap());
+    send_in_order(&app, &life("cus_twin", 0)[..1]).await;
+    assert_eq!(app.server_store.delivery_queue_depth().await.unwrap(), 1);
+    assert_eq!(receiver.count(), 0, "instance A has no delivery workers");
+
+    let (b, b_task) = second_instance(&app.db, |c| {
+        c.webhook_delivery_poll_ms = poll;
+        c.webhook_retry_schedule = Some(vec![Duration::from_secs(3600); 7]);
+    })
+    .await;
+    // B sends what was waiting when it started; the receiver fails it, and
+    // its retry is an hour away.
+    let failed = eventually(Duration::from_secs(10), || async {
+        let d = app.deliveries(id).await;
+        (d[0]["status"] == "failed").then(|| d[0].clone())
+    })
+    .await;
+    assert_eq!(receiver.count(), 1);
+    // A retries it by API: A's transaction notifies, B sends now.
+    let retried_at = std::time::Instant::now();
+    let resp = app
+        .client
+        .post(app.url(&format!("/v1/deliveries/{}/retry", failed["id"].as_str().unwrap())))
+        .bearer_auth(&app.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    eventually(Duration::from_secs(20), || async { (receiver.delivered(secret).len() == 1).then_some(()) })
+        .await;
+    let waited = retried_at.elapsed();
+    if app.db.is_postgres() {
+        assert!(waited < Duration::from_secs(20), "woken by NOTIFY, not its one-minute poll: {waited:?}");
+    }
+    b.cancel();
+    b_task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_disabled_endpoint_is_enabled_by_the_api_and_what_waited_goes_out_in_order() {
+    // Retries an hour apart: only enabling can make the refused one due now.
+    let app = spawn(|c| c.webhook_retry_schedule = Some(vec![Duration::from_secs(3600); 7])).await;
+    let receiver = Receiver::start().await;
+    receiver.set(|s| s.always = Some(410));
+    let endpoint = app.create_endpoint(&receiver.url(), json!(["*"])).await;
+    let (id, secret) = (endpoint["id"].as_str().unwrap(), endpoint["secret"].as_str().unwrap());
+    let life = life("cus_back", 0);
+    send_in_order(&app, &life[..2]).await;
+    eventually(Duration::from_secs(10), || async {
+        let e = app.admin_get(&format!("/v1/webhook-endpoints/{id}")).await;
+        (e["status"] == "disabled").then_some(())
+    })
+    .await;
+    let waiting = app.deliveries(id).await.len();
+    // While disabled: later events are not queued for it.
+    send_in_order(&app, &life[2..3]).await;
+    assert_eq!(app.deliveries(id).await.len(), waiting);
+    assert_eq!(receiver.count(), 1);
+
+    let enable = |key: &str, body: Option<Value>| {
+        let mut req = app
+            .client
+            .post(app.url(&format!("/v1/webhook-endpoints/{id}/enable")))
+            .bearer_auth(key.to_owned());
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send()
     };
-    println!(
-        "{n} events every {every:?}: event written -> delivered p50 {} ms p99 {} ms; provider webhook -> delivered ({} matched) p50 {} ms p99 {} ms",
-        pct(&mut outbox, 0.5),
-        pct(&mut outbox, 0.99),
-        end_to_end.len(),
-        pct(&mut end_to_end, 0.5),
-        pct(&mut end_to_end, 0.99)
+    expect_error(enable(&app.write_key, None).await.unwrap(), 403, "permission_error", "insufficient_scope")
+        .await;
+    let e = expect_error(
+        enable(&app.admin_key, Some(json!({"retry_dead": "yes"}))).await.unwrap(),
+        400,
+        "invalid_request_error",
+        "parameter_invalid",
+    )
+    .await;
+    assert_eq!(e["param"], "retry_dead");
+    let resp = app
+        .client
+        .post(app.url("/v1/webhook-endpoints/we_missing/enable"))
+        .bearer_auth(&app.admin_key)
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 404, "invalid_request_error", "resource_missing").await;
+    assert_eq!(app.admin_get(&format!("/v1/webhook-endpoints/{id}")).await["status"], "disabled");
+
+    receiver.set(|s| s.always = None);
+    let resp = enable(&app.admin_key, None).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let enabled: Value = resp.json().await.unwrap();
+    assert_eq!(enabled["status"], "enabled");
+    assert_eq!(enabled["disabled_reason"], Value::Null);
+    assert_eq!(enabled["requeued_dead_deliveries"], 0);
+    // What waited goes out now, in order, the refused one first.
+    let delivered = eventually(Duration::from_secs(10), || async {
+        let d = receiver.delivered(secret);
+        (d.len() == waiting).then_some(d)
+    })
+    .await;
+    let ids: Vec<&str> = delivered.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted);
+    assert_eq!(receiver.log()[0].0, receiver.log()[1].0, "the refused event is the first sent again");
+    // Events from now on are queued for it again.
+    send_in_order(&app, &life[3..4]).await;
+    eventually(Duration::from_secs(10), || async {
+        (receiver.delivered(secret).len() > waiting).then_some(())
+    })
+    .await;
+    let audit = app.admin_get("/v1/audit-log?limit=100").await;
+    let entry = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "webhook_endpoint.enabled")
+        .cloned()
+        .expect("an audit entry");
+    assert_eq!(entry["object_id"], id);
+    // Enabling an enabled endpoint changes nothing and audits nothing.
+    assert_eq!(enable(&app.admin_key, None).await.unwrap().status(), 200);
+    let audit = app.admin_get("/v1/audit-log?limit=100").await;
+    let n = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "webhook_endpoint.enabled")
+        .count();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn enabling_with_retry_dead_queues_the_dead_deliveries_again() {
+    let app = spawn(|c| c.webhook_retry_schedule = Some(vec![Duration::ZERO; 7])).await;
+    let receiver = Receiver::start().await;
+    receiver.set(|s| s.always = Some(503));
+    let endpoint = app.create_endpoint(&receiver.url(), json!(["subscription.created"])).await;
+    let (id, secret) = (endpoint["id"].as_str().unwrap(), endpoint["secret"].as_str().unwrap());
+    send_in_order(&app, &life("cus_dead_a", 0)[..1]).await;
+    send_in_order(&app, &life("cus_dead_b", 1)[..1]).await;
+    eventually(Duration::from_secs(20), || async {
+        let d = app.deliveries(id).await;
+        (d.len() == 2 && d.iter().all(|d| d["status"] == "dead")).then_some(())
+    })
+    .await;
+    receiver.set(|s| s.always = None);
+    let resp = app
+        .client
+        .post(app.url(&format!("/v1/webhook-endpoints/{id}/enable")))
+        .bearer_auth(&app.admin_key)
+        .json(&json!({ "retry_dead": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["requeued_dead_deliveries"], 2);
+    assert_eq!(body["status"], "enabled");
+    eventually(Duration::from_secs(10), || async { (receiver.delivered(secret).len() == 2).then_some(()) })
+        .await;
+    let audit = app.admin_get("/v1/audit-log?limit=100").await;
+    let entry = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "webhook_endpoint.enabled")
+        .cloned()
+        .unwrap();
+    assert_eq!(entry["data"]["requeued_dead"], 2, "{entry}");
+}
+
+async fn endpoint_audit_entries(app: &TestApp) -> usize {
+    let audit = app.admin_get("/v1/audit-log?limit=100").await;
+    audit["data"].as_array().unwrap().iter().filter(|e| e["object_type"] == "webhook_endpoint").count()
+}
+
+/// The shipped catalog plus `extra`, in a file of its own.
+fn config_file(extra: &str) -> tempfile::NamedTempFile {
+    let text = std::fs::read_to_string(manifest_path("tollgate.toml")).unwrap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), format!("{text}\n{extra}")).unwrap();
+    file
+}
+
+/// A fresh whsec_ secret in an environment variable only this test uses.
+fn secret_in_env() -> (String, String) {
+    let name = format!("TOLLGATE_TEST_WHSEC_{}", ulid::Ulid::new());
+    let secret = format!(
+        "whsec_{}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, rand::random::<[u8; 32]>())
     );
+    std::env::set_var(&name, &secret);
+    (name, secret)
+}
+
+#[tokio::test]
+async fn endpoints_declared_in_the_config_file_are_reconciled_at_start_up() {
+    let receiver = Receiver::start().await;
+    let (var, secret) = secret_in_env();
+    let declare = |url: &str, events: &str| {
+        config_file(&format!(
+            "[webhook_endpoints.app]\nurl = \"{url}\"\nevents = {events}\ndescription = \"The shop\"\nsecret_env = \"{var}\"\n"
+        ))
+    };
+    let file = declare(&receiver.url(), "[\"subscription.created\"]");
+    let path = file.path().to_owned();
+    let mut app = spawn_on(TestDb::new().await, |c| {
+        c.stripe_webhook_secret = Some(secrecy::SecretString::from(SECRET_A.to_owned()));
+        c.catalog_path = path.clone();
+        unlimited(c);
+    })
+    .await;
+    let listed = app.admin_get("/v1/webhook-endpoints").await;
+    let endpoints = listed["data"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 1);
+    let e = &endpoints[0];
+    let id = e["id"].as_str().unwrap().to_owned();
+    assert_eq!((e["config_key"].as_str(), e["url"].as_str()), (Some("app"), Some(receiver.url().as_str())));
+    assert_eq!(e["events"], json!(["subscription.created"]));
+    assert_eq!(e["secret"], Value::Null);
+    // Signed with the secret from the environment.
+    send_in_order(&app, &life("cus_declared", 0)[..1]).await;
+    eventually(Duration::from_secs(10), || async { (receiver.delivered(&secret).len() == 1).then_some(()) })
+        .await;
+
+    // The API does not change what the file declares.
+    let resp = app
+        .client
+        .delete(app.url(&format!("/v1/webhook-endpoints/{id}")))
+        .bearer_auth(&app.admin_key)
+        .send()
+        .await
+        .unwrap();
+    let err = expect_error(resp, 409, "invalid_request_error", "endpoint_config_managed").await;
+    assert!(err["message"].as_str().unwrap().contains("[webhook_endpoints.app]"), "{err}");
+    let resp = app
+        .client
+        .post(app.url(&format!("/v1/webhook-endpoints/{id}/rotate-secret")))
+        .bearer_auth(&app.admin_key)
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 409, "invalid_request_error", "endpoint_config_managed").await;
+    assert_eq!(app.admin_get(&format!("/v1/webhook-endpoints/{id}")).await["status"], "enabled");
+
+    assert_eq!(endpoint_audit_entries(&app).await, 1, "created once");
+
+    // Restarted with the same file: nothing changes.
+    app.stop().await;
+    let db = std::mem::replace(&mut app.db, TestDb::new().await);
+    let start = |db: TestDb, path: std::path::PathBuf| {
+        spawn_on(db, move |c| {
+            c.stripe_webhook_secret = Some(secrecy::SecretString::from(SECRET_A.to_owned()));
+            c.catalog_path = path;
+            unlimited(c);
+        })
+    };
+    let mut app = start(db, path.clone()).await;
+    let listed = app.admin_get("/v1/webhook-endpoints").await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["data"][0]["id"], id.as_str());
+    assert_eq!(endpoint_audit_entries(&app).await, 1, "an unchanged declaration writes nothing");
+
+    // A changed declaration updates the same endpoint.
+    let other = Receiver::start().await;
+    let changed = declare(&other.url(), "[\"*\"]");
+    app.stop().await;
+    let db = std::mem::replace(&mut app.db, TestDb::new().await);
+    let mut app = start(db, changed.path().to_owned()).await;
+    let e = app.admin_get(&format!("/v1/webhook-endpoints/{id}")).await;
+    assert_eq!((e["url"].as_str(), e["events"].clone()), (Some(other.url().as_str()), json!(["*"])));
+    assert_eq!(app.admin_get("/v1/webhook-endpoints").await["data"].as_array().unwrap().len(), 1);
+
+    // A bad declaration stops start-up with a message naming it.
+    app.stop().await;
+    let db = std::mem::replace(&mut app.db, TestDb::new().await);
+    let bad = config_file("[webhook_endpoints.app]\nurl = \"http://127.0.0.1:1/\"\nsecret_env = \"TOLLGATE_TEST_UNSET_VARIABLE\"\n");
+    let mut config = test_config(&db);
+    config.catalog_path = bad.path().to_owned();
+    let err = tollgate::app::Server::build(config, Default::default()).await.err().expect("refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("[webhook_endpoints.app]") && message.contains("TOLLGATE_TEST_UNSET_VARIABLE"),
+        "{message}"
+    );
+
+    // Removed from the file: removed from tollgate.
+    let mut app = start(db, manifest_path("tollgate.toml")).await;
+    assert_eq!(app.admin_get("/v1/webhook-endpoints").await["data"], json!([]));
+    let audit = app.admin_get("/v1/audit-log?limit=100").await;
+    assert!(audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["action"] == "webhook_endpoint.deleted" && e["object_id"] == id.as_str()));
+    app.stop().await;
 }
