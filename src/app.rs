@@ -38,6 +38,7 @@ pub fn store_options(config: &Config) -> StoreOptions {
     StoreOptions {
         max_connections: config.database_max_connections,
         sqlite_full_sync: config.sqlite_synchronous == crate::config::SqliteSync::Full,
+        cache_capacity: config.entitlements_cache_capacity,
         ..StoreOptions::default()
     }
 }

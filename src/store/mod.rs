@@ -16,6 +16,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Sqlite, SqliteConnection, SqlitePool,
 
 pub mod api_keys;
 pub mod audit;
+pub mod cache;
 pub mod catalog;
 pub mod customers;
 pub mod deliveries;
@@ -169,11 +170,18 @@ pub struct StoreOptions {
     /// only at checkpoints (`false`, survives a killed process but may lose
     /// the last commits on power loss or an OS crash).
     pub sqlite_full_sync: bool,
+    /// Entries per in-memory cache (entitlements, API keys); 0 turns them off.
+    pub cache_capacity: usize,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { max_connections: 10, acquire_timeout: Duration::from_secs(5), sqlite_full_sync: true }
+        Self {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            sqlite_full_sync: true,
+            cache_capacity: 100_000,
+        }
     }
 }
 
@@ -198,6 +206,8 @@ pub struct Store {
     /// delivery worker in this process sends them at once instead of at
     /// its next poll.
     delivery_wake: std::sync::Arc<tokio::sync::Notify>,
+    /// The in-memory caches every transaction invalidates on commit.
+    cache: std::sync::Arc<cache::CacheHub>,
 }
 
 impl std::fmt::Debug for Store {
@@ -252,7 +262,11 @@ impl Store {
                 Backend::Postgres(pool)
             }
         };
-        Ok(Store { backend, delivery_wake: Default::default() })
+        Ok(Store {
+            backend,
+            delivery_wake: Default::default(),
+            cache: std::sync::Arc::new(cache::CacheHub::new(options.cache_capacity)),
+        })
     }
 
     /// Opens the pools and brings the schema up to date.
@@ -364,7 +378,18 @@ impl Store {
             }
             Backend::Postgres(pool) => TxInner::Postgres(pool.begin().await.db()?),
         };
-        Ok(Tx { inner, wake: self.delivery_wake.clone(), deliveries_queued: false })
+        Ok(Tx {
+            inner,
+            wake: self.delivery_wake.clone(),
+            deliveries_queued: false,
+            cache: self.cache.clone(),
+            invalidates: Vec::new(),
+        })
+    }
+
+    /// This process's caches: their counters, and its instance id.
+    pub fn cache(&self) -> &cache::CacheHub {
+        &self.cache
     }
 
     /// What the delivery worker waits on between polls.
@@ -397,9 +422,23 @@ pub struct Tx {
     /// Set by `events::emit` when it queued deliveries: committing wakes
     /// the delivery worker.
     deliveries_queued: bool,
+    cache: std::sync::Arc<cache::CacheHub>,
+    /// Cache keys whose entries this transaction changes (encoded).
+    invalidates: Vec<String>,
 }
 
 impl Tx {
+    /// Names a cached entry this transaction changes: committing drops it
+    /// here and, through the database, in every other instance (see
+    /// [`cache`]). Every write to entitlements, to the customer an
+    /// external id names, or to an API key's validity must call this.
+    pub(crate) fn invalidate(&mut self, key: cache::CacheKey) {
+        let key = key.encode();
+        if !self.invalidates.contains(&key) {
+            self.invalidates.push(key);
+        }
+    }
+
     pub(crate) fn exec(&mut self) -> Exec<&mut SqliteConnection, &mut PgConnection> {
         match &mut self.inner {
             TxInner::Sqlite(tx) => Exec::Sqlite(&mut **tx),
@@ -414,14 +453,49 @@ impl Tx {
         }
     }
 
+    /// Commits; then drops the cache entries the transaction changed,
+    /// here and in every instance that may serve them (on PostgreSQL it
+    /// returns only once they have acknowledged, or their leases ran out),
+    /// and only then wakes the delivery worker. See [`cache`].
     pub async fn commit(self) -> StoreResult<()> {
-        match self.inner {
-            TxInner::Sqlite(tx) => tx.commit().await.db()?,
-            TxInner::Postgres(tx) => tx.commit().await.db()?,
+        let Tx { mut inner, wake, deliveries_queued, cache, invalidates: keys } = self;
+        let mut seq = None;
+        if !keys.is_empty() {
+            cache.pin(&keys);
+            if let TxInner::Postgres(tx) = &mut inner {
+                let (s, payload) = cache.begin_commit(&keys);
+                let sent = sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(cache::CHANNEL)
+                    .bind(payload)
+                    .execute(&mut **tx)
+                    .await;
+                if let Err(e) = sent {
+                    cache.unpin(&keys);
+                    cache.abandon_commit(s);
+                    return Err(StoreError::from_sqlx(e));
+                }
+                seq = Some(s);
+            }
         }
-        if self.deliveries_queued {
-            self.wake.notify_waiters();
-            self.wake.notify_one();
+        let committed = match inner {
+            TxInner::Sqlite(tx) => tx.commit().await.db(),
+            TxInner::Postgres(tx) => tx.commit().await.db(),
+        };
+        if !keys.is_empty() {
+            cache.unpin(&keys);
+        }
+        if let Err(e) = committed {
+            if let Some(s) = seq {
+                cache.abandon_commit(s);
+            }
+            return Err(e);
+        }
+        if let Some(s) = seq {
+            cache.await_peers(s).await;
+        }
+        if deliveries_queued {
+            wake.notify_waiters();
+            wake.notify_one();
         }
         Ok(())
     }

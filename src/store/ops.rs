@@ -317,6 +317,7 @@ impl Store {
         Ok(Store {
             backend: super::Backend::Sqlite { writer: pool.clone(), reader: pool },
             delivery_wake: Default::default(),
+            cache: std::sync::Arc::new(super::cache::CacheHub::new(0)),
         })
     }
 

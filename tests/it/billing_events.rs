@@ -15,7 +15,7 @@ use crate::webhooks::{event, SECRET_A};
 /// These tests poll the API while events are applied, for longer than a
 /// rate-limit burst lasts under load: the limits are off here (they have
 /// their own tests).
-fn unlimited(c: &mut tollgate::Config) {
+pub(crate) fn unlimited(c: &mut tollgate::Config) {
     c.rate_limit_per_ip = 0;
     c.rate_limit_per_key = 0;
 }
@@ -388,7 +388,7 @@ async fn pay(session: &Value, card: &str) {
     assert_eq!(resp.status(), 303, "paid");
 }
 
-async fn emulator(app: &TestApp, path: &str, form: &[(&str, &str)]) -> Value {
+pub(crate) async fn emulator(app: &TestApp, path: &str, form: &[(&str, &str)]) -> Value {
     let resp = app
         .client
         .post(app.url(&format!("/emulator/stripe{path}")))
@@ -414,7 +414,7 @@ async fn emulator_get(app: &TestApp, path: &str) -> Value {
 }
 
 /// A price at the emulator for a new product: one-time, or recurring every `interval`.
-async fn emulator_price(app: &TestApp, product: &str, amount: &str, interval: Option<&str>) -> String {
+pub(crate) async fn emulator_price(app: &TestApp, product: &str, amount: &str, interval: Option<&str>) -> String {
     let product = emulator(app, "/v1/products", &[("name", product)]).await;
     let mut form =
         vec![("product", product["id"].as_str().unwrap()), ("unit_amount", amount), ("currency", "usd")];
@@ -426,7 +426,7 @@ async fn emulator_price(app: &TestApp, product: &str, amount: &str, interval: Op
 
 /// Two of `price` bought by `customer` on the hosted page with `card`: the
 /// session as the emulator has it afterwards.
-async fn buy(app: &TestApp, customer: &str, price: &str, card: &str) -> Value {
+pub(crate) async fn buy(app: &TestApp, customer: &str, price: &str, card: &str) -> Value {
     let session = emulator(
         app,
         "/v1/checkout/sessions",
@@ -665,7 +665,7 @@ async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_cu
 
 /// Maps emulator prices onto catalog prices, as `stripe_price` lines in the
 /// catalog file do for a team already selling on Stripe.
-async fn link_catalog(app: &TestApp, links: &[(&str, &str)]) {
+pub(crate) async fn link_catalog(app: &TestApp, links: &[(&str, &str)]) {
     let mut text = std::fs::read_to_string(manifest_path("tollgate.toml")).unwrap();
     for (catalog_price, stripe_price) in links {
         let header = format!("[prices.{catalog_price}]\n");
@@ -675,7 +675,7 @@ async fn link_catalog(app: &TestApp, links: &[(&str, &str)]) {
     app.server_store.sync_catalog(&catalog, &tollgate::store::audit::Actor::Cli).await.unwrap();
 }
 
-async fn entitlements_of(app: &TestApp, external: &str) -> Value {
+pub(crate) async fn entitlements_of(app: &TestApp, external: &str) -> Value {
     app.get(&format!("/v1/customers/{external}/entitlements"), &app.read_key)
         .send()
         .await
@@ -685,7 +685,7 @@ async fn entitlements_of(app: &TestApp, external: &str) -> Value {
         .unwrap()
 }
 
-async fn wait_entitlements(app: &TestApp, external: &str, check: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_entitlements(app: &TestApp, external: &str, check: impl Fn(&Value) -> bool) -> Value {
     let started = std::time::Instant::now();
     let reported = std::sync::atomic::AtomicBool::new(false);
     eventually(Duration::from_secs(60), || async {
