@@ -490,6 +490,9 @@ impl CacheHub {
                     seen.retain(|_, at| at.elapsed() < LEASE * 4);
                 }
             }
+            (Some("bye"), Some(from), _) => {
+                self.peers_seen.lock().unwrap_or_else(PoisonError::into_inner).remove(from);
+            }
             (Some("inv"), Some(origin), Some(seq)) if origin != self.instance => {
                 let keys: Vec<String> = parts.map(str::to_owned).collect();
                 if keys.iter().any(|k| k == "*") {
@@ -597,6 +600,8 @@ async fn pg_sync(hub: Arc<CacheHub>, pool: PgPool, shutdown: CancellationToken) 
     }
     pinger.abort();
     let _ = pinger.await;
+    // Peers stop waiting for this instance's acknowledgements at once.
+    let _ = notify(&pool, &format!("bye {}", hub.instance)).await;
 }
 
 /// A subscribed listener. It is named only after `LISTEN` succeeded, so a
@@ -662,4 +667,89 @@ async fn sqlite_sync(hub: Arc<CacheHub>, reader: SqlitePool, shutdown: Cancellat
     }
     hub.set_listener_up(false);
     hub.revoke_lease();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn miss(cache: &Cache<u32>, key: &str) -> Ticket {
+        match cache.lookup(key) {
+            Lookup::Miss(t) => t,
+            Lookup::Hit(v) => panic!("unexpected hit {v}"),
+        }
+    }
+
+    fn hit(cache: &Cache<u32>, key: &str) -> Option<u32> {
+        match cache.lookup(key) {
+            Lookup::Hit(v) => Some(*v),
+            Lookup::Miss(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_fill_that_started_before_an_invalidation_is_not_stored() {
+        let cache = Cache::new("t", 100);
+        let ticket = miss(&cache, "c:a");
+        cache.invalidate("c:a");
+        assert!(!cache.fill("c:a".into(), ticket, Arc::new(1)));
+        assert_eq!(hit(&cache, "c:a"), None);
+        let ticket = miss(&cache, "c:a");
+        assert!(cache.fill("c:a".into(), ticket, Arc::new(2)));
+        assert_eq!(hit(&cache, "c:a"), Some(2));
+    }
+
+    #[test]
+    fn pinned_keys_are_neither_served_nor_stored_until_unpinned() {
+        let cache = Cache::new("t", 100);
+        let ticket = miss(&cache, "c:a");
+        assert!(cache.fill("c:a".into(), ticket, Arc::new(1)));
+        cache.pin("c:a");
+        let ticket = miss(&cache, "c:a");
+        assert!(!cache.fill("c:a".into(), ticket, Arc::new(2)), "pinned");
+        cache.unpin("c:a");
+        assert!(!cache.fill("c:a".into(), ticket, Arc::new(2)), "the unpin moved the generation on");
+        let ticket = miss(&cache, "c:a");
+        assert!(cache.fill("c:a".into(), ticket, Arc::new(3)));
+        assert_eq!(hit(&cache, "c:a"), Some(3));
+    }
+
+    #[test]
+    fn a_reset_refuses_fills_in_flight_and_the_size_is_bounded() {
+        let cache = Cache::new("t", 32);
+        let ticket = miss(&cache, "c:x");
+        cache.clear();
+        assert!(!cache.fill("c:x".into(), ticket, Arc::new(1)));
+        for i in 0..1000 {
+            let key = format!("c:{i}");
+            let ticket = miss(&cache, &key);
+            cache.fill(key, ticket, Arc::new(i));
+        }
+        assert!(cache.len() <= 32, "{}", cache.len());
+        assert_eq!(hit(&cache, "c:999"), Some(999), "the newest entry stays");
+    }
+
+    #[test]
+    fn a_hub_without_its_sync_task_never_serves() {
+        let hub = CacheHub::new(10);
+        assert!(!hub.serving());
+        hub.renew_lease(hub.now_ms());
+        assert!(hub.serving());
+        hub.revoke_lease();
+        assert!(!hub.serving());
+        let off = CacheHub::new(0);
+        off.renew_lease(off.now_ms());
+        assert!(!off.serving(), "capacity 0 turns the cache off");
+    }
+
+    #[test]
+    fn long_invalidations_become_one_reset() {
+        let hub = CacheHub::new(10);
+        let keys: Vec<String> = (0..2000).map(|i| format!("c:customer_{i}")).collect();
+        let (seq, payload) = hub.begin_commit(&keys);
+        assert!(payload.len() < 8000 && payload.ends_with(" *"), "{}", payload.len());
+        hub.abandon_commit(seq);
+        let (_, payload) = hub.begin_commit(&keys[..2]);
+        assert!(payload.ends_with("c:customer_0 c:customer_1"));
+    }
 }
