@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::billing::catalog::Catalog;
 use crate::config::Config;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, AppStateInner};
 use crate::store::audit::Actor;
 use crate::store::{Store, StoreOptions};
 use crate::{jobs, telemetry};
@@ -119,7 +119,7 @@ impl Server {
         };
         // One client for the whole process, so its circuit breaker sees every call.
         let stripe = crate::providers::stripe::StripeClient::from_config(&config);
-        let state = AppState {
+        let state = AppState::new(AppStateInner {
             store,
             metrics: telemetry::metrics_handle(),
             redis,
@@ -137,7 +137,7 @@ impl Server {
             rate_limits,
             trusted_proxies,
             stripe,
-        };
+        });
         Ok(Server { state, inbox_writers, tls })
     }
 
