@@ -314,7 +314,9 @@ pub async fn entitlements(mut config: Config, load: EntitlementLoad) -> Result<S
     let bare_addr = bare_listener.local_addr().map_err(|e| e.to_string())?;
     let bare = axum::Router::new().route("/hello", get(|| async { "hello" }));
     let bare_task = tokio::spawn(
-        axum::serve(bare_listener, bare).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future(),
+        axum::serve(bare_listener, bare)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future(),
     );
 
     config.rate_limit_per_ip = 0;
@@ -322,7 +324,8 @@ pub async fn entitlements(mut config: Config, load: EntitlementLoad) -> Result<S
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     config.public_url = Some(format!("http://{addr}"));
-    let server = crate::app::Server::build(config.clone(), shutdown.clone()).await.map_err(|e| e.to_string())?;
+    let server =
+        crate::app::Server::build(config.clone(), shutdown.clone()).await.map_err(|e| e.to_string())?;
     let store = server.store().clone();
     let server_task = tokio::spawn(server.serve(listener));
     let key = crate::auth::generate_key(crate::auth::KeyMode::Test);

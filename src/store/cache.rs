@@ -332,7 +332,8 @@ impl CacheHub {
     pub(crate) fn lookup<V>(&self, cache: &Cache<V>, key: &str) -> Option<Lookup<V>> {
         if !self.serving() {
             self.bypassed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("cache_requests_total", "cache" => cache.name, "result" => "bypass").increment(1);
+            metrics::counter!("cache_requests_total", "cache" => cache.name, "result" => "bypass")
+                .increment(1);
             return None;
         }
         let found = cache.lookup(key);
@@ -431,7 +432,9 @@ impl CacheHub {
         .fetch_all(pool)
         .await;
         let mut peers: HashSet<String> = match listening {
-            Ok(names) => names.iter().filter_map(|n| n.strip_prefix(LISTENER_NAME)).map(str::to_owned).collect(),
+            Ok(names) => {
+                names.iter().filter_map(|n| n.strip_prefix(LISTENER_NAME)).map(str::to_owned).collect()
+            }
             Err(e) => {
                 // Who listens is unknown: wait out every lease.
                 tracing::warn!(error = %e, "cannot list cache peers; waiting out their leases");

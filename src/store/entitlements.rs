@@ -278,8 +278,11 @@ pub async fn recompute_entitlements(
     let lock = if tx.kind() == DbKind::Postgres { " FOR UPDATE" } else { "" };
     let external_id: String = sql!(
         tx,
-        query_scalar::<String>(&format!("SELECT external_id FROM customers WHERE id = $1{lock}"), customer_id)
-            .fetch_one
+        query_scalar::<String>(
+            &format!("SELECT external_id FROM customers WHERE id = $1{lock}"),
+            customer_id
+        )
+        .fetch_one
     )
     .db()?;
     let stored: Option<(i64, String, i64)> = sql!(

@@ -414,7 +414,12 @@ async fn emulator_get(app: &TestApp, path: &str) -> Value {
 }
 
 /// A price at the emulator for a new product: one-time, or recurring every `interval`.
-pub(crate) async fn emulator_price(app: &TestApp, product: &str, amount: &str, interval: Option<&str>) -> String {
+pub(crate) async fn emulator_price(
+    app: &TestApp,
+    product: &str,
+    amount: &str,
+    interval: Option<&str>,
+) -> String {
     let product = emulator(app, "/v1/products", &[("name", product)]).await;
     let mut form =
         vec![("product", product["id"].as_str().unwrap()), ("unit_amount", amount), ("currency", "usd")];
@@ -685,7 +690,11 @@ pub(crate) async fn entitlements_of(app: &TestApp, external: &str) -> Value {
         .unwrap()
 }
 
-pub(crate) async fn wait_entitlements(app: &TestApp, external: &str, check: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_entitlements(
+    app: &TestApp,
+    external: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
     let started = std::time::Instant::now();
     let reported = std::sync::atomic::AtomicBool::new(false);
     eventually(Duration::from_secs(60), || async {

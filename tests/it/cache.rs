@@ -179,7 +179,9 @@ async fn a_second_instance_never_serves_entitlements_older_than_a_returned_write
     // Cut B's listener: B stops serving from memory and reads the database.
     let name = b.server_store.cache().listener_name();
     admin
-        .execute_raw(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{name}'"))
+        .execute_raw(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{name}'"
+        ))
         .await
         .unwrap();
     let bypassed = eventually(Duration::from_secs(10), || async {
