@@ -77,6 +77,8 @@ pub const LEASE: Duration = Duration::from_millis(1000);
 pub const PING_EVERY: Duration = Duration::from_millis(200);
 /// How often the SQLite poller reads `PRAGMA data_version`.
 pub const SQLITE_POLL: Duration = Duration::from_millis(100);
+/// How long a poll lets the SQLite server serve from its cache.
+pub const SQLITE_LEASE: Duration = Duration::from_millis(250);
 /// The listener connection's `application_name` is this and the instance
 /// id, so writers find their peers in `pg_stat_activity`.
 const LISTENER_NAME: &str = "tollgate-cache:";
@@ -248,6 +250,8 @@ pub struct CacheHub {
     /// Milliseconds since `started` until which hits may be served.
     lease_until_ms: AtomicU64,
     listener_up: AtomicBool,
+    /// A server whose caches are off: commits do not wait for peers.
+    serves_without_cache: AtomicBool,
     /// Set once this process listens (PostgreSQL): writers then wait for
     /// their peers. A process without a listener (the CLI) does not.
     pg: OnceLock<PgPool>,
@@ -278,6 +282,7 @@ impl CacheHub {
             started: Instant::now(),
             lease_until_ms: AtomicU64::new(0),
             listener_up: AtomicBool::new(false),
+            serves_without_cache: AtomicBool::new(false),
             pg: OnceLock::new(),
             next_seq: AtomicU64::new(1),
             acks: Mutex::new(HashMap::new()),
@@ -309,8 +314,8 @@ impl CacheHub {
         self.enabled && self.now_ms() < self.lease_until_ms.load(Ordering::Acquire)
     }
 
-    fn renew_lease(&self, sent_at_ms: u64) {
-        self.lease_until_ms.fetch_max(sent_at_ms + LEASE.as_millis() as u64, Ordering::AcqRel);
+    fn renew_lease(&self, sent_at_ms: u64, lease: Duration) {
+        self.lease_until_ms.fetch_max(sent_at_ms + lease.as_millis() as u64, Ordering::AcqRel);
     }
 
     fn revoke_lease(&self) {
@@ -418,13 +423,19 @@ impl CacheHub {
     /// serving from its cache has dropped the keys, or has lost its lease.
     pub(crate) async fn await_peers(&self, seq: u64) {
         let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + LEASE + PING_EVERY;
+        if self.serves_without_cache.load(Ordering::Acquire) {
+            self.abandon_commit(seq);
+            return;
+        }
         let Some(pool) = self.pg.get() else {
-            // A process without a listener (the CLI): its peers hear the
-            // notification, but it cannot hear their acknowledgements.
+            // A process without a listener (the CLI): the servers hear the
+            // notification, but it cannot hear their acknowledgements, so
+            // it waits out their leases.
+            tokio::time::sleep_until(deadline).await;
             self.abandon_commit(seq);
             return;
         };
-        let deadline = tokio::time::Instant::now() + LEASE + PING_EVERY;
         let listening: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
             "SELECT application_name FROM pg_stat_activity \
              WHERE datname = current_database() AND application_name LIKE 'tollgate-cache:%'",
@@ -478,6 +489,15 @@ impl CacheHub {
         metrics::histogram!("cache_ack_wait_seconds").record(started.elapsed().as_secs_f64());
     }
 
+    /// After a SQLite commit: a process that does not poll (the CLI)
+    /// returns only once the server's poller must have seen its commit
+    /// (or the server has stopped serving from memory).
+    pub(crate) async fn await_sqlite_server(&self) {
+        if !self.listener_up.load(Ordering::Acquire) && !self.serves_without_cache.load(Ordering::Acquire) {
+            tokio::time::sleep(SQLITE_LEASE + SQLITE_POLL / 2).await;
+        }
+    }
+
     /// One notification from the channel.
     fn handle(self: &Arc<Self>, payload: &str, pool: &PgPool) {
         let mut parts = payload.split(' ');
@@ -485,7 +505,7 @@ impl CacheHub {
             (Some("ping"), Some(from), Some(sent_at)) => {
                 if from == self.instance {
                     if let Ok(ms) = sent_at.parse() {
-                        self.renew_lease(ms);
+                        self.renew_lease(ms, LEASE);
                     }
                 } else {
                     let mut seen = self.peers_seen.lock().unwrap_or_else(PoisonError::into_inner);
@@ -537,6 +557,10 @@ async fn notify(pool: &PgPool, payload: &str) -> Result<(), sqlx::Error> {
 pub async fn sync(store: Store, shutdown: CancellationToken) {
     let hub = store.cache.clone();
     if !hub.enabled {
+        // A server with its caches off has nothing to keep in step, and
+        // its writes need not wait for anyone (a deployment mixing
+        // instances with and without caches is not supported).
+        hub.serves_without_cache.store(true, Ordering::Release);
         return;
     }
     match &store.backend {
@@ -659,7 +683,7 @@ async fn sqlite_sync(hub: Arc<CacheHub>, reader: SqlitePool, shutdown: Cancellat
                     hub.reset("data_version");
                 }
                 last = Some(version);
-                hub.renew_lease(polled_at);
+                hub.renew_lease(polled_at, SQLITE_LEASE);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot poll SQLite for changes; reading from the database");
@@ -736,12 +760,12 @@ mod tests {
     fn a_hub_without_its_sync_task_never_serves() {
         let hub = CacheHub::new(10);
         assert!(!hub.serving());
-        hub.renew_lease(hub.now_ms());
+        hub.renew_lease(hub.now_ms(), LEASE);
         assert!(hub.serving());
         hub.revoke_lease();
         assert!(!hub.serving());
         let off = CacheHub::new(0);
-        off.renew_lease(off.now_ms());
+        off.renew_lease(off.now_ms(), LEASE);
         assert!(!off.serving(), "capacity 0 turns the cache off");
     }
 

@@ -490,8 +490,10 @@ impl Tx {
             }
             return Err(e);
         }
-        if let Some(s) = seq {
-            cache.await_peers(s).await;
+        match seq {
+            Some(s) => cache.await_peers(s).await,
+            None if !keys.is_empty() => cache.await_sqlite_server().await,
+            None => {}
         }
         if deliveries_queued {
             wake.notify_waiters();
