@@ -276,13 +276,13 @@ pub async fn recompute_entitlements(
     // customer row always exists, unlike a first entitlements row.
     // The external id names the cache entry a change invalidates.
     let lock = if tx.kind() == DbKind::Postgres { " FOR UPDATE" } else { "" };
-    let external_id: String = sql!(
+    let external_id: Option<String> = sql!(
         tx,
         query_scalar::<String>(
             &format!("SELECT external_id FROM customers WHERE id = $1{lock}"),
             customer_id
         )
-        .fetch_one
+        .fetch_optional
     )
     .db()?;
     let stored: Option<(i64, String, i64)> = sql!(
@@ -320,7 +320,9 @@ pub async fn recompute_entitlements(
         .execute
     )
     .db()?;
-    tx.invalidate(CacheKey::Customer(external_id));
+    if let Some(external_id) = external_id {
+        tx.invalidate(CacheKey::Customer(external_id));
+    }
     emit(
         tx,
         NewEvent {
