@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::billing::catalog::Catalog;
 use crate::config::Config;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, AppStateInner};
 use crate::store::audit::Actor;
 use crate::store::{Store, StoreOptions};
 use crate::{jobs, telemetry};
@@ -42,6 +42,7 @@ pub fn store_options(config: &Config) -> StoreOptions {
     StoreOptions {
         max_connections: config.database_max_connections,
         sqlite_full_sync: config.sqlite_synchronous == crate::config::SqliteSync::Full,
+        cache_capacity: config.entitlements_cache_capacity,
         ..StoreOptions::default()
     }
 }
@@ -141,7 +142,7 @@ impl Server {
         // One client for the whole process, so its circuit breaker sees every call.
         let stripe = crate::providers::stripe::StripeClient::from_config(&config);
         let keys = crate::tokens::keys::KeyRing::start(store.clone(), &config).await?;
-        let state = AppState {
+        let state = AppState::new(AppStateInner {
             store,
             metrics: telemetry::metrics_handle(),
             redis,
@@ -160,7 +161,7 @@ impl Server {
             trusted_proxies,
             stripe,
             keys,
-        };
+        });
         Ok(Server { state, inbox_writers, tls })
     }
 

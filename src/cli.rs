@@ -205,6 +205,17 @@ pub enum LoadtestCommand {
         #[arg(long, env = "TOLLGATE_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
     },
+    /// A bare axum "hello" handler and the entitlement check (GET
+    /// /v1/customers/{id}/entitlements/{feature}, API key, rate limits off)
+    /// at full speed in one run, then the check at half the bare rate;
+    /// prints req/s, p50/p99 and the ratio.
+    Entitlements {
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Seconds per phase (four phases).
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +381,22 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, String> {
                 api_key,
             };
             match crate::ops::loadtest::deliveries(config, load).await {
+                Ok(report) => {
+                    print!("{report}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(report) => {
+                    print!("{report}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Loadtest(LoadtestCommand::Entitlements { connections, duration }) => {
+            let load = crate::ops::loadtest::EntitlementLoad {
+                connections: connections.max(1),
+                duration: std::time::Duration::from_secs(duration.max(1)),
+            };
+            match crate::ops::loadtest::entitlements(config, load).await {
                 Ok(report) => {
                     print!("{report}");
                     Ok(ExitCode::SUCCESS)

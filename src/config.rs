@@ -102,6 +102,11 @@ pub struct Config {
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10, global = true)]
     pub database_max_connections: u32,
 
+    /// Customers' entitlements and API keys kept in memory per process
+    /// (least recently used dropped first); 0 turns the caches off.
+    #[arg(long, env = "ENTITLEMENTS_CACHE_CAPACITY", default_value_t = 100_000, global = true)]
+    pub entitlements_cache_capacity: usize,
+
     /// In production, SQLite must be chosen on purpose (one machine, no replicas).
     #[arg(long, env = "ALLOW_SQLITE_IN_PRODUCTION", default_value_t = false, global = true)]
     pub allow_sqlite_in_production: bool,

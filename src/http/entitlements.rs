@@ -13,6 +13,7 @@ use super::error::{ApiError, ApiResult, ErrorBody, ErrorType};
 use super::extract::{ApiJson, ApiPath, ReadKey, WriteKey};
 use super::AppState;
 use crate::ids::{new_id, ExternalId};
+use crate::store::cache::CustomerEntitlements;
 use crate::store::entitlements::{DebitError, StoredEntitlements};
 
 pub fn router() -> Router<AppState> {
@@ -80,6 +81,20 @@ async fn customer_id(state: &AppState, raw: &str) -> ApiResult<(ExternalId, Stri
     Ok((external, customer.id))
 }
 
+/// The entitlements a check reads, from memory when they are cached.
+async fn cached_entitlements(
+    state: &AppState,
+    raw: &str,
+) -> ApiResult<(ExternalId, std::sync::Arc<CustomerEntitlements>)> {
+    let external = ExternalId::parse(raw).map_err(|e| ApiError::invalid_param("external_id", e.0))?;
+    let found = state
+        .store
+        .customer_entitlements(&external)
+        .await?
+        .ok_or_else(|| ApiError::not_found("customer", external.as_str()))?;
+    Ok((external, found))
+}
+
 /// Retrieve a customer's entitlements
 ///
 /// Derived from active and trialing subscriptions (and past-due ones within
@@ -101,9 +116,8 @@ pub async fn get_entitlements(
     ReadKey(_caller): ReadKey,
     ApiPath(external_id): ApiPath<String>,
 ) -> ApiResult<Json<EntitlementsResponse>> {
-    let (external, id) = customer_id(&state, &external_id).await?;
-    let stored = state.store.entitlements(&id).await?;
-    Ok(Json(EntitlementsResponse::new(&external, stored)))
+    let (external, found) = cached_entitlements(&state, &external_id).await?;
+    Ok(Json(EntitlementsResponse::new(&external, found.stored.clone())))
 }
 
 /// Check one entitlement
@@ -130,8 +144,8 @@ pub async fn check_entitlement(
     if feature.is_empty() || feature.len() > 128 || feature.chars().any(char::is_control) {
         return Err(ApiError::invalid_param("feature", "feature must be 1 to 128 printable characters."));
     }
-    let (external, id) = customer_id(&state, &external_id).await?;
-    let stored = state.store.entitlements(&id).await?;
+    let (external, found) = cached_entitlements(&state, &external_id).await?;
+    let stored = &found.stored;
     let e = &stored.entitlements;
     let limit = e.limits.get(&feature).copied();
     let balance = e.balances.get(&feature).copied();

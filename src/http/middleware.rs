@@ -156,7 +156,11 @@ pub async fn authenticate(
         .await?
         .ok_or_else(|| ApiError::unauthenticated("Invalid API key provided."))?;
     tracing::Span::current().record("api_key", record.id.as_str());
-    req.extensions_mut().insert(Principal { key_id: record.id, scope: record.scope, mode: record.mode });
+    req.extensions_mut().insert(Principal {
+        key_id: record.id.clone(),
+        scope: record.scope,
+        mode: record.mode,
+    });
     Ok(next.run(req).await)
 }
 

@@ -38,9 +38,29 @@ pub mod tls;
 pub mod tokens;
 pub mod webhook_endpoints;
 
-/// What every handler can reach. Cheap to clone.
+/// What every handler can reach: one pointer, because axum clones the
+/// state for every layer and handler of every request (cloning the dozen
+/// handles inside, each an atomic increment and decrement, was the
+/// largest cost of an entitlement check).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateInner>);
+
+impl AppState {
+    pub fn new(inner: AppStateInner) -> Self {
+        AppState(Arc::new(inner))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+
+    fn deref(&self) -> &AppStateInner {
+        &self.0
+    }
+}
+
+/// The handles behind [`AppState`].
+pub struct AppStateInner {
     pub store: Store,
     pub config: Arc<Config>,
     pub metrics: PrometheusHandle,

@@ -27,6 +27,8 @@ impl Workers {
 
 pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     let mut tasks = JoinSet::new();
+    // Keeps the in-memory caches exact; without it they never serve.
+    tasks.spawn(crate::store::cache::sync(state.store.clone(), shutdown.clone()));
     if state.config.retention_interval_seconds > 0 {
         let every = Duration::from_secs(state.config.retention_interval_seconds);
         tasks.spawn(retention::run(state.clone(), shutdown.clone(), every));

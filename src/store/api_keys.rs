@@ -2,7 +2,10 @@
 
 use serde::Serialize;
 
+use std::sync::Arc;
+
 use super::audit::{self, Actor, AuditRecord};
+use super::cache::{CacheKey, Lookup};
 use super::{now_unix, sql, SqlxResultExt, Store, StoreResult};
 use crate::auth::{KeyMode, NewApiKey, Scope};
 use crate::ids::new_id;
@@ -97,11 +100,24 @@ impl Store {
         Ok(record)
     }
 
-    /// The live (unrevoked) key with this digest.
-    pub async fn find_api_key_by_digest(&self, digest: &str) -> StoreResult<Option<ApiKeyRecord>> {
+    /// The live (unrevoked) key with this digest: every API request asks,
+    /// so it is answered from memory when it can be (revocation
+    /// invalidates it in every instance; unknown digests are not cached).
+    pub async fn find_api_key_by_digest(&self, digest: &str) -> StoreResult<Option<Arc<ApiKeyRecord>>> {
+        let key = CacheKey::ApiKey(digest.to_owned()).encode();
+        let ticket = match self.cache.lookup(&self.cache.api_keys, &key) {
+            Some(Lookup::Hit(record)) => return Ok(Some(record)),
+            Some(Lookup::Miss(ticket)) => Some(ticket),
+            None => None,
+        };
         let sql = format!("SELECT {COLUMNS} FROM api_keys WHERE digest = $1 AND revoked_at IS NULL");
         let row: Option<Row> = sql!(self, query_as::<Row>(&sql, digest).fetch_optional).db()?;
-        row.map(ApiKeyRecord::try_from).transpose()
+        let Some(record) = row.map(ApiKeyRecord::try_from).transpose()? else { return Ok(None) };
+        let record = Arc::new(record);
+        if let Some(ticket) = ticket {
+            self.cache.api_keys.fill(key, ticket, record.clone());
+        }
+        Ok(Some(record))
     }
 
     pub async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
@@ -113,14 +129,19 @@ impl Store {
     /// Revokes a key by id; `false` if no such live key exists.
     pub async fn revoke_api_key(&self, id: &str, actor: &Actor) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
-        let revoked = sql!(
+        let digest: Option<String> = sql!(
             tx,
-            query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL", now_unix(), id)
-                .execute
+            query_scalar::<String>(
+                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL RETURNING digest",
+                now_unix(),
+                id
+            )
+            .fetch_optional
         )
-        .db()?
-            == 1;
-        if revoked {
+        .db()?;
+        let revoked = digest.is_some();
+        if let Some(digest) = digest {
+            tx.invalidate(CacheKey::ApiKey(digest));
             audit::append(
                 &mut tx,
                 AuditRecord {

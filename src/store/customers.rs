@@ -683,6 +683,9 @@ async fn claim_adopted(
             .execute
         )
         .db()?;
+        // The placeholder's id no longer names a customer; the external id now does.
+        tx.invalidate(super::cache::CacheKey::Customer(pc.id.clone()));
+        tx.invalidate(super::cache::CacheKey::Customer(external.as_str().to_owned()));
         let data =
             serde_json::json!({ "external_id": external.as_str(), "was": pc.id, "provider": pc.provider });
         let record = AuditRecord {
@@ -715,6 +718,8 @@ async fn claim_adopted(
     .db()?;
     // What the placeholder was entitled to is now the application customer's.
     sql!(tx, query("DELETE FROM entitlements WHERE customer_id = $1", linked_id).execute).db()?;
+    // The placeholder's id (its external id until now) names no customer any more.
+    tx.invalidate(super::cache::CacheKey::Customer(pc.id.clone()));
     super::entitlements::recompute_entitlements(tx, &target, None, actor, policy).await?;
     let data = serde_json::json!({ "merged_into": target, "external_id": external.as_str(), "provider_customer": pc.id });
     let record = AuditRecord {

@@ -7,16 +7,18 @@
 //! `entitlements.updated` event commit together or not at all.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::json;
 
 use super::audit::{self, Actor, AuditRecord};
+use super::cache::{CacheKey, CustomerEntitlements, Lookup};
 use super::events::{emit, NewEvent};
 use super::orders::Cause;
 use super::{now_unix, sql, DbKind, SqlxResultExt, Store, StoreError, StoreResult, Tx};
 use crate::billing::catalog::Grants;
 use crate::billing::entitlements::{self, Entitlements, GrantState, Policy, SubscriptionSource};
-use crate::ids::new_id;
+use crate::ids::{new_id, ExternalId};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct GrantRow {
@@ -271,10 +273,17 @@ pub async fn recompute_entitlements(
     // Serialise recomputations of one customer (PostgreSQL; SQLite has one
     // writer): the later one reads what the earlier one committed. The
     // customer row always exists, unlike a first entitlements row.
+    // The external id names the cache entry a change invalidates.
     let lock = if tx.kind() == DbKind::Postgres { " FOR UPDATE" } else { "" };
-    if tx.kind() == DbKind::Postgres {
-        sql!(tx, query("SELECT 1 FROM customers WHERE id = $1 FOR UPDATE", customer_id).execute).db()?;
-    }
+    let external_id: Option<String> = sql!(
+        tx,
+        query_scalar::<String>(
+            &format!("SELECT external_id FROM customers WHERE id = $1{lock}"),
+            customer_id
+        )
+        .fetch_optional
+    )
+    .db()?;
     let stored: Option<(i64, String, i64)> = sql!(
         tx,
         query_as::<(i64, String, i64)>(
@@ -310,6 +319,9 @@ pub async fn recompute_entitlements(
         .execute
     )
     .db()?;
+    if let Some(external_id) = external_id {
+        tx.invalidate(CacheKey::Customer(external_id));
+    }
     emit(
         tx,
         NewEvent {
@@ -416,6 +428,30 @@ impl From<sqlx::Error> for DebitError {
 }
 
 impl Store {
+    /// What an entitlement check reads: the customer an external id names
+    /// and its stored entitlements (`None`: no such customer). Answered
+    /// from memory when the cache may serve (see [`super::cache`]);
+    /// writes never read through here, they read in their transaction.
+    pub async fn customer_entitlements(
+        &self,
+        external: &ExternalId,
+    ) -> StoreResult<Option<Arc<CustomerEntitlements>>> {
+        let key = CacheKey::Customer(external.as_str().to_owned()).encode();
+        let ticket = match self.cache.lookup(&self.cache.entitlements, &key) {
+            Some(Lookup::Hit(found)) => return Ok(Some(found)),
+            Some(Lookup::Miss(ticket)) => Some(ticket),
+            None => None,
+        };
+        // Unknown customers are not cached: creating one invalidates nothing.
+        let Some(customer) = self.get_customer(external).await? else { return Ok(None) };
+        let stored = self.entitlements(&customer.id).await?;
+        let found = Arc::new(CustomerEntitlements { customer_id: customer.id, stored });
+        if let Some(ticket) = ticket {
+            self.cache.entitlements.fill(key, ticket, found.clone());
+        }
+        Ok(Some(found))
+    }
+
     /// The stored entitlements (version 0 and nothing for a customer who
     /// never had any).
     pub async fn entitlements(&self, customer_id: &str) -> StoreResult<StoredEntitlements> {

@@ -16,6 +16,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Sqlite, SqliteConnection, SqlitePool,
 
 pub mod api_keys;
 pub mod audit;
+pub mod cache;
 pub mod catalog;
 pub mod checkout;
 pub mod customers;
@@ -184,11 +185,18 @@ pub struct StoreOptions {
     /// only at checkpoints (`false`, survives a killed process but may lose
     /// the last commits on power loss or an OS crash).
     pub sqlite_full_sync: bool,
+    /// Entries per in-memory cache (entitlements, API keys); 0 turns them off.
+    pub cache_capacity: usize,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { max_connections: 10, acquire_timeout: Duration::from_secs(5), sqlite_full_sync: true }
+        Self {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            sqlite_full_sync: true,
+            cache_capacity: 100_000,
+        }
     }
 }
 
@@ -217,6 +225,8 @@ pub struct Store {
     /// `NOTIFY`), so its own listener skips what `delivery_wake` already
     /// signalled.
     instance: std::sync::Arc<str>,
+    /// The in-memory caches every transaction invalidates on commit.
+    cache: std::sync::Arc<cache::CacheHub>,
 }
 
 impl std::fmt::Debug for Store {
@@ -271,7 +281,12 @@ impl Store {
                 Backend::Postgres(pool)
             }
         };
-        Ok(Store { backend, delivery_wake: Default::default(), instance: new_instance() })
+        Ok(Store {
+            backend,
+            delivery_wake: Default::default(),
+            instance: new_instance(),
+            cache: std::sync::Arc::new(cache::CacheHub::new(options.cache_capacity)),
+        })
     }
 
     /// Opens the pools and brings the schema up to date.
@@ -388,7 +403,14 @@ impl Store {
             wake: self.delivery_wake.clone(),
             instance: self.instance.clone(),
             deliveries_queued: false,
+            cache: self.cache.clone(),
+            invalidates: Vec::new(),
         })
+    }
+
+    /// This process's caches: their counters, and its instance id.
+    pub fn cache(&self) -> &cache::CacheHub {
+        &self.cache
     }
 
     /// What the delivery worker waits on between polls.
@@ -439,9 +461,23 @@ pub struct Tx {
     /// Set by `events::emit` when it queued deliveries: committing wakes
     /// the delivery worker.
     deliveries_queued: bool,
+    cache: std::sync::Arc<cache::CacheHub>,
+    /// Cache keys whose entries this transaction changes (encoded).
+    invalidates: Vec<String>,
 }
 
 impl Tx {
+    /// Names a cached entry this transaction changes: committing drops it
+    /// here and, through the database, in every other instance (see
+    /// [`cache`]). Every write to entitlements, to the customer an
+    /// external id names, or to an API key's validity must call this.
+    pub(crate) fn invalidate(&mut self, key: cache::CacheKey) {
+        let key = key.encode();
+        if !self.invalidates.contains(&key) {
+            self.invalidates.push(key);
+        }
+    }
+
     pub(crate) fn exec(&mut self) -> Exec<&mut SqliteConnection, &mut PgConnection> {
         match &mut self.inner {
             TxInner::Sqlite(tx) => Exec::Sqlite(&mut **tx),
@@ -456,25 +492,62 @@ impl Tx {
         }
     }
 
-    pub async fn commit(mut self) -> StoreResult<()> {
-        if self.deliveries_queued && self.kind() == DbKind::Postgres {
+    /// Commits; then drops the cache entries the transaction changed,
+    /// here and in every instance that may serve them (on PostgreSQL it
+    /// returns only once they have acknowledged, or their leases ran out),
+    /// and only then wakes the delivery worker. See [`cache`].
+    pub async fn commit(self) -> StoreResult<()> {
+        let Tx { mut inner, wake, instance, deliveries_queued, cache, invalidates: keys } = self;
+        if let (true, TxInner::Postgres(tx)) = (deliveries_queued, &mut inner) {
             // Inside the transaction: PostgreSQL delivers it on commit, and
             // not at all on rollback, so other instances' delivery workers
             // wake exactly when there is something to claim.
-            let instance = self.instance.clone();
-            sql!(
-                self,
-                query("SELECT pg_notify($1, $2)", crate::delivery::listen::CHANNEL, &*instance).execute
-            )
-            .db()?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(crate::delivery::listen::CHANNEL)
+                .bind(&*instance)
+                .execute(&mut **tx)
+                .await
+                .map_err(StoreError::from_sqlx)?;
         }
-        match self.inner {
-            TxInner::Sqlite(tx) => tx.commit().await.db()?,
-            TxInner::Postgres(tx) => tx.commit().await.db()?,
+        let mut seq = None;
+        if !keys.is_empty() {
+            cache.pin(&keys);
+            if let TxInner::Postgres(tx) = &mut inner {
+                let (s, payload) = cache.begin_commit(&keys);
+                let sent = sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(cache::CHANNEL)
+                    .bind(payload)
+                    .execute(&mut **tx)
+                    .await;
+                if let Err(e) = sent {
+                    cache.unpin(&keys);
+                    cache.abandon_commit(s);
+                    return Err(StoreError::from_sqlx(e));
+                }
+                seq = Some(s);
+            }
         }
-        if self.deliveries_queued {
-            self.wake.notify_waiters();
-            self.wake.notify_one();
+        let committed = match inner {
+            TxInner::Sqlite(tx) => tx.commit().await.db(),
+            TxInner::Postgres(tx) => tx.commit().await.db(),
+        };
+        if !keys.is_empty() {
+            cache.unpin(&keys);
+        }
+        if let Err(e) = committed {
+            if let Some(s) = seq {
+                cache.abandon_commit(s);
+            }
+            return Err(e);
+        }
+        match seq {
+            Some(s) => cache.await_peers(s).await,
+            None if !keys.is_empty() => cache.await_sqlite_server().await,
+            None => {}
+        }
+        if deliveries_queued {
+            wake.notify_waiters();
+            wake.notify_one();
         }
         Ok(())
     }

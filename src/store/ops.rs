@@ -318,6 +318,7 @@ impl Store {
             backend: super::Backend::Sqlite { writer: pool.clone(), reader: pool },
             delivery_wake: Default::default(),
             instance: super::new_instance(),
+            cache: std::sync::Arc::new(super::cache::CacheHub::new(0)),
         })
     }
 

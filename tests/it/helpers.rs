@@ -57,6 +57,12 @@ impl TestDb {
         self.url.strip_prefix("sqlite://").filter(|_| !self.is_postgres()).map(PathBuf::from)
     }
 
+    /// The same database for a second tollgate instance; dropping it
+    /// leaves the database to the first handle.
+    pub fn another_handle(&self) -> TestDb {
+        TestDb { url: self.url.clone(), admin_url: None, name: String::new(), _dir: None }
+    }
+
     pub fn is_postgres(&self) -> bool {
         self.admin_url.is_some()
     }

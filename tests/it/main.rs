@@ -8,6 +8,7 @@ mod api_conventions;
 mod audit;
 mod backup;
 mod billing_events;
+mod cache;
 mod catalog;
 mod checkout;
 mod cli;

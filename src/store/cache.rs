@@ -1,0 +1,782 @@
+//! In-memory caches of what API requests read on every call: a customer's
+//! entitlements (by external id) and API keys (by digest), kept exact
+//! across instances (SPEC 6: a check is answered from memory).
+//!
+//! # How an entry is never served after the change that invalidated it
+//!
+//! * One choke point: a transaction that changes what a cached entry says
+//!   (a customer's entitlements, which customer an external id names, an
+//!   API key's revocation) names the entry's key on its [`Tx`](super::Tx).
+//!   `Tx::commit` then, around its `COMMIT`:
+//!   1. pins the keys in this process: while pinned nothing is served or
+//!      stored for them, so no local reader sees the old value between the
+//!      commit and the invalidation;
+//!   2. on PostgreSQL, sends `pg_notify` inside the transaction, so the
+//!      notification exists exactly when the commit does (and is ordered
+//!      with every other commit's);
+//!   3. commits, drops and unpins the keys;
+//!   4. on PostgreSQL, waits until every other instance has acknowledged
+//!      the invalidation, or until a lease has run out (see below). Only
+//!      then does the write return: an API response, or the wake-up of
+//!      this process's delivery worker.
+//! * Fills cannot resurrect old data: a reader takes a ticket (its shard's
+//!   generation) before it reads the database, and its result is stored
+//!   only if no invalidation, pin or reset touched the shard meanwhile.
+//! * Every instance listens on a dedicated connection. It may serve from
+//!   its cache only while it holds a lease: it sends itself a ping through
+//!   the database every [`PING_EVERY`], and a ping sent at `s` and heard
+//!   back lets it serve until `s + LEASE`. PostgreSQL delivers notifications
+//!   in commit order, so hearing a ping sent after a writer's commit means
+//!   the writer's invalidation was heard first. A writer waits for the
+//!   acknowledgement of every peer that is listening (`pg_stat_activity`)
+//!   or pinged lately, at most `LEASE` and a margin: a peer that has not
+//!   answered by then has lost its lease and is reading the database.
+//! * A lost listener connection revokes the lease and clears everything;
+//!   the cache is bypassed (reads go to the database) until a new listener
+//!   is subscribed, after which the cache is cleared once more, because
+//!   notifications sent while nobody listened are lost.
+//!
+//! On SQLite there is one serving process; its own writes are invalidated
+//! through the same `Tx` hook. Another process writing the same file (the
+//! CLI: `api-key revoke`, `events replay`) is noticed by polling
+//! `PRAGMA data_version`, which clears the caches: such writes are seen
+//! within one poll ([`SQLITE_POLL`]); a stalled poller stops serving after
+//! the lease.
+//!
+//! Redis is not used for invalidation: a publish cannot be part of the
+//! database transaction, so a crash between commit and publish would lose
+//! it, and SQLite deployments run one instance anyway.
+//!
+//! Why not `moka`: the fill-versus-invalidation rule above needs the
+//! generation check and the insert under one lock that invalidations also
+//! take; `moka` offers no such hook and would add a dozen crates to the
+//! build. `hashlink`'s LRU is already compiled for sqlx; a few mutex-guarded
+//! shards of it are the whole cache.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use hashlink::LruCache;
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, SqlitePool};
+use tokio_util::sync::CancellationToken;
+
+use super::api_keys::ApiKeyRecord;
+use super::entitlements::StoredEntitlements;
+use super::{Backend, Store};
+
+/// The PostgreSQL notification channel.
+pub const CHANNEL: &str = "tollgate_cache";
+/// How long a heard ping lets an instance serve from its cache.
+pub const LEASE: Duration = Duration::from_millis(1000);
+/// How often an instance pings itself (a few per lease, so one slow ping
+/// does not interrupt serving).
+pub const PING_EVERY: Duration = Duration::from_millis(200);
+/// How often the SQLite poller reads `PRAGMA data_version`.
+pub const SQLITE_POLL: Duration = Duration::from_millis(100);
+/// How long a poll lets the SQLite server serve from its cache.
+pub const SQLITE_LEASE: Duration = Duration::from_millis(250);
+/// The listener connection's `application_name` is this and the instance
+/// id, so writers find their peers in `pg_stat_activity`.
+const LISTENER_NAME: &str = "tollgate-cache:";
+/// PostgreSQL refuses payloads of 8000 bytes or more; beyond this, one
+/// notification says "clear everything".
+const MAX_PAYLOAD: usize = 7800;
+const SHARDS: usize = 16;
+
+/// A customer's entitlements as the API serves them, with the internal id
+/// of the customer the external id named when it was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerEntitlements {
+    pub customer_id: String,
+    pub stored: StoredEntitlements,
+}
+
+/// What a transaction changes, as cache keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheKey {
+    /// The customer an external id names, and its entitlements.
+    Customer(String),
+    /// An API key, by digest.
+    ApiKey(String),
+}
+
+impl CacheKey {
+    pub(crate) fn encode(&self) -> String {
+        match self {
+            CacheKey::Customer(external) => format!("c:{external}"),
+            CacheKey::ApiKey(digest) => format!("k:{digest}"),
+        }
+    }
+}
+
+/// Proof that a reader looked before reading the database: the shard's
+/// generation at the time.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    shard: usize,
+    generation: u64,
+}
+
+pub enum Lookup<V> {
+    Hit(Arc<V>),
+    Miss(Ticket),
+}
+
+struct Shard<V> {
+    entries: LruCache<String, Arc<V>>,
+    /// Bumped by every invalidation, pin, unpin and reset in the shard.
+    generation: u64,
+    /// Keys whose change is being committed: neither served nor stored.
+    pinned: HashMap<String, u32>,
+}
+
+/// A bounded LRU map in mutex-guarded shards; see the module docs.
+pub struct Cache<V> {
+    name: &'static str,
+    shards: Box<[Mutex<Shard<V>>]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl<V> Cache<V> {
+    fn new(name: &'static str, capacity: usize) -> Self {
+        let per_shard = capacity.div_ceil(SHARDS).max(1);
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard { entries: LruCache::new(per_shard), generation: 0, pinned: HashMap::new() })
+            })
+            .collect();
+        Cache { name, shards, hasher: Default::default() }
+    }
+
+    fn shard_of(&self, key: &str) -> usize {
+        (self.hasher.hash_one(key) as usize) % SHARDS
+    }
+
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Shard<V>> {
+        // A panic while holding the lock leaves at worst a missing entry.
+        self.shards[shard].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn lookup(&self, key: &str) -> Lookup<V> {
+        let shard = self.shard_of(key);
+        let mut s = self.lock(shard);
+        if !s.pinned.contains_key(key) {
+            if let Some(v) = s.entries.get(key) {
+                return Lookup::Hit(v.clone());
+            }
+        }
+        Lookup::Miss(Ticket { shard, generation: s.generation })
+    }
+
+    /// Stores what a reader read, unless anything touched the shard since
+    /// its ticket was taken (the value may predate a commit).
+    pub fn fill(&self, key: String, ticket: Ticket, value: Arc<V>) -> bool {
+        let mut s = self.lock(ticket.shard);
+        if s.generation != ticket.generation || s.pinned.contains_key(&key) {
+            metrics::counter!("cache_stale_fills_rejected_total", "cache" => self.name).increment(1);
+            return false;
+        }
+        s.entries.insert(key, value);
+        true
+    }
+
+    fn invalidate(&self, key: &str) {
+        let mut s = self.lock(self.shard_of(key));
+        s.generation += 1;
+        s.entries.remove(key);
+    }
+
+    fn pin(&self, key: &str) {
+        let mut s = self.lock(self.shard_of(key));
+        s.generation += 1;
+        s.entries.remove(key);
+        *s.pinned.entry(key.to_owned()).or_default() += 1;
+    }
+
+    fn unpin(&self, key: &str) {
+        let mut s = self.lock(self.shard_of(key));
+        s.generation += 1;
+        s.entries.remove(key);
+        if let Some(n) = s.pinned.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                s.pinned.remove(key);
+            }
+        }
+    }
+
+    fn clear(&self) {
+        for shard in 0..SHARDS {
+            let mut s = self.lock(shard);
+            s.generation += 1;
+            s.entries.clear();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        (0..SHARDS).map(|i| self.lock(i).entries.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Counts for tests and `/health`-style introspection of one process's
+/// caches (the Prometheus metrics are process-wide).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Reads that went to the database because the cache may not serve now.
+    pub bypassed: u64,
+    pub resets: u64,
+    pub listener_up: bool,
+    pub serving: bool,
+}
+
+/// One process's caches and their invalidation state. Shared by every
+/// clone of a [`Store`].
+pub struct CacheHub {
+    pub entitlements: Cache<CustomerEntitlements>,
+    pub api_keys: Cache<ApiKeyRecord>,
+    enabled: bool,
+    instance: String,
+    started: Instant,
+    /// Milliseconds since `started` until which hits may be served.
+    lease_until_ms: AtomicU64,
+    listener_up: AtomicBool,
+    /// A server whose caches are off: commits do not wait for peers.
+    serves_without_cache: AtomicBool,
+    /// Set once this process listens (PostgreSQL): writers then wait for
+    /// their peers. A process without a listener (the CLI) does not.
+    pg: OnceLock<PgPool>,
+    next_seq: AtomicU64,
+    acks: Mutex<HashMap<u64, HashSet<String>>>,
+    ack_arrived: tokio::sync::Notify,
+    /// Peers' pings, by instance, in this process's clock.
+    peers_seen: Mutex<HashMap<String, Instant>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    bypassed: AtomicU64,
+    resets: AtomicU64,
+}
+
+impl std::fmt::Debug for CacheHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheHub").field("instance", &self.instance).field("stats", &self.stats()).finish()
+    }
+}
+
+impl CacheHub {
+    pub(crate) fn new(capacity: usize) -> Self {
+        CacheHub {
+            entitlements: Cache::new("entitlements", capacity.max(1)),
+            api_keys: Cache::new("api_keys", capacity.max(1)),
+            enabled: capacity > 0,
+            instance: ulid::Ulid::new().to_string().to_lowercase(),
+            started: Instant::now(),
+            lease_until_ms: AtomicU64::new(0),
+            listener_up: AtomicBool::new(false),
+            serves_without_cache: AtomicBool::new(false),
+            pg: OnceLock::new(),
+            next_seq: AtomicU64::new(1),
+            acks: Mutex::new(HashMap::new()),
+            ack_arrived: tokio::sync::Notify::new(),
+            peers_seen: Mutex::new(HashMap::new()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            bypassed: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
+        }
+    }
+
+    /// This process's id among the instances sharing the database.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The `application_name` of this process's listener connection.
+    pub fn listener_name(&self) -> String {
+        format!("{LISTENER_NAME}{}", self.instance)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Whether hits may be served now: the cache is on and the lease holds.
+    pub fn serving(&self) -> bool {
+        self.enabled && self.now_ms() < self.lease_until_ms.load(Ordering::Acquire)
+    }
+
+    fn renew_lease(&self, sent_at_ms: u64, lease: Duration) {
+        self.lease_until_ms.fetch_max(sent_at_ms + lease.as_millis() as u64, Ordering::AcqRel);
+    }
+
+    fn revoke_lease(&self) {
+        self.lease_until_ms.store(0, Ordering::Release);
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            bypassed: self.bypassed.load(Ordering::Relaxed),
+            resets: self.resets.load(Ordering::Relaxed),
+            listener_up: self.listener_up.load(Ordering::Relaxed),
+            serving: self.serving(),
+        }
+    }
+
+    /// A lookup that counts: `None` when the cache may not serve (bypass).
+    pub(crate) fn lookup<V>(&self, cache: &Cache<V>, key: &str) -> Option<Lookup<V>> {
+        if !self.serving() {
+            self.bypassed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("cache_requests_total", "cache" => cache.name, "result" => "bypass")
+                .increment(1);
+            return None;
+        }
+        let found = cache.lookup(key);
+        let result = match found {
+            Lookup::Hit(_) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                "hit"
+            }
+            Lookup::Miss(_) => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                "miss"
+            }
+        };
+        metrics::counter!("cache_requests_total", "cache" => cache.name, "result" => result).increment(1);
+        Some(found)
+    }
+
+    fn invalidate(&self, keys: &[String], source: &'static str) {
+        for key in keys {
+            match key.starts_with("c:") {
+                true => self.entitlements.invalidate(key),
+                false => self.api_keys.invalidate(key),
+            }
+        }
+        metrics::counter!("cache_invalidations_total", "source" => source).increment(keys.len() as u64);
+    }
+
+    pub(crate) fn pin(&self, keys: &[String]) {
+        for key in keys {
+            match key.starts_with("c:") {
+                true => self.entitlements.pin(key),
+                false => self.api_keys.pin(key),
+            }
+        }
+    }
+
+    /// Drops and unpins the keys once their transaction has ended.
+    pub(crate) fn unpin(&self, keys: &[String]) {
+        for key in keys {
+            match key.starts_with("c:") {
+                true => self.entitlements.unpin(key),
+                false => self.api_keys.unpin(key),
+            }
+        }
+        metrics::counter!("cache_invalidations_total", "source" => "local").increment(keys.len() as u64);
+    }
+
+    /// Clears both caches; in-flight fills are refused.
+    pub fn reset(&self, reason: &'static str) {
+        self.entitlements.clear();
+        self.api_keys.clear();
+        self.resets.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("cache_resets_total", "reason" => reason).increment(1);
+    }
+
+    fn set_listener_up(&self, up: bool) {
+        self.listener_up.store(up, Ordering::Release);
+        metrics::gauge!("cache_listener_up").set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Before a PostgreSQL commit that invalidates `keys`: the notification
+    /// to send inside the transaction, and its sequence number.
+    pub(crate) fn begin_commit(&self, keys: &[String]) -> (u64, String) {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.acks.lock().unwrap_or_else(PoisonError::into_inner).insert(seq, HashSet::new());
+        let mut payload = format!("inv {} {seq}", self.instance);
+        for key in keys {
+            payload.push(' ');
+            payload.push_str(key);
+        }
+        if payload.len() > MAX_PAYLOAD {
+            payload = format!("inv {} {seq} *", self.instance);
+        }
+        (seq, payload)
+    }
+
+    pub(crate) fn abandon_commit(&self, seq: u64) {
+        self.acks.lock().unwrap_or_else(PoisonError::into_inner).remove(&seq);
+    }
+
+    /// After a PostgreSQL commit: returns once every peer that may be
+    /// serving from its cache has dropped the keys, or has lost its lease.
+    pub(crate) async fn await_peers(&self, seq: u64) {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + LEASE + PING_EVERY;
+        if self.serves_without_cache.load(Ordering::Acquire) {
+            self.abandon_commit(seq);
+            return;
+        }
+        let Some(pool) = self.pg.get() else {
+            // A process without a listener (the CLI): the servers hear the
+            // notification, but it cannot hear their acknowledgements, so
+            // it waits out their leases.
+            tokio::time::sleep_until(deadline).await;
+            self.abandon_commit(seq);
+            return;
+        };
+        let listening: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT application_name FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'tollgate-cache:%'",
+        )
+        .fetch_all(pool)
+        .await;
+        let mut peers: HashSet<String> = match listening {
+            Ok(names) => {
+                names.iter().filter_map(|n| n.strip_prefix(LISTENER_NAME)).map(str::to_owned).collect()
+            }
+            Err(e) => {
+                // Who listens is unknown: wait out every lease.
+                tracing::warn!(error = %e, "cannot list cache peers; waiting out their leases");
+                tokio::time::sleep_until(deadline).await;
+                self.abandon_commit(seq);
+                return;
+            }
+        };
+        {
+            // A peer whose listener just dropped is no longer listed but may
+            // still hold a lease: it counts until its pings are old.
+            let seen = self.peers_seen.lock().unwrap_or_else(PoisonError::into_inner);
+            peers.extend(seen.iter().filter(|(_, at)| at.elapsed() < LEASE * 2).map(|(p, _)| p.clone()));
+        }
+        peers.remove(&self.instance);
+        if !self.listener_up.load(Ordering::Acquire) && !peers.is_empty() {
+            // Acknowledgements cannot be heard without a listener.
+            tokio::time::sleep_until(deadline).await;
+            self.abandon_commit(seq);
+            return;
+        }
+        loop {
+            let arrived = self.ack_arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let missing: Vec<String> = {
+                let acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+                let got = acks.get(&seq);
+                peers.iter().filter(|p| got.is_none_or(|g| !g.contains(*p))).cloned().collect()
+            };
+            if missing.is_empty() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                metrics::counter!("cache_ack_timeouts_total").increment(1);
+                tracing::warn!(peers = ?missing, "cache peers did not acknowledge an invalidation; their leases have run out");
+                break;
+            }
+        }
+        self.abandon_commit(seq);
+        metrics::histogram!("cache_ack_wait_seconds").record(started.elapsed().as_secs_f64());
+    }
+
+    /// After a SQLite commit: a process that does not poll (the CLI)
+    /// returns only once the server's poller must have seen its commit
+    /// (or the server has stopped serving from memory).
+    pub(crate) async fn await_sqlite_server(&self) {
+        if !self.listener_up.load(Ordering::Acquire) && !self.serves_without_cache.load(Ordering::Acquire) {
+            tokio::time::sleep(SQLITE_LEASE + SQLITE_POLL / 2).await;
+        }
+    }
+
+    /// One notification from the channel.
+    fn handle(self: &Arc<Self>, payload: &str, pool: &PgPool) {
+        let mut parts = payload.split(' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("ping"), Some(from), Some(sent_at)) => {
+                if from == self.instance {
+                    if let Ok(ms) = sent_at.parse() {
+                        self.renew_lease(ms, LEASE);
+                    }
+                } else {
+                    let mut seen = self.peers_seen.lock().unwrap_or_else(PoisonError::into_inner);
+                    seen.insert(from.to_owned(), Instant::now());
+                    seen.retain(|_, at| at.elapsed() < LEASE * 4);
+                }
+            }
+            (Some("bye"), Some(from), _) => {
+                self.peers_seen.lock().unwrap_or_else(PoisonError::into_inner).remove(from);
+            }
+            (Some("inv"), Some(origin), Some(seq)) if origin != self.instance => {
+                let keys: Vec<String> = parts.map(str::to_owned).collect();
+                if keys.iter().any(|k| k == "*") {
+                    self.reset("remote_all");
+                } else {
+                    self.invalidate(&keys, "remote");
+                }
+                let ack = format!("ack {origin} {seq} {}", self.instance);
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = notify(&pool, &ack).await {
+                        tracing::debug!(error = %e, "could not acknowledge a cache invalidation");
+                    }
+                });
+            }
+            (Some("ack"), Some(origin), Some(seq)) if origin == self.instance => {
+                if let (Ok(seq), Some(from)) = (seq.parse::<u64>(), parts.next()) {
+                    let mut acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+                    if let Some(got) = acks.get_mut(&seq) {
+                        got.insert(from.to_owned());
+                        drop(acks);
+                        self.ack_arrived.notify_waiters();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn notify(pool: &PgPool, payload: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(payload).execute(pool).await.map(|_| ())
+}
+
+/// Keeps this process's caches in step with the database until `shutdown`:
+/// the PostgreSQL listener and its pings, or the SQLite poller. Without it
+/// the caches never serve.
+#[tracing::instrument(skip_all, name = "cache_sync")]
+pub async fn sync(store: Store, shutdown: CancellationToken) {
+    let hub = store.cache.clone();
+    if !hub.enabled {
+        // A server with its caches off has nothing to keep in step, and
+        // its writes need not wait for anyone (a deployment mixing
+        // instances with and without caches is not supported).
+        hub.serves_without_cache.store(true, Ordering::Release);
+        return;
+    }
+    match &store.backend {
+        Backend::Postgres(pool) => pg_sync(hub, pool.clone(), shutdown).await,
+        Backend::Sqlite { reader, .. } => sqlite_sync(hub, reader.clone(), shutdown).await,
+    }
+}
+
+async fn pg_sync(hub: Arc<CacheHub>, pool: PgPool, shutdown: CancellationToken) {
+    let _ = hub.pg.set(pool.clone());
+    let pinger = {
+        let (hub, pool, shutdown) = (hub.clone(), pool.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PING_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                if !hub.listener_up.load(Ordering::Acquire) {
+                    continue;
+                }
+                // The time is taken before sending: the lease counts from
+                // a moment no later than the ping's commit.
+                let ping = format!("ping {} {}", hub.instance, hub.now_ms());
+                if let Err(e) = notify(&pool, &ping).await {
+                    tracing::debug!(error = %e, "cache ping failed");
+                }
+            }
+        })
+    };
+    let mut backoff = Duration::from_millis(50);
+    while !shutdown.is_cancelled() {
+        match listen(&hub, &pool).await {
+            Ok(mut listener) => {
+                backoff = Duration::from_millis(50);
+                // Whatever was missed while nobody listened is forgotten.
+                hub.reset("listener_connected");
+                hub.set_listener_up(true);
+                tracing::info!("cache invalidation listener subscribed");
+                let lost = tokio::select! {
+                    () = shutdown.cancelled() => None,
+                    e = receive(&hub, &pool, &mut listener) => Some(e),
+                };
+                hub.set_listener_up(false);
+                hub.revoke_lease();
+                hub.reset("listener_lost");
+                match lost {
+                    None => break,
+                    Some(e) => tracing::warn!(
+                        error = %e,
+                        "cache invalidation listener lost; reading from the database until it is back"
+                    ),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot subscribe to cache invalidations"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    pinger.abort();
+    let _ = pinger.await;
+    // Peers stop waiting for this instance's acknowledgements at once.
+    let _ = notify(&pool, &format!("bye {}", hub.instance)).await;
+}
+
+/// A subscribed listener. It is named only after `LISTEN` succeeded, so a
+/// writer that finds it in `pg_stat_activity` knows it will hear the
+/// writer's notification.
+async fn listen(hub: &CacheHub, pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    // A lost connection must surface (to clear the cache), not be
+    // silently replaced.
+    listener.eager_reconnect(false);
+    listener.listen(CHANNEL).await?;
+    sqlx::query("SELECT set_config('application_name', $1, false)")
+        .bind(hub.listener_name())
+        .execute(&mut listener)
+        .await?;
+    Ok(listener)
+}
+
+async fn receive(hub: &Arc<CacheHub>, pool: &PgPool, listener: &mut PgListener) -> String {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(n)) => hub.handle(n.payload(), pool),
+            Ok(None) => return "connection closed".to_owned(),
+            Err(e) => return e.to_string(),
+        }
+    }
+}
+
+async fn sqlite_sync(hub: Arc<CacheHub>, reader: SqlitePool, shutdown: CancellationToken) {
+    // `data_version` is per connection: one connection, kept.
+    let mut conn: Option<sqlx::SqliteConnection> = None;
+    let mut last: Option<i64> = None;
+    let mut tick = tokio::time::interval(SQLITE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    hub.set_listener_up(true);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let polled_at = hub.now_ms();
+        if conn.is_none() {
+            conn = reader.acquire().await.ok().map(|c| c.detach());
+            last = None;
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        match sqlx::query_scalar::<_, i64>("PRAGMA data_version").fetch_one(&mut *c).await {
+            Ok(version) => {
+                // First poll, or another connection committed: anything
+                // cached may predate it.
+                if last != Some(version) {
+                    hub.reset("data_version");
+                }
+                last = Some(version);
+                hub.renew_lease(polled_at, SQLITE_LEASE);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot poll SQLite for changes; reading from the database");
+                conn = None;
+                hub.revoke_lease();
+            }
+        }
+    }
+    hub.set_listener_up(false);
+    hub.revoke_lease();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn miss(cache: &Cache<u32>, key: &str) -> Ticket {
+        match cache.lookup(key) {
+            Lookup::Miss(t) => t,
+            Lookup::Hit(v) => panic!("unexpected hit {v}"),
+        }
+    }
+
+    fn hit(cache: &Cache<u32>, key: &str) -> Option<u32> {
+        match cache.lookup(key) {
+            Lookup::Hit(v) => Some(*v),
+            Lookup::Miss(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_fill_that_started_before_an_invalidation_is_not_stored() {
+        let cache = Cache::new("t", 100);
+        let ticket = miss(&cache, "c:a");
+        cache.invalidate("c:a");
+        assert!(!cache.fill("c:a".into(), ticket, Arc::new(1)));
+        assert_eq!(hit(&cache, "c:a"), None);
+        let ticket = miss(&cache, "c:a");
+        assert!(cache.fill("c:a".into(), ticket, Arc::new(2)));
+        assert_eq!(hit(&cache, "c:a"), Some(2));
+    }
+
+    #[test]
+    fn pinned_keys_are_neither_served_nor_stored_until_unpinned() {
+        let cache = Cache::new("t", 100);
+        let ticket = miss(&cache, "c:a");
+        assert!(cache.fill("c:a".into(), ticket, Arc::new(1)));
+        cache.pin("c:a");
+        let ticket = miss(&cache, "c:a");
+        assert!(!cache.fill("c:a".into(), ticket, Arc::new(2)), "pinned");
+        cache.unpin("c:a");
+        assert!(!cache.fill("c:a".into(), ticket, Arc::new(2)), "the unpin moved the generation on");
+        let ticket = miss(&cache, "c:a");
+        assert!(cache.fill("c:a".into(), ticket, Arc::new(3)));
+        assert_eq!(hit(&cache, "c:a"), Some(3));
+    }
+
+    #[test]
+    fn a_reset_refuses_fills_in_flight_and_the_size_is_bounded() {
+        let cache = Cache::new("t", 32);
+        let ticket = miss(&cache, "c:x");
+        cache.clear();
+        assert!(!cache.fill("c:x".into(), ticket, Arc::new(1)));
+        for i in 0..1000 {
+            let key = format!("c:{i}");
+            let ticket = miss(&cache, &key);
+            cache.fill(key, ticket, Arc::new(i));
+        }
+        assert!(cache.len() <= 32, "{}", cache.len());
+        assert_eq!(hit(&cache, "c:999"), Some(999), "the newest entry stays");
+    }
+
+    #[test]
+    fn a_hub_without_its_sync_task_never_serves() {
+        let hub = CacheHub::new(10);
+        assert!(!hub.serving());
+        hub.renew_lease(hub.now_ms(), LEASE);
+        assert!(hub.serving());
+        hub.revoke_lease();
+        assert!(!hub.serving());
+        let off = CacheHub::new(0);
+        off.renew_lease(off.now_ms(), LEASE);
+        assert!(!off.serving(), "capacity 0 turns the cache off");
+    }
+
+    #[test]
+    fn long_invalidations_become_one_reset() {
+        let hub = CacheHub::new(10);
+        let keys: Vec<String> = (0..2000).map(|i| format!("c:customer_{i}")).collect();
+        let (seq, payload) = hub.begin_commit(&keys);
+        assert!(payload.len() < 8000 && payload.ends_with(" *"), "{}", payload.len());
+        hub.abandon_commit(seq);
+        let (_, payload) = hub.begin_commit(&keys[..2]);
+        assert!(payload.ends_with("c:customer_0 c:customer_1"));
+    }
+}

@@ -1,0 +1,216 @@
+//! The in-memory caches of entitlements and API keys: served from memory,
+//! and never stale once a write has returned — on the instance that wrote
+//! and, on PostgreSQL, on every other instance sharing the database.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::billing_events::{buy, emulator_price, entitlements_of, link_catalog, wait_entitlements};
+use crate::helpers::*;
+
+/// A customer of `app` holding ten `cards` credits, bought on the
+/// emulator; returns the emulator's customer id.
+async fn customer_with_cards(app: &TestApp, external: &str) -> String {
+    let pack = emulator_price(app, "Card pack", "500", None).await;
+    link_catalog(app, &[("card_pack_5", &pack)]).await;
+    app.upsert_customer(external, json!({})).await;
+    let customer = emulator(app, "/v1/customers", &[("metadata[tollgate_external_id]", external)]).await;
+    buy(app, customer["id"].as_str().unwrap(), &pack, "4242424242424242").await;
+    wait_entitlements(app, external, |e| e["balances"]["cards"] == 10).await;
+    customer["id"].as_str().unwrap().to_owned()
+}
+
+async fn debit(app: &TestApp, external: &str, amount: i64) -> Value {
+    let resp = app
+        .client
+        .post(app.url(&format!("/v1/customers/{external}/balances/cards/debit")))
+        .bearer_auth(&app.write_key)
+        .json(&json!({ "amount": amount }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "debit");
+    resp.json().await.unwrap()
+}
+
+async fn check(app: &TestApp, external: &str, feature: &str) -> Value {
+    app.get(&format!("/v1/customers/{external}/entitlements/{feature}"), &app.read_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until a check on `app` is answered from memory (on SQLite any
+/// commit, including a background job's, clears the cache at the next
+/// poll, so one read is not always enough to fill it).
+async fn wait_hit(app: &TestApp, external: &str, feature: &str) -> Value {
+    eventually(Duration::from_secs(10), || async {
+        let hits = app.server_store.cache().stats().hits;
+        let found = check(app, external, feature).await;
+        (app.server_store.cache().stats().hits > hits).then_some(found)
+    })
+    .await
+}
+
+/// Waits until the instance's cache may serve (its listener or poller runs).
+async fn wait_serving(app: &TestApp) {
+    eventually(Duration::from_secs(10), || async { app.server_store.cache().stats().serving.then_some(()) })
+        .await;
+}
+
+#[tokio::test]
+async fn a_check_is_answered_from_memory_and_is_fresh_as_soon_as_a_debit_returns() {
+    let app = spawn_app_with(unlimited).await;
+    customer_with_cards(&app, "u_cache").await;
+    wait_serving(&app).await;
+
+    let cached = wait_hit(&app, "u_cache", "cards").await;
+    assert_eq!(cached["balance"].as_i64(), Some(10));
+
+    for left in (5..10).rev() {
+        let debited = debit(&app, "u_cache", 1).await;
+        assert_eq!(debited["balances"]["cards"], left);
+        // No wait: the cached entry was dropped before the debit returned.
+        let now = check(&app, "u_cache", "cards").await;
+        assert_eq!(now["balance"], left, "fresh right after the debit: {now}");
+        assert_eq!(now["version"], debited["version"]);
+        assert_eq!(entitlements_of(&app, "u_cache").await["balances"]["cards"], left);
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_api_key_is_refused_at_once_and_when_another_process_revokes_it() {
+    let app = spawn_app_with(unlimited).await;
+    app.upsert_customer("u_keys", json!({})).await;
+    wait_serving(&app).await;
+    let key = create_key(&app.server_store, tollgate::auth::Scope::Read).await;
+    let get = || app.get("/v1/customers/u_keys/entitlements", &key).send();
+    // Two hits per request (key and entitlements) once both are cached.
+    eventually(Duration::from_secs(10), || async {
+        let hits = app.server_store.cache().stats().hits;
+        assert_eq!(get().await.unwrap().status(), 200);
+        (app.server_store.cache().stats().hits >= hits + 2).then_some(())
+    })
+    .await;
+
+    // Revoked by the serving process: refused on the next request.
+    let id = app.server_store.list_api_keys().await.unwrap().into_iter().last().unwrap().id;
+    assert!(app.server_store.revoke_api_key(&id, &tollgate::store::audit::Actor::Cli).await.unwrap());
+    assert_eq!(get().await.unwrap().status(), 401, "refused at once after revocation");
+
+    // Revoked by another process (the CLI, with its own connection): the
+    // database tells the server (a notification, or SQLite's data_version).
+    let other = create_key(&app.server_store, tollgate::auth::Scope::Read).await;
+    let get_other = || app.get("/v1/customers/u_keys/entitlements", &other).send();
+    assert_eq!(get_other().await.unwrap().status(), 200);
+    assert_eq!(get_other().await.unwrap().status(), 200);
+    let cli = app.db.store().await;
+    let id = cli.list_api_keys().await.unwrap().into_iter().last().unwrap().id;
+    assert!(cli.revoke_api_key(&id, &tollgate::store::audit::Actor::Cli).await.unwrap());
+    eventually(Duration::from_secs(5), || async {
+        (get_other().await.unwrap().status() == 401).then_some(())
+    })
+    .await;
+    cli.close().await;
+}
+
+#[tokio::test]
+async fn a_customer_unknown_at_first_is_found_once_created() {
+    let app = spawn_app_with(unlimited).await;
+    wait_serving(&app).await;
+    let resp = app.get("/v1/customers/u_later/entitlements", &app.read_key).send().await.unwrap();
+    expect_error(resp, 404, "invalid_request_error", "resource_missing").await;
+    app.upsert_customer("u_later", json!({})).await;
+    let e = entitlements_of(&app, "u_later").await;
+    assert_eq!((e["customer"].as_str(), e["version"].as_i64()), (Some("u_later"), Some(0)));
+}
+
+/// Two instances on one PostgreSQL database: B caches, A writes, and B's
+/// next read is fresh the moment A's write has returned. Then B's listener
+/// is cut: B reads from the database (still fresh) until it has
+/// resubscribed, and serves from memory again afterwards.
+#[tokio::test]
+async fn a_second_instance_never_serves_entitlements_older_than_a_returned_write() {
+    let db = TestDb::new().await;
+    if !db.is_postgres() {
+        eprintln!("skipped: two instances share a database only on PostgreSQL (set TEST_DATABASE_URL)");
+        return;
+    }
+    let admin = db.store().await;
+    let shared = db.another_handle();
+    let a = spawn_on(db, unlimited).await;
+    let b = spawn_on(shared, unlimited).await;
+    let provider_customer = customer_with_cards(&a, "u_two").await;
+    wait_serving(&a).await;
+    wait_serving(&b).await;
+
+    // B caches the customer's entitlements (a hit on the second read).
+    assert_eq!(wait_hit(&b, "u_two", "cards").await["balance"], 10, "B answers from memory");
+
+    // Debits on A; B is read the instant each returns, never stale.
+    for left in (6..10).rev() {
+        let debited = debit(&a, "u_two", 1).await;
+        let on_b = check(&b, "u_two", "cards").await;
+        assert_eq!(on_b["balance"], left, "B is fresh once A's debit returned: {on_b}");
+        assert_eq!(on_b["version"], debited["version"]);
+        // And B caches the new value again.
+        assert_eq!(wait_hit(&b, "u_two", "cards").await["balance"], left);
+    }
+
+    // A grant applied by A's inbox worker reaches B's cache too (B had
+    // the old value cached; only the notification can drop it).
+    let pack = emulator_price(&a, "Another pack", "500", None).await;
+    link_catalog(&a, &[("card_pack_5", &pack)]).await;
+    buy(&a, &provider_customer, &pack, "4242424242424242").await;
+    wait_entitlements(&b, "u_two", |e| e["balances"]["cards"] == 16).await;
+
+    // A key revoked through A is refused by B at once.
+    let key = create_key(&a.server_store, tollgate::auth::Scope::Read).await;
+    let on_b = |key: String| {
+        let b = &b;
+        async move { b.get("/v1/customers/u_two/entitlements", &key).send().await.unwrap().status() }
+    };
+    assert_eq!(on_b(key.clone()).await, 200);
+    assert_eq!(on_b(key.clone()).await, 200);
+    let id = a.server_store.list_api_keys().await.unwrap().into_iter().last().unwrap().id;
+    assert!(a.server_store.revoke_api_key(&id, &tollgate::store::audit::Actor::Cli).await.unwrap());
+    assert_eq!(on_b(key).await, 401, "B refuses a key the moment A's revocation returned");
+
+    // Cut B's listener: B stops serving from memory and reads the database.
+    let name = b.server_store.cache().listener_name();
+    admin
+        .execute_raw(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{name}'"
+        ))
+        .await
+        .unwrap();
+    let bypassed = eventually(Duration::from_secs(10), || async {
+        let before = b.server_store.cache().stats();
+        let e = check(&b, "u_two", "cards").await;
+        let after = b.server_store.cache().stats();
+        // A bypassed read: counted as such, and no hit.
+        (after.bypassed > before.bypassed && after.hits == before.hits).then_some(e)
+    })
+    .await;
+    assert_eq!(bypassed["balance"], 16);
+    let debited = debit(&a, "u_two", 2).await;
+    assert_eq!(check(&b, "u_two", "cards").await["balance"], 14, "fresh while bypassing");
+    assert_eq!(debited["balances"]["cards"], 14);
+
+    // B resubscribes (and clears what it may have missed), then serves
+    // from memory again, still fresh.
+    eventually(Duration::from_secs(10), || async {
+        let s = b.server_store.cache().stats();
+        (s.listener_up && s.serving).then_some(())
+    })
+    .await;
+    assert_eq!(wait_hit(&b, "u_two", "cards").await["balance"], 14, "B serves from memory again");
+    let debited = debit(&a, "u_two", 1).await;
+    let on_b = check(&b, "u_two", "cards").await;
+    assert_eq!((on_b["balance"].as_i64(), &on_b["version"]), (Some(13), &debited["version"]));
+    admin.close().await;
+}
