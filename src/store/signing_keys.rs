@@ -96,11 +96,23 @@ impl Store {
         if current.as_deref() != replaces {
             return Ok(false);
         }
-        sql!(
-            tx,
-            query("UPDATE signing_keys SET active = NULL, retired_at = $1 WHERE active = 1", now).execute
-        )
-        .db()?;
+        // Only the key this activation replaces is retired: when nothing was
+        // active, another instance may have committed its first key since
+        // the check above (no row was there to lock on PostgreSQL), and
+        // that key must stay; the insert below then meets the unique
+        // `active` and this activation yields to it.
+        if let Some(replaced) = replaces {
+            sql!(
+                tx,
+                query(
+                    "UPDATE signing_keys SET active = NULL, retired_at = $1 WHERE active = 1 AND kid = $2",
+                    now,
+                    replaced
+                )
+                .execute
+            )
+            .db()?;
+        }
         // A configured key seen before (the operator went back to it) is
         // made active again rather than duplicated.
         sql!(
