@@ -363,40 +363,10 @@ pub async fn apply_provider_customer(
                 Some(row) => row.id,
                 None => {
                     created_placeholder = adopted;
-                    let id = new_id("cust");
                     let (email, name) =
                         if adopted { (pc.email.clone(), pc.name.clone()) } else { (None, None) };
-                    sql!(
-                        tx,
-                        query(
-                            "INSERT INTO customers (id, external_id, email, name, metadata, created_at, updated_at) \
-                             VALUES ($1, $2, $3, $4, '{}', $5, $5)",
-                            &id,
-                            external.as_str(),
-                            &email,
-                            &name,
-                            now
-                        )
-                        .execute
-                    )
-                    .map_err(|e| {
-                        if super::is_unique_violation(&e) {
-                            StoreError::Conflict("customer created concurrently".into())
-                        } else {
-                            StoreError::from_sqlx(e)
-                        }
-                    })?;
                     let data = serde_json::json!({ "external_id": external.as_str(), "from_provider": pc.provider, "email": email, "name": name });
-                    let record = AuditRecord {
-                        actor,
-                        action: "customer.created",
-                        object_type: "customer",
-                        object_id: &id,
-                        data,
-                        request_id: None,
-                    };
-                    audit::append(tx, record).await?;
-                    id
+                    create_on_providers_word(tx, &external, &email, &name, data, actor).await?
                 }
             }
         }
@@ -597,18 +567,35 @@ pub async fn adopt_guest(
     if let Some(id) = existing {
         return Ok(id);
     }
-    let id = new_id("cust");
-    let now = now_unix();
     // The application's own customer gets no email from a payment form.
     let email = if named { None } else { email };
+    let data = serde_json::json!({ "external_id": external.as_str(), "from_provider": provider, "guest_checkout": session_id, "email": email });
+    create_on_providers_word(tx, &external, &email, &None, data, actor).await
+}
+
+/// A tollgate customer created because a provider's event named it (an
+/// adopted provider customer, a guest, or the application's id in
+/// metadata), audited. A concurrent creation is a conflict: the event is
+/// applied again and finds the customer.
+async fn create_on_providers_word(
+    tx: &mut super::Tx,
+    external: &ExternalId,
+    email: &Option<String>,
+    name: &Option<String>,
+    audit_data: serde_json::Value,
+    actor: &Actor,
+) -> StoreResult<String> {
+    let id = new_id("cust");
+    let now = now_unix();
     sql!(
         tx,
         query(
             "INSERT INTO customers (id, external_id, email, name, metadata, created_at, updated_at) \
-             VALUES ($1, $2, $3, NULL, '{}', $4, $4)",
+             VALUES ($1, $2, $3, $4, '{}', $5, $5)",
             &id,
             external.as_str(),
-            &email,
+            email,
+            name,
             now
         )
         .execute
@@ -620,13 +607,12 @@ pub async fn adopt_guest(
             StoreError::from_sqlx(e)
         }
     })?;
-    let data = serde_json::json!({ "external_id": external.as_str(), "from_provider": provider, "guest_checkout": session_id, "email": email });
     let record = AuditRecord {
         actor,
         action: "customer.created",
         object_type: "customer",
         object_id: &id,
-        data,
+        data: audit_data,
         request_id: None,
     };
     audit::append(tx, record).await?;

@@ -224,25 +224,27 @@ pub fn configured_key(raw: &str) -> Result<(SigningKey, ConfiguredFrom), KeyErro
         return Ok((pem_key(&raw_trimmed.replace("\\n", "\n"))?, ConfiguredFrom::Pem));
     }
     let path = std::path::Path::new(raw_trimmed);
-    let looks_like_path = raw_trimmed.starts_with('/')
-        || raw_trimmed.starts_with("./")
-        || raw_trimmed.ends_with(".pem")
-        || raw_trimmed.ends_with(".key");
-    if looks_like_path || path.is_file() {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            KeyError(format!("JWT_SECRET_KEY: cannot read the key file {raw_trimmed:?}: {e}"))
-        })?;
-        let key = pem_key(text.trim()).map_err(|e| KeyError(format!("{e} (in {raw_trimmed:?})")))?;
+    // A random secret may begin with `/` (base64 does one time in 64): only
+    // an existing file, or a name that can only be a key file, is a path,
+    // and only such a name is ever quoted in an error.
+    let names_a_key_file = raw_trimmed.ends_with(".pem") || raw_trimmed.ends_with(".key");
+    if path.is_file() || names_a_key_file {
+        let shown = if names_a_key_file { format!("{raw_trimmed:?}") } else { "(the path given)".to_owned() };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| KeyError(format!("JWT_SECRET_KEY: cannot read the key file {shown}: {e}")))?;
+        let key = pem_key(text.trim()).map_err(|e| KeyError(format!("{e} (in {shown})")))?;
         return Ok((key, ConfiguredFrom::File));
     }
-    if raw.chars().count() < 32 {
+    if raw_trimmed.chars().count() < 32 {
         return Err(KeyError(
             "JWT_SECRET_KEY must be an Ed25519 private key in PKCS#8 PEM (inline or the path of a file; \
              `openssl genpkey -algorithm ed25519`) or a random secret of at least 32 characters"
                 .to_owned(),
         ));
     }
-    Ok((SigningKey::from_secret(raw), ConfiguredFrom::Secret))
+    // Trimmed, so a trailing newline from a secret file or env file gives
+    // every instance the same key.
+    Ok((SigningKey::from_secret(raw_trimmed), ConfiguredFrom::Secret))
 }
 
 /// Where a configured key came from, for `doctor`.
@@ -433,6 +435,14 @@ mod tests {
         let (a, from) = configured_key(secret).unwrap();
         assert_eq!(from, ConfiguredFrom::Secret);
         assert_eq!(a.kid(), configured_key(secret).unwrap().0.kid(), "derived deterministically");
+        assert_eq!(
+            a.kid(),
+            configured_key(&format!("{secret}\n")).unwrap().0.kid(),
+            "a trailing newline is not the key"
+        );
+        // A random secret that happens to start with `/` is a secret, and is never echoed.
+        let slash = "/4mB9zQ2xLr7Kp0vWc5Ty8Hn3Js6Fd1Ge+q";
+        assert_eq!(configured_key(slash).unwrap().1, ConfiguredFrom::Secret);
     }
 
     #[test]
