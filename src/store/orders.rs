@@ -771,8 +771,12 @@ pub async fn recompute_order(tx: &mut Tx, cause: Cause<'_>, order_id: &str) -> S
         emit(tx, announce("order.paid", Some(format!("order.paid:{order_id}")))).await?;
     }
     if amount_refunded > order.amount_refunded {
-        emit(tx, announce("order.refunded", Some(format!("order.refunded:{order_id}:{amount_refunded}"))))
-            .await?;
+        // Keyed by the amount and the refunds known, so a refund that failed
+        // and a new one of the same amount are both announced, while
+        // recomputing the same facts announces nothing twice.
+        let refunds_known = facts.refunds.len();
+        let key = format!("order.refunded:{order_id}:{amount_refunded}:{refunds_known}");
+        emit(tx, announce("order.refunded", Some(key))).await?;
     }
     announce_disputes(tx, cause, &order, disputes_known, disputes_closed).await
 }

@@ -484,7 +484,12 @@ impl Store {
         )
         .db()?;
         let Some((currency, kind, active)) = row else { return Ok(None) };
-        let provider_price = self.current_catalog_link(provider, "price", price_id).await?;
+        // A team selling on a legacy plan id names it as `stripe_plan`;
+        // Stripe accepts a plan id wherever a price id goes.
+        let provider_price = match self.current_catalog_link(provider, "price", price_id).await? {
+            Some(price) => Some(price),
+            None => self.current_catalog_link(provider, "plan", price_id).await?,
+        };
         Ok(Some(PriceForChange { currency, recurring: kind == "recurring", active, provider_price }))
     }
 }

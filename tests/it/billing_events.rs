@@ -619,6 +619,19 @@ async fn a_refund_that_fails_after_the_charge_counted_it_is_given_back() {
     wait_applied(&app, 5).await;
     let orders = app.server_store.orders_for_customer(&customer_id).await.unwrap();
     assert_eq!((orders[0].status.as_str(), orders[0].amount_refunded), ("paid", 0));
+
+    // A new refund of the same amount is news again.
+    let again = json!({
+        "id": "re_m2b", "object": "refund", "payment_intent": "pi_m2", "charge": "ch_m2", "amount": 300,
+        "currency": "usd", "status": "succeeded", "created": T0 + 30,
+    });
+    let body = event("evt_m2_r3", "refund.created", T0 + 30, again);
+    assert_eq!(app.deliver_signed(&body).await.status(), 200);
+    wait_applied(&app, 6).await;
+    let orders = app.server_store.orders_for_customer(&customer_id).await.unwrap();
+    assert_eq!((orders[0].status.as_str(), orders[0].amount_refunded), ("partially_refunded", 300));
+    let events = app.server_store.events_for_object(&orders[0].id).await.unwrap();
+    assert_eq!(count(&events, "order.refunded"), 2, "both refunds of 300 are announced");
 }
 
 #[tokio::test]
