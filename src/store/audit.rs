@@ -79,6 +79,18 @@ pub fn entry_hash(e: &AuditEntry) -> String {
 }
 
 /// Appends one entry within `tx`.
+/// Takes the audit chain's head now (PostgreSQL; SQLite's writer is
+/// already exclusive), for a transaction that will append an entry after
+/// locking a customer's rows. Every writer then takes the head before those
+/// rows, in one order, so two can never wait on each other in a cycle (an
+/// inbox apply appends before it recomputes entitlements).
+pub async fn lock_head(tx: &mut Tx) -> StoreResult<()> {
+    if tx.kind() == super::DbKind::Postgres {
+        sql!(tx, query("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE").execute).db()?;
+    }
+    Ok(())
+}
+
 pub async fn append(tx: &mut Tx, record: AuditRecord<'_>) -> StoreResult<AuditEntry> {
     // `FOR UPDATE` serialises appenders on PostgreSQL; SQLite's writer is
     // already exclusive (and does not know the clause).

@@ -270,6 +270,8 @@ pub async fn recompute_entitlements(
     policy: &Policy,
 ) -> StoreResult<StoredEntitlements> {
     let now = now_unix();
+    // The audit head before the customer's rows: see `audit::lock_head`.
+    audit::lock_head(tx).await?;
     // Serialise recomputations of one customer (PostgreSQL; SQLite has one
     // writer): the later one reads what the earlier one committed. The
     // customer row always exists, unlike a first entitlements row.
@@ -490,8 +492,10 @@ impl Store {
         policy: &Policy,
     ) -> Result<StoredEntitlements, DebitError> {
         let mut tx = self.begin().await?;
-        // Take the customer's entitlements row first, so concurrent debits
-        // of one customer queue here (SQLite's writer is already exclusive).
+        // The audit head first, as every writer takes it (see
+        // `audit::lock_head`); then the customer's entitlements row, so
+        // concurrent debits of one customer queue here.
+        audit::lock_head(&mut tx).await?;
         let now = now_unix();
         sql!(
             tx,
