@@ -37,15 +37,16 @@ pub fn lifecycle_rank(event_type: &str) -> u8 {
 }
 
 /// How far along a status is, for statuses that only move forward within a
-/// second (a subscription that is `canceled` was `active` before).
+/// second (a subscription that is `canceled` was `active` before; a refund
+/// that `failed` was `pending` or `succeeded` before).
 pub fn progress_rank(status: Option<&str>) -> u8 {
     match status {
         Some("incomplete") => 0,
-        Some("trialing") => 1,
-        Some("active") => 2,
+        Some("trialing") | Some("pending") | Some("requires_action") => 1,
+        Some("active") | Some("succeeded") => 2,
         Some("past_due") => 3,
         Some("unpaid") | Some("paused") => 4,
-        Some("incomplete_expired") | Some("canceled") => 5,
+        Some("incomplete_expired") | Some("canceled") | Some("failed") => 5,
         _ => 0,
     }
 }
@@ -144,5 +145,13 @@ mod tests {
             shuffled.extend(positions.iter().take(3).cloned());
             prop_assert_eq!(apply(&shuffled), in_order);
         }
+    }
+
+    #[test]
+    fn a_refund_failing_in_the_second_of_an_api_answer_wins() {
+        let answer = api_answer_position(100, Some("succeeded"), "api_1");
+        let failed = position(100, "refund.updated", Some("failed"), "evt_1");
+        assert!(supersedes(&failed, Some(&answer)));
+        assert!(!supersedes(&answer, Some(&failed)));
     }
 }
