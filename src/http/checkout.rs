@@ -327,6 +327,23 @@ async fn create(
     let (session_id, order_id) = match existing {
         Some(rec) if rec.provider_session_id.is_some() => return Ok((StatusCode::OK, Json(rec.into()))),
         Some(rec) => {
+            // The order recorded what the first attempt priced; a retry
+            // must open the same sale, not today's catalog.
+            let recorded = rec.lines();
+            let same_sale = recorded.len() == lines.len()
+                && recorded.iter().zip(&lines).all(|(a, b)| {
+                    (&a.price, a.quantity, a.unit_amount, &a.provider_price)
+                        == (&b.price, b.quantity, b.unit_amount, &b.provider_price)
+                });
+            if !same_sale {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    ErrorType::IdempotencyError,
+                    "checkout_prices_changed",
+                    "The catalog's prices changed since this checkout was first requested with this \
+                     Idempotency-Key; send the request again with a new key.",
+                ));
+            }
             if rec.last_error.is_some() {
                 state.store.reopen_checkout(&rec.id, &actor, request_id.as_deref()).await?;
             }
