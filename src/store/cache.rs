@@ -260,6 +260,8 @@ pub struct CacheHub {
     ack_arrived: tokio::sync::Notify,
     /// Peers' pings, by instance, in this process's clock.
     peers_seen: Mutex<HashMap<String, Instant>>,
+    /// Since when this process's listener has been up without a break.
+    listening_since: Mutex<Option<Instant>>,
     hits: AtomicU64,
     misses: AtomicU64,
     bypassed: AtomicU64,
@@ -288,6 +290,7 @@ impl CacheHub {
             acks: Mutex::new(HashMap::new()),
             ack_arrived: tokio::sync::Notify::new(),
             peers_seen: Mutex::new(HashMap::new()),
+            listening_since: Mutex::new(None),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             bypassed: AtomicU64::new(0),
@@ -395,6 +398,14 @@ impl CacheHub {
     }
 
     fn set_listener_up(&self, up: bool) {
+        {
+            let mut since = self.listening_since.lock().unwrap_or_else(PoisonError::into_inner);
+            match (up, since.is_some()) {
+                (true, false) => *since = Some(Instant::now()),
+                (false, _) => *since = None,
+                (true, true) => {}
+            }
+        }
         self.listener_up.store(up, Ordering::Release);
         metrics::gauge!("cache_listener_up").set(if up { 1.0 } else { 0.0 });
     }
@@ -436,15 +447,41 @@ impl CacheHub {
             self.abandon_commit(seq);
             return;
         };
-        let listening: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
-            "SELECT application_name FROM pg_stat_activity \
+        let listening: Result<Vec<(String, i64)>, sqlx::Error> = sqlx::query_as(
+            "SELECT application_name, CAST(EXTRACT(EPOCH FROM (now() - backend_start)) * 1000 AS BIGINT) \
+             FROM pg_stat_activity \
              WHERE datname = current_database() AND application_name LIKE 'tollgate-cache:%'",
         )
         .fetch_all(pool)
         .await;
+        // A listed peer this process has heard nothing from for two leases,
+        // though both have listened that long, holds no lease (it serves
+        // from memory only while it hears its own pings, which reach this
+        // process too): its connection is dead but not yet reaped (a host
+        // gone without a TCP reset stays listed until keepalives give up),
+        // and waiting for it would slow every write by a lease.
+        let settled = LEASE * 2;
+        // Only while this process's own listener is current (it heard its
+        // own ping within a lease, so it has heard every ping sent before).
+        let heard_long_enough = self.now_ms() < self.lease_until_ms.load(Ordering::Acquire)
+            && self
+                .listening_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some_and(|since| since.elapsed() >= settled);
         let mut peers: HashSet<String> = match listening {
             Ok(names) => {
-                names.iter().filter_map(|n| n.strip_prefix(LISTENER_NAME)).map(str::to_owned).collect()
+                let seen = self.peers_seen.lock().unwrap_or_else(PoisonError::into_inner);
+                names
+                    .iter()
+                    .filter_map(|(n, age_ms)| n.strip_prefix(LISTENER_NAME).map(|p| (p, *age_ms)))
+                    .filter(|(p, age_ms)| {
+                        let young = u128::try_from(*age_ms).unwrap_or(0) < settled.as_millis();
+                        let heard = seen.get(*p).is_some_and(|at| at.elapsed() < settled);
+                        !heard_long_enough || young || heard
+                    })
+                    .map(|(p, _)| p.to_owned())
+                    .collect()
             }
             Err(e) => {
                 // Who listens is unknown: wait out every lease.
