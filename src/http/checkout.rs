@@ -543,7 +543,8 @@ pub(super) async fn provider_customer(
         .set_opt("email", customer.email.as_deref())
         .set_opt("name", customer.name.as_deref())
         .metadata([("tollgate_external_id", external.as_str()), ("tollgate_customer", customer.id.as_str())]);
-    let key = derived_idempotency_key(&["customer", &customer.id, email, name]);
+    let deleted = state.store.deleted_provider_customers(&customer.id, PROVIDER).await?.to_string();
+    let key = derived_idempotency_key(&["customer", &customer.id, email, name, &deleted]);
     let created = state.stripe.post("/v1/customers", &form, Some(&key)).await?;
     let id = created["id"].as_str().ok_or_else(|| ApiError::internal("the provider's customer has no id"))?;
     let linked = state

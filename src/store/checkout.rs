@@ -434,6 +434,23 @@ impl Store {
         tx.commit().await
     }
 
+    /// How many of a customer's provider customers were deleted at the
+    /// provider: part of the key that creates the next one, so Stripe does
+    /// not replay the deleted one for a day.
+    pub async fn deleted_provider_customers(&self, customer_id: &str, provider: &str) -> StoreResult<i64> {
+        sql!(
+            self,
+            query_scalar::<i64>(
+                "SELECT COUNT(*) FROM provider_customers \
+                 WHERE customer_id = $1 AND provider = $2 AND deleted_at IS NOT NULL",
+                customer_id,
+                provider
+            )
+            .fetch_one
+        )
+        .db()
+    }
+
     /// Links a provider customer tollgate just created for `external_id`,
     /// as its `customer.created` event would (whichever comes first wins,
     /// the other finds the link). Returns the provider customer the
