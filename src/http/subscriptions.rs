@@ -413,6 +413,10 @@ pub async fn change_subscription(
 }
 
 /// Cancel a subscription, now or at the end of its period
+///
+/// Cancelling one that has ended is a 400, except for a request with an
+/// `Idempotency-Key` whose cancellation already holds (a retry of a cancel
+/// whose answer was lost), which is answered with the subscription.
 #[utoipa::path(
     post,
     path = "/v1/subscriptions/{id}/cancel",
@@ -435,7 +439,27 @@ pub async fn cancel_subscription(
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<CancelSubscription>,
 ) -> ApiResult<Json<Subscription>> {
-    let (sub, _) = load(&state, &id).await?;
+    let asked = json!({ "at_period_end": body.at_period_end });
+    // A retry (same Idempotency-Key) whose first attempt reached Stripe but
+    // lost its answer finds the work done: it answers the state, as the
+    // first attempt would have, instead of a 400.
+    let retrying = headers.contains_key("idempotency-key");
+    let (sub, current) = match load(&state, &id).await {
+        Err(e) if retrying && !body.at_period_end && e.code == "subscription_canceled" => {
+            let sub = state
+                .store
+                .get_subscription(&id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("subscription", &id))?;
+            let answer = state.stripe.get_answer(&provider_path(&sub)).await?;
+            return apply_answer(&state, &principal, &sub, answer, "subscription.cancel", asked).await;
+        }
+        loaded => loaded?,
+    };
+    if retrying && body.at_period_end && current["cancel_at_period_end"] == true {
+        let answer = state.stripe.get_answer(&provider_path(&sub)).await?;
+        return apply_answer(&state, &principal, &sub, answer, "subscription.cancel", asked).await;
+    }
     let key = provider_key(&headers, &principal, "subscriptions.cancel", &sub.id);
     let answer = if body.at_period_end {
         let form = Form::new().set("cancel_at_period_end", "true");
@@ -443,7 +467,6 @@ pub async fn cancel_subscription(
     } else {
         state.stripe.delete_answer(&provider_path(&sub), &key).await?
     };
-    let asked = json!({ "at_period_end": body.at_period_end });
     apply_answer(&state, &principal, &sub, answer, "subscription.cancel", asked).await
 }
 
@@ -452,8 +475,10 @@ pub async fn cancel_subscription(
 /// Undoes what can be undone: a cancellation pending at the period's end is
 /// withdrawn (`cancel_at_period_end` becomes false), and a paused
 /// subscription is resumed (Stripe's resume). A subscription that is neither
-/// has nothing to resume (400); one that has ended cannot be resumed (400):
-/// start a new one.
+/// has nothing to resume (400), except for a request with an
+/// `Idempotency-Key`, which is answered with the subscription as it is (a
+/// retry of a resume whose answer was lost must not fail); one that has
+/// ended cannot be resumed (400): start a new one.
 #[utoipa::path(
     post,
     path = "/v1/subscriptions/{id}/resume",
@@ -484,6 +509,19 @@ pub async fn resume_subscription(
     } else if current["cancel_at_period_end"] == true {
         let form = Form::new().set("cancel_at_period_end", "false");
         (state.stripe.post_answer(&provider_path(&sub), &form, Some(&key)).await?, "cancel_at_period_end")
+    } else if headers.contains_key("idempotency-key") {
+        // A retry whose first attempt resumed it but lost the answer: the
+        // work is done; answer the state.
+        let answer = state.stripe.get_answer(&provider_path(&sub)).await?;
+        return apply_answer(
+            &state,
+            &principal,
+            &sub,
+            answer,
+            "subscription.resume",
+            json!({ "undid": null }),
+        )
+        .await;
     } else {
         return Err(ApiError::invalid(
             "subscription_not_resumable",
