@@ -235,6 +235,8 @@ pub struct CacheStats {
     /// Reads that went to the database because the cache may not serve now.
     pub bypassed: u64,
     pub resets: u64,
+    /// Commits that waited out a peer's lease (no acknowledgement came).
+    pub ack_timeouts: u64,
     pub listener_up: bool,
     pub serving: bool,
 }
@@ -266,6 +268,7 @@ pub struct CacheHub {
     misses: AtomicU64,
     bypassed: AtomicU64,
     resets: AtomicU64,
+    ack_timeouts: AtomicU64,
 }
 
 impl std::fmt::Debug for CacheHub {
@@ -295,6 +298,7 @@ impl CacheHub {
             misses: AtomicU64::new(0),
             bypassed: AtomicU64::new(0),
             resets: AtomicU64::new(0),
+            ack_timeouts: AtomicU64::new(0),
         }
     }
 
@@ -331,6 +335,7 @@ impl CacheHub {
             misses: self.misses.load(Ordering::Relaxed),
             bypassed: self.bypassed.load(Ordering::Relaxed),
             resets: self.resets.load(Ordering::Relaxed),
+            ack_timeouts: self.ack_timeouts.load(Ordering::Relaxed),
             listener_up: self.listener_up.load(Ordering::Relaxed),
             serving: self.serving(),
         }
@@ -518,6 +523,7 @@ impl CacheHub {
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
                 metrics::counter!("cache_ack_timeouts_total").increment(1);
+                self.ack_timeouts.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(peers = ?missing, "cache peers did not acknowledge an invalidation; their leases have run out");
                 break;
             }

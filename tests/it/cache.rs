@@ -214,3 +214,44 @@ async fn a_second_instance_never_serves_entitlements_older_than_a_returned_write
     assert_eq!((on_b["balance"].as_i64(), &on_b["version"]), (Some(13), &debited["version"]));
     admin.close().await;
 }
+
+/// A peer listed as listening that never pings (its host vanished without a
+/// TCP reset, so PostgreSQL still lists its connection) holds no lease:
+/// once this instance has listened long enough to know it, writes stop
+/// waiting for it.
+#[tokio::test]
+async fn a_listed_peer_that_never_pings_does_not_slow_writes() {
+    let db = TestDb::new().await;
+    if !db.is_postgres() {
+        return;
+    }
+    // The ghost: a connection named like a cache listener, doing nothing.
+    let ghost_url = format!(
+        "{}{}application_name=tollgate-cache:ghost",
+        db.url,
+        if db.url.contains('?') { "&" } else { "?" }
+    );
+    let ghost = sqlx::PgPool::connect(&ghost_url).await.unwrap();
+    sqlx::query("SELECT 1").execute(&ghost).await.unwrap();
+    let app = spawn_on(db, |c| {
+        c.rate_limit_per_ip = 0;
+        c.rate_limit_per_key = 0;
+    })
+    .await;
+    wait_serving(&app).await;
+    customer_with_cards(&app, "u_ghost").await;
+    // Every write waits for the ghost until this instance has heard two
+    // leases' worth of pings without one from it; then none does.
+    eventually(Duration::from_secs(20), || async {
+        let before = app.server_store.cache().stats().ack_timeouts;
+        debit(&app, "u_ghost", 1).await;
+        (app.server_store.cache().stats().ack_timeouts == before).then_some(())
+    })
+    .await;
+    let before = app.server_store.cache().stats().ack_timeouts;
+    for _ in 0..3 {
+        debit(&app, "u_ghost", 1).await;
+    }
+    assert_eq!(app.server_store.cache().stats().ack_timeouts, before, "the ghost is not waited for");
+    ghost.close().await;
+}
