@@ -341,7 +341,8 @@ pub async fn apply_provider_customer(
 ) -> StoreResult<()> {
     let now = now_unix();
     let adopted = pc.external_id.is_none();
-    let linked = linked_customer(tx, pc.provider, &pc.id).await?;
+    let may_change_link = pc.external_id.is_some() || pc.deleted;
+    let linked = linked_customer_locked(tx, pc.provider, &pc.id, may_change_link).await?;
     let mut created_placeholder = false;
     let customer_id = match linked.clone() {
         Some(id) => match &pc.external_id {
@@ -484,7 +485,25 @@ async fn linked_customer(
     provider: &str,
     provider_customer_id: &str,
 ) -> StoreResult<Option<String>> {
-    let lock = if tx.kind() == super::DbKind::Postgres { " FOR SHARE" } else { "" };
+    linked_customer_locked(tx, provider, provider_customer_id, false).await
+}
+
+/// The link, held until the transaction ends (PostgreSQL): shared by readers,
+/// so a claim that moves the link waits for them and then moves what they
+/// wrote; taken for update by a transaction that may change it itself (a
+/// claim, a deletion), so two such transactions queue instead of both
+/// holding it shared and deadlocking when each tries to change it.
+async fn linked_customer_locked(
+    tx: &mut super::Tx,
+    provider: &str,
+    provider_customer_id: &str,
+    to_change: bool,
+) -> StoreResult<Option<String>> {
+    let lock = match (tx.kind(), to_change) {
+        (super::DbKind::Postgres, true) => " FOR UPDATE",
+        (super::DbKind::Postgres, false) => " FOR SHARE",
+        (super::DbKind::Sqlite, _) => "",
+    };
     let sql = format!(
         "SELECT customer_id FROM provider_customers WHERE provider = $1 AND provider_customer_id = $2{lock}"
     );
