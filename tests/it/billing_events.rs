@@ -534,14 +534,47 @@ async fn a_purchase_on_the_emulator_is_paid_refunded_and_disputed_through_its_we
     expect_error(resp, 404, "invalid_request_error", "resource_missing").await;
 }
 
+/// A completed, paid payment-mode checkout session made outside tollgate.
+fn paid_session(id: &str, customer: &str, payment_intent: &str, amount: i64) -> Value {
+    json!({
+        "id": id, "object": "checkout.session", "mode": "payment", "status": "complete",
+        "payment_status": "paid", "customer": customer, "payment_intent": payment_intent, "amount_total": amount,
+        "currency": "usd", "metadata": {}, "client_reference_id": null,
+    })
+}
+
+/// The orders of the customer tollgate knows under `external`.
+async fn orders_of(app: &TestApp, external: &str) -> Vec<tollgate::store::orders::OrderRow> {
+    let customer: Value = app
+        .get(&format!("/v1/customers/{external}"), &app.read_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    app.server_store.orders_for_customer(customer["id"].as_str().unwrap()).await.unwrap()
+}
+
+/// Delivers every body at once, each signed; all must be acknowledged.
+async fn deliver_concurrently(app: &TestApp, bodies: impl IntoIterator<Item = Vec<u8>>) {
+    let mut tasks = Vec::new();
+    for b in bodies {
+        let (client, url) = (app.client.clone(), app.url("/webhooks/stripe"));
+        let sig = crate::webhooks::sign(SECRET_A, tollgate::store::now_unix(), &b);
+        tasks.push(tokio::spawn(async move {
+            client.post(url).header("stripe-signature", sig).body(b).send().await.unwrap().status().as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+}
+
 #[tokio::test]
 async fn an_order_paid_event_is_emitted_once_when_the_payment_is_announced_five_times() {
     let app = spawn_with_secrets().await;
-    let session = json!({
-        "id": "cs_test_dup", "object": "checkout.session", "mode": "payment", "status": "complete",
-        "payment_status": "paid", "customer": "cus_five", "payment_intent": "pi_five", "amount_total": 700,
-        "currency": "usd", "metadata": {}, "client_reference_id": null,
-    });
+    let session = paid_session("cs_test_dup", "cus_five", "pi_five", 700);
     let intent = json!({
         "id": "pi_five", "object": "payment_intent", "status": "succeeded", "amount": 700, "currency": "usd",
         "customer": "cus_five", "latest_charge": "ch_five", "metadata": {},
@@ -553,21 +586,9 @@ async fn an_order_paid_event_is_emitted_once_when_the_payment_is_announced_five_
         bodies.push(event(&format!("evt_five_s{n}"), "checkout.session.completed", T0 + n, session.clone()));
         bodies.push(event(&format!("evt_five_p{n}"), "payment_intent.succeeded", T0 + n, intent.clone()));
     }
-    let mut tasks = Vec::new();
-    for b in bodies.iter().chain(bodies.iter()) {
-        let (client, url, b) = (app.client.clone(), app.url("/webhooks/stripe"), b.clone());
-        let sig = crate::webhooks::sign(SECRET_A, tollgate::store::now_unix(), &b);
-        tasks.push(tokio::spawn(async move {
-            client.post(url).header("stripe-signature", sig).body(b).send().await.unwrap().status().as_u16()
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    deliver_concurrently(&app, bodies.iter().chain(bodies.iter()).cloned()).await;
     wait_applied(&app, bodies.len() as i64).await;
-    let customer: Value =
-        app.get("/v1/customers/cus_five", &app.read_key).send().await.unwrap().json().await.unwrap();
-    let orders = app.server_store.orders_for_customer(customer["id"].as_str().unwrap()).await.unwrap();
+    let orders = orders_of(&app, "cus_five").await;
     assert_eq!(orders.len(), 1, "one order for one session");
     assert_eq!(orders[0].status, "paid");
     let events = app.server_store.events_for_object(&orders[0].id).await.unwrap();
@@ -577,11 +598,7 @@ async fn an_order_paid_event_is_emitted_once_when_the_payment_is_announced_five_
 #[tokio::test]
 async fn a_refund_that_fails_after_the_charge_counted_it_is_given_back() {
     let app = spawn_with_secrets().await;
-    let session = json!({
-        "id": "cs_test_m2", "object": "checkout.session", "mode": "payment", "status": "complete",
-        "payment_status": "paid", "customer": "cus_m2", "payment_intent": "pi_m2", "amount_total": 700,
-        "currency": "usd", "metadata": {}, "client_reference_id": null,
-    });
+    let session = paid_session("cs_test_m2", "cus_m2", "pi_m2", 700);
     let intent = json!({
         "id": "pi_m2", "object": "payment_intent", "status": "succeeded", "amount": 700, "currency": "usd",
         "customer": "cus_m2", "latest_charge": "ch_m2", "metadata": {},
@@ -607,17 +624,14 @@ async fn a_refund_that_fails_after_the_charge_counted_it_is_given_back() {
         assert_eq!(app.deliver_signed(b).await.status(), 200);
         wait_applied(&app, n as i64 + 1).await;
     }
-    let customer: Value =
-        app.get("/v1/customers/cus_m2", &app.read_key).send().await.unwrap().json().await.unwrap();
-    let customer_id = customer["id"].as_str().unwrap().to_owned();
-    let orders = app.server_store.orders_for_customer(&customer_id).await.unwrap();
+    let orders = orders_of(&app, "cus_m2").await;
     assert_eq!((orders[0].status.as_str(), orders[0].amount_refunded), ("partially_refunded", 300));
 
     // The bank refused the refund: Stripe sends only the refund's update.
     let failed = event("evt_m2_r2", "refund.updated", T0 + 20, refund("failed"));
     assert_eq!(app.deliver_signed(&failed).await.status(), 200);
     wait_applied(&app, 5).await;
-    let orders = app.server_store.orders_for_customer(&customer_id).await.unwrap();
+    let orders = orders_of(&app, "cus_m2").await;
     assert_eq!((orders[0].status.as_str(), orders[0].amount_refunded), ("paid", 0));
 
     // A new refund of the same amount is news again.
@@ -628,7 +642,7 @@ async fn a_refund_that_fails_after_the_charge_counted_it_is_given_back() {
     let body = event("evt_m2_r3", "refund.created", T0 + 30, again);
     assert_eq!(app.deliver_signed(&body).await.status(), 200);
     wait_applied(&app, 6).await;
-    let orders = app.server_store.orders_for_customer(&customer_id).await.unwrap();
+    let orders = orders_of(&app, "cus_m2").await;
     assert_eq!((orders[0].status.as_str(), orders[0].amount_refunded), ("partially_refunded", 300));
     let events = app.server_store.events_for_object(&orders[0].id).await.unwrap();
     assert_eq!(count(&events, "order.refunded"), 2, "both refunds of 300 are announced");
@@ -637,11 +651,7 @@ async fn a_refund_that_fails_after_the_charge_counted_it_is_given_back() {
 #[tokio::test]
 async fn a_dispute_closing_on_a_partly_refunded_order_is_announced() {
     let app = spawn_with_secrets().await;
-    let session = json!({
-        "id": "cs_test_dw", "object": "checkout.session", "mode": "payment", "status": "complete",
-        "payment_status": "paid", "customer": "cus_dw", "payment_intent": "pi_dw", "amount_total": 1000,
-        "currency": "usd", "metadata": {}, "client_reference_id": null,
-    });
+    let session = paid_session("cs_test_dw", "cus_dw", "pi_dw", 1000);
     let refund = json!({
         "id": "re_dw", "object": "refund", "payment_intent": "pi_dw", "amount": 300, "currency": "usd",
         "status": "succeeded", "created": T0 + 2,
@@ -660,9 +670,7 @@ async fn a_dispute_closing_on_a_partly_refunded_order_is_announced() {
         assert_eq!(app.deliver_signed(b).await.status(), 200);
         wait_applied(&app, n as i64 + 1).await;
     }
-    let customer: Value =
-        app.get("/v1/customers/cus_dw", &app.read_key).send().await.unwrap().json().await.unwrap();
-    let orders = app.server_store.orders_for_customer(customer["id"].as_str().unwrap()).await.unwrap();
+    let orders = orders_of(&app, "cus_dw").await;
     assert_eq!(orders[0].status, "partially_refunded");
     let events = app.server_store.events_for_object(&orders[0].id).await.unwrap();
     assert_eq!((count(&events, "order.disputed"), count(&events, "order.dispute_closed")), (1, 1));
@@ -745,40 +753,23 @@ async fn a_claim_racing_another_event_of_its_provider_customer_leaves_nothing_be
     }
     wait_applied(&app, rounds).await;
     // Then its own event (the claim) and a second subscription, together.
-    let mut tasks = Vec::new();
+    let mut bodies = Vec::new();
     for n in 0..rounds {
-        let claim = event(
+        bodies.push(event(
             &format!("evt_rc{n}"),
             "customer.created",
             T0 + 1,
             json!({ "id": format!("cus_race{n}"), "object": "customer", "email": null,
                     "metadata": { "tollgate_external_id": format!("u_race{n}") } }),
-        );
-        let second = event(
+        ));
+        bodies.push(event(
             &format!("evt_rb{n}"),
             "customer.subscription.created",
             T0 + 1,
             subscription(&format!("sub_rb{n}"), &format!("cus_race{n}"), "active", json!({})),
-        );
-        for b in [claim, second] {
-            let (client, url) = (app.client.clone(), app.url("/webhooks/stripe"));
-            let sig = crate::webhooks::sign(SECRET_A, tollgate::store::now_unix(), &b);
-            tasks.push(tokio::spawn(async move {
-                client
-                    .post(url)
-                    .header("stripe-signature", sig)
-                    .body(b)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            }));
-        }
+        ));
     }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    deliver_concurrently(&app, bodies).await;
     wait_applied(&app, 3 * rounds).await;
     for n in 0..rounds {
         let c: Value = app
@@ -1129,9 +1120,7 @@ async fn a_free_checkout_is_paid_though_no_payment_event_will_come() {
     let body = event("evt_free", "checkout.session.completed", T0, session);
     assert_eq!(app.deliver_signed(&body).await.status(), 200);
     wait_applied(&app, 1).await;
-    let customer: Value =
-        app.get("/v1/customers/cus_free", &app.read_key).send().await.unwrap().json().await.unwrap();
-    let orders = app.server_store.orders_for_customer(customer["id"].as_str().unwrap()).await.unwrap();
+    let orders = orders_of(&app, "cus_free").await;
     assert_eq!((orders.len(), orders[0].status.as_str()), (1, "paid"));
     let events = app.server_store.events_for_object(&orders[0].id).await.unwrap();
     assert_eq!(count(&events, "order.paid"), 1);
