@@ -169,6 +169,12 @@ impl Server {
         &self.state.store
     }
 
+    /// The router `serve` would run, without sockets or workers: for
+    /// measuring the HTTP stack's own cost (`benches/http_stack.rs`).
+    pub fn router(&self) -> axum::Router {
+        http::router(self.state.clone())
+    }
+
     pub async fn serve(self, listener: TcpListener) -> Result<(), StartError> {
         let Server { state, mut inbox_writers, tls } = self;
         let shutdown = state.shutdown.clone();
