@@ -78,30 +78,30 @@ pub fn entry_hash(e: &AuditEntry) -> String {
     hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
 }
 
-/// Appends one entry within `tx`.
-/// Takes the audit chain's head now (PostgreSQL; SQLite's writer is
-/// already exclusive), for a transaction that will append an entry after
-/// locking a customer's rows. Every writer then takes the head before those
-/// rows, in one order, so two can never wait on each other in a cycle (an
-/// inbox apply appends before it recomputes entitlements).
-pub async fn lock_head(tx: &mut Tx) -> StoreResult<()> {
-    if tx.kind() == super::DbKind::Postgres {
-        sql!(tx, query("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE").execute).db()?;
-    }
-    Ok(())
+/// An entry recorded in a transaction, placed in the chain when the
+/// transaction commits.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingEntry {
+    id: String,
+    at: i64,
+    actor: String,
+    action: String,
+    object_type: String,
+    object_id: String,
+    data: String,
+    request_id: Option<String>,
 }
 
-pub async fn append(tx: &mut Tx, record: AuditRecord<'_>) -> StoreResult<AuditEntry> {
-    // `FOR UPDATE` serialises appenders on PostgreSQL; SQLite's writer is
-    // already exclusive (and does not know the clause).
-    let head_sql = match tx.kind() {
-        super::DbKind::Postgres => "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
-        super::DbKind::Sqlite => "SELECT seq, hash FROM audit_head WHERE id = 1",
-    };
-    let (prev_seq, prev_hash): (i64, String) =
-        sql!(tx, query_as::<(i64, String)>(head_sql).fetch_one).db()?;
-    let mut entry = AuditEntry {
-        seq: prev_seq + 1,
+/// Records one entry within `tx`: it commits with the change or not at all.
+///
+/// The entry joins the hash chain only when `tx` commits ([`flush`]), so a
+/// transaction holds the chain's head (one row every writer needs) for the
+/// few statements before its commit instead of from its first entry: on
+/// PostgreSQL writers that touch different customers no longer queue behind
+/// each other, and no writer waits for a customer's rows while holding the
+/// head, so no lock order involving the head can deadlock.
+pub async fn append(tx: &mut Tx, record: AuditRecord<'_>) -> StoreResult<()> {
+    tx.audit.push(PendingEntry {
         id: new_id("aud"),
         at: now_unix(),
         actor: record.actor.as_string(),
@@ -110,33 +110,92 @@ pub async fn append(tx: &mut Tx, record: AuditRecord<'_>) -> StoreResult<AuditEn
         object_id: record.object_id.to_owned(),
         data: record.data.to_string(),
         request_id: record.request_id.map(str::to_owned),
-        prev_hash,
-        hash: String::new(),
+    });
+    Ok(())
+}
+
+/// Links a committing transaction's entries into the chain: takes the head
+/// (`FOR UPDATE` on PostgreSQL, held to the commit that follows, so the
+/// chain's order is commit order; SQLite's writer is already exclusive),
+/// inserts the entries with a few multi-row statements, moves the head.
+pub(crate) async fn flush(tx: &mut Tx, pending: Vec<PendingEntry>) -> StoreResult<()> {
+    const COLUMNS_PER_ROW: usize = 11;
+    const ROWS_PER_STATEMENT: usize = 128;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let head_sql = match tx.kind() {
+        super::DbKind::Postgres => "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+        super::DbKind::Sqlite => "SELECT seq, hash FROM audit_head WHERE id = 1",
     };
-    entry.hash = entry_hash(&entry);
-    sql!(
-        tx,
-        query(
+    let (mut seq, mut prev_hash): (i64, String) =
+        sql!(tx, query_as::<(i64, String)>(head_sql).fetch_one).db()?;
+    let entries: Vec<AuditEntry> = pending
+        .into_iter()
+        .map(|p| {
+            seq += 1;
+            let mut entry = AuditEntry {
+                seq,
+                id: p.id,
+                at: p.at,
+                actor: p.actor,
+                action: p.action,
+                object_type: p.object_type,
+                object_id: p.object_id,
+                data: p.data,
+                request_id: p.request_id,
+                prev_hash: std::mem::take(&mut prev_hash),
+                hash: String::new(),
+            };
+            entry.hash = entry_hash(&entry);
+            prev_hash = entry.hash.clone();
+            entry
+        })
+        .collect();
+    let sqlite = tx.kind() == super::DbKind::Sqlite;
+    for chunk in entries.chunks(ROWS_PER_STATEMENT) {
+        // Positional `?` on SQLite, as in the inbox's batch insert.
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|r| {
+                let p: Vec<String> = (1..=COLUMNS_PER_ROW)
+                    .map(|c| if sqlite { "?".to_owned() } else { format!("${}", r * COLUMNS_PER_ROW + c) })
+                    .collect();
+                format!("({})", p.join(", "))
+            })
+            .collect();
+        let sql = format!(
             "INSERT INTO audit_log (seq, id, at, actor, action, object_type, object_id, data, request_id, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            entry.seq,
-            &entry.id,
-            entry.at,
-            &entry.actor,
-            &entry.action,
-            &entry.object_type,
-            &entry.object_id,
-            &entry.data,
-            &entry.request_id,
-            &entry.prev_hash,
-            &entry.hash,
-        )
-        .execute
-    )
-    .db()?;
-    sql!(tx, query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", entry.seq, &entry.hash).execute)
+             VALUES {}",
+            rows.join(", ")
+        );
+        macro_rules! bind_rows {
+            ($query:expr) => {{
+                let mut q = $query;
+                for e in chunk {
+                    q = q
+                        .bind(e.seq)
+                        .bind(&e.id)
+                        .bind(e.at)
+                        .bind(&e.actor)
+                        .bind(&e.action)
+                        .bind(&e.object_type)
+                        .bind(&e.object_id)
+                        .bind(&e.data)
+                        .bind(&e.request_id)
+                        .bind(&e.prev_hash)
+                        .bind(&e.hash);
+                }
+                q
+            }};
+        }
+        match tx.exec() {
+            super::Exec::Sqlite(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+            super::Exec::Postgres(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+        }
         .db()?;
-    Ok(entry)
+    }
+    sql!(tx, query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", seq, &prev_hash).execute).db()?;
+    Ok(())
 }
 
 /// The outcome of walking the chain.

@@ -511,7 +511,5 @@ async fn record(
     object_id: &str,
     data: serde_json::Value,
 ) -> StoreResult<()> {
-    audit::append(tx, AuditRecord { actor, action, object_type, object_id, data, request_id: None })
-        .await
-        .map(|_| ())
+    audit::append(tx, AuditRecord { actor, action, object_type, object_id, data, request_id: None }).await
 }

@@ -270,8 +270,6 @@ pub async fn recompute_entitlements(
     policy: &Policy,
 ) -> StoreResult<StoredEntitlements> {
     let now = now_unix();
-    // The audit head before the customer's rows: see `audit::lock_head`.
-    audit::lock_head(tx).await?;
     // Serialise recomputations of one customer (PostgreSQL; SQLite has one
     // writer): the later one reads what the earlier one committed. The
     // customer row always exists, unlike a first entitlements row.
@@ -492,10 +490,13 @@ impl Store {
         policy: &Policy,
     ) -> Result<StoredEntitlements, DebitError> {
         let mut tx = self.begin().await?;
-        // The audit head first, as every writer takes it (see
-        // `audit::lock_head`); then the customer's entitlements row, so
-        // concurrent debits of one customer queue here.
-        audit::lock_head(&mut tx).await?;
+        // The customer's row first, then its entitlements row: the order in
+        // which `recompute_entitlements` (and so every inbox apply) takes
+        // them, so a debit and an apply for one customer queue instead of
+        // deadlocking. Concurrent debits of one customer queue here too.
+        if tx.kind() == DbKind::Postgres {
+            sql!(tx, query("SELECT 1 FROM customers WHERE id = $1 FOR UPDATE", customer_id).execute)?;
+        }
         let now = now_unix();
         sql!(
             tx,

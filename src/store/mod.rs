@@ -405,6 +405,7 @@ impl Store {
             deliveries_queued: false,
             cache: self.cache.clone(),
             invalidates: Vec::new(),
+            audit: Vec::new(),
         })
     }
 
@@ -464,6 +465,15 @@ pub struct Tx {
     cache: std::sync::Arc<cache::CacheHub>,
     /// Cache keys whose entries this transaction changes (encoded).
     invalidates: Vec<String>,
+    /// Audit entries recorded so far, chained at commit (see [`audit::append`]).
+    pub(crate) audit: Vec<audit::PendingEntry>,
+}
+
+/// A point inside a [`Tx`] to roll back to, undoing one unit of work (one
+/// provider event of a batch) without losing the rest.
+#[must_use]
+pub(crate) struct Savepoint {
+    audit_len: usize,
 }
 
 impl Tx {
@@ -476,6 +486,28 @@ impl Tx {
         if !self.invalidates.contains(&key) {
             self.invalidates.push(key);
         }
+    }
+
+    /// Marks where the next unit of work starts. Both engines nest
+    /// savepoints of one name as a stack; tollgate uses one level.
+    pub(crate) async fn savepoint(&mut self) -> StoreResult<Savepoint> {
+        sql!(self, query("SAVEPOINT unit").execute).db()?;
+        Ok(Savepoint { audit_len: self.audit.len() })
+    }
+
+    /// Keeps the unit's work in the transaction.
+    pub(crate) async fn release(&mut self, _point: Savepoint) -> StoreResult<()> {
+        sql!(self, query("RELEASE SAVEPOINT unit").execute).db()?;
+        Ok(())
+    }
+
+    /// Undoes the unit's work, including the audit entries it recorded.
+    /// (Cache keys it named stay named: invalidating too much is harmless.)
+    pub(crate) async fn rollback_to(&mut self, point: Savepoint) -> StoreResult<()> {
+        sql!(self, query("ROLLBACK TO SAVEPOINT unit").execute).db()?;
+        sql!(self, query("RELEASE SAVEPOINT unit").execute).db()?;
+        self.audit.truncate(point.audit_len);
+        Ok(())
     }
 
     pub(crate) fn exec(&mut self) -> Exec<&mut SqliteConnection, &mut PgConnection> {
@@ -496,8 +528,10 @@ impl Tx {
     /// here and in every instance that may serve them (on PostgreSQL it
     /// returns only once they have acknowledged, or their leases ran out),
     /// and only then wakes the delivery worker. See [`cache`].
-    pub async fn commit(self) -> StoreResult<()> {
-        let Tx { mut inner, wake, instance, deliveries_queued, cache, invalidates: keys } = self;
+    pub async fn commit(mut self) -> StoreResult<()> {
+        let pending = std::mem::take(&mut self.audit);
+        audit::flush(&mut self, pending).await?;
+        let Tx { mut inner, wake, instance, deliveries_queued, cache, invalidates: keys, audit: _ } = self;
         if let (true, TxInner::Postgres(tx)) = (deliveries_queued, &mut inner) {
             // Inside the transaction: PostgreSQL delivers it on commit, and
             // not at all on rollback, so other instances' delivery workers

@@ -197,16 +197,27 @@ impl Store {
         );
         let rows: Vec<ProviderEventRecord> =
             sql!(tx, query_as::<ProviderEventRecord>(&q, now, limit).fetch_all).db()?;
-        for row in &rows {
-            sql!(
-                tx,
-                query(
-                    "UPDATE provider_events SET locked_until = $1 WHERE id = $2",
-                    now + lease_seconds,
-                    &row.id
-                )
-                .execute
-            )
+        if !rows.is_empty() {
+            // One statement for the whole claim (ids are tollgate's own, but
+            // bound, never spliced).
+            let placeholders: Vec<String> = (0..rows.len()).map(|i| format!("${}", i + 2)).collect();
+            let update = format!(
+                "UPDATE provider_events SET locked_until = $1 WHERE id IN ({})",
+                placeholders.join(", ")
+            );
+            macro_rules! bind_ids {
+                ($query:expr) => {{
+                    let mut q = $query.bind(now + lease_seconds);
+                    for row in &rows {
+                        q = q.bind(&row.id);
+                    }
+                    q
+                }};
+            }
+            match tx.exec() {
+                super::Exec::Sqlite(c) => bind_ids!(sqlx::query(&update)).execute(c).await.map(|_| ()),
+                super::Exec::Postgres(c) => bind_ids!(sqlx::query(&update)).execute(c).await.map(|_| ()),
+            }
             .db()?;
         }
         tx.commit().await?;
@@ -344,12 +355,14 @@ impl Store {
 
 /// Finishes an event inside the transaction that applied it, so the effect
 /// and the inbox status commit together.
-pub async fn mark_applied(tx: &mut super::Tx, id: &str, status: &str) -> StoreResult<()> {
-    sql!(
+/// Marks an event applied (or ignored) inside the transaction that applies
+/// it, if it is still waiting: `false` when another worker already did.
+pub async fn mark_applied(tx: &mut super::Tx, id: &str, status: &str) -> StoreResult<bool> {
+    let won = sql!(
         tx,
         query(
             "UPDATE provider_events SET status = $1, processed_at = $2, attempts = attempts + 1, locked_until = NULL, \
-             last_error = NULL WHERE id = $3",
+             last_error = NULL WHERE id = $3 AND status IN ('received', 'failed')",
             status,
             now_unix(),
             id
@@ -357,5 +370,5 @@ pub async fn mark_applied(tx: &mut super::Tx, id: &str, status: &str) -> StoreRe
         .execute
     )
     .db()?;
-    Ok(())
+    Ok(won == 1)
 }

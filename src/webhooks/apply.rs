@@ -14,7 +14,7 @@ use crate::store::customers::{
 use crate::store::orders::{self, Cause};
 use crate::store::provider_events::{mark_applied, ProviderEventRecord};
 use crate::store::subscriptions;
-use crate::store::{sql, watermarks, SqlxResultExt, Store, StoreError};
+use crate::store::{watermarks, Store, StoreError};
 
 /// What the worker does with an event type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,19 +133,27 @@ pub async fn refetch(client: &StripeClient, body: &mut Value) -> Result<(), Appl
     }
 }
 
-/// Applies one stored event. `stripe` is the provider's API, used to read
-/// what a payload leaves out (a foreign checkout's line items) and, with
-/// `refetch`, the object's current state.
-pub async fn apply(
+/// What applying an event needs from outside the database, gathered before
+/// any transaction opens (no network call holds a database lock).
+#[derive(Debug)]
+pub struct Prepared {
+    disposition: Disposition,
+    body: Value,
+    line_items: Option<Vec<objects::LineItem>>,
+}
+
+/// Reads the event's payload and, from the provider's API, what the
+/// payload leaves out (a foreign checkout's line items) and, with
+/// `refetch`, the object's current state. `None`: the event is deferred.
+pub async fn prepare(
     store: &Store,
     event: &ProviderEventRecord,
     stripe: Option<&StripeClient>,
     refetch: bool,
-    policy: &crate::billing::entitlements::Policy,
-) -> Result<Applied, ApplyError> {
+) -> Result<Option<Prepared>, ApplyError> {
     let disposition = disposition(&event.provider, &event.event_type);
     if disposition == Disposition::Defer {
-        return Ok(Applied::Deferred);
+        return Ok(None);
     }
     let mut body: Value =
         serde_json::from_str(&event.body).map_err(|e| ApplyError::Payload(e.to_string()))?;
@@ -157,21 +165,41 @@ pub async fn apply(
         line_items =
             fetch_line_items_if_unknown(store, client, &event.event_type, &body["data"]["object"]).await?;
     }
+    Ok(Some(Prepared { disposition, body, line_items }))
+}
+
+/// Applies one stored event in its own transaction. `stripe` is the
+/// provider's API, used to read what a payload leaves out and, with
+/// `refetch`, the object's current state.
+pub async fn apply(
+    store: &Store,
+    event: &ProviderEventRecord,
+    stripe: Option<&StripeClient>,
+    refetch: bool,
+    policy: &crate::billing::entitlements::Policy,
+) -> Result<Applied, ApplyError> {
+    let Some(prepared) = prepare(store, event, stripe, refetch).await? else { return Ok(Applied::Deferred) };
     let mut tx = store.begin().await?;
-    // Claim the event for this transaction first: a second worker holding a
-    // lapsed lease finds it done and changes nothing.
+    let outcome = apply_in(&mut tx, event, prepared, policy).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Applies one prepared event inside `tx`, which may hold other events of
+/// a batch: everything the event changes, its inbox status included,
+/// commits or rolls back with `tx` (or with the caller's savepoint).
+pub async fn apply_in(
+    tx: &mut crate::store::Tx,
+    event: &ProviderEventRecord,
+    prepared: Prepared,
+    policy: &crate::billing::entitlements::Policy,
+) -> Result<Applied, ApplyError> {
+    let Prepared { disposition, body, line_items } = prepared;
+    // Claim the event for this transaction first, marking it done: a second
+    // worker holding a lapsed lease finds it done and changes nothing, and a
+    // failure below rolls the mark back with everything else.
     let status = if disposition == Disposition::Ignore { "ignored" } else { "processed" };
-    let won = sql!(
-        tx,
-        query(
-            "UPDATE provider_events SET status = $1 WHERE id = $2 AND status IN ('received', 'failed')",
-            status,
-            &event.id
-        )
-        .execute
-    )
-    .db()?;
-    if won == 0 {
+    if !mark_applied(tx, &event.id, status).await? {
         return Ok(Applied::AlreadyDone);
     }
     let outcome = match disposition {
@@ -186,7 +214,7 @@ pub async fn apply(
             );
             let object_id =
                 event.object_id.clone().ok_or_else(|| ApplyError::Payload("data.object has no id".into()))?;
-            if watermarks::advance(&mut tx, &event.provider, &object_id, &position).await? {
+            if watermarks::advance(tx, &event.provider, &object_id, &position).await? {
                 let cause = Cause {
                     provider: "stripe",
                     provider_event_id: Some(&event.id),
@@ -194,15 +222,13 @@ pub async fn apply(
                     actor: &Actor::System("stripe"),
                     policy,
                 };
-                apply_stripe(&mut tx, cause, &event.event_type, object, line_items.as_deref()).await?;
+                apply_stripe(tx, cause, &event.event_type, object, line_items.as_deref()).await?;
                 Applied::Processed
             } else {
                 Applied::Stale
             }
         }
     };
-    mark_applied(&mut tx, &event.id, status).await?;
-    tx.commit().await?;
     Ok(outcome)
 }
 
