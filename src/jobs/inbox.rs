@@ -6,9 +6,9 @@ use std::time::Duration;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
 use crate::store::provider_events::ProviderEventRecord;
-use crate::webhooks::apply::{self, ApplyError, Applied};
+use crate::store::Store;
+use crate::webhooks::apply::{self, Applied, ApplyError};
 
 #[derive(Debug, Clone)]
 pub struct InboxWorkerOptions {
@@ -96,7 +96,8 @@ pub async fn work_once(store: &Store, options: &InboxWorkerOptions) -> crate::st
         return Ok(0);
     }
     let stripe = options.stripe.as_ref();
-    let mut outcomes: Vec<(&ProviderEventRecord, Result<Applied, ApplyError>)> = Vec::with_capacity(events.len());
+    let mut outcomes: Vec<(&ProviderEventRecord, Result<Applied, ApplyError>)> =
+        Vec::with_capacity(events.len());
     let mut ready = Vec::with_capacity(events.len());
     for event in &events {
         match apply::prepare(store, event, stripe, options.refetch).await {
@@ -183,10 +184,11 @@ async fn record_outcome(
         Ok(_) => Ok(true),
         Err(e) => {
             let attempts = event.attempts + 1;
-            let retry_at =
-                (attempts < options.max_attempts).then(|| crate::store::now_unix() + backoff_seconds(attempts));
+            let retry_at = (attempts < options.max_attempts)
+                .then(|| crate::store::now_unix() + backoff_seconds(attempts));
             if retry_at.is_none() {
-                metrics::counter!("provider_events_dead_total", "provider" => event.provider.clone()).increment(1);
+                metrics::counter!("provider_events_dead_total", "provider" => event.provider.clone())
+                    .increment(1);
                 tracing::error!(event = %event.provider_event_id, error = %e, "provider event is dead after {attempts} attempts");
             } else {
                 tracing::warn!(event = %event.provider_event_id, error = %e, attempts, "provider event failed; will retry");

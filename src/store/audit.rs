@@ -194,7 +194,8 @@ pub(crate) async fn flush(tx: &mut Tx, pending: Vec<PendingEntry>) -> StoreResul
         }
         .db()?;
     }
-    sql!(tx, query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", seq, &prev_hash).execute).db()?;
+    sql!(tx, query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", seq, &prev_hash).execute)
+        .db()?;
     Ok(())
 }
 

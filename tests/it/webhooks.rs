@@ -518,3 +518,60 @@ async fn retention_prunes_only_finished_events_and_a_pruned_event_coming_back_ch
     let c: Value = app.get("/v1/customers/cus_r", &app.read_key).send().await.unwrap().json().await.unwrap();
     assert_eq!(c["email"], "new@example.com");
 }
+
+/// A claimed batch is applied in one transaction: an event that fails
+/// half-way is rolled back alone (its inbox status and watermark too) and
+/// retried on its own schedule, while the events around it are applied and
+/// the audit chain stays whole.
+#[tokio::test]
+async fn a_failing_event_in_a_batch_is_rolled_back_alone() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let inbox = |id: &str, object: Value| {
+        let body = event(id, "customer.created", 1_800_000_000, object.clone());
+        tollgate::store::provider_events::NewProviderEvent {
+            provider: "stripe",
+            provider_event_id: id.to_owned(),
+            event_type: "customer.created".to_owned(),
+            object_id: object["id"].as_str().map(str::to_owned),
+            provider_created: 1_800_000_000,
+            api_version: None,
+            livemode: false,
+            body: String::from_utf8(body).unwrap(),
+            source: "webhook",
+            initial_status: "received",
+            first_attempt_at: 0,
+        }
+    };
+    store
+        .insert_provider_events(&[
+            inbox("evt_batch_1", customer("cus_batch_1", Some("u_batch_1"), "one@example.com")),
+            // Fails after its watermark moved: no external id can hold this id.
+            inbox("evt_batch_2", json!({ "id": "cus with spaces", "object": "customer" })),
+            inbox("evt_batch_3", customer("cus_batch_3", Some("u_batch_3"), "three@example.com")),
+        ])
+        .await
+        .unwrap();
+    let options = tollgate::jobs::inbox::InboxWorkerOptions::default();
+    let handled = tollgate::jobs::inbox::work_once(&store, &options).await.unwrap();
+    assert_eq!(handled, 3);
+
+    let status = |id: &'static str| {
+        let store = store.clone();
+        async move { store.find_provider_event("stripe", id).await.unwrap().unwrap() }
+    };
+    for id in ["evt_batch_1", "evt_batch_3"] {
+        let e = status(id).await;
+        assert_eq!((e.status.as_str(), e.attempts), ("processed", 1), "{id}");
+    }
+    let broken = status("evt_batch_2").await;
+    assert_eq!((broken.status.as_str(), broken.attempts), ("failed", 1), "rolled back, then failed once");
+    assert!(broken.last_error.is_some_and(|e| !e.is_empty()));
+    for external in ["u_batch_1", "u_batch_3"] {
+        let id = tollgate::ids::ExternalId::parse(external).unwrap();
+        assert!(store.get_customer(&id).await.unwrap().is_some(), "{external}");
+    }
+    let chain = store.verify_audit_chain().await.unwrap();
+    assert!(chain.is_intact(), "{chain:?}");
+    assert!(chain.entries >= 2, "the applied events' entries are chained: {chain:?}");
+}
