@@ -184,56 +184,57 @@ impl Store {
         Ok(rows)
     }
 
-    /// Records an attempt and its consequences, together: no other worker
-    /// can pick the delivery up again between its failure and its
-    /// endpoint's disabling. Returns whether the endpoint was disabled now.
-    pub async fn record_delivery_attempt(
+    /// Records finished attempts, each with its consequence (delivered,
+    /// retried later, dead, its endpoint disabled by a 410), in one
+    /// transaction. Answers, for each, whether it disabled its endpoint.
+    pub async fn record_delivery_attempts(
         &self,
-        id: &str,
-        endpoint_id: &str,
-        outcome: &AttemptOutcome,
-    ) -> StoreResult<bool> {
+        attempts: &[(&str, &str, &AttemptOutcome)],
+    ) -> StoreResult<Vec<bool>> {
         let now = now_unix();
         let mut tx = self.begin().await?;
-        sql!(
-            tx,
-            query(
-                "INSERT INTO delivery_attempts (delivery_id, n, at, status_code, duration_ms, error, response) \
-                 SELECT $1, COALESCE(MAX(n), 0) + 1, $2, $3, $4, $5, $6 FROM delivery_attempts WHERE delivery_id = $1",
-                id,
-                now,
-                outcome.status_code.map(i64::from),
-                outcome.duration_ms,
-                &outcome.error,
-                &outcome.response
+        let mut disabled = Vec::with_capacity(attempts.len());
+        for (id, endpoint_id, outcome) in attempts {
+            sql!(
+                tx,
+                query(
+                    "INSERT INTO delivery_attempts (delivery_id, n, at, status_code, duration_ms, error, response) \
+                     SELECT $1, COALESCE(MAX(n), 0) + 1, $2, $3, $4, $5, $6 FROM delivery_attempts WHERE delivery_id = $1",
+                    id,
+                    now,
+                    outcome.status_code.map(i64::from),
+                    outcome.duration_ms,
+                    &outcome.error,
+                    &outcome.response
+                )
+                .execute
             )
-            .execute
-        )
-        .db()?;
-        let (status, next, delivered) = match outcome.retry {
-            None => ("succeeded", now, Some(now)),
-            Some(Some(at)) => ("failed", at, None),
-            Some(None) => ("dead", now, None),
-        };
-        sql!(
-            tx,
-            query(
-                "UPDATE deliveries SET status = $1, attempts = attempts + 1, next_attempt_at = $2, locked_until = NULL, \
-                 last_status = $3, last_error = $4, delivered_at = $5 WHERE id = $6",
-                status,
-                next,
-                outcome.status_code.map(i64::from),
-                &outcome.error,
-                delivered,
-                id
+            .db()?;
+            let (status, next, delivered) = match outcome.retry {
+                None => ("succeeded", now, Some(now)),
+                Some(Some(at)) => ("failed", at, None),
+                Some(None) => ("dead", now, None),
+            };
+            sql!(
+                tx,
+                query(
+                    "UPDATE deliveries SET status = $1, attempts = attempts + 1, next_attempt_at = $2, locked_until = NULL, \
+                     last_status = $3, last_error = $4, delivered_at = $5 WHERE id = $6",
+                    status,
+                    next,
+                    outcome.status_code.map(i64::from),
+                    &outcome.error,
+                    delivered,
+                    id
+                )
+                .execute
             )
-            .execute
-        )
-        .db()?;
-        let disabled = match &outcome.disable_endpoint {
-            Some(reason) => super::webhook_endpoints::disable(&mut tx, endpoint_id, reason).await?,
-            None => false,
-        };
+            .db()?;
+            disabled.push(match &outcome.disable_endpoint {
+                Some(reason) => super::webhook_endpoints::disable(&mut tx, endpoint_id, reason).await?,
+                None => false,
+            });
+        }
         tx.commit().await?;
         Ok(disabled)
     }
