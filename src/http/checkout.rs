@@ -25,7 +25,7 @@ use super::AppState;
 use crate::billing::checkout::{check_cart, CartLine, Mode};
 use crate::ids::{new_id, ExternalId};
 use crate::providers::stripe::{derived_idempotency_key, Form, StripeClientError};
-use crate::store::checkout::{CheckoutLine, CheckoutRecord, NewCheckout};
+use crate::store::checkout::{CheckoutLine, CheckoutRecord, NewCheckout, Recorded};
 use crate::store::customers::CustomerRecord;
 
 /// The only provider tollgate sells through so far.
@@ -74,6 +74,14 @@ pub struct CreateCheckoutSession {
     /// the session, the order and the provider's session.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Subscription mode: open the checkout even though the customer already
+    /// has a live subscription (`incomplete`, `trialing`, `active`,
+    /// `past_due`, `unpaid` or `paused`), or an open subscription checkout,
+    /// for one of its products. Without it such a checkout is refused with
+    /// 409 `subscription_exists` or `subscription_checkout_open`: that is
+    /// what a double click or a stale page usually means.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_duplicate_subscription: bool,
 }
 
 /// One line of a checkout.
@@ -191,6 +199,7 @@ impl From<CheckoutRecord> for CheckoutSession {
         (status = 400, description = "Bad input; nothing was recorded", body = ErrorBody),
         (status = 402, description = "The provider declined a card", body = ErrorBody),
         (status = 404, description = "No such customer", body = ErrorBody),
+        (status = 409, description = "Subscription mode: the customer already has a live subscription (`subscription_exists`) or an open checkout (`subscription_checkout_open`) for one of these products; nothing was recorded. Pass `allow_duplicate_subscription: true` to sell it anyway. Also `checkout_prices_changed` (`idempotency_error`): a retry whose prices changed since its first attempt", body = ErrorBody),
         (status = 503, description = "The provider is failing (`provider_error`, with Retry-After); retry with the same Idempotency-Key", body = ErrorBody),
     ),
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry resume this checkout instead of starting another")),
@@ -352,7 +361,7 @@ async fn create(
         None => {
             let session_id = new_id("chk");
             let order_id = (body.mode == Mode::Payment).then(|| new_id("ord"));
-            state
+            let recorded = state
                 .store
                 .record_checkout(
                     &NewCheckout {
@@ -369,11 +378,15 @@ async fn create(
                         lines: &lines,
                         trial_days: body.trial_days,
                         request_key: request_key.as_deref(),
+                        allow_duplicate_subscription: body.allow_duplicate_subscription,
                     },
                     &actor,
                     request_id.as_deref(),
                 )
                 .await?;
+            if let Some(e) = duplicate_subscription_error(recorded, &body.customer) {
+                return Err(e);
+            }
             (session_id, order_id)
         }
     };
@@ -433,6 +446,31 @@ async fn create(
         .ok_or_else(|| ApiError::internal("a recorded checkout session vanished"))?;
     tracing::info!(session = %session_id, provider_session, "checkout session opened");
     Ok((StatusCode::CREATED, Json(record.into())))
+}
+
+/// The 409 for a subscription checkout the customer most likely has already.
+fn duplicate_subscription_error(recorded: Recorded, customer: &str) -> Option<ApiError> {
+    let (code, message) = match recorded {
+        Recorded::Recorded => return None,
+        Recorded::SubscriptionExists { subscription, product } => (
+            "subscription_exists",
+            format!(
+                "Customer '{customer}' already has subscription '{subscription}' to product '{product}'. \
+                 To sell a second one anyway, pass allow_duplicate_subscription: true."
+            ),
+        ),
+        Recorded::CheckoutOpen { session, product } => (
+            "subscription_checkout_open",
+            format!(
+                "Customer '{customer}' already has checkout session '{session}' open for product '{product}': \
+                 send them to its url, or pass allow_duplicate_subscription: true to open another."
+            ),
+        ),
+    };
+    Some(
+        ApiError::new(StatusCode::CONFLICT, ErrorType::InvalidRequestError, code, message)
+            .with_param("line_items"),
+    )
 }
 
 struct OpenRequest<'a> {

@@ -15,8 +15,8 @@ use serde_json::json;
 
 use super::audit::{self, Actor, AuditRecord};
 use super::customers::{apply_provider_customer, ProviderCustomer};
-use super::{now_unix, sql, SqlxResultExt, Store, StoreError, StoreResult};
-use crate::billing::checkout::CartPrice;
+use super::{now_unix, sql, DbKind, SqlxResultExt, Store, StoreError, StoreResult, Tx};
+use crate::billing::checkout::{is_live_subscription, CartPrice};
 use crate::billing::entitlements::Policy;
 use crate::ids::ExternalId;
 
@@ -74,6 +74,27 @@ pub struct NewCheckout<'a> {
     pub lines: &'a [CheckoutLine],
     pub trial_days: Option<i64>,
     pub request_key: Option<&'a str>,
+    /// Subscription mode: record it even if the customer already has a
+    /// live subscription, or an open checkout, for one of its products.
+    pub allow_duplicate_subscription: bool,
+}
+
+/// What `record_checkout` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    Recorded,
+    /// Nothing was written: the customer already has this live subscription
+    /// (`sub_…`) to one of the checkout's products.
+    SubscriptionExists {
+        subscription: String,
+        product: String,
+    },
+    /// Nothing was written: this open subscription checkout (`chk_…`) is
+    /// already selling one of the checkout's products to the customer.
+    CheckoutOpen {
+        session: String,
+        product: String,
+    },
 }
 
 /// A checkout session with its customer's external id, as the API shows it.
@@ -120,6 +141,60 @@ const RECORD_SELECT: &str =
      s.trial_days, s.last_error, s.created_at, s.updated_at \
      FROM checkout_sessions s LEFT JOIN customers c ON c.id = s.customer_id";
 
+/// The customer's live subscription, or open subscription checkout, that
+/// sells one of `c`'s products already; `Recorded::Recorded` if none.
+async fn duplicate_subscription(tx: &mut Tx, c: &NewCheckout<'_>, now: i64) -> StoreResult<Recorded> {
+    if tx.kind() == DbKind::Postgres {
+        let key = format!("tollgate:subscription_checkout:{}", c.customer_id);
+        sql!(tx, query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &key).execute).db()?;
+    }
+    let wanted = |product: &str| c.lines.iter().any(|l| l.product == product);
+    let subscriptions: Vec<(String, String, String, Option<String>)> = sql!(
+        tx,
+        query_as::<(String, String, String, Option<String>)>(
+            "SELECT s.id, s.status, s.items, (SELECT p.product_id FROM prices p WHERE p.id = s.price_id) \
+             FROM subscriptions s WHERE s.customer_id = $1 AND s.provider = $2 ORDER BY s.id",
+            c.customer_id,
+            c.provider
+        )
+        .fetch_all
+    )
+    .db()?;
+    for (id, status, items, main_product) in subscriptions {
+        if !is_live_subscription(&status) {
+            continue;
+        }
+        let items: Vec<serde_json::Value> = serde_json::from_str(&items).unwrap_or_default();
+        let products =
+            items.iter().filter_map(|i| i["product"].as_str().map(str::to_owned)).chain(main_product);
+        if let Some(product) = products.into_iter().find(|p| wanted(p)) {
+            return Ok(Recorded::SubscriptionExists { subscription: id, product });
+        }
+    }
+    // Open and not past its time: the hosted page can still be paid. One
+    // without a URL yet is a checkout being opened right now.
+    let sessions: Vec<(String, Option<String>)> = sql!(
+        tx,
+        query_as::<(String, Option<String>)>(
+            "SELECT id, line_items FROM checkout_sessions WHERE customer_id = $1 AND provider = $2 \
+             AND mode = 'subscription' AND status = 'open' AND (expires_at IS NULL OR expires_at > $3) ORDER BY id",
+            c.customer_id,
+            c.provider,
+            now
+        )
+        .fetch_all
+    )
+    .db()?;
+    for (id, line_items) in sessions {
+        let lines: Vec<CheckoutLine> =
+            line_items.as_deref().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default();
+        if let Some(line) = lines.into_iter().find(|l| wanted(&l.product)) {
+            return Ok(Recorded::CheckoutOpen { session: id, product: line.product });
+        }
+    }
+    Ok(Recorded::Recorded)
+}
+
 impl Store {
     /// The catalog price `id` with its product and current provider price.
     pub async fn checkout_price(&self, provider: &str, id: &str) -> StoreResult<Option<CheckoutPrice>> {
@@ -157,14 +232,27 @@ impl Store {
     /// and, in payment mode, its pending order and lines, with their audit
     /// entries, in one transaction. A `request_key` already recorded is a
     /// `Conflict` (the caller looks it up first; this is the race's loser).
+    ///
+    /// A subscription checkout is refused (nothing written) while the
+    /// customer has a live subscription or an open subscription checkout
+    /// for one of its products, unless `allow_duplicate_subscription`. The
+    /// check and the insert are one transaction, serialised per customer
+    /// (SQLite's single writer; an advisory lock on PostgreSQL), so two
+    /// clicks at once cannot both pass it.
     pub async fn record_checkout(
         &self,
         c: &NewCheckout<'_>,
         actor: &Actor,
         request_id: Option<&str>,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<Recorded> {
         let now = now_unix();
         let mut tx = self.begin().await?;
+        if c.mode == "subscription" && !c.allow_duplicate_subscription {
+            let found = duplicate_subscription(&mut tx, c, now).await?;
+            if found != Recorded::Recorded {
+                return Ok(found);
+            }
+        }
         let lines_json = serde_json::to_string(c.lines)?;
         sql!(
             tx,
@@ -262,7 +350,8 @@ impl Store {
             )
             .await?;
         }
-        tx.commit().await
+        tx.commit().await?;
+        Ok(Recorded::Recorded)
     }
 
     pub async fn get_checkout(&self, id: &str) -> StoreResult<Option<CheckoutRecord>> {

@@ -250,6 +250,86 @@ async fn a_subscription_checkout_with_a_trial_starts_trialing() {
     assert!(e["features"].as_array().unwrap().contains(&json!("api_access")), "{e}");
 }
 
+fn subscription(customer: &str, price: &str) -> Value {
+    json!({
+        "customer": customer, "mode": "subscription", "line_items": [{ "price": price }],
+        "success_url": "https://shop.example/welcome",
+    })
+}
+
+#[tokio::test]
+async fn a_second_subscription_checkout_for_a_product_is_refused_unless_the_caller_opts_in() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_twice", json!({})).await;
+    let send = |body: Value, key: &'static str| {
+        app.post_json("/v1/checkout/sessions", body).header("idempotency-key", key).send()
+    };
+    let first = created(send(subscription("u_twice", "pro_monthly"), "click-1").await.unwrap()).await;
+
+    // A double click (another key) while the first page is open: refused,
+    // nothing recorded, here or at the provider.
+    let resp = send(subscription("u_twice", "pro_monthly"), "click-2").await.unwrap();
+    let e = expect_error(resp, 409, "invalid_request_error", "subscription_checkout_open").await;
+    assert!(e["message"].as_str().unwrap().contains(first["id"].as_str().unwrap()), "{e}");
+    assert_eq!(e["param"], "line_items");
+    // The same product on another price is the same product.
+    let resp = send(subscription("u_twice", "pro_yearly"), "click-yearly").await.unwrap();
+    expect_error(resp, 409, "invalid_request_error", "subscription_checkout_open").await;
+    let at_provider = emulator_get(&app, "/v1/checkout/sessions?limit=100").await;
+    assert_eq!(at_provider["data"].as_array().unwrap().len(), 1, "{at_provider}");
+    // The first request, retried, is still answered as before.
+    let again = send(subscription("u_twice", "pro_monthly"), "click-1").await.unwrap();
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], first["id"]);
+    // Another product, or a one-time purchase, is not a duplicate.
+    created(send(subscription("u_twice", "starter_monthly"), "starter").await.unwrap()).await;
+    created(send(payment("u_twice", json!([{ "price": "card_pack_5" }])), "pack").await.unwrap()).await;
+
+    // Once subscribed, a new checkout for the product names the subscription.
+    pay(&first, "4242424242424242").await;
+    let subs = app
+        .read_until("/v1/subscriptions?customer=u_twice", |l| {
+            l["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["price"] == "pro_monthly" && s["status"] == "active")
+        })
+        .await;
+    let sub = subs["data"].as_array().unwrap().iter().find(|s| s["price"] == "pro_monthly").unwrap().clone();
+    let resp = send(subscription("u_twice", "pro_yearly"), "click-3").await.unwrap();
+    let e = expect_error(resp, 409, "invalid_request_error", "subscription_exists").await;
+    assert!(e["message"].as_str().unwrap().contains(sub["id"].as_str().unwrap()), "{e}");
+
+    // Asked for explicitly (under the refused request's key, which the
+    // refusal left free), it is sold.
+    let mut wanted = subscription("u_twice", "pro_yearly");
+    wanted["allow_duplicate_subscription"] = json!(true);
+    let second = created(send(wanted, "click-3").await.unwrap()).await;
+    assert_ne!(second["id"], first["id"]);
+    assert_eq!(second["status"], "open");
+}
+
+#[tokio::test]
+async fn two_subscription_checkouts_at_once_open_one_session() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_double", json!({})).await;
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let req = app.post_json("/v1/checkout/sessions", subscription("u_double", "pro_monthly"));
+            tokio::spawn(async move { req.send().await.unwrap() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap().status().as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [201, 409, 409, 409]);
+    let at_provider = emulator_get(&app, "/v1/checkout/sessions?limit=100").await;
+    assert_eq!(at_provider["data"].as_array().unwrap().len(), 1, "{at_provider}");
+}
+
 #[tokio::test]
 async fn a_declined_card_leaves_the_order_pending_until_another_card_pays() {
     let app = spawn_shop().await;
