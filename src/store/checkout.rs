@@ -195,6 +195,67 @@ async fn duplicate_subscription(tx: &mut Tx, c: &NewCheckout<'_>, now: i64) -> S
     Ok(Recorded::Recorded)
 }
 
+/// A checkout's own order moving between `pending` and `canceled`.
+struct OrderChange<'a> {
+    session: &'a str,
+    from: &'static str,
+    to: &'static str,
+    reason: &'static str,
+}
+
+/// Moves the checkout's order (one nothing has paid) from `from` to `to`,
+/// with the audit entry the webhook path writes for an order's status
+/// change (`order.updated`). No order, or one in another state: nothing.
+async fn set_order_status(
+    tx: &mut Tx,
+    change: OrderChange<'_>,
+    now: i64,
+    actor: &Actor,
+    request_id: Option<&str>,
+) -> StoreResult<()> {
+    let order: Option<String> = sql!(
+        tx,
+        query_scalar::<String>(
+            "SELECT id FROM orders WHERE checkout_session_id = $1 AND status = $2 AND payment_key IS NULL",
+            change.session,
+            change.from
+        )
+        .fetch_optional
+    )
+    .db()?;
+    let Some(order) = order else { return Ok(()) };
+    let canceled_at = (change.to == "canceled").then_some(now);
+    sql!(
+        tx,
+        query(
+            "UPDATE orders SET status = $1, canceled_at = $2, updated_at = $3 WHERE id = $4 AND status = $5",
+            change.to,
+            canceled_at,
+            now,
+            &order,
+            change.from
+        )
+        .execute
+    )
+    .db()?;
+    audit::append(
+        tx,
+        AuditRecord {
+            actor,
+            action: "order.updated",
+            object_type: "order",
+            object_id: &order,
+            data: json!({
+                "status": change.to, "previous_status": change.from,
+                "checkout_session": change.session, "reason": change.reason,
+            }),
+            request_id,
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 impl Store {
     /// The catalog price `id` with its product and current provider price.
     pub async fn checkout_price(&self, provider: &str, id: &str) -> StoreResult<Option<CheckoutPrice>> {
@@ -389,17 +450,14 @@ impl Store {
         if reopened == 0 {
             return Ok(false);
         }
-        sql!(
-            tx,
-            query(
-                "UPDATE orders SET status = 'pending', canceled_at = NULL, updated_at = $1 \
-                 WHERE checkout_session_id = $2 AND status = 'canceled' AND payment_key IS NULL",
-                now,
-                id
-            )
-            .execute
+        set_order_status(
+            &mut tx,
+            OrderChange { session: id, from: "canceled", to: "pending", reason: "checkout_retried" },
+            now,
+            actor,
+            request_id,
         )
-        .db()?;
+        .await?;
         audit::append(
             &mut tx,
             AuditRecord {
@@ -497,17 +555,14 @@ impl Store {
         if failed == 0 {
             return Ok(());
         }
-        sql!(
-            tx,
-            query(
-                "UPDATE orders SET status = 'canceled', canceled_at = $1, updated_at = $1 \
-                 WHERE checkout_session_id = $2 AND status = 'pending' AND payment_key IS NULL",
-                now,
-                id
-            )
-            .execute
+        set_order_status(
+            &mut tx,
+            OrderChange { session: id, from: "pending", to: "canceled", reason: "checkout_failed" },
+            now,
+            actor,
+            request_id,
         )
-        .db()?;
+        .await?;
         audit::append(
             &mut tx,
             AuditRecord {
@@ -521,6 +576,78 @@ impl Store {
         )
         .await?;
         tx.commit().await
+    }
+
+    /// Repairs checkouts whose request was dropped between
+    /// [`Store::record_checkout`] and the provider's answer (the process
+    /// died, or the handler was cancelled): the session is `open` without a
+    /// provider session and its order `pending`, and nothing else would
+    /// ever settle them. Each one last touched before `cutoff` (chosen
+    /// beyond any request's lifetime, so no handler still owns it) is marked
+    /// `expired` with `last_error = "abandoned"` and its order `canceled`,
+    /// one transaction per session with the audit entries. Like a failed
+    /// checkout, a retry of the same request revives it. Returns how many.
+    pub async fn expire_abandoned_checkouts(&self, cutoff: i64, actor: &Actor) -> StoreResult<u64> {
+        let ids: Vec<String> = sql!(
+            self,
+            query_scalar::<String>(
+                "SELECT id FROM checkout_sessions WHERE status = 'open' AND provider_session_id IS NULL \
+                 AND updated_at < $1 ORDER BY updated_at, id LIMIT 500",
+                cutoff
+            )
+            .fetch_all
+        )
+        .db()?;
+        let mut expired = 0;
+        for id in ids {
+            if self.expire_abandoned_checkout(&id, cutoff, actor).await? {
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    async fn expire_abandoned_checkout(&self, id: &str, cutoff: i64, actor: &Actor) -> StoreResult<bool> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        // Re-checked here: a retry may have revived or opened it meanwhile.
+        let changed = sql!(
+            tx,
+            query(
+                "UPDATE checkout_sessions SET status = 'expired', last_error = 'abandoned', updated_at = $1 \
+                 WHERE id = $2 AND status = 'open' AND provider_session_id IS NULL AND updated_at < $3",
+                now,
+                id,
+                cutoff
+            )
+            .execute
+        )
+        .db()?;
+        if changed == 0 {
+            return Ok(false);
+        }
+        set_order_status(
+            &mut tx,
+            OrderChange { session: id, from: "pending", to: "canceled", reason: "checkout_abandoned" },
+            now,
+            actor,
+            None,
+        )
+        .await?;
+        audit::append(
+            &mut tx,
+            AuditRecord {
+                actor,
+                action: "checkout_session.abandoned",
+                object_type: "checkout_session",
+                object_id: id,
+                data: json!({ "error": "abandoned", "untouched_since_before": cutoff }),
+                request_id: None,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// How many of a customer's provider customers were deleted at the

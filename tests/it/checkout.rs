@@ -95,6 +95,21 @@ impl TestApp {
     }
 }
 
+/// The audit log's entries about `object_id`, oldest first, as (action, data).
+async fn audit_of(app: &TestApp, object_id: &str) -> Vec<(String, Value)> {
+    let log: Value =
+        app.get("/v1/audit-log?limit=100", &app.admin_key).send().await.unwrap().json().await.unwrap();
+    let mut entries: Vec<(String, Value)> = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["object_id"] == object_id)
+        .map(|e| (e["action"].as_str().unwrap().to_owned(), e["data"].clone()))
+        .collect();
+    entries.reverse();
+    entries
+}
+
 fn payment(customer: &str, lines: Value) -> Value {
     json!({
         "customer": customer, "mode": "payment", "line_items": lines,
@@ -567,6 +582,22 @@ async fn while_the_provider_fails_checkouts_fail_fast_with_503_and_recover_witho
     assert_eq!(session["url"], "https://pay.example/1");
     let order = app.read(&format!("/v1/orders/{}", orders[0].id)).await;
     assert_eq!(order["status"], "pending", "its order is payable again");
+    // Both of the order's moves are in the audit log, as a webhook's are.
+    let moves: Vec<(String, Value, Value)> = audit_of(&app, &orders[0].id)
+        .await
+        .into_iter()
+        .filter(|(action, _)| action == "order.updated")
+        .map(|(_, d)| {
+            (d["reason"].as_str().unwrap().to_owned(), d["previous_status"].clone(), d["status"].clone())
+        })
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            ("checkout_failed".to_owned(), json!("pending"), json!("canceled")),
+            ("checkout_retried".to_owned(), json!("canceled"), json!("pending")),
+        ]
+    );
     assert_eq!(stripe.checkout_sessions(), 1);
     // And new checkouts work as before, without a restart.
     created(send(Some("later")).await.unwrap()).await;
@@ -691,4 +722,80 @@ async fn bad_checkout_and_portal_requests_are_refused_and_write_nothing() {
     let url = session["url"].as_str().unwrap();
     assert!(url.starts_with(&app.base) && url.contains("/portal/"), "{session}");
     assert_eq!(app.client.get(url).send().await.unwrap().status(), 200, "the portal page");
+}
+
+#[tokio::test]
+async fn a_checkout_abandoned_before_the_provider_answered_is_expired_by_the_sweeper() {
+    use tollgate::store::checkout::{CheckoutLine, NewCheckout, Recorded};
+    let app = spawn_shop().await;
+    let customer = app.upsert_customer("u_gone", json!({})).await["id"].as_str().unwrap().to_owned();
+    let store = &app.server_store;
+    let sweeper = Actor::System("checkout_sweeper");
+    // What a checkout handler records before calling the provider; then
+    // the handler is gone (the process died, or the request was cancelled).
+    let line = CheckoutLine {
+        price: "card_pack_5".into(),
+        product: "card_pack".into(),
+        provider_price: Some("price_x".into()),
+        description: Some("Card pack".into()),
+        quantity: 1,
+        unit_amount: 500,
+        amount_total: 500,
+    };
+    let recorded = store
+        .record_checkout(
+            &NewCheckout {
+                id: "chk_gone",
+                provider: "stripe",
+                customer_id: &customer,
+                mode: "payment",
+                order_id: Some("ord_gone"),
+                success_url: "https://shop.example/ok",
+                cancel_url: None,
+                currency: "usd",
+                amount_total: 500,
+                metadata: &json!({}),
+                lines: std::slice::from_ref(&line),
+                trial_days: None,
+                request_key: Some("rk_gone"),
+                allow_duplicate_subscription: false,
+            },
+            &Actor::Cli,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(recorded, Recorded::Recorded);
+    // And a checkout that was opened, as old.
+    let opened = created(app.checkout(payment("u_gone", json!([{ "price": "card_pack_5" }]))).await).await;
+    let cutoff = tollgate::store::now_unix() - 90;
+
+    // While a request could still be working on it, it is left alone.
+    store.expire_abandoned_checkouts(cutoff, &sweeper).await.unwrap();
+    assert_eq!(app.read("/v1/checkout/sessions/chk_gone").await["status"], "open");
+    assert_eq!(app.read("/v1/orders/ord_gone").await["status"], "pending");
+
+    store.execute_raw("UPDATE checkout_sessions SET updated_at = updated_at - 3600").await.unwrap();
+    store.expire_abandoned_checkouts(cutoff, &sweeper).await.unwrap();
+    let session = app.read("/v1/checkout/sessions/chk_gone").await;
+    assert_eq!((&session["status"], &session["last_error"]), (&json!("expired"), &json!("abandoned")));
+    assert_eq!(app.read("/v1/orders/ord_gone").await["status"], "canceled");
+    let actions: Vec<String> = audit_of(&app, "chk_gone").await.into_iter().map(|(a, _)| a).collect();
+    assert_eq!(actions, ["checkout_session.created", "checkout_session.abandoned"]);
+    let order_audit = audit_of(&app, "ord_gone").await;
+    let (action, data) = order_audit.last().unwrap();
+    assert_eq!(
+        (action.as_str(), &data["previous_status"], &data["status"], &data["reason"]),
+        ("order.updated", &json!("pending"), &json!("canceled"), &json!("checkout_abandoned"))
+    );
+    // The opened checkout is the provider's to expire, not the sweeper's.
+    let still = app.read(&format!("/v1/checkout/sessions/{}", opened["id"].as_str().unwrap())).await;
+    assert_eq!(still["status"], "open");
+    assert_eq!(
+        app.read(&format!("/v1/orders/{}", opened["order"].as_str().unwrap())).await["status"],
+        "pending"
+    );
+    // Done once: a second pass finds nothing.
+    assert_eq!(store.expire_abandoned_checkouts(cutoff, &sweeper).await.unwrap(), 0);
+    assert!(store.verify_audit_chain().await.unwrap().is_intact());
 }
