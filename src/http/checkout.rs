@@ -329,11 +329,12 @@ async fn create(
     let request_id = current_request_id();
     let metadata = serde_json::to_value(&body.metadata).map_err(ApiError::internal)?;
     // A retry of a request already recorded resumes it.
+    let keys_valid_since = crate::store::now_unix() - state.idempotency_ttl_seconds;
     let existing = match &request_key {
-        Some(k) => state.store.checkout_by_request_key(k).await?,
+        Some(k) => state.store.checkout_by_request_key(k, keys_valid_since).await?,
         None => None,
     };
-    let (session_id, order_id) = match existing {
+    let (session_id, order_id, stripe_key) = match existing {
         Some(rec) if rec.provider_session_id.is_some() => return Ok((StatusCode::OK, Json(rec.into()))),
         Some(rec) => {
             // The order recorded what the first attempt priced; a retry
@@ -356,11 +357,17 @@ async fn create(
             if rec.last_error.is_some() {
                 state.store.reopen_checkout(&rec.id, &actor, request_id.as_deref()).await?;
             }
-            (rec.id, rec.order_id)
+            let stripe_key = rec.provider_key();
+            (rec.id, rec.order_id, stripe_key)
         }
         None => {
             let session_id = new_id("chk");
             let order_id = (body.mode == Mode::Payment).then(|| new_id("ord"));
+            let stripe_key = derived_idempotency_key(&[
+                "checkout",
+                request_key.as_deref().unwrap_or(&session_id),
+                &session_id,
+            ]);
             let recorded = state
                 .store
                 .record_checkout(
@@ -378,6 +385,8 @@ async fn create(
                         lines: &lines,
                         trial_days: body.trial_days,
                         request_key: request_key.as_deref(),
+                        request_key_valid_since: keys_valid_since,
+                        provider_idempotency_key: &stripe_key,
                         allow_duplicate_subscription: body.allow_duplicate_subscription,
                     },
                     &actor,
@@ -387,7 +396,7 @@ async fn create(
             if let Some(e) = duplicate_subscription_error(recorded, &body.customer) {
                 return Err(e);
             }
-            (session_id, order_id)
+            (session_id, order_id, stripe_key)
         }
     };
 
@@ -404,10 +413,7 @@ async fn create(
             cancel_url: cancel_url.as_deref(),
             trial_days: body.trial_days,
             metadata: &body.metadata,
-            stripe_key: &derived_idempotency_key(&[
-                "checkout",
-                request_key.as_deref().unwrap_or(&session_id),
-            ]),
+            stripe_key: &stripe_key,
         },
         &actor,
     )

@@ -19,6 +19,7 @@ use super::{now_unix, sql, DbKind, SqlxResultExt, Store, StoreError, StoreResult
 use crate::billing::checkout::{is_live_subscription, CartPrice};
 use crate::billing::entitlements::Policy;
 use crate::ids::ExternalId;
+use crate::providers::stripe::derived_idempotency_key;
 
 /// A catalog price with what a checkout needs besides: its product's name
 /// and the provider price it currently maps to.
@@ -74,6 +75,13 @@ pub struct NewCheckout<'a> {
     pub lines: &'a [CheckoutLine],
     pub trial_days: Option<i64>,
     pub request_key: Option<&'a str>,
+    /// The Idempotency-Key the provider is asked with, for this request
+    /// and this session (a key reused after its lifetime is a new session
+    /// here and at the provider).
+    pub provider_idempotency_key: &'a str,
+    /// A session recorded before this time under the same `request_key`
+    /// is past the key's lifetime: it gives the key up.
+    pub request_key_valid_since: i64,
     /// Subscription mode: record it even if the customer already has a
     /// live subscription, or an open checkout, for one of its products.
     pub allow_duplicate_subscription: bool,
@@ -122,6 +130,10 @@ pub struct CheckoutRecord {
     pub line_items: Option<String>,
     pub trial_days: Option<i64>,
     pub last_error: Option<String>,
+    /// What the provider was asked with; `None` on sessions recorded before
+    /// it was stored (see [`CheckoutRecord::provider_key`]).
+    pub provider_idempotency_key: Option<String>,
+    pub request_key: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -129,6 +141,14 @@ pub struct CheckoutRecord {
 impl CheckoutRecord {
     pub fn lines(&self) -> Vec<CheckoutLine> {
         self.line_items.as_deref().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default()
+    }
+
+    /// The Idempotency-Key a retry of this checkout asks the provider with:
+    /// the one its first attempt used.
+    pub fn provider_key(&self) -> String {
+        self.provider_idempotency_key.clone().unwrap_or_else(|| {
+            derived_idempotency_key(&["checkout", self.request_key.as_deref().unwrap_or(&self.id)])
+        })
     }
 }
 
@@ -138,7 +158,7 @@ const RECORD_SELECT: &str =
      (SELECT sub.id FROM subscriptions sub WHERE sub.provider = s.provider \
         AND sub.provider_subscription_id = s.provider_subscription_id) AS subscription_id, \
      s.url, s.success_url, s.cancel_url, s.currency, s.amount_total, s.metadata, s.expires_at, s.line_items, \
-     s.trial_days, s.last_error, s.created_at, s.updated_at \
+     s.trial_days, s.last_error, s.provider_idempotency_key, s.request_key, s.created_at, s.updated_at \
      FROM checkout_sessions s LEFT JOIN customers c ON c.id = s.customer_id";
 
 /// The customer's live subscription, or open subscription checkout, that
@@ -315,12 +335,25 @@ impl Store {
             }
         }
         let lines_json = serde_json::to_string(c.lines)?;
+        if let Some(key) = c.request_key {
+            sql!(
+                tx,
+                query(
+                    "UPDATE checkout_sessions SET request_key = NULL WHERE request_key = $1 AND created_at < $2",
+                    key,
+                    c.request_key_valid_since
+                )
+                .execute
+            )
+            .db()?;
+        }
         sql!(
             tx,
             query(
                 "INSERT INTO checkout_sessions (id, provider, customer_id, mode, status, order_id, success_url, \
-                 cancel_url, currency, amount_total, metadata, line_items, trial_days, request_key, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)",
+                 cancel_url, currency, amount_total, metadata, line_items, trial_days, request_key, \
+                 provider_idempotency_key, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12, $13, $15, $14, $14)",
                 c.id,
                 c.provider,
                 c.customer_id,
@@ -334,7 +367,8 @@ impl Store {
                 &lines_json,
                 c.trial_days,
                 c.request_key,
-                now
+                now,
+                c.provider_idempotency_key
             )
             .execute
         )
@@ -420,9 +454,15 @@ impl Store {
         sql!(self, query_as::<CheckoutRecord>(&sql, id).fetch_optional).db()
     }
 
-    pub async fn checkout_by_request_key(&self, request_key: &str) -> StoreResult<Option<CheckoutRecord>> {
-        let sql = format!("{RECORD_SELECT} WHERE s.request_key = $1");
-        sql!(self, query_as::<CheckoutRecord>(&sql, request_key).fetch_optional).db()
+    /// The checkout a request recorded, if recorded since `valid_since`:
+    /// request keys live as long as the API's Idempotency-Keys.
+    pub async fn checkout_by_request_key(
+        &self,
+        request_key: &str,
+        valid_since: i64,
+    ) -> StoreResult<Option<CheckoutRecord>> {
+        let sql = format!("{RECORD_SELECT} WHERE s.request_key = $1 AND s.created_at >= $2");
+        sql!(self, query_as::<CheckoutRecord>(&sql, request_key, valid_since).fetch_optional).db()
     }
 
     /// A retried request whose first attempt failed at the provider: the

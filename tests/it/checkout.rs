@@ -421,6 +421,30 @@ async fn a_retried_checkout_with_the_same_idempotency_key_opens_one_session() {
 }
 
 #[tokio::test]
+async fn an_idempotency_key_reused_after_its_lifetime_opens_a_new_checkout() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_later", json!({})).await;
+    let body = payment("u_later", json!([{ "price": "card_pack_5" }]));
+    let send =
+        || app.post_json("/v1/checkout/sessions", body.clone()).header("idempotency-key", "cart-1").send();
+    let first = created(send().await.unwrap()).await;
+    // A day and more later, tollgate and the request's record have both
+    // forgotten the key.
+    let store = &app.server_store;
+    store.execute_raw("UPDATE checkout_sessions SET created_at = created_at - 90000").await.unwrap();
+    store.execute_raw("UPDATE idempotency_keys SET created_at = created_at - 90000").await.unwrap();
+    let second = created(send().await.unwrap()).await;
+    assert_ne!(second["id"], first["id"]);
+    assert_ne!(second["provider_session"], first["provider_session"], "a new session at the provider too");
+    assert_ne!(second["order"], first["order"]);
+    // Within its lifetime the key finds the new one.
+    let again = send().await.unwrap();
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], second["id"]);
+    let old = app.read(&format!("/v1/checkout/sessions/{}", first["id"].as_str().unwrap())).await;
+    assert_eq!(old["status"], "open", "the old checkout is untouched");
+}
+
+#[tokio::test]
 async fn concurrent_first_checkouts_of_a_customer_create_one_provider_customer() {
     let app = spawn_shop().await;
     app.upsert_customer("u_eager", json!({ "email": "eager@example.com" })).await;
@@ -758,6 +782,8 @@ async fn a_checkout_abandoned_before_the_provider_answered_is_expired_by_the_swe
                 lines: std::slice::from_ref(&line),
                 trial_days: None,
                 request_key: Some("rk_gone"),
+                request_key_valid_since: 0,
+                provider_idempotency_key: "tollgate-gone",
                 allow_duplicate_subscription: false,
             },
             &Actor::Cli,
