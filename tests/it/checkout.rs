@@ -629,6 +629,63 @@ async fn while_the_provider_fails_checkouts_fail_fast_with_503_and_recover_witho
 }
 
 #[tokio::test]
+async fn a_failed_checkout_retried_after_its_prices_changed_is_a_409_and_changes_nothing() {
+    let stripe = FlakyStripe::default();
+    let base = stripe.start().await;
+    let app = spawn_app_with(|c| {
+        unlimited(c);
+        c.stripe_secret_key = Some(SecretString::from("sk_test_flaky".to_owned()));
+        c.stripe_api_base = Some(base.clone());
+        c.stripe_max_retries = 0;
+    })
+    .await;
+    let catalog = |amount: i64| {
+        let text = std::fs::read_to_string(manifest_path("tollgate.toml"))
+            .unwrap()
+            .replace("[prices.card_pack_5]\n", "[prices.card_pack_5]\nstripe_price = \"price_flaky\"\n");
+        assert!(text.contains("amount = 500\n"));
+        Catalog::parse(&text.replace("amount = 500\n", &format!("amount = {amount}\n"))).unwrap()
+    };
+    app.server_store.sync_catalog(&catalog(500), &Actor::Cli).await.unwrap();
+    let cust = app.upsert_customer("u_repriced", json!({})).await["id"].as_str().unwrap().to_owned();
+    let body = payment("u_repriced", json!([{ "price": "card_pack_5", "quantity": 2 }]));
+    let send = |key: &'static str| {
+        app.post_json("/v1/checkout/sessions", body.clone()).header("idempotency-key", key).send()
+    };
+    let resp = send("cart-9").await.unwrap();
+    expect_error(resp, 503, "provider_error", "provider_unavailable").await;
+    let failed = app.server_store.orders_for_customer(&cust).await.unwrap();
+    assert_eq!((failed.len(), failed[0].amount_total, failed[0].status.as_str()), (1, 1000, "canceled"));
+
+    // The price changes before the client retries: the recorded sale is not
+    // today's, so the retry is refused rather than opened at either price.
+    app.server_store.sync_catalog(&catalog(600), &Actor::Cli).await.unwrap();
+    stripe.healthy.store(true, Ordering::SeqCst);
+    let resp = send("cart-9").await.unwrap();
+    let e = expect_error(resp, 409, "idempotency_error", "checkout_prices_changed").await;
+    assert!(e["message"].as_str().unwrap().contains("new key"), "{e}");
+    assert_eq!(stripe.checkout_sessions(), 0, "nothing asked of the provider");
+    let orders = app.server_store.orders_for_customer(&cust).await.unwrap();
+    assert_eq!(
+        orders.iter().map(|o| (o.id.as_str(), o.status.as_str(), o.amount_total)).collect::<Vec<_>>(),
+        [(failed[0].id.as_str(), "canceled", 1000)],
+        "the failed checkout stays as it was"
+    );
+    let session = app
+        .read(&format!("/v1/checkout/sessions/{}", failed[0].checkout_session_id.as_deref().unwrap()))
+        .await;
+    assert_eq!(
+        (&session["status"], &session["last_error"]),
+        (&json!("expired"), &json!("provider_unavailable"))
+    );
+
+    // A new key is a new checkout, at today's price.
+    let fresh = created(send("cart-10").await.unwrap()).await;
+    assert_eq!(fresh["amount_total"], 1200);
+    assert_eq!(stripe.checkout_sessions(), 1);
+}
+
+#[tokio::test]
 async fn bad_checkout_and_portal_requests_are_refused_and_write_nothing() {
     let app = spawn_shop().await;
     app.upsert_customer("u_bad", json!({})).await;
