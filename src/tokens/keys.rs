@@ -23,11 +23,12 @@
 //! does, so its tokens verify everywhere until the rollout is done.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use secrecy::ExposeSecret;
 
-use super::{configured_key, Jwk, Jwks, KeyError, Sealer, SigningKey};
+use super::{configured_key, Jwk, Jwks, KeyError, Sealer, SigningKey, JWKS_MAX_AGE_SECONDS};
 use crate::config::Config;
 use crate::store::audit::Actor;
 use crate::store::signing_keys::NewSigningKey;
@@ -60,6 +61,9 @@ pub struct KeyRing {
     keep_published_every: i64,
     /// The retired key this process last marked in use, and when.
     kept_published: Arc<Mutex<Option<(String, i64)>>>,
+    /// The configured key has been in the JWKS long enough for every
+    /// verifier's cached copy to hold it (see [`KeyRing::signer`]).
+    configured_known: Arc<AtomicBool>,
 }
 
 impl KeyRing {
@@ -80,6 +84,7 @@ impl KeyRing {
             window: signing_key_window(config),
             keep_published_every: (config.entitlement_token_leeway_seconds as i64).min(30),
             kept_published: Default::default(),
+            configured_known: Default::default(),
         };
         // A few tries: another instance starting at the same moment may
         // win the race, and its key is then the one to use.
@@ -148,6 +153,10 @@ impl KeyRing {
     /// active key (read on every call, so a rotation is seen at once).
     pub async fn signer(&self) -> Result<Arc<SigningKey>, KeyRingError> {
         if let Some(key) = &self.configured {
+            if let Some(previous) = self.before_configured_is_known(key).await? {
+                self.keep_published(previous.kid()).await?;
+                return Ok(previous);
+            }
             // Retired or not (nothing happens while it is active).
             self.keep_published(key.kid()).await?;
             return Ok(key.clone());
@@ -183,6 +192,38 @@ impl KeyRing {
         };
         *self.last.lock().expect("key cache") = Some(key.clone());
         Ok(key)
+    }
+
+    /// A new `JWT_SECRET_KEY` is published the moment it is recorded, but
+    /// verifiers may hold a JWKS fetched just before for up to
+    /// [`JWKS_MAX_AGE_SECONDS`]. Until then, a generated key this process
+    /// can open and that is still published signs instead (the usual case
+    /// of moving from generated keys to a configured one). Moving from one
+    /// configured key to another offers no such key: the new one signs at
+    /// once, and verifiers refetch on its unknown `kid`.
+    async fn before_configured_is_known(
+        &self,
+        key: &SigningKey,
+    ) -> Result<Option<Arc<SigningKey>>, KeyRingError> {
+        if self.configured_known.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let now = crate::store::now_unix();
+        let published_at = self.store.signing_key(key.kid()).await?.map_or(now, |row| row.created_at);
+        if now - published_at >= JWKS_MAX_AGE_SECONDS as i64 {
+            self.configured_known.store(true, Ordering::Relaxed);
+            return Ok(None);
+        }
+        let Some(generated) = self.store.newest_published_generated_key(self.window).await? else {
+            return Ok(None);
+        };
+        match self.open(&generated.kid, generated.private_key.as_deref().unwrap_or_default()) {
+            Ok(previous) => Ok(Some(previous)),
+            Err(e) => {
+                tracing::debug!(error = %e, "no earlier key to sign with while the configured one becomes known");
+                Ok(None)
+            }
+        }
     }
 
     /// A stored generated key, opened once per process.

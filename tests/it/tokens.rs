@@ -316,6 +316,12 @@ async fn after_a_rotation_new_tokens_use_the_new_key_and_the_old_key_leaves_once
     assert!(rotated[0].data.contains(&old_kid));
 }
 
+/// Every key as if first published over a minute ago, longer than
+/// verifiers cache the JWKS: a new configured key then signs.
+async fn published_long_ago(app: &TestApp) {
+    app.server_store.execute_raw("UPDATE signing_keys SET created_at = created_at - 120").await.unwrap();
+}
+
 /// A second tollgate on an existing test database.
 struct Instance {
     base: String,
@@ -416,6 +422,9 @@ async fn a_configured_key_signs_and_the_keys_it_replaced_stay_published() {
     std::fs::write(&path, PEM).unwrap();
     let pem_instance =
         start_on(&app.db, |c| c.jwt_secret_key = secret(path.to_str().unwrap())).await.unwrap();
+    // Once published for longer than verifiers cache the JWKS (see below
+    // for the minute before).
+    published_long_ago(&app).await;
     let resp = issue(&pem_instance.base, &app.client, &app.read_key, "u_conf").await;
     let configured: Value = resp.json().await.unwrap();
     let pem_kid = tollgate::tokens::thumbprint(PEM_PUBLIC_X);
@@ -436,6 +445,7 @@ async fn a_configured_key_signs_and_the_keys_it_replaced_stay_published() {
     // PEM key stays published beside the new one.
     let derived =
         start_on(&app.db, |c| c.jwt_secret_key = secret("4mB9zQ2xLr7Kp0vWc5Ty8Hn3Js6Fd1GeXa")).await.unwrap();
+    published_long_ago(&app).await;
     let resp = issue(&derived.base, &app.client, &app.read_key, "u_conf").await;
     let from_secret: Value = resp.json().await.unwrap();
     let jwks = jwks_of(&derived.base).await;
@@ -521,12 +531,19 @@ async fn rolling_a_jwt_secret_key_change_never_takes_the_active_key_back() {
     };
 
     let old_a = start_on(&app.db, |c| c.jwt_secret_key = secret(OLD)).await.unwrap();
-    let old_kid = kid_from(old_a.base.clone()).await["kid"].as_str().unwrap().to_owned();
-    assert_eq!(active().await, old_kid);
+    let old_kid = active().await;
+    assert_ne!(old_kid, generated_kid);
+    // Published at once, the configured key signs only once verifiers'
+    // cached JWKS (a minute) hold it; the generated key signs until then.
+    assert_eq!(kids(&jwks_of(&app.base).await)[0], old_kid);
+    assert_eq!(kid_from(old_a.base.clone()).await["kid"], generated_kid.as_str());
+    published_long_ago(&app).await;
+    assert_eq!(kid_from(old_a.base.clone()).await["kid"], old_kid.as_str());
     // The new key is rolled out: the first new instance makes it active.
     let new_b = start_on(&app.db, |c| c.jwt_secret_key = secret(NEW)).await.unwrap();
-    let new_kid = kid_from(new_b.base.clone()).await["kid"].as_str().unwrap().to_owned();
-    assert_eq!(active().await, new_kid);
+    let new_kid = active().await;
+    published_long_ago(&app).await;
+    assert_eq!(kid_from(new_b.base.clone()).await["kid"], new_kid.as_str());
 
     // Old instances (re)starting mid-rollout, with the old key or with none,
     // leave the newest key active; they sign with their own key, which every
