@@ -29,6 +29,16 @@ impl Mode {
     }
 }
 
+/// Subscription statuses that still bill, or may: a customer with one of
+/// these to a product is already subscribed to it, and a second checkout
+/// for the product is most likely a double click, not a wish to pay twice.
+pub const LIVE_SUBSCRIPTION_STATUSES: [&str; 6] =
+    ["incomplete", "trialing", "active", "past_due", "unpaid", "paused"];
+
+pub fn is_live_subscription(status: &str) -> bool {
+    LIVE_SUBSCRIPTION_STATUSES.contains(&status)
+}
+
 /// A catalog price as the cart needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CartPrice {
@@ -158,6 +168,16 @@ pub fn check_cart(mode: Mode, lines: &[CartLine<'_>], trial_days: Option<i64>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ended_subscriptions_do_not_block_a_new_checkout() {
+        for status in ["incomplete", "trialing", "active", "past_due", "unpaid", "paused"] {
+            assert!(is_live_subscription(status), "{status}");
+        }
+        for status in ["canceled", "incomplete_expired", ""] {
+            assert!(!is_live_subscription(status), "{status}");
+        }
+    }
 
     fn price(id: &str, amount: i64, recurring: Option<&str>) -> CartPrice {
         CartPrice {

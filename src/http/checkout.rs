@@ -25,7 +25,7 @@ use super::AppState;
 use crate::billing::checkout::{check_cart, CartLine, Mode};
 use crate::ids::{new_id, ExternalId};
 use crate::providers::stripe::{derived_idempotency_key, Form, StripeClientError};
-use crate::store::checkout::{CheckoutLine, CheckoutRecord, NewCheckout};
+use crate::store::checkout::{CheckoutLine, CheckoutRecord, NewCheckout, Recorded};
 use crate::store::customers::CustomerRecord;
 
 /// The only provider tollgate sells through so far.
@@ -74,6 +74,14 @@ pub struct CreateCheckoutSession {
     /// the session, the order and the provider's session.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Subscription mode: open the checkout even though the customer already
+    /// has a live subscription (`incomplete`, `trialing`, `active`,
+    /// `past_due`, `unpaid` or `paused`), or an open subscription checkout,
+    /// for one of its products. Without it such a checkout is refused with
+    /// 409 `subscription_exists` or `subscription_checkout_open`: that is
+    /// what a double click or a stale page usually means.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_duplicate_subscription: bool,
 }
 
 /// One line of a checkout.
@@ -191,6 +199,7 @@ impl From<CheckoutRecord> for CheckoutSession {
         (status = 400, description = "Bad input; nothing was recorded", body = ErrorBody),
         (status = 402, description = "The provider declined a card", body = ErrorBody),
         (status = 404, description = "No such customer", body = ErrorBody),
+        (status = 409, description = "Subscription mode: the customer already has a live subscription (`subscription_exists`) or an open checkout (`subscription_checkout_open`) for one of these products; nothing was recorded. Pass `allow_duplicate_subscription: true` to sell it anyway. Also `checkout_prices_changed` (`idempotency_error`): a retry whose prices changed since its first attempt", body = ErrorBody),
         (status = 503, description = "The provider is failing (`provider_error`, with Retry-After); retry with the same Idempotency-Key", body = ErrorBody),
     ),
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry resume this checkout instead of starting another")),
@@ -320,11 +329,12 @@ async fn create(
     let request_id = current_request_id();
     let metadata = serde_json::to_value(&body.metadata).map_err(ApiError::internal)?;
     // A retry of a request already recorded resumes it.
+    let keys_valid_since = crate::store::now_unix() - state.idempotency_ttl_seconds;
     let existing = match &request_key {
-        Some(k) => state.store.checkout_by_request_key(k).await?,
+        Some(k) => state.store.checkout_by_request_key(k, keys_valid_since).await?,
         None => None,
     };
-    let (session_id, order_id) = match existing {
+    let (session_id, order_id, stripe_key) = match existing {
         Some(rec) if rec.provider_session_id.is_some() => return Ok((StatusCode::OK, Json(rec.into()))),
         Some(rec) => {
             // The order recorded what the first attempt priced; a retry
@@ -347,12 +357,18 @@ async fn create(
             if rec.last_error.is_some() {
                 state.store.reopen_checkout(&rec.id, &actor, request_id.as_deref()).await?;
             }
-            (rec.id, rec.order_id)
+            let stripe_key = rec.provider_key();
+            (rec.id, rec.order_id, stripe_key)
         }
         None => {
             let session_id = new_id("chk");
             let order_id = (body.mode == Mode::Payment).then(|| new_id("ord"));
-            state
+            let stripe_key = derived_idempotency_key(&[
+                "checkout",
+                request_key.as_deref().unwrap_or(&session_id),
+                &session_id,
+            ]);
+            let recorded = state
                 .store
                 .record_checkout(
                     &NewCheckout {
@@ -369,12 +385,18 @@ async fn create(
                         lines: &lines,
                         trial_days: body.trial_days,
                         request_key: request_key.as_deref(),
+                        request_key_valid_since: keys_valid_since,
+                        provider_idempotency_key: &stripe_key,
+                        allow_duplicate_subscription: body.allow_duplicate_subscription,
                     },
                     &actor,
                     request_id.as_deref(),
                 )
                 .await?;
-            (session_id, order_id)
+            if let Some(e) = duplicate_subscription_error(recorded, &body.customer) {
+                return Err(e);
+            }
+            (session_id, order_id, stripe_key)
         }
     };
 
@@ -391,10 +413,7 @@ async fn create(
             cancel_url: cancel_url.as_deref(),
             trial_days: body.trial_days,
             metadata: &body.metadata,
-            stripe_key: &derived_idempotency_key(&[
-                "checkout",
-                request_key.as_deref().unwrap_or(&session_id),
-            ]),
+            stripe_key: &stripe_key,
         },
         &actor,
     )
@@ -433,6 +452,31 @@ async fn create(
         .ok_or_else(|| ApiError::internal("a recorded checkout session vanished"))?;
     tracing::info!(session = %session_id, provider_session, "checkout session opened");
     Ok((StatusCode::CREATED, Json(record.into())))
+}
+
+/// The 409 for a subscription checkout the customer most likely has already.
+fn duplicate_subscription_error(recorded: Recorded, customer: &str) -> Option<ApiError> {
+    let (code, message) = match recorded {
+        Recorded::Recorded => return None,
+        Recorded::SubscriptionExists { subscription, product } => (
+            "subscription_exists",
+            format!(
+                "Customer '{customer}' already has subscription '{subscription}' to product '{product}'. \
+                 To sell a second one anyway, pass allow_duplicate_subscription: true."
+            ),
+        ),
+        Recorded::CheckoutOpen { session, product } => (
+            "subscription_checkout_open",
+            format!(
+                "Customer '{customer}' already has checkout session '{session}' open for product '{product}': \
+                 send them to its url, or pass allow_duplicate_subscription: true to open another."
+            ),
+        ),
+    };
+    Some(
+        ApiError::new(StatusCode::CONFLICT, ErrorType::InvalidRequestError, code, message)
+            .with_param("line_items"),
+    )
 }
 
 struct OpenRequest<'a> {

@@ -170,6 +170,11 @@ const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// the first response (below 500) is stored and replayed for the same key
 /// and request; another request under the key is refused; a concurrent
 /// duplicate is told to wait. Keys are per API key.
+///
+/// A 5xx (or an abandoned request) is not stored, so the same request
+/// retried runs again; but the key stays bound to that request, since the
+/// failed attempt may have had effects. Only a 409 or 429, refused before
+/// anything happened, frees the key for another request.
 pub async fn idempotency(
     State(state): State<AppState>,
     req: Request,
@@ -242,11 +247,21 @@ pub async fn idempotency(
     // If the request is abandoned (timeout, client gone, panic), the guard
     // frees the key so that the client's retry runs instead of waiting out
     // the lease.
-    let mut guard =
-        ReleaseOnDrop { store: state.store.clone(), api_key_id: principal.key_id.clone(), key, armed: true };
+    let mut guard = ReleaseOnDrop {
+        store: state.store.clone(),
+        api_key_id: principal.key_id.clone(),
+        key,
+        armed: true,
+        forget: false,
+    };
     let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
     let status = response.status();
-    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::CONFLICT {
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::CONFLICT {
+        // Refused, nothing done: the key is free again, for any request.
+        guard.forget = true;
+        return Ok(response);
+    }
+    if status.is_server_error() {
         // Not an answer worth keeping: let a retry run the request again.
         return Ok(response);
     }
@@ -272,11 +287,13 @@ pub async fn idempotency(
 
 /// Releases an idempotency claim unless disarmed: runs on every path that
 /// does not store a response, including the request future being dropped.
+/// Released, the key stays bound to its request; forgotten, it is free.
 struct ReleaseOnDrop {
     store: crate::store::Store,
     api_key_id: String,
     key: String,
     armed: bool,
+    forget: bool,
 }
 
 impl Drop for ReleaseOnDrop {
@@ -286,9 +303,15 @@ impl Drop for ReleaseOnDrop {
         }
         let (store, api_key_id, key) =
             (self.store.clone(), std::mem::take(&mut self.api_key_id), std::mem::take(&mut self.key));
+        let forget = self.forget;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(e) = store.release_idempotency_key(&api_key_id, &key).await {
+                let done = if forget {
+                    store.forget_idempotency_key(&api_key_id, &key).await
+                } else {
+                    store.release_idempotency_key(&api_key_id, &key).await
+                };
+                if let Err(e) = done {
                     tracing::warn!(error = %e, "could not release idempotency key");
                 }
             });

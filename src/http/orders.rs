@@ -6,6 +6,7 @@ use axum::{extract::State, Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::checkout::{fingerprint, idempotency_key};
 use super::error::{current_request_id, ApiError, ApiResult, ErrorBody};
 use super::extract::{list_query, text_filter, ApiJson, ApiPath, ApiQuery, Principal, ReadKey, WriteKey};
 use super::subscriptions::provider_key;
@@ -182,7 +183,7 @@ impl RefundReason {
 }
 
 /// A full or partial refund of an order.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRefund {
     /// Integer minor units in the order's currency, at most what is left
@@ -373,7 +374,12 @@ pub async fn create_refund(
         ));
     }
     resolve_stale_requests(&state, &id, &principal).await?;
-    let key = provider_key(&headers, &principal, "orders.refund", &id);
+    // The body is part of the key: a retry that asks for something else
+    // (possible once the caller's key is forgotten) is another refund,
+    // never answered with the first one's amount by tollgate or Stripe.
+    let key = provider_key(&headers, &principal, "orders.refund", &format!("{id}\0{}", fingerprint(&body)));
+    let legacy_key =
+        idempotency_key(&headers).map(|_| provider_key(&headers, &principal, "orders.refund", &id));
     let request_id = current_request_id();
     let actor = principal.actor();
     let reservation = state
@@ -383,6 +389,8 @@ pub async fn create_refund(
             amount: body.amount,
             reason: body.reason.map(RefundReason::as_str),
             idempotency_key: &key,
+            legacy_idempotency_key: legacy_key.as_deref(),
+            keys_valid_since: crate::store::now_unix() - state.idempotency_ttl_seconds,
             actor: &actor,
             request_id: request_id.as_deref(),
         })
@@ -398,7 +406,7 @@ pub async fn create_refund(
         .set("amount", request.amount)
         .set_opt("reason", request.reason.as_deref())
         .metadata([("tollgate_order_id", id.as_str()), ("tollgate_refund_request", request.id.as_str())]);
-    let answer = match state.stripe.post_answer("/v1/refunds", &form, Some(&request.idempotency_key)).await {
+    let answer = match state.stripe.post_answer("/v1/refunds", &form, Some(request.provider_key())).await {
         Ok(answer) => answer,
         Err(err) => {
             // Refused, or never sent: the amount is free again. Anything else

@@ -17,7 +17,7 @@ use super::AppState;
 use crate::ids::{new_id, ExternalId};
 use crate::store::now_unix;
 use crate::tokens::keys::KeyRingError;
-use crate::tokens::{self, Issue, Jwks, TokenEntitlements};
+use crate::tokens::{self, Issue, Jwks, TokenEntitlements, JWKS_MAX_AGE_SECONDS};
 
 /// `/v1` routes.
 pub fn router() -> Router<AppState> {
@@ -28,10 +28,6 @@ pub fn router() -> Router<AppState> {
 pub fn public_router() -> Router<AppState> {
     Router::new().route("/.well-known/jwks.json", get(get_jwks))
 }
-
-/// How long verifiers may cache the JWKS. Short, because a rotation's new
-/// key signs at once: verifiers should also refetch on an unknown `kid`.
-const JWKS_MAX_AGE_SECONDS: u64 = 60;
 
 /// A signed snapshot of a customer's entitlements.
 #[derive(Debug, Serialize, ToSchema)]

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::AppState;
 
+pub mod abandoned_checkouts;
 pub mod grace;
 pub mod inbox;
 pub mod rate_limits;
@@ -66,6 +67,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         while inner.join_next().await.is_some() {}
     });
     tasks.spawn(grace::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
+    tasks.spawn(abandoned_checkouts::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
     let delivery = crate::delivery::worker::DeliveryOptions::from_config(&state.config);
     let senders = state.config.webhook_delivery_workers.map_or(workers, |n| n as usize);
     for _ in 0..senders {

@@ -15,10 +15,11 @@ use serde_json::json;
 
 use super::audit::{self, Actor, AuditRecord};
 use super::customers::{apply_provider_customer, ProviderCustomer};
-use super::{now_unix, sql, SqlxResultExt, Store, StoreError, StoreResult};
-use crate::billing::checkout::CartPrice;
+use super::{now_unix, sql, DbKind, SqlxResultExt, Store, StoreError, StoreResult, Tx};
+use crate::billing::checkout::{is_live_subscription, CartPrice};
 use crate::billing::entitlements::Policy;
 use crate::ids::ExternalId;
+use crate::providers::stripe::derived_idempotency_key;
 
 /// A catalog price with what a checkout needs besides: its product's name
 /// and the provider price it currently maps to.
@@ -74,6 +75,34 @@ pub struct NewCheckout<'a> {
     pub lines: &'a [CheckoutLine],
     pub trial_days: Option<i64>,
     pub request_key: Option<&'a str>,
+    /// The Idempotency-Key the provider is asked with, for this request
+    /// and this session (a key reused after its lifetime is a new session
+    /// here and at the provider).
+    pub provider_idempotency_key: &'a str,
+    /// A session recorded before this time under the same `request_key`
+    /// is past the key's lifetime: it gives the key up.
+    pub request_key_valid_since: i64,
+    /// Subscription mode: record it even if the customer already has a
+    /// live subscription, or an open checkout, for one of its products.
+    pub allow_duplicate_subscription: bool,
+}
+
+/// What `record_checkout` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    Recorded,
+    /// Nothing was written: the customer already has this live subscription
+    /// (`sub_…`) to one of the checkout's products.
+    SubscriptionExists {
+        subscription: String,
+        product: String,
+    },
+    /// Nothing was written: this open subscription checkout (`chk_…`) is
+    /// already selling one of the checkout's products to the customer.
+    CheckoutOpen {
+        session: String,
+        product: String,
+    },
 }
 
 /// A checkout session with its customer's external id, as the API shows it.
@@ -101,6 +130,10 @@ pub struct CheckoutRecord {
     pub line_items: Option<String>,
     pub trial_days: Option<i64>,
     pub last_error: Option<String>,
+    /// What the provider was asked with; `None` on sessions recorded before
+    /// it was stored (see [`CheckoutRecord::provider_key`]).
+    pub provider_idempotency_key: Option<String>,
+    pub request_key: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -108,6 +141,14 @@ pub struct CheckoutRecord {
 impl CheckoutRecord {
     pub fn lines(&self) -> Vec<CheckoutLine> {
         self.line_items.as_deref().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default()
+    }
+
+    /// The Idempotency-Key a retry of this checkout asks the provider with:
+    /// the one its first attempt used.
+    pub fn provider_key(&self) -> String {
+        self.provider_idempotency_key.clone().unwrap_or_else(|| {
+            derived_idempotency_key(&["checkout", self.request_key.as_deref().unwrap_or(&self.id)])
+        })
     }
 }
 
@@ -117,8 +158,123 @@ const RECORD_SELECT: &str =
      (SELECT sub.id FROM subscriptions sub WHERE sub.provider = s.provider \
         AND sub.provider_subscription_id = s.provider_subscription_id) AS subscription_id, \
      s.url, s.success_url, s.cancel_url, s.currency, s.amount_total, s.metadata, s.expires_at, s.line_items, \
-     s.trial_days, s.last_error, s.created_at, s.updated_at \
+     s.trial_days, s.last_error, s.provider_idempotency_key, s.request_key, s.created_at, s.updated_at \
      FROM checkout_sessions s LEFT JOIN customers c ON c.id = s.customer_id";
+
+/// The customer's live subscription, or open subscription checkout, that
+/// sells one of `c`'s products already; `Recorded::Recorded` if none.
+async fn duplicate_subscription(tx: &mut Tx, c: &NewCheckout<'_>, now: i64) -> StoreResult<Recorded> {
+    if tx.kind() == DbKind::Postgres {
+        let key = format!("tollgate:subscription_checkout:{}", c.customer_id);
+        sql!(tx, query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &key).execute).db()?;
+    }
+    let wanted = |product: &str| c.lines.iter().any(|l| l.product == product);
+    let subscriptions: Vec<(String, String, String, Option<String>)> = sql!(
+        tx,
+        query_as::<(String, String, String, Option<String>)>(
+            "SELECT s.id, s.status, s.items, (SELECT p.product_id FROM prices p WHERE p.id = s.price_id) \
+             FROM subscriptions s WHERE s.customer_id = $1 AND s.provider = $2 ORDER BY s.id",
+            c.customer_id,
+            c.provider
+        )
+        .fetch_all
+    )
+    .db()?;
+    for (id, status, items, main_product) in subscriptions {
+        if !is_live_subscription(&status) {
+            continue;
+        }
+        let items: Vec<serde_json::Value> = serde_json::from_str(&items).unwrap_or_default();
+        let products =
+            items.iter().filter_map(|i| i["product"].as_str().map(str::to_owned)).chain(main_product);
+        if let Some(product) = products.into_iter().find(|p| wanted(p)) {
+            return Ok(Recorded::SubscriptionExists { subscription: id, product });
+        }
+    }
+    // Open and not past its time: the hosted page can still be paid. One
+    // without a URL yet is a checkout being opened right now.
+    let sessions: Vec<(String, Option<String>)> = sql!(
+        tx,
+        query_as::<(String, Option<String>)>(
+            "SELECT id, line_items FROM checkout_sessions WHERE customer_id = $1 AND provider = $2 \
+             AND mode = 'subscription' AND status = 'open' AND (expires_at IS NULL OR expires_at > $3) ORDER BY id",
+            c.customer_id,
+            c.provider,
+            now
+        )
+        .fetch_all
+    )
+    .db()?;
+    for (id, line_items) in sessions {
+        let lines: Vec<CheckoutLine> =
+            line_items.as_deref().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default();
+        if let Some(line) = lines.into_iter().find(|l| wanted(&l.product)) {
+            return Ok(Recorded::CheckoutOpen { session: id, product: line.product });
+        }
+    }
+    Ok(Recorded::Recorded)
+}
+
+/// A checkout's own order moving between `pending` and `canceled`.
+struct OrderChange<'a> {
+    session: &'a str,
+    from: &'static str,
+    to: &'static str,
+    reason: &'static str,
+}
+
+/// Moves the checkout's order (one nothing has paid) from `from` to `to`,
+/// with the audit entry the webhook path writes for an order's status
+/// change (`order.updated`). No order, or one in another state: nothing.
+async fn set_order_status(
+    tx: &mut Tx,
+    change: OrderChange<'_>,
+    now: i64,
+    actor: &Actor,
+    request_id: Option<&str>,
+) -> StoreResult<()> {
+    let order: Option<String> = sql!(
+        tx,
+        query_scalar::<String>(
+            "SELECT id FROM orders WHERE checkout_session_id = $1 AND status = $2 AND payment_key IS NULL",
+            change.session,
+            change.from
+        )
+        .fetch_optional
+    )
+    .db()?;
+    let Some(order) = order else { return Ok(()) };
+    let canceled_at = (change.to == "canceled").then_some(now);
+    sql!(
+        tx,
+        query(
+            "UPDATE orders SET status = $1, canceled_at = $2, updated_at = $3 WHERE id = $4 AND status = $5",
+            change.to,
+            canceled_at,
+            now,
+            &order,
+            change.from
+        )
+        .execute
+    )
+    .db()?;
+    audit::append(
+        tx,
+        AuditRecord {
+            actor,
+            action: "order.updated",
+            object_type: "order",
+            object_id: &order,
+            data: json!({
+                "status": change.to, "previous_status": change.from,
+                "checkout_session": change.session, "reason": change.reason,
+            }),
+            request_id,
+        },
+    )
+    .await?;
+    Ok(())
+}
 
 impl Store {
     /// The catalog price `id` with its product and current provider price.
@@ -157,21 +313,47 @@ impl Store {
     /// and, in payment mode, its pending order and lines, with their audit
     /// entries, in one transaction. A `request_key` already recorded is a
     /// `Conflict` (the caller looks it up first; this is the race's loser).
+    ///
+    /// A subscription checkout is refused (nothing written) while the
+    /// customer has a live subscription or an open subscription checkout
+    /// for one of its products, unless `allow_duplicate_subscription`. The
+    /// check and the insert are one transaction, serialised per customer
+    /// (SQLite's single writer; an advisory lock on PostgreSQL), so two
+    /// clicks at once cannot both pass it.
     pub async fn record_checkout(
         &self,
         c: &NewCheckout<'_>,
         actor: &Actor,
         request_id: Option<&str>,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<Recorded> {
         let now = now_unix();
         let mut tx = self.begin().await?;
+        if c.mode == "subscription" && !c.allow_duplicate_subscription {
+            let found = duplicate_subscription(&mut tx, c, now).await?;
+            if found != Recorded::Recorded {
+                return Ok(found);
+            }
+        }
         let lines_json = serde_json::to_string(c.lines)?;
+        if let Some(key) = c.request_key {
+            sql!(
+                tx,
+                query(
+                    "UPDATE checkout_sessions SET request_key = NULL WHERE request_key = $1 AND created_at < $2",
+                    key,
+                    c.request_key_valid_since
+                )
+                .execute
+            )
+            .db()?;
+        }
         sql!(
             tx,
             query(
                 "INSERT INTO checkout_sessions (id, provider, customer_id, mode, status, order_id, success_url, \
-                 cancel_url, currency, amount_total, metadata, line_items, trial_days, request_key, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)",
+                 cancel_url, currency, amount_total, metadata, line_items, trial_days, request_key, \
+                 provider_idempotency_key, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10, $11, $12, $13, $15, $14, $14)",
                 c.id,
                 c.provider,
                 c.customer_id,
@@ -185,7 +367,8 @@ impl Store {
                 &lines_json,
                 c.trial_days,
                 c.request_key,
-                now
+                now,
+                c.provider_idempotency_key
             )
             .execute
         )
@@ -262,7 +445,8 @@ impl Store {
             )
             .await?;
         }
-        tx.commit().await
+        tx.commit().await?;
+        Ok(Recorded::Recorded)
     }
 
     pub async fn get_checkout(&self, id: &str) -> StoreResult<Option<CheckoutRecord>> {
@@ -270,9 +454,15 @@ impl Store {
         sql!(self, query_as::<CheckoutRecord>(&sql, id).fetch_optional).db()
     }
 
-    pub async fn checkout_by_request_key(&self, request_key: &str) -> StoreResult<Option<CheckoutRecord>> {
-        let sql = format!("{RECORD_SELECT} WHERE s.request_key = $1");
-        sql!(self, query_as::<CheckoutRecord>(&sql, request_key).fetch_optional).db()
+    /// The checkout a request recorded, if recorded since `valid_since`:
+    /// request keys live as long as the API's Idempotency-Keys.
+    pub async fn checkout_by_request_key(
+        &self,
+        request_key: &str,
+        valid_since: i64,
+    ) -> StoreResult<Option<CheckoutRecord>> {
+        let sql = format!("{RECORD_SELECT} WHERE s.request_key = $1 AND s.created_at >= $2");
+        sql!(self, query_as::<CheckoutRecord>(&sql, request_key, valid_since).fetch_optional).db()
     }
 
     /// A retried request whose first attempt failed at the provider: the
@@ -300,17 +490,14 @@ impl Store {
         if reopened == 0 {
             return Ok(false);
         }
-        sql!(
-            tx,
-            query(
-                "UPDATE orders SET status = 'pending', canceled_at = NULL, updated_at = $1 \
-                 WHERE checkout_session_id = $2 AND status = 'canceled' AND payment_key IS NULL",
-                now,
-                id
-            )
-            .execute
+        set_order_status(
+            &mut tx,
+            OrderChange { session: id, from: "canceled", to: "pending", reason: "checkout_retried" },
+            now,
+            actor,
+            request_id,
         )
-        .db()?;
+        .await?;
         audit::append(
             &mut tx,
             AuditRecord {
@@ -408,17 +595,14 @@ impl Store {
         if failed == 0 {
             return Ok(());
         }
-        sql!(
-            tx,
-            query(
-                "UPDATE orders SET status = 'canceled', canceled_at = $1, updated_at = $1 \
-                 WHERE checkout_session_id = $2 AND status = 'pending' AND payment_key IS NULL",
-                now,
-                id
-            )
-            .execute
+        set_order_status(
+            &mut tx,
+            OrderChange { session: id, from: "pending", to: "canceled", reason: "checkout_failed" },
+            now,
+            actor,
+            request_id,
         )
-        .db()?;
+        .await?;
         audit::append(
             &mut tx,
             AuditRecord {
@@ -432,6 +616,78 @@ impl Store {
         )
         .await?;
         tx.commit().await
+    }
+
+    /// Repairs checkouts whose request was dropped between
+    /// [`Store::record_checkout`] and the provider's answer (the process
+    /// died, or the handler was cancelled): the session is `open` without a
+    /// provider session and its order `pending`, and nothing else would
+    /// ever settle them. Each one last touched before `cutoff` (chosen
+    /// beyond any request's lifetime, so no handler still owns it) is marked
+    /// `expired` with `last_error = "abandoned"` and its order `canceled`,
+    /// one transaction per session with the audit entries. Like a failed
+    /// checkout, a retry of the same request revives it. Returns how many.
+    pub async fn expire_abandoned_checkouts(&self, cutoff: i64, actor: &Actor) -> StoreResult<u64> {
+        let ids: Vec<String> = sql!(
+            self,
+            query_scalar::<String>(
+                "SELECT id FROM checkout_sessions WHERE status = 'open' AND provider_session_id IS NULL \
+                 AND updated_at < $1 ORDER BY updated_at, id LIMIT 500",
+                cutoff
+            )
+            .fetch_all
+        )
+        .db()?;
+        let mut expired = 0;
+        for id in ids {
+            if self.expire_abandoned_checkout(&id, cutoff, actor).await? {
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    async fn expire_abandoned_checkout(&self, id: &str, cutoff: i64, actor: &Actor) -> StoreResult<bool> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        // Re-checked here: a retry may have revived or opened it meanwhile.
+        let changed = sql!(
+            tx,
+            query(
+                "UPDATE checkout_sessions SET status = 'expired', last_error = 'abandoned', updated_at = $1 \
+                 WHERE id = $2 AND status = 'open' AND provider_session_id IS NULL AND updated_at < $3",
+                now,
+                id,
+                cutoff
+            )
+            .execute
+        )
+        .db()?;
+        if changed == 0 {
+            return Ok(false);
+        }
+        set_order_status(
+            &mut tx,
+            OrderChange { session: id, from: "pending", to: "canceled", reason: "checkout_abandoned" },
+            now,
+            actor,
+            None,
+        )
+        .await?;
+        audit::append(
+            &mut tx,
+            AuditRecord {
+                actor,
+                action: "checkout_session.abandoned",
+                object_type: "checkout_session",
+                object_id: id,
+                data: json!({ "error": "abandoned", "untouched_since_before": cutoff }),
+                request_id: None,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// How many of a customer's provider customers were deleted at the

@@ -144,9 +144,32 @@ impl Store {
         tx.commit().await
     }
 
-    /// Forgets a claim whose request failed in a way worth retrying (a 5xx),
-    /// so the client's retry with the same key runs the request again.
+    /// Ends the lease of a claim whose request failed in a way worth
+    /// retrying (a 5xx, or the request was abandoned), so the client's retry
+    /// with the same key runs the request again at once. The key stays
+    /// bound to this request's fingerprint: the failed attempt may have had
+    /// effects (a refund the provider made before its answer was lost), so
+    /// the key must not be reused for another request within its lifetime.
     pub async fn release_idempotency_key(&self, api_key_id: &str, key: &str) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sql!(
+            tx,
+            query(
+                "UPDATE idempotency_keys SET locked_until = 0 \
+                 WHERE api_key_id = $1 AND idempotency_key = $2 AND state = 'in_flight'",
+                api_key_id,
+                key
+            )
+            .execute
+        )
+        .db()?;
+        tx.commit().await
+    }
+
+    /// Forgets a claim whose request was refused before it had any effect
+    /// (409, 429): the key is free for any request, the corrected one
+    /// included.
+    pub async fn forget_idempotency_key(&self, api_key_id: &str, key: &str) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         sql!(
             tx,

@@ -18,6 +18,7 @@ use super::{now_unix, sql, watermarks, DbKind, SqlxResultExt, Store, StoreResult
 use crate::billing::entitlements::Policy;
 use crate::billing::ordering;
 use crate::ids::new_id;
+use crate::providers::stripe::derived_idempotency_key;
 use crate::providers::stripe::objects::Refund;
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -30,7 +31,11 @@ pub struct RefundRequestRow {
     pub reason: Option<String>,
     pub status: String,
     pub provider_refund_id: Option<String>,
+    /// What a retry of the same request finds the row by.
     pub idempotency_key: String,
+    /// What the provider is called with; `None` on rows recorded before it
+    /// was per row, which were sent `idempotency_key`.
+    pub provider_idempotency_key: Option<String>,
     pub failure_code: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
@@ -41,7 +46,7 @@ pub struct RefundRequestRow {
 }
 
 const REQUEST_COLUMNS: &str = "r.id, r.order_id, r.provider, r.amount, r.currency, r.reason, r.status, \
-     r.provider_refund_id, r.idempotency_key, r.failure_code, r.created_at, r.updated_at, \
+     r.provider_refund_id, r.idempotency_key, r.provider_idempotency_key, r.failure_code, r.created_at, r.updated_at, \
      (SELECT f.status FROM refunds f WHERE f.provider = r.provider AND f.provider_refund_id = r.provider_refund_id) \
      AS refund_status";
 
@@ -52,9 +57,18 @@ pub struct NewRefund<'a> {
     /// `None`: everything that is left.
     pub amount: Option<i64>,
     pub reason: Option<&'a str>,
-    /// The key the provider will be called with; a retry of the same request
-    /// (the caller's same Idempotency-Key) finds its earlier row by it.
+    /// Derived from the caller's Idempotency-Key and the request: a retry of
+    /// the same request finds its earlier row by it. (The provider is called
+    /// with a key of the row, [`RefundRequestRow::provider_key`].)
     pub idempotency_key: &'a str,
+    /// The key as derived before it included the request (without the
+    /// body): a retry of a request recorded then still finds its row, if
+    /// it asks for the same. Only needed for one key lifetime after the
+    /// upgrade.
+    pub legacy_idempotency_key: Option<&'a str>,
+    /// Keys are kept as long as the API's Idempotency-Keys: a row recorded
+    /// before this time no longer answers to its key.
+    pub keys_valid_since: i64,
     pub actor: &'a Actor,
     pub request_id: Option<&'a str>,
 }
@@ -97,6 +111,14 @@ pub enum Reservation {
     Refused(RefundRefusal),
 }
 
+impl RefundRequestRow {
+    /// The Idempotency-Key this request is sent to the provider with, the
+    /// same on every retry of it.
+    pub fn provider_key(&self) -> &str {
+        self.provider_idempotency_key.as_deref().unwrap_or(&self.idempotency_key)
+    }
+}
+
 impl Store {
     pub async fn refund_request(&self, id: &str) -> StoreResult<Option<RefundRequestRow>> {
         let sql = format!("SELECT {REQUEST_COLUMNS} FROM refund_requests r WHERE r.id = $1");
@@ -121,8 +143,29 @@ impl Store {
             return Ok(Reservation::Refused(RefundRefusal::OrderMissing));
         };
         let sql = format!("SELECT {REQUEST_COLUMNS} FROM refund_requests r WHERE r.idempotency_key = $1");
-        let earlier =
+        let mut earlier =
             sql!(tx, query_as::<RefundRequestRow>(&sql, new.idempotency_key).fetch_optional).db()?;
+        if let Some(expired) = earlier.as_ref().filter(|e| e.created_at < new.keys_valid_since) {
+            // Past its lifetime the key names nothing: the old row keeps its
+            // history under a retired key, and this is a new request.
+            sql!(
+                tx,
+                query(
+                    "UPDATE refund_requests SET idempotency_key = idempotency_key || ':expired:' || id WHERE id = $1",
+                    &expired.id
+                )
+                .execute
+            )
+            .db()?;
+            earlier = None;
+        }
+        if let (None, Some(legacy)) = (&earlier, new.legacy_idempotency_key) {
+            earlier = sql!(tx, query_as::<RefundRequestRow>(&sql, legacy).fetch_optional).db()?.filter(|e| {
+                e.created_at >= new.keys_valid_since
+                    && e.reason.as_deref() == new.reason
+                    && new.amount.is_none_or(|a| a == e.amount)
+            });
+        }
         if let Some(earlier) = earlier.as_ref().filter(|e| e.order_id == order.id) {
             match earlier.status.as_str() {
                 "submitted" => return Ok(Reservation::Done(earlier.clone())),
@@ -183,8 +226,14 @@ impl Store {
                 RefundRequestRow { status: "pending".into(), amount, failure_code: None, ..earlier }
             }
             None => {
+                let id = new_id("rfr");
                 let row = RefundRequestRow {
-                    id: new_id("rfr"),
+                    provider_idempotency_key: Some(derived_idempotency_key(&[
+                        "refund",
+                        new.idempotency_key,
+                        &id,
+                    ])),
+                    id,
                     order_id: order.id.clone(),
                     provider: order.provider.clone(),
                     amount,
@@ -202,7 +251,8 @@ impl Store {
                     tx,
                     query(
                         "INSERT INTO refund_requests (id, order_id, provider, amount, currency, reason, status, \
-                         idempotency_key, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $8)",
+                         idempotency_key, provider_idempotency_key, created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, $9)",
                         &row.id,
                         &row.order_id,
                         &row.provider,
@@ -210,6 +260,7 @@ impl Store {
                         &row.currency,
                         &row.reason,
                         &row.idempotency_key,
+                        &row.provider_idempotency_key,
                         now
                     )
                     .execute

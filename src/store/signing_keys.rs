@@ -61,6 +61,53 @@ impl Store {
         sql!(self, query_as::<SigningKeyRow>(&q, now_unix() - window).fetch_all).db()
     }
 
+    /// The newest generated key that is still published (active, or
+    /// retired within `window`): what an instance without `JWT_SECRET_KEY`
+    /// signs with while a configured key it does not hold is active.
+    pub async fn newest_published_generated_key(&self, window: i64) -> StoreResult<Option<SigningKeyRow>> {
+        let q = format!(
+            "SELECT {COLUMNS} FROM signing_keys WHERE source = 'generated' AND private_key IS NOT NULL \
+             AND (retired_at IS NULL OR retired_at >= $1) ORDER BY created_at DESC, kid LIMIT 1"
+        );
+        sql!(self, query_as::<SigningKeyRow>(&q, now_unix() - window).fetch_optional).db()
+    }
+
+    /// A retired key some instance still signs with (mid-rollout) stays
+    /// published: its `retired_at` moves to now, so the JWKS keeps it until
+    /// the tokens it signs from here on have expired. Nothing for the
+    /// active key. Returns whether it moved (with an audit entry).
+    pub async fn keep_signing_key_published(&self, kid: &str, actor: &Actor) -> StoreResult<bool> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let moved = sql!(
+            tx,
+            query(
+                "UPDATE signing_keys SET retired_at = $1 WHERE kid = $2 AND active IS NULL AND retired_at < $1",
+                now,
+                kid
+            )
+            .execute
+        )
+        .db()?;
+        if moved == 0 {
+            return Ok(false);
+        }
+        audit::append(
+            &mut tx,
+            AuditRecord {
+                actor,
+                action: "signing_key.still_signing",
+                object_type: "signing_key",
+                object_id: kid,
+                data: serde_json::json!({ "published_from": now }),
+                request_id: None,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// Makes `new` the active key if `replaces` is still the active one
     /// (`None`: no key yet), retiring it, in one transaction with its audit
     /// entry. Returns `false`, changing nothing, when another instance or
@@ -113,14 +160,16 @@ impl Store {
             )
             .db()?;
         }
-        // A configured key seen before (the operator went back to it) is
-        // made active again rather than duplicated.
+        // A key recorded before is never made active again: a retired
+        // configured key was replaced by a newer one, and going back to it
+        // would make instances configured with either flip the active key
+        // at every start. Its kid already there is a unique violation: the
+        // caller finds the key and signs as a retired one.
         sql!(
             tx,
             query(
                 "INSERT INTO signing_keys (kid, algorithm, source, public_key, private_key, active, created_at, retired_at) \
-                 VALUES ($1, 'EdDSA', $2, $3, $4, 1, $5, NULL) \
-                 ON CONFLICT (kid) DO UPDATE SET active = 1, retired_at = NULL",
+                 VALUES ($1, 'EdDSA', $2, $3, $4, 1, $5, NULL)",
                 &new.kid,
                 new.source,
                 &new.public_key,

@@ -27,6 +27,12 @@ pub mod keys;
 /// The one algorithm tokens are signed with.
 pub const ALGORITHM: &str = "EdDSA";
 
+/// How long verifiers may cache the JWKS. Short, because a rotation's new
+/// key signs at once: verifiers should also refetch on an unknown `kid`.
+/// A new `JWT_SECRET_KEY` waits this long after it is first published
+/// before it signs, where a previous key can sign meanwhile.
+pub const JWKS_MAX_AGE_SECONDS: u64 = 60;
+
 /// An Ed25519 key pair that signs tokens, named by its `kid`.
 pub struct SigningKey {
     kid: String,

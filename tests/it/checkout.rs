@@ -95,6 +95,21 @@ impl TestApp {
     }
 }
 
+/// The audit log's entries about `object_id`, oldest first, as (action, data).
+async fn audit_of(app: &TestApp, object_id: &str) -> Vec<(String, Value)> {
+    let log: Value =
+        app.get("/v1/audit-log?limit=100", &app.admin_key).send().await.unwrap().json().await.unwrap();
+    let mut entries: Vec<(String, Value)> = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["object_id"] == object_id)
+        .map(|e| (e["action"].as_str().unwrap().to_owned(), e["data"].clone()))
+        .collect();
+    entries.reverse();
+    entries
+}
+
 fn payment(customer: &str, lines: Value) -> Value {
     json!({
         "customer": customer, "mode": "payment", "line_items": lines,
@@ -250,6 +265,86 @@ async fn a_subscription_checkout_with_a_trial_starts_trialing() {
     assert!(e["features"].as_array().unwrap().contains(&json!("api_access")), "{e}");
 }
 
+fn subscription(customer: &str, price: &str) -> Value {
+    json!({
+        "customer": customer, "mode": "subscription", "line_items": [{ "price": price }],
+        "success_url": "https://shop.example/welcome",
+    })
+}
+
+#[tokio::test]
+async fn a_second_subscription_checkout_for_a_product_is_refused_unless_the_caller_opts_in() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_twice", json!({})).await;
+    let send = |body: Value, key: &'static str| {
+        app.post_json("/v1/checkout/sessions", body).header("idempotency-key", key).send()
+    };
+    let first = created(send(subscription("u_twice", "pro_monthly"), "click-1").await.unwrap()).await;
+
+    // A double click (another key) while the first page is open: refused,
+    // nothing recorded, here or at the provider.
+    let resp = send(subscription("u_twice", "pro_monthly"), "click-2").await.unwrap();
+    let e = expect_error(resp, 409, "invalid_request_error", "subscription_checkout_open").await;
+    assert!(e["message"].as_str().unwrap().contains(first["id"].as_str().unwrap()), "{e}");
+    assert_eq!(e["param"], "line_items");
+    // The same product on another price is the same product.
+    let resp = send(subscription("u_twice", "pro_yearly"), "click-yearly").await.unwrap();
+    expect_error(resp, 409, "invalid_request_error", "subscription_checkout_open").await;
+    let at_provider = emulator_get(&app, "/v1/checkout/sessions?limit=100").await;
+    assert_eq!(at_provider["data"].as_array().unwrap().len(), 1, "{at_provider}");
+    // The first request, retried, is still answered as before.
+    let again = send(subscription("u_twice", "pro_monthly"), "click-1").await.unwrap();
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], first["id"]);
+    // Another product, or a one-time purchase, is not a duplicate.
+    created(send(subscription("u_twice", "starter_monthly"), "starter").await.unwrap()).await;
+    created(send(payment("u_twice", json!([{ "price": "card_pack_5" }])), "pack").await.unwrap()).await;
+
+    // Once subscribed, a new checkout for the product names the subscription.
+    pay(&first, "4242424242424242").await;
+    let subs = app
+        .read_until("/v1/subscriptions?customer=u_twice", |l| {
+            l["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["price"] == "pro_monthly" && s["status"] == "active")
+        })
+        .await;
+    let sub = subs["data"].as_array().unwrap().iter().find(|s| s["price"] == "pro_monthly").unwrap().clone();
+    let resp = send(subscription("u_twice", "pro_yearly"), "click-3").await.unwrap();
+    let e = expect_error(resp, 409, "invalid_request_error", "subscription_exists").await;
+    assert!(e["message"].as_str().unwrap().contains(sub["id"].as_str().unwrap()), "{e}");
+
+    // Asked for explicitly (under the refused request's key, which the
+    // refusal left free), it is sold.
+    let mut wanted = subscription("u_twice", "pro_yearly");
+    wanted["allow_duplicate_subscription"] = json!(true);
+    let second = created(send(wanted, "click-3").await.unwrap()).await;
+    assert_ne!(second["id"], first["id"]);
+    assert_eq!(second["status"], "open");
+}
+
+#[tokio::test]
+async fn two_subscription_checkouts_at_once_open_one_session() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_double", json!({})).await;
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let req = app.post_json("/v1/checkout/sessions", subscription("u_double", "pro_monthly"));
+            tokio::spawn(async move { req.send().await.unwrap() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap().status().as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [201, 409, 409, 409]);
+    let at_provider = emulator_get(&app, "/v1/checkout/sessions?limit=100").await;
+    assert_eq!(at_provider["data"].as_array().unwrap().len(), 1, "{at_provider}");
+}
+
 #[tokio::test]
 async fn a_declined_card_leaves_the_order_pending_until_another_card_pays() {
     let app = spawn_shop().await;
@@ -323,6 +418,30 @@ async fn a_retried_checkout_with_the_same_idempotency_key_opens_one_session() {
     let cust = app.read("/v1/customers/u_retry").await;
     let orders = app.server_store.orders_for_customer(cust["id"].as_str().unwrap()).await.unwrap();
     assert_eq!(orders.len(), 2);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_reused_after_its_lifetime_opens_a_new_checkout() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_later", json!({})).await;
+    let body = payment("u_later", json!([{ "price": "card_pack_5" }]));
+    let send =
+        || app.post_json("/v1/checkout/sessions", body.clone()).header("idempotency-key", "cart-1").send();
+    let first = created(send().await.unwrap()).await;
+    // A day and more later, tollgate and the request's record have both
+    // forgotten the key.
+    let store = &app.server_store;
+    store.execute_raw("UPDATE checkout_sessions SET created_at = created_at - 90000").await.unwrap();
+    store.execute_raw("UPDATE idempotency_keys SET created_at = created_at - 90000").await.unwrap();
+    let second = created(send().await.unwrap()).await;
+    assert_ne!(second["id"], first["id"]);
+    assert_ne!(second["provider_session"], first["provider_session"], "a new session at the provider too");
+    assert_ne!(second["order"], first["order"]);
+    // Within its lifetime the key finds the new one.
+    let again = send().await.unwrap();
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], second["id"]);
+    let old = app.read(&format!("/v1/checkout/sessions/{}", first["id"].as_str().unwrap())).await;
+    assert_eq!(old["status"], "open", "the old checkout is untouched");
 }
 
 #[tokio::test]
@@ -487,10 +606,83 @@ async fn while_the_provider_fails_checkouts_fail_fast_with_503_and_recover_witho
     assert_eq!(session["url"], "https://pay.example/1");
     let order = app.read(&format!("/v1/orders/{}", orders[0].id)).await;
     assert_eq!(order["status"], "pending", "its order is payable again");
+    // Both of the order's moves are in the audit log, as a webhook's are.
+    let moves: Vec<(String, Value, Value)> = audit_of(&app, &orders[0].id)
+        .await
+        .into_iter()
+        .filter(|(action, _)| action == "order.updated")
+        .map(|(_, d)| {
+            (d["reason"].as_str().unwrap().to_owned(), d["previous_status"].clone(), d["status"].clone())
+        })
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            ("checkout_failed".to_owned(), json!("pending"), json!("canceled")),
+            ("checkout_retried".to_owned(), json!("canceled"), json!("pending")),
+        ]
+    );
     assert_eq!(stripe.checkout_sessions(), 1);
     // And new checkouts work as before, without a restart.
     created(send(Some("later")).await.unwrap()).await;
     assert_eq!(stripe.checkout_sessions(), 2);
+}
+
+#[tokio::test]
+async fn a_failed_checkout_retried_after_its_prices_changed_is_a_409_and_changes_nothing() {
+    let stripe = FlakyStripe::default();
+    let base = stripe.start().await;
+    let app = spawn_app_with(|c| {
+        unlimited(c);
+        c.stripe_secret_key = Some(SecretString::from("sk_test_flaky".to_owned()));
+        c.stripe_api_base = Some(base.clone());
+        c.stripe_max_retries = 0;
+    })
+    .await;
+    let catalog = |amount: i64| {
+        let text = std::fs::read_to_string(manifest_path("tollgate.toml"))
+            .unwrap()
+            .replace("[prices.card_pack_5]\n", "[prices.card_pack_5]\nstripe_price = \"price_flaky\"\n");
+        assert!(text.contains("amount = 500\n"));
+        Catalog::parse(&text.replace("amount = 500\n", &format!("amount = {amount}\n"))).unwrap()
+    };
+    app.server_store.sync_catalog(&catalog(500), &Actor::Cli).await.unwrap();
+    let cust = app.upsert_customer("u_repriced", json!({})).await["id"].as_str().unwrap().to_owned();
+    let body = payment("u_repriced", json!([{ "price": "card_pack_5", "quantity": 2 }]));
+    let send = |key: &'static str| {
+        app.post_json("/v1/checkout/sessions", body.clone()).header("idempotency-key", key).send()
+    };
+    let resp = send("cart-9").await.unwrap();
+    expect_error(resp, 503, "provider_error", "provider_unavailable").await;
+    let failed = app.server_store.orders_for_customer(&cust).await.unwrap();
+    assert_eq!((failed.len(), failed[0].amount_total, failed[0].status.as_str()), (1, 1000, "canceled"));
+
+    // The price changes before the client retries: the recorded sale is not
+    // today's, so the retry is refused rather than opened at either price.
+    app.server_store.sync_catalog(&catalog(600), &Actor::Cli).await.unwrap();
+    stripe.healthy.store(true, Ordering::SeqCst);
+    let resp = send("cart-9").await.unwrap();
+    let e = expect_error(resp, 409, "idempotency_error", "checkout_prices_changed").await;
+    assert!(e["message"].as_str().unwrap().contains("new key"), "{e}");
+    assert_eq!(stripe.checkout_sessions(), 0, "nothing asked of the provider");
+    let orders = app.server_store.orders_for_customer(&cust).await.unwrap();
+    assert_eq!(
+        orders.iter().map(|o| (o.id.as_str(), o.status.as_str(), o.amount_total)).collect::<Vec<_>>(),
+        [(failed[0].id.as_str(), "canceled", 1000)],
+        "the failed checkout stays as it was"
+    );
+    let session = app
+        .read(&format!("/v1/checkout/sessions/{}", failed[0].checkout_session_id.as_deref().unwrap()))
+        .await;
+    assert_eq!(
+        (&session["status"], &session["last_error"]),
+        (&json!("expired"), &json!("provider_unavailable"))
+    );
+
+    // A new key is a new checkout, at today's price.
+    let fresh = created(send("cart-10").await.unwrap()).await;
+    assert_eq!(fresh["amount_total"], 1200);
+    assert_eq!(stripe.checkout_sessions(), 1);
 }
 
 #[tokio::test]
@@ -611,4 +803,82 @@ async fn bad_checkout_and_portal_requests_are_refused_and_write_nothing() {
     let url = session["url"].as_str().unwrap();
     assert!(url.starts_with(&app.base) && url.contains("/portal/"), "{session}");
     assert_eq!(app.client.get(url).send().await.unwrap().status(), 200, "the portal page");
+}
+
+#[tokio::test]
+async fn a_checkout_abandoned_before_the_provider_answered_is_expired_by_the_sweeper() {
+    use tollgate::store::checkout::{CheckoutLine, NewCheckout, Recorded};
+    let app = spawn_shop().await;
+    let customer = app.upsert_customer("u_gone", json!({})).await["id"].as_str().unwrap().to_owned();
+    let store = &app.server_store;
+    let sweeper = Actor::System("checkout_sweeper");
+    // What a checkout handler records before calling the provider; then
+    // the handler is gone (the process died, or the request was cancelled).
+    let line = CheckoutLine {
+        price: "card_pack_5".into(),
+        product: "card_pack".into(),
+        provider_price: Some("price_x".into()),
+        description: Some("Card pack".into()),
+        quantity: 1,
+        unit_amount: 500,
+        amount_total: 500,
+    };
+    let recorded = store
+        .record_checkout(
+            &NewCheckout {
+                id: "chk_gone",
+                provider: "stripe",
+                customer_id: &customer,
+                mode: "payment",
+                order_id: Some("ord_gone"),
+                success_url: "https://shop.example/ok",
+                cancel_url: None,
+                currency: "usd",
+                amount_total: 500,
+                metadata: &json!({}),
+                lines: std::slice::from_ref(&line),
+                trial_days: None,
+                request_key: Some("rk_gone"),
+                request_key_valid_since: 0,
+                provider_idempotency_key: "tollgate-gone",
+                allow_duplicate_subscription: false,
+            },
+            &Actor::Cli,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(recorded, Recorded::Recorded);
+    // And a checkout that was opened, as old.
+    let opened = created(app.checkout(payment("u_gone", json!([{ "price": "card_pack_5" }]))).await).await;
+    let cutoff = tollgate::store::now_unix() - 90;
+
+    // While a request could still be working on it, it is left alone.
+    store.expire_abandoned_checkouts(cutoff, &sweeper).await.unwrap();
+    assert_eq!(app.read("/v1/checkout/sessions/chk_gone").await["status"], "open");
+    assert_eq!(app.read("/v1/orders/ord_gone").await["status"], "pending");
+
+    store.execute_raw("UPDATE checkout_sessions SET updated_at = updated_at - 3600").await.unwrap();
+    store.expire_abandoned_checkouts(cutoff, &sweeper).await.unwrap();
+    let session = app.read("/v1/checkout/sessions/chk_gone").await;
+    assert_eq!((&session["status"], &session["last_error"]), (&json!("expired"), &json!("abandoned")));
+    assert_eq!(app.read("/v1/orders/ord_gone").await["status"], "canceled");
+    let actions: Vec<String> = audit_of(&app, "chk_gone").await.into_iter().map(|(a, _)| a).collect();
+    assert_eq!(actions, ["checkout_session.created", "checkout_session.abandoned"]);
+    let order_audit = audit_of(&app, "ord_gone").await;
+    let (action, data) = order_audit.last().unwrap();
+    assert_eq!(
+        (action.as_str(), &data["previous_status"], &data["status"], &data["reason"]),
+        ("order.updated", &json!("pending"), &json!("canceled"), &json!("checkout_abandoned"))
+    );
+    // The opened checkout is the provider's to expire, not the sweeper's.
+    let still = app.read(&format!("/v1/checkout/sessions/{}", opened["id"].as_str().unwrap())).await;
+    assert_eq!(still["status"], "open");
+    assert_eq!(
+        app.read(&format!("/v1/orders/{}", opened["order"].as_str().unwrap())).await["status"],
+        "pending"
+    );
+    // Done once: a second pass finds nothing.
+    assert_eq!(store.expire_abandoned_checkouts(cutoff, &sweeper).await.unwrap(), 0);
+    assert!(store.verify_audit_chain().await.unwrap().is_intact());
 }

@@ -676,13 +676,54 @@ async fn a_refund_whose_answer_is_lost_or_fails_is_made_once_and_counted_while_i
     // The client retries with its key: the same request reaches the provider.
     let resp = ask(100, "flaky-100").await.unwrap();
     assert_eq!(resp.status(), 200);
-    let made = emu.get(&format!("/v1/refunds?payment_intent={pi}")).await;
-    let amounts: Vec<i64> =
-        made["data"].as_array().unwrap().iter().map(|r| r["amount"].as_i64().unwrap()).collect();
-    assert_eq!(amounts.iter().sum::<i64>(), 500, "{amounts:?}");
+    let first_100: Value = resp.json().await.unwrap();
+    let refunded = || async {
+        let made = emu.get(&format!("/v1/refunds?payment_intent={pi}")).await;
+        made["data"].as_array().unwrap().iter().map(|r| r["amount"].as_i64().unwrap()).sum::<i64>()
+    };
+    assert_eq!(refunded().await, 500);
     let o = app.read_v1(&format!("/v1/orders/{}", order["id"].as_str().unwrap())).await;
     assert_eq!(
         (o["status"].as_str(), o["amount_refunded"].as_i64()),
         (Some("partially_refunded"), Some(500))
     );
+
+    // After a 5xx, the same key with another amount is refused like any
+    // reuse of a key: the failed attempt may have refunded.
+    emu.emulator.set_fault(Some(Fault::always(500)));
+    expect_error(ask(50, "flaky-50").await.unwrap(), 503, "provider_error", "provider_unavailable").await;
+    emu.emulator.set_fault(None);
+    expect_error(ask(60, "flaky-50").await.unwrap(), 422, "idempotency_error", "idempotency_key_reused")
+        .await;
+    assert_eq!(refunded().await, 500);
+    // Once tollgate has forgotten the key, the other amount is another
+    // refund, of its own amount (not answered with the first one's), and
+    // the first is still in flight.
+    app.server_store.execute_raw("DELETE FROM idempotency_keys").await.unwrap();
+    let resp = ask(60, "flaky-50").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let sixty: Value = resp.json().await.unwrap();
+    assert_eq!((sixty["amount"].as_i64(), sixty["status"].as_str()), (Some(60), Some("succeeded")));
+    assert_eq!(refunded().await, 560);
+    app.server_store.execute_raw("DELETE FROM idempotency_keys").await.unwrap();
+    let resp = ask(50, "flaky-50").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["amount"], 50);
+    assert_eq!(refunded().await, 610);
+
+    // Past the key's lifetime, the same key and body is a new refund, here
+    // and at the provider (not the old one replayed).
+    app.server_store.execute_raw("UPDATE refund_requests SET created_at = created_at - 90000").await.unwrap();
+    app.server_store
+        .execute_raw("UPDATE idempotency_keys SET created_at = created_at - 90000")
+        .await
+        .unwrap();
+    let resp = ask(100, "flaky-100").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let second_100: Value = resp.json().await.unwrap();
+    assert_ne!(second_100["id"], first_100["id"]);
+    assert_ne!(second_100["provider_refund"], first_100["provider_refund"]);
+    assert_eq!(refunded().await, 710);
+    let o = app.read_v1(&format!("/v1/orders/{}", order["id"].as_str().unwrap())).await;
+    assert_eq!(o["amount_refunded"], 710);
 }

@@ -316,6 +316,12 @@ async fn after_a_rotation_new_tokens_use_the_new_key_and_the_old_key_leaves_once
     assert!(rotated[0].data.contains(&old_kid));
 }
 
+/// Every key as if first published over a minute ago, longer than
+/// verifiers cache the JWKS: a new configured key then signs.
+async fn published_long_ago(app: &TestApp) {
+    app.server_store.execute_raw("UPDATE signing_keys SET created_at = created_at - 120").await.unwrap();
+}
+
 /// A second tollgate on an existing test database.
 struct Instance {
     base: String,
@@ -416,6 +422,9 @@ async fn a_configured_key_signs_and_the_keys_it_replaced_stay_published() {
     std::fs::write(&path, PEM).unwrap();
     let pem_instance =
         start_on(&app.db, |c| c.jwt_secret_key = secret(path.to_str().unwrap())).await.unwrap();
+    // Once published for longer than verifiers cache the JWKS (see below
+    // for the minute before).
+    published_long_ago(&app).await;
     let resp = issue(&pem_instance.base, &app.client, &app.read_key, "u_conf").await;
     let configured: Value = resp.json().await.unwrap();
     let pem_kid = tollgate::tokens::thumbprint(PEM_PUBLIC_X);
@@ -436,6 +445,7 @@ async fn a_configured_key_signs_and_the_keys_it_replaced_stay_published() {
     // PEM key stays published beside the new one.
     let derived =
         start_on(&app.db, |c| c.jwt_secret_key = secret("4mB9zQ2xLr7Kp0vWc5Ty8Hn3Js6Fd1GeXa")).await.unwrap();
+    published_long_ago(&app).await;
     let resp = issue(&derived.base, &app.client, &app.read_key, "u_conf").await;
     let from_secret: Value = resp.json().await.unwrap();
     let jwks = jwks_of(&derived.base).await;
@@ -500,4 +510,79 @@ async fn an_unreadable_or_invalid_jwt_secret_key_stops_serve_with_the_reason() {
         assert!(stderr.contains(reason), "{value}: {stderr}");
         assert!(!stderr.contains("hunter2"), "a secret is never echoed: {stderr}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rolling_a_jwt_secret_key_change_never_takes_the_active_key_back() {
+    const OLD: &str = "Old7kQ2xLr9Kp0vWc5Ty8Hn3Js6Fd1GeXa";
+    const NEW: &str = "New3mB9zQ2xLr7Kp0vWc5Ty8Hn3Js6Fd1G";
+    let app = spawn_app().await;
+    app.upsert_customer("u_roll", json!({})).await;
+    let generated_kid = token_for(&app, "u_roll").await["kid"].as_str().unwrap().to_owned();
+    let active = || async { app.server_store.active_signing_key().await.unwrap().unwrap().kid };
+    let kid_from = |base: String| {
+        let client = app.client.clone();
+        let key = app.read_key.clone();
+        async move {
+            let resp = issue(&base, &client, &key, "u_roll").await;
+            assert_eq!(resp.status(), 200);
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+
+    let old_a = start_on(&app.db, |c| c.jwt_secret_key = secret(OLD)).await.unwrap();
+    let old_kid = active().await;
+    assert_ne!(old_kid, generated_kid);
+    // Published at once, the configured key signs only once verifiers'
+    // cached JWKS (a minute) hold it; the generated key signs until then.
+    assert_eq!(kids(&jwks_of(&app.base).await)[0], old_kid);
+    assert_eq!(kid_from(old_a.base.clone()).await["kid"], generated_kid.as_str());
+    published_long_ago(&app).await;
+    assert_eq!(kid_from(old_a.base.clone()).await["kid"], old_kid.as_str());
+    // The new key is rolled out: the first new instance makes it active.
+    let new_b = start_on(&app.db, |c| c.jwt_secret_key = secret(NEW)).await.unwrap();
+    let new_kid = active().await;
+    published_long_ago(&app).await;
+    assert_eq!(kid_from(new_b.base.clone()).await["kid"], new_kid.as_str());
+
+    // Old instances (re)starting mid-rollout, with the old key or with none,
+    // leave the newest key active; they sign with their own key, which every
+    // instance publishes.
+    let old_c = start_on(&app.db, |c| {
+        c.jwt_secret_key = secret(OLD);
+        c.entitlement_token_leeway_seconds = 0;
+    })
+    .await
+    .unwrap();
+    let unconfigured = start_on(&app.db, |_| {}).await.unwrap();
+    assert_eq!(active().await, new_kid, "the newest key stays active");
+    let from_old = kid_from(old_c.base.clone()).await;
+    let from_unconfigured = kid_from(unconfigured.base.clone()).await;
+    assert_eq!(from_old["kid"], old_kid.as_str());
+    assert_eq!(from_unconfigured["kid"], generated_kid.as_str());
+    let jwks = jwks_of(&new_b.base).await;
+    verify(from_old["token"].as_str().unwrap(), &jwks, &old_c.base, None).unwrap();
+    verify(from_unconfigured["token"].as_str().unwrap(), &jwks, &unconfigured.base, None).unwrap();
+    // A new instance restarting changes nothing either.
+    let _new_d = start_on(&app.db, |c| c.jwt_secret_key = secret(NEW)).await.unwrap();
+    assert_eq!(active().await, new_kid);
+    let audit = app.server_store.list_audit_entries(&tollgate::store::Page::first(100)).await.unwrap();
+    let activations: Vec<&str> = audit
+        .data
+        .iter()
+        .filter(|e| e.action == "signing_key.rotated" || e.action == "signing_key.created")
+        .map(|e| e.object_id.as_str())
+        .collect();
+    assert_eq!(activations, [new_kid.as_str(), old_kid.as_str(), generated_kid.as_str()], "newest first");
+
+    // However long the rollout takes, the old key stays published while an
+    // instance still signs with it.
+    let sql = format!("UPDATE signing_keys SET retired_at = retired_at - 100000 WHERE kid = '{old_kid}'");
+    app.server_store.execute_raw(&sql).await.unwrap();
+    assert!(!kids(&jwks_of(&new_b.base).await).contains(&old_kid), "past its window, unpublished");
+    let late = kid_from(old_c.base.clone()).await;
+    let jwks = jwks_of(&new_b.base).await;
+    assert!(kids(&jwks).contains(&old_kid), "published again while it signs: {:?}", kids(&jwks));
+    verify(late["token"].as_str().unwrap(), &jwks, &old_c.base, None).unwrap();
+    assert_eq!(active().await, new_kid, "and still not active");
 }
