@@ -62,6 +62,9 @@ pub enum Stored {
     Duplicate,
 }
 
+/// The advisory lock that serialises inbox claims on PostgreSQL.
+const INBOX_CLAIM_LOCK: i64 = 0x746f_6c6c_6761_7465; // "tollgate"
+
 impl Store {
     /// Stores a batch in one transaction. Duplicates (already in the inbox,
     /// or twice in the batch) change nothing.
@@ -190,9 +193,21 @@ impl Store {
             super::DbKind::Postgres => " FOR UPDATE SKIP LOCKED",
             super::DbKind::Sqlite => "",
         };
+        if tx.kind() == super::DbKind::Postgres {
+            // One claimer at a time (a claim is two short statements), so
+            // each sees the others' committed leases below.
+            sql!(tx, query("SELECT pg_advisory_xact_lock($1)", INBOX_CLAIM_LOCK).execute).db()?;
+        }
+        // An object's events go to one worker at a time: none is claimed
+        // while another event of its object is leased to a worker, so two
+        // workers never apply one object's consecutive events side by side
+        // (the older one would lose the race and be recorded as stale,
+        // leaving the application without the event for the state between).
         let q = format!(
-            "SELECT {COLUMNS} FROM provider_events \
+            "SELECT {COLUMNS} FROM provider_events pe \
              WHERE status IN ('received', 'failed') AND next_attempt_at <= $1 AND (locked_until IS NULL OR locked_until < $1) \
+             AND NOT EXISTS (SELECT 1 FROM provider_events o WHERE o.provider = pe.provider AND o.object_id = pe.object_id \
+             AND o.status IN ('received', 'failed') AND o.locked_until >= $1) \
              ORDER BY provider_created, id LIMIT $2{skip_locked}"
         );
         let rows: Vec<ProviderEventRecord> =
