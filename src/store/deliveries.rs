@@ -23,18 +23,28 @@ pub(crate) async fn fan_out(
 ) -> StoreResult<usize> {
     // The filter is matched here rather than in SQL: endpoints are few, and
     // the two engines spell "JSON array contains" differently.
-    let endpoints: Vec<(String, String)> = sql!(
-        tx,
-        query_as::<(String, String)>(
-            "SELECT id, events FROM webhook_endpoints WHERE status = 'enabled' AND deleted_at IS NULL ORDER BY id"
-        )
-        .fetch_all
-    )
-    .db()?;
+    let endpoints = match &tx.endpoints {
+        Some(known) => known.clone(),
+        None => {
+            let rows: Vec<(String, String)> = sql!(
+                tx,
+                query_as::<(String, String)>(
+                    "SELECT id, events FROM webhook_endpoints WHERE status = 'enabled' AND deleted_at IS NULL ORDER BY id"
+                )
+                .fetch_all
+            )
+            .db()?;
+            let parsed: std::sync::Arc<[(String, Vec<String>)]> = rows
+                .into_iter()
+                .map(|(id, events)| (id, serde_json::from_str(&events).unwrap_or_default()))
+                .collect();
+            tx.endpoints = Some(parsed.clone());
+            parsed
+        }
+    };
     let now = now_unix();
     let mut queued = 0;
-    for (endpoint_id, events) in endpoints {
-        let types: Vec<String> = serde_json::from_str(&events).unwrap_or_default();
+    for (endpoint_id, types) in endpoints.iter() {
         if !types.iter().any(|t| t == "*" || t == event_type) {
             continue;
         }
@@ -44,7 +54,7 @@ pub(crate) async fn fan_out(
                 "INSERT INTO deliveries (id, endpoint_id, event_id, customer_id, status, attempts, next_attempt_at, created_at) \
                  VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5) ON CONFLICT (endpoint_id, event_id) DO NOTHING",
                 new_id("dlv"),
-                &endpoint_id,
+                endpoint_id,
                 event_id,
                 customer_id,
                 now

@@ -406,6 +406,7 @@ impl Store {
             cache: self.cache.clone(),
             invalidates: Vec::new(),
             audit: Vec::new(),
+            endpoints: None,
         })
     }
 
@@ -467,6 +468,10 @@ pub struct Tx {
     invalidates: Vec<String>,
     /// Audit entries recorded so far, chained at commit (see [`audit::append`]).
     pub(crate) audit: Vec<audit::PendingEntry>,
+    /// The enabled webhook endpoints and their event filters, read once per
+    /// transaction by the first event it emits (an inbox batch emits
+    /// dozens); forgotten when the transaction changes an endpoint.
+    pub(crate) endpoints: Option<std::sync::Arc<[(String, Vec<String>)]>>,
 }
 
 /// A point inside a [`Tx`] to roll back to, undoing one unit of work (one
@@ -486,6 +491,11 @@ impl Tx {
         if !self.invalidates.contains(&key) {
             self.invalidates.push(key);
         }
+    }
+
+    /// Called by every write to `webhook_endpoints` in this transaction.
+    pub(crate) fn endpoints_changed(&mut self) {
+        self.endpoints = None;
     }
 
     /// Marks where the next unit of work starts. Both engines nest
@@ -531,7 +541,7 @@ impl Tx {
     pub async fn commit(mut self) -> StoreResult<()> {
         let pending = std::mem::take(&mut self.audit);
         audit::flush(&mut self, pending).await?;
-        let Tx { mut inner, wake, instance, deliveries_queued, cache, invalidates: keys, audit: _ } = self;
+        let Tx { mut inner, wake, instance, deliveries_queued, cache, invalidates: keys, .. } = self;
         if let (true, TxInner::Postgres(tx)) = (deliveries_queued, &mut inner) {
             // Inside the transaction: PostgreSQL delivers it on commit, and
             // not at all on rollback, so other instances' delivery workers

@@ -67,6 +67,7 @@ impl Store {
         let now = now_unix();
         let events = serde_json::to_string(new.events)?;
         let mut tx = self.begin().await?;
+        tx.endpoints_changed();
         sql!(
             tx,
             query(
@@ -129,6 +130,7 @@ impl Store {
     ) -> StoreResult<bool> {
         let now = now_unix();
         let mut tx = self.begin().await?;
+        tx.endpoints_changed();
         let n = sql!(
             tx,
             query(
@@ -169,6 +171,7 @@ impl Store {
         request_id: Option<&str>,
     ) -> StoreResult<Option<EndpointRecord>> {
         let mut tx = self.begin().await?;
+        tx.endpoints_changed();
         let n = sql!(
             tx,
             query(
@@ -205,6 +208,7 @@ impl Store {
 /// Stops deliveries to an endpoint that told us to (`410 Gone`). Its
 /// undelivered events stay pending and visible.
 pub(crate) async fn disable(tx: &mut Tx, id: &str, reason: &str) -> StoreResult<bool> {
+    tx.endpoints_changed();
     let n = sql!(
         tx,
         query(
@@ -307,6 +311,7 @@ impl Store {
         };
         let was_disabled = before.status == "disabled";
         if was_disabled {
+            tx.endpoints_changed();
             sql!(
                 tx,
                 query(
@@ -406,6 +411,7 @@ impl Store {
             let (id, action, data) = match existing {
                 None => {
                     let id = new_id("we");
+                    tx.endpoints_changed();
                     sql!(
                         tx,
                         query(
@@ -435,6 +441,7 @@ impl Store {
                     continue
                 }
                 Some(s) => {
+                    tx.endpoints_changed();
                     sql!(
                         tx,
                         query(
@@ -476,6 +483,7 @@ impl Store {
             if declared.iter().any(|d| d.key == key) {
                 continue;
             }
+            tx.endpoints_changed();
             sql!(
                 tx,
                 query(
