@@ -373,6 +373,12 @@ pub struct Config {
     /// on PostgreSQL); 0 leaves sending to other instances.
     #[arg(long, env = "WEBHOOK_DELIVERY_WORKERS", global = true)]
     pub webhook_delivery_workers: Option<u32>,
+
+    /// Inbox workers applying provider events in this process (default: 1
+    /// on SQLite, whose one writer gains nothing from more; 2 on
+    /// PostgreSQL); 0 leaves applying to other instances.
+    #[arg(long, env = "INBOX_WORKERS", global = true)]
+    pub inbox_workers: Option<u32>,
 }
 
 impl Config {

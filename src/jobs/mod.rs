@@ -45,6 +45,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         policy: state.config.fulfilment_policy(),
         ..Default::default()
     };
+    let appliers = state.config.inbox_workers.map_or(workers, |n| n as usize);
     let store = state.store.clone();
     let wake = state.inbox_wake.clone();
     let token = shutdown.clone();
@@ -61,7 +62,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
             tracing::warn!(error = %e, "could not wake deferred provider events");
         }
         let mut inner = JoinSet::new();
-        for _ in 0..workers {
+        for _ in 0..appliers {
             inner.spawn(inbox::run(store.clone(), wake.clone(), options.clone(), token.clone()));
         }
         while inner.join_next().await.is_some() {}

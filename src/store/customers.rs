@@ -372,7 +372,8 @@ pub async fn apply_provider_customer(
             }
         }
     };
-    if adopted {
+    // A placeholder was just created with the provider's email and name.
+    if adopted && !created_placeholder {
         let changed = sql!(
             tx,
             query(
