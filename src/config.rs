@@ -379,6 +379,12 @@ pub struct Config {
     /// PostgreSQL); 0 leaves applying to other instances.
     #[arg(long, env = "INBOX_WORKERS", global = true)]
     pub inbox_workers: Option<u32>,
+
+    /// Provider events an inbox worker claims and applies in one
+    /// transaction: larger batches apply more per second, smaller ones
+    /// hold the database (SQLite's one writer) for less time at once.
+    #[arg(long, env = "INBOX_BATCH", default_value_t = 32, global = true)]
+    pub inbox_batch: u32,
 }
 
 impl Config {

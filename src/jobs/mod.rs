@@ -43,6 +43,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         stripe: Some(state.stripe.clone()),
         refetch: state.config.stripe_refetch,
         policy: state.config.fulfilment_policy(),
+        batch: i64::from(state.config.inbox_batch.max(1)),
         ..Default::default()
     };
     let appliers = state.config.inbox_workers.map_or(workers, |n| n as usize);
