@@ -156,13 +156,7 @@ pub fn router(state: AppState) -> Router {
         .merge(events::router())
         .merge(webhook_endpoints::router())
         .merge(tokens::router())
-        // Inner to outer: a request is limited by address, authenticated,
-        // limited by key, and only then is its Idempotency-Key looked up
-        // under that key.
-        .layer(from_fn_with_state(state.clone(), middleware::idempotency))
-        .layer(from_fn_with_state(state.clone(), ratelimit::limit_by_key))
-        .layer(from_fn_with_state(state.clone(), middleware::authenticate))
-        .layer(from_fn_with_state(state.clone(), ratelimit::limit_by_address));
+        .layer(from_fn_with_state(state.clone(), middleware::api));
 
     let app = Router::new()
         .nest("/v1", v1)
