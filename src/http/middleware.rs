@@ -1,14 +1,21 @@
 //! Layers every request passes through: request ids and tracing, metrics,
 //! JSON errors for bare statuses, authentication, and idempotency.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
+use axum::body::{Body, HttpBody};
+use axum::extract::{MatchedPath, Request};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::routing::Route;
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use super::error::{ApiError, ErrorType, REQUEST_ID};
@@ -18,72 +25,175 @@ use crate::auth;
 use crate::store::idempotency::{Claim, StoredResponse};
 
 pub const REQUEST_ID_HEADER: &str = "request-id";
+const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Accepts a caller's `X-Request-Id` only if it is short and plain, so ids
 /// can be logged and echoed without escaping.
 fn incoming_request_id(headers: &HeaderMap) -> Option<String> {
-    let raw = headers.get("x-request-id")?.to_str().ok()?;
+    let raw = headers.get(X_REQUEST_ID)?.to_str().ok()?;
     let ok = !raw.is_empty()
         && raw.len() <= 128
         && raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
     ok.then(|| raw.to_owned())
 }
 
-/// Outermost layer: gives the request an id, a span, a log line and metrics.
-/// Headers are not recorded, so keys and signatures never reach the logs.
-pub async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let request_id = incoming_request_id(req.headers()).unwrap_or_else(|| crate::ids::new_id("req"));
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().clone();
-    // Any token is a valid HTTP method; only known ones become label values,
-    // so junk requests cannot mint unbounded metric series.
-    let method_label = match method.as_str() {
-        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => m,
-        _ => "other",
-    };
-    let span = tracing::info_span!(
-        "request",
-        request_id = %request_id,
-        method = method_label,
-        route = %route,
-        api_key = tracing::field::Empty
-    );
-    let started = Instant::now();
-    let _in_flight = state.in_flight.enter();
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-    let mut response = REQUEST_ID.scope(request_id.clone(), next.run(req)).instrument(span.clone()).await;
+/// The outermost layer, wrapped around CORS: what were four layers
+/// (request id, tracing and metrics; JSON errors; security headers; panic
+/// catching), because every layer costs each request a boxed clone of the
+/// route and a boxed future. A plain `tower` service rather than
+/// `from_fn`, which boxes the inner service and its future once more.
+#[derive(Clone)]
+pub struct EdgeLayer(pub AppState);
 
-    let elapsed = started.elapsed();
-    let status = response.status();
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+impl<S> Layer<S> for EdgeLayer {
+    type Service = Edge<S>;
+
+    fn layer(&self, inner: S) -> Edge<S> {
+        Edge { state: self.0.clone(), inner }
     }
-    let labels =
-        [("method", method_label.to_owned()), ("route", route), ("status", status.as_u16().to_string())];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
-    span.in_scope(|| {
-        let ms = elapsed.as_secs_f64() * 1000.0;
-        if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), duration_ms = ms, "request failed");
-        } else {
-            tracing::info!(status = status.as_u16(), duration_ms = ms, "request");
-        }
-    });
+}
+
+#[derive(Clone)]
+pub struct Edge<S> {
+    state: AppState,
+    inner: S,
+}
+
+impl<S> Service<Request> for Edge<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    /// Gives the request an id, a span, a log line and metrics. Headers are
+    /// not recorded, so keys and signatures never reach the logs.
+    fn call(&mut self, req: Request) -> Self::Future {
+        let request_id = incoming_request_id(req.headers()).unwrap_or_else(|| crate::ids::new_id("req"));
+        let route = req.extensions().get::<MatchedPath>().cloned();
+        let method_label = method_label(req.method());
+        // Kept for the message of an error a layer answers with a bare status.
+        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let span = tracing::info_span!(
+            "request",
+            request_id = %request_id,
+            method = method_label,
+            route = route.as_ref().map_or("unmatched", MatchedPath::as_str),
+            api_key = tracing::field::Empty
+        );
+        let https = self.state.https;
+        let in_flight = self.state.in_flight.enter();
+        let started = Instant::now();
+        // Panics are caught in `call` too, as tower-http's `CatchPanic` did.
+        let inner = catch_unwind(AssertUnwindSafe(|| self.inner.call(req)));
+        Box::pin(async move {
+            let _in_flight = in_flight;
+            let work = async move {
+                let response = match inner {
+                    Ok(future) => caught(future).await.map(|r| r.unwrap_or_else(|never| match never {})),
+                    Err(panic) => Err(panic),
+                };
+                let response = response.unwrap_or_else(response_for_panic);
+                let mut response = json_errors(response, &method, &uri);
+                security_headers(response.headers_mut(), https);
+                if let Ok(Ok(value)) = REQUEST_ID.try_with(|id| HeaderValue::from_str(id)) {
+                    response.headers_mut().insert(REQUEST_ID_NAME, value);
+                }
+                response
+            };
+            let response = REQUEST_ID.scope(request_id, work).instrument(span.clone()).await;
+            let elapsed = started.elapsed();
+            let status = response.status();
+            let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+            metrics::counter!(
+                "http_requests_total",
+                &[
+                    ("method", method_label.to_owned()),
+                    ("route", route.to_owned()),
+                    ("status", status.as_u16().to_string())
+                ]
+            )
+            .increment(1);
+            metrics::histogram!(
+                "http_request_duration_seconds",
+                &[
+                    ("method", method_label.to_owned()),
+                    ("route", route.to_owned()),
+                    ("status", status.as_u16().to_string())
+                ]
+            )
+            .record(elapsed.as_secs_f64());
+            span.in_scope(|| {
+                let ms = elapsed.as_secs_f64() * 1000.0;
+                if status.is_server_error() {
+                    tracing::warn!(status = status.as_u16(), duration_ms = ms, "request failed");
+                } else {
+                    tracing::info!(status = status.as_u16(), duration_ms = ms, "request");
+                }
+            });
+            Ok(response)
+        })
+    }
+}
+
+/// Any token is a valid HTTP method; only known ones become label values,
+/// so junk requests cannot mint unbounded metric series.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Polls a future, turning a panic into an error instead of unwinding
+/// through the server.
+async fn caught<F: Future>(future: F) -> std::thread::Result<F::Output> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+        Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+        Ok(Poll::Pending) => Poll::Pending,
+        Err(panic) => Poll::Ready(Err(panic)),
+    })
+    .await
+}
+
+/// What tower-http's `CatchPanic` answered (logged, then a bare 500 that
+/// [`json_errors`] turns into the API's opaque internal error).
+fn response_for_panic(panic: Box<dyn std::any::Any + Send>) -> Response {
+    if let Some(s) = panic.downcast_ref::<String>() {
+        tracing::error!("Service panicked: {}", s);
+    } else if let Some(s) = panic.downcast_ref::<&str>() {
+        tracing::error!("Service panicked: {}", s);
+    } else {
+        tracing::error!("Service panicked but `CatchPanic` was unable to downcast the panic info");
+    }
+    let mut response = Response::new(Body::from("Service panicked"));
+    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
 /// Layers outside the handlers (routing fallback, 405, body limits, timeouts,
 /// panic catching) answer with bare statuses; this rewrites any error that is
 /// not already JSON into the API's error shape.
-pub async fn json_errors(req: Request, next: Next) -> Response {
-    let method = req.method().to_string();
-    let path = req.uri().path().to_owned();
-    let response = next.run(req).await;
+fn json_errors(response: Response, method: &Method, uri: &Uri) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
@@ -98,7 +208,7 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
     // Keep the layers' headers (Allow, Retry-After, CORS, security); swap
     // the body and its type.
     let (mut parts, _) = response.into_parts();
-    let replacement = ApiError::for_status(status, &method, &path).into_response();
+    let replacement = ApiError::for_status(status, method.as_str(), uri.path()).into_response();
     let (new_parts, body) = replacement.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
     if let Some(ct) = new_parts.headers.get(header::CONTENT_TYPE) {
@@ -109,25 +219,63 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
 
 /// Security headers on every response. HSTS only when tollgate is served
 /// over https, where browsers honour it.
-pub async fn security_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let mut response = next.run(req).await;
-    let h = response.headers_mut();
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
-    if !h.contains_key("content-security-policy") {
+fn security_headers(h: &mut HeaderMap, https: bool) {
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
         h.insert(
-            "content-security-policy",
+            header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
         );
     }
-    if state.https {
+    if https {
         h.insert(
-            "strict-transport-security",
+            header::STRICT_TRANSPORT_SECURITY,
             HeaderValue::from_static("max-age=63072000; includeSubDomains"),
         );
     }
-    response
+}
+
+/// The `/v1` layer (see [`api`]), as a plain `tower` layer for the same
+/// reason as [`EdgeLayer`].
+#[derive(Clone)]
+pub struct ApiLayer(pub AppState);
+
+impl Layer<Route> for ApiLayer {
+    type Service = Api;
+
+    fn layer(&self, inner: Route) -> Api {
+        Api { state: self.0.clone(), inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Api {
+    state: AppState,
+    inner: Route,
+}
+
+impl<B> Service<Request<B>> for Api
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The inner call comes after awaiting checks, so the future owns
+        // the route.
+        let next = self.inner.clone();
+        let state = self.state.clone();
+        Box::pin(async move { Ok(api(state, req.map(Body::new), next).await) })
+    }
 }
 
 /// Everything `/v1` does before its handlers, as one layer: each layer
@@ -138,7 +286,7 @@ pub async fn security_headers(State(state): State<AppState>, req: Request, next:
 /// POST, PUT and PATCH (its keys live under the authenticated API key).
 /// Each step's refusal carries the `RateLimit-*` headers of the limits
 /// already passed, as when they were separate layers.
-pub async fn api(State(state): State<AppState>, req: Request, next: Next) -> Response {
+async fn api(state: AppState, req: Request, next: Route) -> Response {
     let by_address = match ratelimit::check_address(&state, req.extensions(), req.headers()).await {
         Ok(decision) => decision,
         Err(refused) => return refused,
@@ -154,7 +302,7 @@ pub async fn api(State(state): State<AppState>, req: Request, next: Next) -> Res
 }
 
 /// Authentication, the limit by API key and idempotency.
-async fn authenticated(state: &AppState, mut req: Request, next: Next) -> Result<Response, ApiError> {
+async fn authenticated(state: &AppState, mut req: Request, next: Route) -> Result<Response, ApiError> {
     let principal = authenticate(state, req.headers()).await?;
     let by_key = match ratelimit::check_key(state, &principal.key_id).await {
         Ok(decision) => decision,
@@ -201,12 +349,12 @@ const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// the first response (below 500) is stored and replayed for the same key
 /// and request; another request under the key is refused; a concurrent
 /// duplicate is told to wait. Keys are per API key.
-async fn idempotency(state: &AppState, req: Request, next: Next) -> Result<Response, ApiError> {
+async fn idempotency(state: &AppState, req: Request, next: Route) -> Result<Response, ApiError> {
     if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
-        return Ok(next.run(req).await);
+        return Ok(run(next, req).await);
     }
     let Some(raw_key) = req.headers().get(IDEMPOTENCY_HEADER) else {
-        return Ok(next.run(req).await);
+        return Ok(run(next, req).await);
     };
     let key = raw_key
         .to_str()
@@ -222,7 +370,7 @@ async fn idempotency(state: &AppState, req: Request, next: Next) -> Result<Respo
         })?
         .to_owned();
     let Some(principal) = req.extensions().get::<Principal>().cloned() else {
-        return Ok(next.run(req).await);
+        return Ok(run(next, req).await);
     };
 
     let (parts, body) = req.into_parts();
@@ -271,7 +419,7 @@ async fn idempotency(state: &AppState, req: Request, next: Next) -> Result<Respo
     // the lease.
     let mut guard =
         ReleaseOnDrop { store: state.store.clone(), api_key_id: principal.key_id.clone(), key, armed: true };
-    let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    let response = run(next, Request::from_parts(parts, Body::from(bytes))).await;
     let status = response.status();
     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::CONFLICT {
         // Not an answer worth keeping: let a retry run the request again.
@@ -295,6 +443,10 @@ async fn idempotency(state: &AppState, req: Request, next: Next) -> Result<Respo
         tracing::warn!(error = %e, "could not store idempotent response");
     }
     Ok(Response::from_parts(parts, Body::from(body)))
+}
+
+async fn run(next: Route, req: Request) -> Response {
+    next.oneshot(req).await.unwrap_or_else(|never| match never {})
 }
 
 /// Releases an idempotency claim unless disarmed: runs on every path that

@@ -5,12 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{header, HeaderName, HeaderValue, Method};
-use axum::middleware::{from_fn, from_fn_with_state};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tower_http::catch_panic::CatchPanicLayer;
+use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -143,6 +142,20 @@ pub const EMULATOR_PREFIX: &str = "/emulator/stripe";
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
     let emulator = state.emulator.clone();
+    // Each `Router::layer` boxes every route once more, and every request
+    // clones the boxed stack below each box, so layers are composed with
+    // `ServiceBuilder` (plain nested services) into as few boxes as the
+    // routing allows. Outer to inner: the body limit, the request timeout
+    // (both JSON-ed by the edge), then, on `/v1`, the address limit,
+    // authentication, the key limit and idempotency.
+    let limits = || {
+        ServiceBuilder::new().layer(RequestBodyLimitLayer::new(config.max_body_bytes)).layer(
+            TimeoutLayer::with_status_code(
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                Duration::from_secs(config.request_timeout_seconds.max(1)),
+            ),
+        )
+    };
     let v1 = Router::new()
         .merge(customers::router())
         .merge(entitlements::router())
@@ -156,25 +169,20 @@ pub fn router(state: AppState) -> Router {
         .merge(events::router())
         .merge(webhook_endpoints::router())
         .merge(tokens::router())
-        .layer(from_fn_with_state(state.clone(), middleware::api));
-
-    let app = Router::new()
-        .nest("/v1", v1)
+        .layer(limits().layer(middleware::ApiLayer(state.clone())));
+    let operational = Router::new()
         .merge(health::router())
         .merge(tokens::public_router())
         .merge(docs::router())
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(config.request_timeout_seconds.max(1)),
-        ))
-        .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
-        // Webhooks enforce their own size limit, answering 400 as providers expect.
+        .layer(limits());
+
+    let app = Router::new()
+        .nest("/v1", v1)
+        .merge(operational)
+        // Webhooks enforce their own size limit, answering 400 as providers
+        // expect. Merged last, so the fallback (404) is theirs: unlayered.
         .merge(crate::webhooks::router())
-        .layer(cors(&config))
-        .layer(CatchPanicLayer::new())
-        .layer(from_fn_with_state(state.clone(), middleware::security_headers))
-        .layer(from_fn(middleware::json_errors))
-        .layer(from_fn_with_state(state.clone(), middleware::observe))
+        .layer(ServiceBuilder::new().layer(middleware::EdgeLayer(state.clone())).layer(cors(&config)))
         .with_state(state);
     // The emulator speaks Stripe's conventions, not tollgate's, so it sits
     // outside tollgate's layers.
