@@ -1,12 +1,14 @@
 //! Layers every request passes through: request ids and tracing, metrics,
 //! JSON errors for bare statuses, authentication, and idempotency.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::{PoisonError, RwLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, HttpBody};
 use axum::extract::{MatchedPath, Request};
@@ -90,13 +92,14 @@ where
             route = route.as_ref().map_or("unmatched", MatchedPath::as_str),
             api_key = tracing::field::Empty
         );
-        let https = self.state.https;
-        let in_flight = self.state.in_flight.enter();
+        let state = self.state.clone();
+        let in_flight = state.in_flight.enter();
         let started = Instant::now();
         // Panics are caught in `call` too, as tower-http's `CatchPanic` did.
         let inner = catch_unwind(AssertUnwindSafe(|| self.inner.call(req)));
         Box::pin(async move {
             let _in_flight = in_flight;
+            let https = state.https;
             let work = async move {
                 let response = match inner {
                     Ok(future) => caught(future).await.map(|r| r.unwrap_or_else(|never| match never {})),
@@ -114,24 +117,7 @@ where
             let elapsed = started.elapsed();
             let status = response.status();
             let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-            metrics::counter!(
-                "http_requests_total",
-                &[
-                    ("method", method_label.to_owned()),
-                    ("route", route.to_owned()),
-                    ("status", status.as_u16().to_string())
-                ]
-            )
-            .increment(1);
-            metrics::histogram!(
-                "http_request_duration_seconds",
-                &[
-                    ("method", method_label.to_owned()),
-                    ("route", route.to_owned()),
-                    ("status", status.as_u16().to_string())
-                ]
-            )
-            .record(elapsed.as_secs_f64());
+            state.request_metrics.record(method_label, route, status, elapsed);
             span.in_scope(|| {
                 let ms = elapsed.as_secs_f64() * 1000.0;
                 if status.is_server_error() {
@@ -142,6 +128,54 @@ where
             });
             Ok(response)
         })
+    }
+}
+
+/// `http_requests_total` and `http_request_duration_seconds` by method,
+/// route and status. The handles are built once per series and kept:
+/// `metrics::counter!` with owned label strings built a key, hashed it and
+/// looked it up in the registry on every request. Routes are `MatchedPath`
+/// templates or `unmatched` and methods a fixed set, so the map is bounded.
+#[derive(Default)]
+pub struct RequestMetrics(RwLock<HashMap<Box<str>, Vec<Series>>>);
+
+struct Series {
+    method: &'static str,
+    status: u16,
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl RequestMetrics {
+    fn record(&self, method: &'static str, route: &str, status: StatusCode, elapsed: Duration) {
+        let status = status.as_u16();
+        let seconds = elapsed.as_secs_f64();
+        let find = |all: &[Series]| all.iter().position(|s| s.method == method && s.status == status);
+        {
+            let routes = self.0.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(all) = routes.get(route) {
+                if let Some(i) = find(all) {
+                    all[i].requests.increment(1);
+                    all[i].duration.record(seconds);
+                    return;
+                }
+            }
+        }
+        let labels =
+            [("method", method.to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
+        let series = Series {
+            method,
+            status,
+            requests: metrics::counter!("http_requests_total", &labels),
+            duration: metrics::histogram!("http_request_duration_seconds", &labels),
+        };
+        series.requests.increment(1);
+        series.duration.record(seconds);
+        let mut routes = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let all = routes.entry(route.into()).or_default();
+        if find(all).is_none() {
+            all.push(series);
+        }
     }
 }
 

@@ -74,6 +74,9 @@ pub struct AppStateInner {
     /// Requests being handled now, reported by `/health` so operators can
     /// watch a drain.
     pub in_flight: InFlight,
+    /// The request counter and latency histogram of each route, method and
+    /// status, built on first use.
+    pub request_metrics: middleware::RequestMetrics,
     /// The built-in Stripe emulator, when no Stripe key is configured.
     pub emulator: Option<crate::providers::stripe_emulator::Emulator>,
     /// Where verified provider webhooks are made durable.
