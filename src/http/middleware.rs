@@ -414,7 +414,7 @@ async fn idempotency(state: &AppState, req: Request, next: Route) -> Result<Resp
     let mut hasher = Sha256::new();
     hasher.update(parts.method.as_str().as_bytes());
     hasher.update([0]);
-    // Inside `/v1` the router has stripped the prefix; hash what the client sent.
+    // The path the client sent, whatever a nesting router made of it.
     let uri = parts.extensions.get::<axum::extract::OriginalUri>().map_or(&parts.uri, |o| &o.0);
     hasher.update(uri.path().as_bytes());
     hasher.update([0]);

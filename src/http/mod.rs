@@ -179,11 +179,16 @@ pub fn router(state: AppState) -> Router {
         .merge(docs::router())
         .layer(limits());
 
+    // `/v1` routes carry their prefix rather than being nested: `nest` adds
+    // two more layers to every route (prefix stripping, nested path) that
+    // each request paid for. Matched paths are the same strings.
     let app = Router::new()
-        .nest("/v1", v1)
+        .merge(v1)
         .merge(operational)
         // Webhooks enforce their own size limit, answering 400 as providers
-        // expect. Merged last, so the fallback (404) is theirs: unlayered.
+        // expect. Merging a router whose fallback is the default takes its
+        // fallback, so merged last, the 404 for unknown paths (`/v1/…` too)
+        // is the webhooks router's: outside the limits and `/v1` layers.
         .merge(crate::webhooks::router())
         .layer(ServiceBuilder::new().layer(middleware::EdgeLayer(state.clone())).layer(cors(&config)))
         .with_state(state);
