@@ -518,3 +518,38 @@ fn replay(stored: StoredResponse) -> Response {
     response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_while_handling_becomes_the_opaque_json_500() {
+        let outcome = caught(async {
+            tokio::task::yield_now().await;
+            panic!("handler bug");
+        })
+        .await;
+        let Err(panic) = outcome else { panic!("the panic was not caught") };
+        let response = json_errors(response_for_panic(panic), &Method::GET, &Uri::from_static("/v1/x"));
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "internal_error");
+        assert!(!body.to_string().contains("handler bug"), "the panic message stays in the log");
+    }
+
+    #[tokio::test]
+    async fn a_bare_layer_error_is_rewritten_and_keeps_its_headers() {
+        let mut bare = Response::new(Body::empty());
+        *bare.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        bare.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+        let response = json_errors(bare, &Method::DELETE, &Uri::from_static("/livez"));
+        assert_eq!(response.headers()[header::ALLOW], "GET");
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+        assert_eq!(body["error"]["message"], "DELETE is not allowed on /livez.");
+    }
+}
