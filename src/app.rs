@@ -153,6 +153,7 @@ impl Server {
             idempotency_ttl_seconds: (config.idempotency_key_ttl_hours * 3600) as i64,
             config: Arc::new(config),
             in_flight: Default::default(),
+            request_metrics: Default::default(),
             emulator,
             inbox,
             stripe_webhook_secrets: Arc::new(stripe_webhook_secrets),

@@ -11,7 +11,7 @@ use super::{AppState, ListResponse};
 use crate::store::audit::AuditEntry as StoredEntry;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/audit-log", get(list_audit_log))
+    Router::new().route("/v1/audit-log", get(list_audit_log))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -15,7 +15,7 @@ use crate::ids::CatalogKey;
 use crate::store::catalog::{PriceFilter, PriceRecord, ProductRecord};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/products", get(list_products)).route("/prices", get(list_prices))
+    Router::new().route("/v1/products", get(list_products)).route("/v1/prices", get(list_prices))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

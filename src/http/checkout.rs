@@ -33,8 +33,8 @@ pub(super) const PROVIDER: &str = "stripe";
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/checkout/sessions", post(create_checkout_session))
-        .route("/checkout/sessions/{id}", get(get_checkout_session))
+        .route("/v1/checkout/sessions", post(create_checkout_session))
+        .route("/v1/checkout/sessions/{id}", get(get_checkout_session))
 }
 
 /// One line of a checkout request.

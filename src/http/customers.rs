@@ -16,8 +16,8 @@ use crate::store::customers::{CustomerChanges, CustomerRecord, Upserted};
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/customers", get(list_customers))
-        .route("/customers/{external_id}", get(get_customer).put(upsert_customer))
+        .route("/v1/customers", get(list_customers))
+        .route("/v1/customers/{external_id}", get(get_customer).put(upsert_customer))
 }
 
 /// A customer of the application, linked to its provider customers.

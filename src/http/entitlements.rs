@@ -18,9 +18,9 @@ use crate::store::entitlements::{DebitError, StoredEntitlements};
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/customers/{external_id}/entitlements", get(get_entitlements))
-        .route("/customers/{external_id}/entitlements/{feature}", get(check_entitlement))
-        .route("/customers/{external_id}/balances/{key}/debit", post(debit_balance))
+        .route("/v1/customers/{external_id}/entitlements", get(get_entitlements))
+        .route("/v1/customers/{external_id}/entitlements/{feature}", get(check_entitlement))
+        .route("/v1/customers/{external_id}/balances/{key}/debit", post(debit_balance))
 }
 
 /// A customer's current entitlements.
@@ -153,7 +153,7 @@ pub async fn check_entitlement(
         e.features.contains(&feature) || limit.is_some_and(|l| l > 0) || balance.is_some_and(|b| b > 0);
     Ok(Json(EntitlementCheck {
         object: "entitlement_check",
-        customer: external.to_string(),
+        customer: external.into(),
         feature,
         allowed,
         limit,

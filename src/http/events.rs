@@ -13,7 +13,7 @@ use crate::ids::ExternalId;
 use crate::store::events::EventRecord;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/events", get(list_events)).route("/events/{id}", get(get_event))
+    Router::new().route("/v1/events", get(list_events)).route("/v1/events/{id}", get(get_event))
 }
 
 /// Something that happened, as the application's webhooks announce it.

@@ -1,89 +1,233 @@
 //! Layers every request passes through: request ids and tracing, metrics,
 //! JSON errors for bare statuses, authentication, and idempotency.
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::{PoisonError, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
+use axum::body::{Body, HttpBody};
+use axum::extract::{MatchedPath, Request};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::routing::Route;
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use super::error::{ApiError, ErrorType, REQUEST_ID};
 use super::extract::Principal;
-use super::AppState;
+use super::{ratelimit, AppState};
 use crate::auth;
 use crate::store::idempotency::{Claim, StoredResponse};
 
 pub const REQUEST_ID_HEADER: &str = "request-id";
+const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Accepts a caller's `X-Request-Id` only if it is short and plain, so ids
 /// can be logged and echoed without escaping.
 fn incoming_request_id(headers: &HeaderMap) -> Option<String> {
-    let raw = headers.get("x-request-id")?.to_str().ok()?;
+    let raw = headers.get(X_REQUEST_ID)?.to_str().ok()?;
     let ok = !raw.is_empty()
         && raw.len() <= 128
         && raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
     ok.then(|| raw.to_owned())
 }
 
-/// Outermost layer: gives the request an id, a span, a log line and metrics.
-/// Headers are not recorded, so keys and signatures never reach the logs.
-pub async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let request_id = incoming_request_id(req.headers()).unwrap_or_else(|| crate::ids::new_id("req"));
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().clone();
-    // Any token is a valid HTTP method; only known ones become label values,
-    // so junk requests cannot mint unbounded metric series.
-    let method_label = match method.as_str() {
-        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => m,
-        _ => "other",
-    };
-    let span = tracing::info_span!(
-        "request",
-        request_id = %request_id,
-        method = method_label,
-        route = %route,
-        api_key = tracing::field::Empty
-    );
-    let started = Instant::now();
-    let _in_flight = state.in_flight.enter();
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-    let mut response = REQUEST_ID.scope(request_id.clone(), next.run(req)).instrument(span.clone()).await;
+/// The outermost layer, wrapped around CORS: what were four layers
+/// (request id, tracing and metrics; JSON errors; security headers; panic
+/// catching), because every layer costs each request a boxed clone of the
+/// route and a boxed future. A plain `tower` service rather than
+/// `from_fn`, which boxes the inner service and its future once more.
+#[derive(Clone)]
+pub struct EdgeLayer(pub AppState);
 
-    let elapsed = started.elapsed();
-    let status = response.status();
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+impl<S> Layer<S> for EdgeLayer {
+    type Service = Edge<S>;
+
+    fn layer(&self, inner: S) -> Edge<S> {
+        Edge { state: self.0.clone(), inner }
     }
-    let labels =
-        [("method", method_label.to_owned()), ("route", route), ("status", status.as_u16().to_string())];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
-    span.in_scope(|| {
-        let ms = elapsed.as_secs_f64() * 1000.0;
-        if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), duration_ms = ms, "request failed");
-        } else {
-            tracing::info!(status = status.as_u16(), duration_ms = ms, "request");
+}
+
+#[derive(Clone)]
+pub struct Edge<S> {
+    state: AppState,
+    inner: S,
+}
+
+impl<S> Service<Request> for Edge<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    /// Gives the request an id, a span, a log line and metrics. Headers are
+    /// not recorded, so keys and signatures never reach the logs.
+    fn call(&mut self, req: Request) -> Self::Future {
+        let request_id = incoming_request_id(req.headers()).unwrap_or_else(|| crate::ids::new_id("req"));
+        let route = req.extensions().get::<MatchedPath>().cloned();
+        let method_label = method_label(req.method());
+        // Kept for the message of an error a layer answers with a bare status.
+        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let span = tracing::info_span!(
+            "request",
+            request_id = %request_id,
+            method = method_label,
+            route = route.as_ref().map_or("unmatched", MatchedPath::as_str),
+            api_key = tracing::field::Empty
+        );
+        let state = self.state.clone();
+        let in_flight = state.in_flight.enter();
+        let started = Instant::now();
+        // Panics are caught in `call` too, as tower-http's `CatchPanic` did.
+        let inner = catch_unwind(AssertUnwindSafe(|| self.inner.call(req)));
+        Box::pin(async move {
+            let _in_flight = in_flight;
+            let https = state.https;
+            let work = async move {
+                let response = match inner {
+                    Ok(future) => caught(future).await.map(|r| r.unwrap_or_else(|never| match never {})),
+                    Err(panic) => Err(panic),
+                };
+                let response = response.unwrap_or_else(response_for_panic);
+                let mut response = json_errors(response, &method, &uri);
+                security_headers(response.headers_mut(), https);
+                if let Ok(Ok(value)) = REQUEST_ID.try_with(|id| HeaderValue::from_str(id)) {
+                    response.headers_mut().insert(REQUEST_ID_NAME, value);
+                }
+                response
+            };
+            let response = REQUEST_ID.scope(request_id, work).instrument(span.clone()).await;
+            let elapsed = started.elapsed();
+            let status = response.status();
+            let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+            state.request_metrics.record(method_label, route, status, elapsed);
+            span.in_scope(|| {
+                let ms = elapsed.as_secs_f64() * 1000.0;
+                if status.is_server_error() {
+                    tracing::warn!(status = status.as_u16(), duration_ms = ms, "request failed");
+                } else {
+                    tracing::info!(status = status.as_u16(), duration_ms = ms, "request");
+                }
+            });
+            Ok(response)
+        })
+    }
+}
+
+/// `http_requests_total` and `http_request_duration_seconds` by method,
+/// route and status. The handles are built once per series and kept:
+/// `metrics::counter!` with owned label strings built a key, hashed it and
+/// looked it up in the registry on every request. Routes are `MatchedPath`
+/// templates or `unmatched` and methods a fixed set, so the map is bounded.
+#[derive(Default)]
+pub struct RequestMetrics(RwLock<HashMap<Box<str>, Vec<Series>>>);
+
+struct Series {
+    method: &'static str,
+    status: u16,
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl RequestMetrics {
+    fn record(&self, method: &'static str, route: &str, status: StatusCode, elapsed: Duration) {
+        let status = status.as_u16();
+        let seconds = elapsed.as_secs_f64();
+        let find = |all: &[Series]| all.iter().position(|s| s.method == method && s.status == status);
+        {
+            let routes = self.0.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(all) = routes.get(route) {
+                if let Some(i) = find(all) {
+                    all[i].requests.increment(1);
+                    all[i].duration.record(seconds);
+                    return;
+                }
+            }
         }
-    });
+        let labels =
+            [("method", method.to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
+        let series = Series {
+            method,
+            status,
+            requests: metrics::counter!("http_requests_total", &labels),
+            duration: metrics::histogram!("http_request_duration_seconds", &labels),
+        };
+        series.requests.increment(1);
+        series.duration.record(seconds);
+        let mut routes = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let all = routes.entry(route.into()).or_default();
+        if find(all).is_none() {
+            all.push(series);
+        }
+    }
+}
+
+/// Any token is a valid HTTP method; only known ones become label values,
+/// so junk requests cannot mint unbounded metric series.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Polls a future, turning a panic into an error instead of unwinding
+/// through the server.
+async fn caught<F: Future>(future: F) -> std::thread::Result<F::Output> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+        Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+        Ok(Poll::Pending) => Poll::Pending,
+        Err(panic) => Poll::Ready(Err(panic)),
+    })
+    .await
+}
+
+/// What tower-http's `CatchPanic` answered (logged, then a bare 500 that
+/// [`json_errors`] turns into the API's opaque internal error).
+fn response_for_panic(panic: Box<dyn std::any::Any + Send>) -> Response {
+    if let Some(s) = panic.downcast_ref::<String>() {
+        tracing::error!("Service panicked: {}", s);
+    } else if let Some(s) = panic.downcast_ref::<&str>() {
+        tracing::error!("Service panicked: {}", s);
+    } else {
+        tracing::error!("Service panicked but `CatchPanic` was unable to downcast the panic info");
+    }
+    let mut response = Response::new(Body::from("Service panicked"));
+    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
 /// Layers outside the handlers (routing fallback, 405, body limits, timeouts,
 /// panic catching) answer with bare statuses; this rewrites any error that is
 /// not already JSON into the API's error shape.
-pub async fn json_errors(req: Request, next: Next) -> Response {
-    let method = req.method().to_string();
-    let path = req.uri().path().to_owned();
-    let response = next.run(req).await;
+fn json_errors(response: Response, method: &Method, uri: &Uri) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
@@ -98,7 +242,7 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
     // Keep the layers' headers (Allow, Retry-After, CORS, security); swap
     // the body and its type.
     let (mut parts, _) = response.into_parts();
-    let replacement = ApiError::for_status(status, &method, &path).into_response();
+    let replacement = ApiError::for_status(status, method.as_str(), uri.path()).into_response();
     let (new_parts, body) = replacement.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
     if let Some(ct) = new_parts.headers.get(header::CONTENT_TYPE) {
@@ -109,36 +253,110 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
 
 /// Security headers on every response. HSTS only when tollgate is served
 /// over https, where browsers honour it.
-pub async fn security_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let mut response = next.run(req).await;
-    let h = response.headers_mut();
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
-    if !h.contains_key("content-security-policy") {
+fn security_headers(h: &mut HeaderMap, https: bool) {
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
         h.insert(
-            "content-security-policy",
+            header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
         );
     }
-    if state.https {
+    if https {
         h.insert(
-            "strict-transport-security",
+            header::STRICT_TRANSPORT_SECURITY,
             HeaderValue::from_static("max-age=63072000; includeSubDomains"),
         );
+    }
+}
+
+/// The `/v1` layer (see [`api`]), as a plain `tower` layer for the same
+/// reason as [`EdgeLayer`].
+#[derive(Clone)]
+pub struct ApiLayer(pub AppState);
+
+impl Layer<Route> for ApiLayer {
+    type Service = Api;
+
+    fn layer(&self, inner: Route) -> Api {
+        Api { state: self.0.clone(), inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Api {
+    state: AppState,
+    inner: Route,
+}
+
+impl<B> Service<Request<B>> for Api
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The inner call comes after awaiting checks, so the future owns
+        // the route.
+        let next = self.inner.clone();
+        let state = self.state.clone();
+        Box::pin(async move { Ok(api(state, req.map(Body::new), next).await) })
+    }
+}
+
+/// Everything `/v1` does before its handlers, as one layer: each layer
+/// costs every request a boxed clone of the route and a boxed future, and
+/// four of them were a large part of an entitlement check. In order: the
+/// limit by client address (so a flood of bad keys never reaches a key
+/// lookup), authentication, the limit by API key, then idempotency for
+/// POST, PUT and PATCH (its keys live under the authenticated API key).
+/// Each step's refusal carries the `RateLimit-*` headers of the limits
+/// already passed, as when they were separate layers.
+async fn api(state: AppState, req: Request, next: Route) -> Response {
+    let by_address = match ratelimit::check_address(&state, req.extensions(), req.headers()).await {
+        Ok(decision) => decision,
+        Err(refused) => return refused,
+    };
+    let mut response = match authenticated(&state, req, next).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    if let Some(decision) = &by_address {
+        ratelimit::report(response.headers_mut(), decision);
     }
     response
 }
 
+/// Authentication, the limit by API key and idempotency.
+async fn authenticated(state: &AppState, mut req: Request, next: Route) -> Result<Response, ApiError> {
+    let principal = authenticate(state, req.headers()).await?;
+    let by_key = match ratelimit::check_key(state, &principal.key_id).await {
+        Ok(decision) => decision,
+        Err(refused) => return Ok(refused),
+    };
+    req.extensions_mut().insert(principal);
+    let mut response = match idempotency(state, req, next).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    if let Some(decision) = &by_key {
+        ratelimit::report(response.headers_mut(), decision);
+    }
+    Ok(response)
+}
+
 /// `Authorization: Bearer tg_…` on every `/v1` route: 401 without a valid,
 /// unrevoked key. Scope is checked by each handler's extractor.
-pub async fn authenticate(
-    State(state): State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let header = req
-        .headers()
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let header = headers
         .get(header::AUTHORIZATION)
         .ok_or_else(|| ApiError::unauthenticated("No API key provided. Send Authorization: Bearer tg_…"))?;
     let token = header
@@ -156,12 +374,7 @@ pub async fn authenticate(
         .await?
         .ok_or_else(|| ApiError::unauthenticated("Invalid API key provided."))?;
     tracing::Span::current().record("api_key", record.id.as_str());
-    req.extensions_mut().insert(Principal {
-        key_id: record.id.clone(),
-        scope: record.scope,
-        mode: record.mode,
-    });
-    Ok(next.run(req).await)
+    Ok(Principal { key_id: record.id.clone(), scope: record.scope, mode: record.mode })
 }
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -175,16 +388,12 @@ const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// retried runs again; but the key stays bound to that request, since the
 /// failed attempt may have had effects. Only a 409 or 429, refused before
 /// anything happened, frees the key for another request.
-pub async fn idempotency(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
+async fn idempotency(state: &AppState, req: Request, next: Route) -> Result<Response, ApiError> {
     if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
-        return Ok(next.run(req).await);
+        return Ok(run(next, req).await);
     }
     let Some(raw_key) = req.headers().get(IDEMPOTENCY_HEADER) else {
-        return Ok(next.run(req).await);
+        return Ok(run(next, req).await);
     };
     let key = raw_key
         .to_str()
@@ -200,7 +409,7 @@ pub async fn idempotency(
         })?
         .to_owned();
     let Some(principal) = req.extensions().get::<Principal>().cloned() else {
-        return Ok(next.run(req).await);
+        return Ok(run(next, req).await);
     };
 
     let (parts, body) = req.into_parts();
@@ -210,7 +419,7 @@ pub async fn idempotency(
     let mut hasher = Sha256::new();
     hasher.update(parts.method.as_str().as_bytes());
     hasher.update([0]);
-    // Inside `/v1` the router has stripped the prefix; hash what the client sent.
+    // The path the client sent, whatever a nesting router made of it.
     let uri = parts.extensions.get::<axum::extract::OriginalUri>().map_or(&parts.uri, |o| &o.0);
     hasher.update(uri.path().as_bytes());
     hasher.update([0]);
@@ -254,7 +463,7 @@ pub async fn idempotency(
         armed: true,
         forget: false,
     };
-    let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    let response = run(next, Request::from_parts(parts, Body::from(bytes))).await;
     let status = response.status();
     if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::CONFLICT {
         // Refused, nothing done: the key is free again, for any request.
@@ -283,6 +492,10 @@ pub async fn idempotency(
         tracing::warn!(error = %e, "could not store idempotent response");
     }
     Ok(Response::from_parts(parts, Body::from(body)))
+}
+
+async fn run(next: Route, req: Request) -> Response {
+    next.oneshot(req).await.unwrap_or_else(|never| match never {})
 }
 
 /// Releases an idempotency claim unless disarmed: runs on every path that
@@ -327,4 +540,39 @@ fn replay(stored: StoredResponse) -> Response {
     }
     response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_while_handling_becomes_the_opaque_json_500() {
+        let outcome = caught(async {
+            tokio::task::yield_now().await;
+            panic!("handler bug");
+        })
+        .await;
+        let Err(panic) = outcome else { panic!("the panic was not caught") };
+        let response = json_errors(response_for_panic(panic), &Method::GET, &Uri::from_static("/v1/x"));
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "internal_error");
+        assert!(!body.to_string().contains("handler bug"), "the panic message stays in the log");
+    }
+
+    #[tokio::test]
+    async fn a_bare_layer_error_is_rewritten_and_keeps_its_headers() {
+        let mut bare = Response::new(Body::empty());
+        *bare.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        bare.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+        let response = json_errors(bare, &Method::DELETE, &Uri::from_static("/livez"));
+        assert_eq!(response.headers()[header::ALLOW], "GET");
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+        assert_eq!(body["error"]["message"], "DELETE is not allowed on /livez.");
+    }
 }

@@ -5,12 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{header, HeaderName, HeaderValue, Method};
-use axum::middleware::{from_fn, from_fn_with_state};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tower_http::catch_panic::CatchPanicLayer;
+use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -75,6 +74,9 @@ pub struct AppStateInner {
     /// Requests being handled now, reported by `/health` so operators can
     /// watch a drain.
     pub in_flight: InFlight,
+    /// The request counter and latency histogram of each route, method and
+    /// status, built on first use.
+    pub request_metrics: middleware::RequestMetrics,
     /// The built-in Stripe emulator, when no Stripe key is configured.
     pub emulator: Option<crate::providers::stripe_emulator::Emulator>,
     /// Where verified provider webhooks are made durable.
@@ -143,6 +145,20 @@ pub const EMULATOR_PREFIX: &str = "/emulator/stripe";
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
     let emulator = state.emulator.clone();
+    // Each `Router::layer` boxes every route once more, and every request
+    // clones the boxed stack below each box, so layers are composed with
+    // `ServiceBuilder` (plain nested services) into as few boxes as the
+    // routing allows. Outer to inner: the body limit, the request timeout
+    // (both JSON-ed by the edge), then, on `/v1`, the address limit,
+    // authentication, the key limit and idempotency.
+    let limits = || {
+        ServiceBuilder::new().layer(RequestBodyLimitLayer::new(config.max_body_bytes)).layer(
+            TimeoutLayer::with_status_code(
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                Duration::from_secs(config.request_timeout_seconds.max(1)),
+            ),
+        )
+    };
     let v1 = Router::new()
         .merge(customers::router())
         .merge(entitlements::router())
@@ -156,31 +172,25 @@ pub fn router(state: AppState) -> Router {
         .merge(events::router())
         .merge(webhook_endpoints::router())
         .merge(tokens::router())
-        // Inner to outer: a request is limited by address, authenticated,
-        // limited by key, and only then is its Idempotency-Key looked up
-        // under that key.
-        .layer(from_fn_with_state(state.clone(), middleware::idempotency))
-        .layer(from_fn_with_state(state.clone(), ratelimit::limit_by_key))
-        .layer(from_fn_with_state(state.clone(), middleware::authenticate))
-        .layer(from_fn_with_state(state.clone(), ratelimit::limit_by_address));
-
-    let app = Router::new()
-        .nest("/v1", v1)
+        .layer(limits().layer(middleware::ApiLayer(state.clone())));
+    let operational = Router::new()
         .merge(health::router())
         .merge(tokens::public_router())
         .merge(docs::router())
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(config.request_timeout_seconds.max(1)),
-        ))
-        .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
-        // Webhooks enforce their own size limit, answering 400 as providers expect.
+        .layer(limits());
+
+    // `/v1` routes carry their prefix rather than being nested: `nest` adds
+    // two more layers to every route (prefix stripping, nested path) that
+    // each request paid for. Matched paths are the same strings.
+    let app = Router::new()
+        .merge(v1)
+        .merge(operational)
+        // Webhooks enforce their own size limit, answering 400 as providers
+        // expect. Merging a router whose fallback is the default takes its
+        // fallback, so merged last, the 404 for unknown paths (`/v1/…` too)
+        // is the webhooks router's: outside the limits and `/v1` layers.
         .merge(crate::webhooks::router())
-        .layer(cors(&config))
-        .layer(CatchPanicLayer::new())
-        .layer(from_fn_with_state(state.clone(), middleware::security_headers))
-        .layer(from_fn(middleware::json_errors))
-        .layer(from_fn_with_state(state.clone(), middleware::observe))
+        .layer(ServiceBuilder::new().layer(middleware::EdgeLayer(state.clone())).layer(cors(&config)))
         .with_state(state);
     // The emulator speaks Stripe's conventions, not tollgate's, so it sits
     // outside tollgate's layers.

@@ -18,9 +18,9 @@ use crate::store::refunds::{NewRefund, RefundRefusal, RefundRequestRow, Reservat
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/orders", get(list_orders))
-        .route("/orders/{id}", get(get_order))
-        .route("/orders/{id}/refunds", post(create_refund))
+        .route("/v1/orders", get(list_orders))
+        .route("/v1/orders/{id}", get(get_order))
+        .route("/v1/orders/{id}/refunds", post(create_refund))
 }
 
 /// One line of an order.

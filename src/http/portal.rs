@@ -15,7 +15,7 @@ use super::AppState;
 use crate::providers::stripe::{derived_idempotency_key, Form};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/portal/sessions", post(create_portal_session))
+    Router::new().route("/v1/portal/sessions", post(create_portal_session))
 }
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]

@@ -12,9 +12,9 @@ use crate::store::provider_events::ProviderEventRecord;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/provider-events", get(list_provider_events))
-        .route("/provider-events/{id}", get(get_provider_event))
-        .route("/provider-events/{id}/replay", post(replay_provider_event))
+        .route("/v1/provider-events", get(list_provider_events))
+        .route("/v1/provider-events/{id}", get(get_provider_event))
+        .route("/v1/provider-events/{id}/replay", post(replay_provider_event))
 }
 
 /// A provider webhook as received, and what became of it.

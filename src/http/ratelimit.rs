@@ -6,15 +6,14 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
+use axum::http::Extensions;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ipnet::IpNet;
 
 use super::error::{ApiError, ErrorType};
-use super::extract::Principal;
 use super::AppState;
 use crate::ratelimit::{AddressKey, Decision};
 
@@ -28,17 +27,22 @@ pub const RESET: &str = "ratelimit-reset";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub IpAddr);
 
+impl ClientAddr {
+    fn of(extensions: &Extensions, headers: &HeaderMap, state: &AppState) -> Self {
+        // Without connection info (a router driven directly, as in unit
+        // tests and the bench) there is no peer; the unspecified address
+        // stands for it.
+        let peer =
+            extensions.get::<ConnectInfo<SocketAddr>>().map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        ClientAddr(client_address(peer, headers, &state.trusted_proxies))
+    }
+}
+
 impl FromRequestParts<AppState> for ClientAddr {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        // Without connection info (a router driven directly, as in unit
-        // tests) there is no peer; the unspecified address stands for it.
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-        Ok(ClientAddr(client_address(peer, &parts.headers, &state.trusted_proxies)))
+        Ok(ClientAddr::of(&parts.extensions, &parts.headers, state))
     }
 }
 
@@ -79,36 +83,31 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip())).map(canonical)
 }
 
-/// Per client address, on every `/v1` request, authenticated or not.
-pub async fn limit_by_address(
-    State(state): State<AppState>,
-    ClientAddr(ip): ClientAddr,
-    req: Request,
-    next: Next,
-) -> Response {
-    let Some(limiter) = &state.rate_limits.per_address else { return next.run(req).await };
+/// The limit per client address, on every `/v1` request, authenticated or
+/// not: the decision to report on the response (`None`: no such limit), or
+/// the refusal.
+pub(super) async fn check_address(
+    state: &AppState,
+    extensions: &Extensions,
+    headers: &HeaderMap,
+) -> Result<Option<Decision>, Response> {
+    let Some(limiter) = &state.rate_limits.per_address else { return Ok(None) };
+    let ClientAddr(ip) = ClientAddr::of(extensions, headers, state);
     let decision = limiter.check(&AddressKey::new(ip)).await;
     if !decision.allowed {
-        return too_many_requests(&decision, "from this address");
+        return Err(too_many_requests(&decision, "from this address"));
     }
-    let mut response = next.run(req).await;
-    report(response.headers_mut(), &decision);
-    response
+    Ok(Some(decision))
 }
 
-/// Per API key, once authenticated.
-pub async fn limit_by_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let (Some(limiter), Some(principal)) = (&state.rate_limits.per_key, req.extensions().get::<Principal>())
-    else {
-        return next.run(req).await;
-    };
-    let decision = limiter.check(&principal.key_id).await;
+/// The limit per API key, once authenticated; as [`check_address`].
+pub(super) async fn check_key(state: &AppState, key_id: &String) -> Result<Option<Decision>, Response> {
+    let Some(limiter) = &state.rate_limits.per_key else { return Ok(None) };
+    let decision = limiter.check(key_id).await;
     if !decision.allowed {
-        return too_many_requests(&decision, "for this API key");
+        return Err(too_many_requests(&decision, "for this API key"));
     }
-    let mut response = next.run(req).await;
-    report(response.headers_mut(), &decision);
-    response
+    Ok(Some(decision))
 }
 
 fn too_many_requests(decision: &Decision, whom: &str) -> Response {
@@ -127,7 +126,7 @@ fn too_many_requests(decision: &Decision, whom: &str) -> Response {
 
 /// Sets the `RateLimit-*` headers, unless an inner limit already reported
 /// fewer remaining requests: clients see whichever limit binds first.
-fn report(headers: &mut HeaderMap, decision: &Decision) {
+pub(super) fn report(headers: &mut HeaderMap, decision: &Decision) {
     let inner_remaining =
         headers.get(REMAINING).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u32>().ok());
     if inner_remaining.is_some_and(|inner| inner <= decision.remaining) {

@@ -16,11 +16,11 @@ use crate::store::subscriptions::{Answered, SubscriptionRow};
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/subscriptions", get(list_subscriptions))
-        .route("/subscriptions/{id}", get(get_subscription))
-        .route("/subscriptions/{id}/change", post(change_subscription))
-        .route("/subscriptions/{id}/cancel", post(cancel_subscription))
-        .route("/subscriptions/{id}/resume", post(resume_subscription))
+        .route("/v1/subscriptions", get(list_subscriptions))
+        .route("/v1/subscriptions/{id}", get(get_subscription))
+        .route("/v1/subscriptions/{id}/change", post(change_subscription))
+        .route("/v1/subscriptions/{id}/cancel", post(cancel_subscription))
+        .route("/v1/subscriptions/{id}/resume", post(resume_subscription))
 }
 
 /// One priced item of a subscription.

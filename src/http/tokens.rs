@@ -21,7 +21,7 @@ use crate::tokens::{self, Issue, Jwks, TokenEntitlements, JWKS_MAX_AGE_SECONDS};
 
 /// `/v1` routes.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/customers/{external_id}/entitlement-token", post(create_entitlement_token))
+    Router::new().route("/v1/customers/{external_id}/entitlement-token", post(create_entitlement_token))
 }
 
 /// Public routes, outside `/v1`: no API key.

@@ -17,12 +17,12 @@ use crate::store::webhook_endpoints::{EndpointRecord, NewEndpoint};
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/webhook-endpoints", post(create_webhook_endpoint).get(list_webhook_endpoints))
-        .route("/webhook-endpoints/{id}", get(get_webhook_endpoint).delete(delete_webhook_endpoint))
-        .route("/webhook-endpoints/{id}/rotate-secret", post(rotate_webhook_endpoint_secret))
-        .route("/webhook-endpoints/{id}/enable", post(enable_webhook_endpoint))
-        .route("/webhook-endpoints/{id}/deliveries", get(list_deliveries))
-        .route("/deliveries/{id}/retry", post(retry_delivery))
+        .route("/v1/webhook-endpoints", post(create_webhook_endpoint).get(list_webhook_endpoints))
+        .route("/v1/webhook-endpoints/{id}", get(get_webhook_endpoint).delete(delete_webhook_endpoint))
+        .route("/v1/webhook-endpoints/{id}/rotate-secret", post(rotate_webhook_endpoint_secret))
+        .route("/v1/webhook-endpoints/{id}/enable", post(enable_webhook_endpoint))
+        .route("/v1/webhook-endpoints/{id}/deliveries", get(list_deliveries))
+        .route("/v1/deliveries/{id}/retry", post(retry_delivery))
 }
 
 /// An application URL that receives events.

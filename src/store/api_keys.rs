@@ -104,7 +104,7 @@ impl Store {
     /// so it is answered from memory when it can be (revocation
     /// invalidates it in every instance; unknown digests are not cached).
     pub async fn find_api_key_by_digest(&self, digest: &str) -> StoreResult<Option<Arc<ApiKeyRecord>>> {
-        let key = CacheKey::ApiKey(digest.to_owned()).encode();
+        let key = CacheKey::api_key(digest);
         let ticket = match self.cache.lookup(&self.cache.api_keys, &key) {
             Some(Lookup::Hit(record)) => return Ok(Some(record)),
             Some(Lookup::Miss(ticket)) => Some(ticket),

@@ -107,9 +107,27 @@ pub enum CacheKey {
 impl CacheKey {
     pub(crate) fn encode(&self) -> String {
         match self {
-            CacheKey::Customer(external) => format!("c:{external}"),
-            CacheKey::ApiKey(digest) => format!("k:{digest}"),
+            CacheKey::Customer(external) => Self::customer(external),
+            CacheKey::ApiKey(digest) => Self::api_key(digest),
         }
+    }
+
+    /// [`CacheKey::Customer`]'s encoding, from a borrowed id: readers build
+    /// one per request, so without copying the id first.
+    pub(crate) fn customer(external: &str) -> String {
+        Self::prefixed("c:", external)
+    }
+
+    /// [`CacheKey::ApiKey`]'s encoding, from a borrowed digest.
+    pub(crate) fn api_key(digest: &str) -> String {
+        Self::prefixed("k:", digest)
+    }
+
+    fn prefixed(prefix: &str, id: &str) -> String {
+        let mut key = String::with_capacity(prefix.len() + id.len());
+        key.push_str(prefix);
+        key.push_str(id);
+        key
     }
 }
 

@@ -436,7 +436,7 @@ impl Store {
         &self,
         external: &ExternalId,
     ) -> StoreResult<Option<Arc<CustomerEntitlements>>> {
-        let key = CacheKey::Customer(external.as_str().to_owned()).encode();
+        let key = CacheKey::customer(external.as_str());
         let ticket = match self.cache.lookup(&self.cache.entitlements, &key) {
             Some(Lookup::Hit(found)) => return Ok(Some(found)),
             Some(Lookup::Miss(ticket)) => Some(ticket),
