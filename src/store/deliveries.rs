@@ -15,6 +15,9 @@ use crate::ids::new_id;
 
 /// Queues `event_id` for every enabled endpoint subscribed to `event_type`;
 /// returns how many deliveries it queued.
+/// Enabled endpoints and the event types each receives.
+pub(crate) type EndpointFilters = std::sync::Arc<[(String, Vec<String>)]>;
+
 pub(crate) async fn fan_out(
     tx: &mut Tx,
     event_id: &str,
@@ -34,7 +37,7 @@ pub(crate) async fn fan_out(
                 .fetch_all
             )
             .db()?;
-            let parsed: std::sync::Arc<[(String, Vec<String>)]> = rows
+            let parsed: EndpointFilters = rows
                 .into_iter()
                 .map(|(id, events)| (id, serde_json::from_str(&events).unwrap_or_default()))
                 .collect();

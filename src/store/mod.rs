@@ -471,7 +471,7 @@ pub struct Tx {
     /// The enabled webhook endpoints and their event filters, read once per
     /// transaction by the first event it emits (an inbox batch emits
     /// dozens); forgotten when the transaction changes an endpoint.
-    pub(crate) endpoints: Option<std::sync::Arc<[(String, Vec<String>)]>>,
+    pub(crate) endpoints: Option<deliveries::EndpointFilters>,
 }
 
 /// A point inside a [`Tx`] to roll back to, undoing one unit of work (one
