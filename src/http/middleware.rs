@@ -468,10 +468,14 @@ async fn idempotency(state: &AppState, req: Request, next: Route) -> Result<Resp
     if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::CONFLICT {
         // Refused, nothing done: the key is free again, for any request.
         guard.forget = true;
+        guard.release_now().await;
         return Ok(response);
     }
     if status.is_server_error() {
         // Not an answer worth keeping: let a retry run the request again.
+        // Released before the answer leaves, so a client retrying at once
+        // is not told the key is still in use.
+        guard.release_now().await;
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
@@ -507,6 +511,22 @@ struct ReleaseOnDrop {
     key: String,
     armed: bool,
     forget: bool,
+}
+
+impl ReleaseOnDrop {
+    /// Releases (or forgets) the key now, before the response is sent.
+    /// (Dropped half-way, the guard is still armed and releases it as usual.)
+    async fn release_now(&mut self) {
+        let done = if self.forget {
+            self.store.forget_idempotency_key(&self.api_key_id, &self.key).await
+        } else {
+            self.store.release_idempotency_key(&self.api_key_id, &self.key).await
+        };
+        self.armed = false;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "could not release idempotency key");
+        }
+    }
 }
 
 impl Drop for ReleaseOnDrop {
