@@ -17,13 +17,7 @@ const MARGIN_SECONDS: i64 = 60;
 
 #[tracing::instrument(name = "job.abandoned_checkouts", skip_all)]
 pub async fn run(state: AppState, shutdown: CancellationToken, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    super::every(&shutdown, every, || async {
         let cutoff = crate::store::now_unix() - state.request_timeout_seconds - MARGIN_SECONDS;
         match state.store.expire_abandoned_checkouts(cutoff, &Actor::System("checkout_sweeper")).await {
             Ok(n) if n > 0 => {
@@ -33,5 +27,6 @@ pub async fn run(state: AppState, shutdown: CancellationToken, every: Duration) 
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "abandoned-checkout sweep failed; will retry"),
         }
-    }
+    })
+    .await;
 }

@@ -11,17 +11,12 @@ use crate::http::AppState;
 #[tracing::instrument(name = "job.grace", skip_all)]
 pub async fn run(state: AppState, shutdown: CancellationToken, every: Duration) {
     let policy = state.config.fulfilment_policy();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    super::every(&shutdown, every, || async {
         match state.store.recompute_past_due_entitlements(&policy).await {
             Ok(n) if n > 0 => tracing::info!(customers = n, "entitlements changed as grace periods ended"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "grace-period recomputation failed; will retry"),
         }
-    }
+    })
+    .await;
 }

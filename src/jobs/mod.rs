@@ -15,6 +15,24 @@ pub mod rate_limits;
 pub mod reconcile;
 pub mod retention;
 
+/// Runs `work` every `period` (the first time at once) until `shutdown`;
+/// a run that overruns delays the next instead of piling up.
+pub async fn every<F, Fut>(shutdown: &CancellationToken, period: Duration, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        work().await;
+    }
+}
+
 /// The running workers, to be awaited at shutdown.
 pub struct Workers {
     tasks: JoinSet<()>,

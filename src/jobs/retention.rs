@@ -14,15 +14,10 @@ use crate::store::ops::days_ago;
 
 #[tracing::instrument(name = "job.retention", skip_all)]
 pub async fn run(state: AppState, shutdown: CancellationToken, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    super::every(&shutdown, every, || async {
         prune_once(&state).await;
-    }
+    })
+    .await;
 }
 
 /// One pass over every kind; a failing kind is retried at the next tick

@@ -152,21 +152,11 @@ pub(crate) async fn flush(tx: &mut Tx, pending: Vec<PendingEntry>) -> StoreResul
             entry
         })
         .collect();
-    let sqlite = tx.kind() == super::DbKind::Sqlite;
     for chunk in entries.chunks(ROWS_PER_STATEMENT) {
-        // Positional `?` on SQLite, as in the inbox's batch insert.
-        let rows: Vec<String> = (0..chunk.len())
-            .map(|r| {
-                let p: Vec<String> = (1..=COLUMNS_PER_ROW)
-                    .map(|c| if sqlite { "?".to_owned() } else { format!("${}", r * COLUMNS_PER_ROW + c) })
-                    .collect();
-                format!("({})", p.join(", "))
-            })
-            .collect();
+        let rows = super::value_rows(tx.kind(), chunk.len(), COLUMNS_PER_ROW);
         let sql = format!(
             "INSERT INTO audit_log (seq, id, at, actor, action, object_type, object_id, data, request_id, prev_hash, hash) \
-             VALUES {}",
-            rows.join(", ")
+             VALUES {rows}"
         );
         macro_rules! bind_rows {
             ($query:expr) => {{

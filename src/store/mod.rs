@@ -597,6 +597,23 @@ impl Tx {
     }
 }
 
+/// The `VALUES` list of a multi-row statement: `(?, ?), (?, ?)` on SQLite,
+/// which resolves a numbered parameter's name with a linear search (so
+/// hundreds of `$n` are quadratic) while plain `?` is positional;
+/// `($1, $2), ($3, $4)` on PostgreSQL.
+pub(crate) fn value_rows(kind: DbKind, rows: usize, columns: usize) -> String {
+    let row = |r: usize| {
+        let params: Vec<String> = (1..=columns)
+            .map(|c| match kind {
+                DbKind::Sqlite => "?".to_owned(),
+                DbKind::Postgres => format!("${}", r * columns + c),
+            })
+            .collect();
+        format!("({})", params.join(", "))
+    };
+    (0..rows).map(row).collect::<Vec<_>>().join(", ")
+}
+
 /// Seconds since the Unix epoch: the unit every stored timestamp uses, so
 /// that comparisons and sorting behave the same on both engines.
 pub fn now_unix() -> i64 {
@@ -708,5 +725,17 @@ where
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_rows_number_postgres_parameters_across_rows_and_keep_sqlite_positional() {
+        assert_eq!(value_rows(DbKind::Postgres, 2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(value_rows(DbKind::Sqlite, 2, 2), "(?, ?), (?, ?)");
+        assert_eq!(value_rows(DbKind::Postgres, 1, 1), "($1)");
     }
 }

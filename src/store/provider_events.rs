@@ -82,25 +82,11 @@ impl Store {
         let mut ordered: Vec<&NewProviderEvent> = events.iter().collect();
         ordered.sort_by(|a, b| (a.provider, &a.provider_event_id).cmp(&(b.provider, &b.provider_event_id)));
         for chunk in ordered.chunks(ROWS_PER_STATEMENT) {
-            // SQLite resolves a numbered parameter's name with a linear
-            // search, which makes hundreds of `$n` quadratic; plain `?` is
-            // positional there.
-            let sqlite = tx.kind() == super::DbKind::Sqlite;
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|r| {
-                    let p: Vec<String> = (1..=COLUMNS_PER_ROW)
-                        .map(
-                            |c| if sqlite { "?".to_owned() } else { format!("${}", r * COLUMNS_PER_ROW + c) },
-                        )
-                        .collect();
-                    format!("({})", p.join(", "))
-                })
-                .collect();
+            let rows = super::value_rows(tx.kind(), chunk.len(), COLUMNS_PER_ROW);
             let sql = format!(
                 "INSERT INTO provider_events (id, provider, provider_event_id, event_type, object_id, provider_created, \
-                 api_version, livemode, body, source, status, next_attempt_at, received_at, processed_at) VALUES {} \
-                 ON CONFLICT (provider, provider_event_id) DO NOTHING RETURNING provider_event_id",
-                rows.join(", ")
+                 api_version, livemode, body, source, status, next_attempt_at, received_at, processed_at) VALUES {rows} \
+                 ON CONFLICT (provider, provider_event_id) DO NOTHING RETURNING provider_event_id"
             );
             macro_rules! bind_rows {
                 ($query:expr) => {{
