@@ -136,15 +136,41 @@ async fn record(store: &Store, attempts: Vec<Attempt>) {
     }
     let batch: Vec<(&str, &str, &AttemptOutcome)> =
         attempts.iter().map(|a| (a.delivery.as_str(), a.endpoint.as_str(), &a.outcome)).collect();
-    match store.record_delivery_attempts(&batch).await {
-        Ok(disabled) => {
-            for a in attempts.iter().zip(disabled).filter_map(|(a, d)| d.then_some(a)) {
-                tracing::warn!(endpoint = %a.endpoint, delivery = %a.delivery, "endpoint answered 410 Gone; disabled");
+    let disabled = match store.record_delivery_attempts(&batch).await {
+        Ok(disabled) => disabled,
+        // One attempt that cannot be recorded must not take the others
+        // with it: record each on its own.
+        Err(e) if batch.len() > 1 => {
+            tracing::warn!(error = %e, attempts = batch.len(), "could not record delivery attempts together; recording them one by one");
+            let mut disabled = Vec::with_capacity(batch.len());
+            for one in &batch {
+                match store.record_delivery_attempts(std::slice::from_ref(one)).await {
+                    Ok(d) => disabled.extend(d),
+                    Err(e) => {
+                        tracing::warn!(error = %e, delivery = %one.0, "could not record a delivery attempt; it will be retried");
+                        disabled.push(false);
+                    }
+                }
             }
+            disabled
         }
         Err(e) => {
-            tracing::warn!(error = %e, attempts = attempts.len(), "could not record delivery attempts; they will be retried")
+            tracing::warn!(error = %e, "could not record a delivery attempt; it will be retried");
+            return;
         }
+    };
+    for a in attempts.iter().zip(disabled).filter_map(|(a, d)| d.then_some(a)) {
+        tracing::warn!(endpoint = %a.endpoint, delivery = %a.delivery, "endpoint answered 410 Gone; disabled");
+    }
+}
+
+/// Text from an endpoint, storable in any database: PostgreSQL refuses
+/// NUL in text columns, and an endpoint may answer anything.
+fn storable(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
     }
 }
 
@@ -196,8 +222,8 @@ async fn attempt(client: &reqwest::Client, options: &DeliveryOptions, d: Claimed
         outcome: AttemptOutcome {
             status_code,
             duration_ms: elapsed.as_millis() as i64,
-            error,
-            response,
+            error: error.map(storable),
+            response: response.map(storable),
             retry,
             disable_endpoint: gone.then(|| "the endpoint answered 410 Gone".to_owned()),
         },
@@ -276,6 +302,12 @@ fn ulid_ms(id: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_text_with_nul_becomes_storable() {
+        assert_eq!(storable("ok\0body".to_owned()), "ok\u{FFFD}body");
+        assert_eq!(storable("plain".to_owned()), "plain");
+    }
 
     #[test]
     fn eight_attempts_then_dead() {

@@ -95,6 +95,7 @@ pub async fn work_once(store: &Store, options: &InboxWorkerOptions) -> crate::st
     if events.is_empty() {
         return Ok(0);
     }
+    let claimed_at = std::time::Instant::now();
     let stripe = options.stripe.as_ref();
     let mut outcomes: Vec<(&ProviderEventRecord, Result<Applied, ApplyError>)> =
         Vec::with_capacity(events.len());
@@ -106,35 +107,55 @@ pub async fn work_once(store: &Store, options: &InboxWorkerOptions) -> crate::st
             Err(e) => outcomes.push((event, Err(e))),
         }
     }
-    let mut again = Vec::new();
+    // Events to apply again one by one, with their place in the claim: an
+    // object's later events follow its conflicted one there, in order, so
+    // the newer never passes the older and turns it stale.
+    let mut again: Vec<(usize, &ProviderEventRecord)> = Vec::new();
+    if !ready.is_empty()
+        && claimed_at.elapsed() > Duration::from_secs((options.lease_seconds / 3).max(1) as u64)
+    {
+        // Provider calls (line items, refetches) used much of the lease:
+        // keep the batch ours, so no other worker takes its objects.
+        let ids: Vec<&str> = ready.iter().map(|(event, _)| event.id.as_str()).collect();
+        store.renew_provider_event_leases(&ids, options.lease_seconds).await?;
+    }
     if !ready.is_empty() {
         let mut tx = store.begin().await?;
         let mut applied = Vec::with_capacity(ready.len());
-        for (event, prepared) in ready {
+        let mut held_back: std::collections::HashSet<(&str, Option<&str>)> = Default::default();
+        for (index, (event, prepared)) in ready.into_iter().enumerate() {
+            let object = (event.provider.as_str(), event.object_id.as_deref());
+            if held_back.contains(&object) {
+                again.push((index, event));
+                continue;
+            }
             let point = tx.savepoint().await?;
             match apply::apply_in(&mut tx, event, prepared, &options.policy).await {
                 Ok(outcome) => {
                     tx.release(point).await?;
-                    applied.push((event, Ok(outcome)));
+                    applied.push((index, event, Ok(outcome)));
                 }
                 Err(e) => {
                     tx.rollback_to(point).await?;
                     if e.is_conflict() {
-                        again.push(event);
+                        held_back.insert(object);
+                        again.push((index, event));
                     } else {
-                        applied.push((event, Err(e)));
+                        applied.push((index, event, Err(e)));
                     }
                 }
             }
         }
         match tx.commit().await {
-            Ok(()) => outcomes.extend(applied),
+            Ok(()) => outcomes.extend(applied.into_iter().map(|(_, event, outcome)| (event, outcome))),
             Err(e) => {
                 tracing::warn!(error = %e, events = applied.len(), "inbox batch did not commit; applying its events one by one");
-                again.extend(applied.into_iter().map(|(event, _)| event));
+                again.extend(applied.into_iter().map(|(index, event, _)| (index, event)));
             }
         }
     }
+    again.sort_by_key(|(index, _)| *index);
+    let again = again.into_iter().map(|(_, event)| event);
     for event in again {
         let mut outcome = apply::apply(store, event, stripe, options.refetch, &options.policy).await;
         for _ in 0..3 {

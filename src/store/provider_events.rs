@@ -225,6 +225,35 @@ impl Store {
         Ok(rows)
     }
 
+    /// Extends the leases of claimed events still waiting, for a batch whose
+    /// provider calls took a good part of the lease before it could apply.
+    pub async fn renew_provider_event_leases(&self, ids: &[&str], lease_seconds: i64) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        let placeholders: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
+        let update = format!(
+            "UPDATE provider_events SET locked_until = $1 WHERE status IN ('received', 'failed') AND id IN ({})",
+            placeholders.join(", ")
+        );
+        macro_rules! bind_ids {
+            ($query:expr) => {{
+                let mut q = $query.bind(now_unix() + lease_seconds);
+                for id in ids {
+                    q = q.bind(*id);
+                }
+                q
+            }};
+        }
+        match tx.exec() {
+            super::Exec::Sqlite(c) => bind_ids!(sqlx::query(&update)).execute(c).await.map(|_| ()),
+            super::Exec::Postgres(c) => bind_ids!(sqlx::query(&update)).execute(c).await.map(|_| ()),
+        }
+        .db()?;
+        tx.commit().await
+    }
+
     /// Records a failed attempt: retried at `retry_at`, or `dead` if out of attempts.
     pub async fn fail_provider_event(&self, id: &str, error: &str, retry_at: Option<i64>) -> StoreResult<()> {
         let mut tx = self.begin().await?;
