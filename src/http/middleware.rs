@@ -428,12 +428,12 @@ async fn idempotency(state: &AppState, req: Request, next: Route) -> Result<Resp
 
     let ttl = state.idempotency_ttl_seconds;
     let lease = state.request_timeout_seconds + 30;
-    match state
+    let first = match state
         .store
         .claim_idempotency_key(&principal.key_id, &key, &fingerprint, lease, ttl)
         .await?
     {
-        Claim::Acquired => {}
+        Claim::Acquired { first } => first,
         Claim::Replay(stored) => return Ok(replay(stored)),
         Claim::InFlight => {
             return Err(ApiError::new(
@@ -451,7 +451,7 @@ async fn idempotency(state: &AppState, req: Request, next: Route) -> Result<Resp
                 "This Idempotency-Key was already used with a different request; use a new key for a new request.",
             ))
         }
-    }
+    };
 
     // If the request is abandoned (timeout, client gone, panic), the guard
     // frees the key so that the client's retry runs instead of waiting out
@@ -466,8 +466,10 @@ async fn idempotency(state: &AppState, req: Request, next: Route) -> Result<Resp
     let response = run(next, Request::from_parts(parts, Body::from(bytes))).await;
     let status = response.status();
     if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::CONFLICT {
-        // Refused, nothing done: the key is free again, for any request.
-        guard.forget = true;
+        // Refused, nothing done: the key is free again, for any request;
+        // unless an earlier attempt ran under it (a 5xx, an abandoned
+        // request), whose effects keep it bound to this request.
+        guard.forget = first;
         guard.release_now().await;
         return Ok(response);
     }

@@ -19,7 +19,10 @@ pub struct StoredResponse {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// The key is ours: run the request, then `complete` or `release`.
-    Acquired,
+    /// `first`: this claim created it; otherwise an earlier attempt of the
+    /// same request ran under it (and failed, or was abandoned) and may
+    /// have had effects, so it must stay bound to this request.
+    Acquired { first: bool },
     /// The same request already completed: replay this.
     Replay(StoredResponse),
     /// The same request is running now.
@@ -78,7 +81,7 @@ impl Store {
             == 1;
         if inserted {
             tx.commit().await?;
-            return Ok(Claim::Acquired);
+            return Ok(Claim::Acquired { first: true });
         }
         let lock = match tx.kind() {
             super::DbKind::Postgres => " FOR UPDATE",
@@ -112,7 +115,7 @@ impl Store {
                 .execute
             )
             .db()?;
-            Claim::Acquired
+            Claim::Acquired { first: false }
         } else {
             Claim::InFlight
         };

@@ -679,6 +679,17 @@ async fn a_failed_checkout_retried_after_its_prices_changed_is_a_409_and_changes
         (&json!("expired"), &json!("provider_unavailable"))
     );
 
+    // The first attempt ran under the key (its session and order exist),
+    // so the 409 does not free it for a different request.
+    let other = payment("u_repriced", json!([{ "price": "card_pack_5", "quantity": 1 }]));
+    let resp = app
+        .post_json("/v1/checkout/sessions", other)
+        .header("idempotency-key", "cart-9")
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 422, "idempotency_error", "idempotency_key_reused").await;
+
     // A new key is a new checkout, at today's price.
     let fresh = created(send("cart-10").await.unwrap()).await;
     assert_eq!(fresh["amount_total"], 1200);

@@ -75,7 +75,7 @@ async fn a_request_still_in_flight_is_a_409() {
     sha2::Digest::update(&mut hasher, &body);
     let fingerprint = hex::encode(sha2::Digest::finalize(hasher));
     let claim = store.claim_idempotency_key(&write.id, "busy", &fingerprint, 60, 86_400).await.unwrap();
-    assert_eq!(claim, tollgate::store::idempotency::Claim::Acquired);
+    assert_eq!(claim, tollgate::store::idempotency::Claim::Acquired { first: true });
 
     let resp = app
         .client
@@ -91,7 +91,7 @@ async fn a_request_still_in_flight_is_a_409() {
 
     // A lease that lapsed (its holder died) is taken over.
     let claim = store.claim_idempotency_key(&write.id, "dead", &fingerprint, -1, 86_400).await.unwrap();
-    assert_eq!(claim, tollgate::store::idempotency::Claim::Acquired);
+    assert_eq!(claim, tollgate::store::idempotency::Claim::Acquired { first: true });
     let resp = app
         .client
         .put(app.url("/v1/customers/slow"))
