@@ -268,7 +268,9 @@ async fn the_breaker_opens_when_the_provider_is_gone_and_closes_when_it_is_back(
     until_open(&client).await;
     assert_fails_fast(&client).await;
 
-    let listener = eventually(Duration::from_secs(5), || async {
+    // The freed port can be taken for a while by another test's outgoing
+    // connection (same ephemeral range); it comes back when that closes.
+    let listener = eventually(Duration::from_secs(60), || async {
         tokio::net::TcpListener::bind(address.as_str()).await.ok()
     })
     .await;
