@@ -193,8 +193,16 @@ impl StripeClient {
             .build()
             .expect("HTTP client builds");
         let base = base.trim_end_matches('/').to_owned();
+        // Clients with the same options share one breaker (in production
+        // every client is built from one configuration); a client with
+        // other thresholds (a test's, at a reused port) gets its own
+        // instead of silently inheriting the first one's.
         let breaker = CircuitBreaker::shared(
-            &format!("{PROVIDER} {base}"),
+            &format!(
+                "{PROVIDER} {base} {} {}",
+                options.breaker_failures,
+                options.breaker_cooldown.as_millis()
+            ),
             PROVIDER,
             options.breaker_failures,
             options.breaker_cooldown,
