@@ -62,6 +62,34 @@ pub enum Stored {
     Duplicate,
 }
 
+/// Leases waiting events to this worker until `until`, in one statement
+/// (ids are tollgate's own, but bound, never spliced).
+async fn lease(tx: &mut super::Tx, ids: &[&str], until: i64) -> StoreResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let placeholders: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
+    let update = format!(
+        "UPDATE provider_events SET locked_until = $1 WHERE status IN ('received', 'failed') AND id IN ({})",
+        placeholders.join(", ")
+    );
+    macro_rules! bind_ids {
+        ($query:expr) => {{
+            let mut q = $query.bind(until);
+            for id in ids {
+                q = q.bind(*id);
+            }
+            q
+        }};
+    }
+    match tx.exec() {
+        super::Exec::Sqlite(c) => bind_ids!(sqlx::query(&update)).execute(c).await.map(|_| ()),
+        super::Exec::Postgres(c) => bind_ids!(sqlx::query(&update)).execute(c).await.map(|_| ()),
+    }
+    .db()?;
+    Ok(())
+}
+
 /// The advisory lock that serialises inbox claims on PostgreSQL.
 const INBOX_CLAIM_LOCK: i64 = 0x746f_6c6c_6761_7465; // "tollgate"
 
@@ -198,29 +226,8 @@ impl Store {
         );
         let rows: Vec<ProviderEventRecord> =
             sql!(tx, query_as::<ProviderEventRecord>(&q, now, limit).fetch_all).db()?;
-        if !rows.is_empty() {
-            // One statement for the whole claim (ids are tollgate's own, but
-            // bound, never spliced).
-            let placeholders: Vec<String> = (0..rows.len()).map(|i| format!("${}", i + 2)).collect();
-            let update = format!(
-                "UPDATE provider_events SET locked_until = $1 WHERE id IN ({})",
-                placeholders.join(", ")
-            );
-            macro_rules! bind_ids {
-                ($query:expr) => {{
-                    let mut q = $query.bind(now + lease_seconds);
-                    for row in &rows {
-                        q = q.bind(&row.id);
-                    }
-                    q
-                }};
-            }
-            match tx.exec() {
-                super::Exec::Sqlite(c) => bind_ids!(sqlx::query(&update)).execute(c).await.map(|_| ()),
-                super::Exec::Postgres(c) => bind_ids!(sqlx::query(&update)).execute(c).await.map(|_| ()),
-            }
-            .db()?;
-        }
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        lease(&mut tx, &ids, now + lease_seconds).await?;
         tx.commit().await?;
         Ok(rows)
     }
@@ -232,25 +239,7 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.begin().await?;
-        let placeholders: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
-        let update = format!(
-            "UPDATE provider_events SET locked_until = $1 WHERE status IN ('received', 'failed') AND id IN ({})",
-            placeholders.join(", ")
-        );
-        macro_rules! bind_ids {
-            ($query:expr) => {{
-                let mut q = $query.bind(now_unix() + lease_seconds);
-                for id in ids {
-                    q = q.bind(*id);
-                }
-                q
-            }};
-        }
-        match tx.exec() {
-            super::Exec::Sqlite(c) => bind_ids!(sqlx::query(&update)).execute(c).await.map(|_| ()),
-            super::Exec::Postgres(c) => bind_ids!(sqlx::query(&update)).execute(c).await.map(|_| ()),
-        }
-        .db()?;
+        lease(&mut tx, ids, now_unix() + lease_seconds).await?;
         tx.commit().await
     }
 
