@@ -180,9 +180,24 @@ pub async fn apply(
 ) -> Result<Applied, ApplyError> {
     let Some(prepared) = prepare(store, event, stripe, refetch).await? else { return Ok(Applied::Deferred) };
     let mut tx = store.begin().await?;
-    let outcome = apply_in(&mut tx, event, prepared, policy).await?;
+    let outcome = apply_in(&mut tx, event, &prepared, Marked::No, policy).await?;
     tx.commit().await?;
     Ok(outcome)
+}
+
+/// Whether the caller already marked the event done in this transaction
+/// (a batch marks its events with one statement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marked {
+    No,
+    Yes,
+}
+
+impl Prepared {
+    /// Mapped, so applying it marks it `processed` (not `ignored`).
+    pub fn is_applicable(&self) -> bool {
+        self.disposition == Disposition::Apply
+    }
 }
 
 /// Applies one prepared event inside `tx`, which may hold other events of
@@ -191,15 +206,17 @@ pub async fn apply(
 pub async fn apply_in(
     tx: &mut crate::store::Tx,
     event: &ProviderEventRecord,
-    prepared: Prepared,
+    prepared: &Prepared,
+    marked: Marked,
     policy: &crate::billing::entitlements::Policy,
 ) -> Result<Applied, ApplyError> {
     let Prepared { disposition, body, line_items } = prepared;
+    let disposition = *disposition;
     // Claim the event for this transaction first, marking it done: a second
     // worker holding a lapsed lease finds it done and changes nothing, and a
     // failure below rolls the mark back with everything else.
     let status = if disposition == Disposition::Ignore { "ignored" } else { "processed" };
-    if !mark_applied(tx, &event.id, status).await? {
+    if marked == Marked::No && !mark_applied(tx, &event.id, status).await? {
         return Ok(Applied::AlreadyDone);
     }
     let outcome = match disposition {
