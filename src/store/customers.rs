@@ -339,6 +339,19 @@ pub async fn apply_provider_customer(
     actor: &Actor,
     policy: &Policy,
 ) -> StoreResult<()> {
+    mirror_provider_customer(tx, pc, actor, policy).await.map(|_| ())
+}
+
+/// [`apply_provider_customer`], answering the customer the provider
+/// customer is now linked to when this transaction knows it for certain
+/// (it found or made the link itself); `None` when another transaction's
+/// link won or the link is marked deleted, so the caller reads it.
+async fn mirror_provider_customer(
+    tx: &mut super::Tx,
+    pc: &ProviderCustomer,
+    actor: &Actor,
+    policy: &Policy,
+) -> StoreResult<Option<String>> {
     let now = now_unix();
     let adopted = pc.external_id.is_none();
     let may_change_link = pc.external_id.is_some() || pc.deleted;
@@ -432,7 +445,7 @@ pub async fn apply_provider_customer(
             };
             audit::append(tx, record).await?;
         }
-        return Ok(());
+        return Ok(None);
     }
     if linked.is_none() {
         let inserted = sql!(
@@ -458,6 +471,7 @@ pub async fn apply_provider_customer(
                 request_id: None,
             };
             audit::append(tx, record).await?;
+            return Ok(Some(customer_id));
         } else if let (Some(external), Some(other)) =
             (&pc.external_id, linked_customer(tx, pc.provider, &pc.id).await?)
         {
@@ -473,8 +487,9 @@ pub async fn apply_provider_customer(
             // the retry finds the link.
             return Err(StoreError::Conflict(format!("provider customer {} linked concurrently", pc.id)));
         }
+        return Ok(None);
     }
-    Ok(())
+    Ok(Some(customer_id))
 }
 
 /// The customer a provider customer is linked to. On PostgreSQL the link is
@@ -533,7 +548,9 @@ pub async fn resolve_provider_customer(
         external_id: external_id.clone(),
         ..Default::default()
     };
-    apply_provider_customer(tx, &pc, actor, policy).await?;
+    if let Some(id) = mirror_provider_customer(tx, &pc, actor, policy).await? {
+        return Ok(id);
+    }
     if let Some(id) = linked_customer(tx, provider, provider_customer_id).await? {
         return Ok(id);
     }

@@ -274,25 +274,57 @@ pub async fn recompute_entitlements(
     // writer): the later one reads what the earlier one committed. The
     // customer row always exists, unlike a first entitlements row.
     // The external id names the cache entry a change invalidates.
-    let lock = if tx.kind() == DbKind::Postgres { " FOR UPDATE" } else { "" };
-    let external_id: Option<String> = sql!(
-        tx,
-        query_scalar::<String>(
-            &format!("SELECT external_id FROM customers WHERE id = $1{lock}"),
-            customer_id
+    let (external_id, stored) = if tx.kind() == DbKind::Postgres {
+        let external_id: Option<String> = sql!(
+            tx,
+            query_scalar::<String>("SELECT external_id FROM customers WHERE id = $1 FOR UPDATE", customer_id)
+                .fetch_optional
         )
-        .fetch_optional
-    )
-    .db()?;
-    let stored: Option<(i64, String, i64)> = sql!(
-        tx,
-        query_as::<(i64, String, i64)>(
-            &format!("SELECT version, document, updated_at FROM entitlements WHERE customer_id = $1{lock}"),
-            customer_id
+        .db()?;
+        let stored: Option<(i64, String, i64)> = sql!(
+            tx,
+            query_as::<(i64, String, i64)>(
+                "SELECT version, document, updated_at FROM entitlements WHERE customer_id = $1 FOR UPDATE",
+                customer_id
+            )
+            .fetch_optional
         )
-        .fetch_optional
-    )
-    .db()?;
+        .db()?;
+        (external_id, stored)
+    } else {
+        // Nothing to lock: one statement for both.
+        type Row = (Option<String>, Option<i64>, Option<String>, Option<i64>);
+        let row: Option<Row> = sql!(
+            tx,
+            query_as::<Row>(
+                "SELECT c.external_id, e.version, e.document, e.updated_at FROM customers c \
+                 LEFT JOIN entitlements e ON e.customer_id = c.id WHERE c.id = $1",
+                customer_id
+            )
+            .fetch_optional
+        )
+        .db()?;
+        match row {
+            Some((external_id, Some(version), Some(document), Some(updated_at))) => {
+                (external_id, Some((version, document, updated_at)))
+            }
+            Some((external_id, ..)) => (external_id, None),
+            // No customer row (the caller's own problem): as before, no
+            // cache key, and any stored document still counts.
+            None => {
+                let stored: Option<(i64, String, i64)> = sql!(
+                    tx,
+                    query_as::<(i64, String, i64)>(
+                        "SELECT version, document, updated_at FROM entitlements WHERE customer_id = $1",
+                        customer_id
+                    )
+                    .fetch_optional
+                )
+                .db()?;
+                (None, stored)
+            }
+        }
+    };
     let derived = derive_entitlements(tx, customer_id, policy, now).await?;
     let document = serde_json::to_string(&derived)?;
     if let Some((version, doc, updated_at)) = &stored {
@@ -357,16 +389,37 @@ async fn derive_entitlements(
     policy: &Policy,
     now: i64,
 ) -> StoreResult<Entitlements> {
-    let subs: Vec<(String, Option<i64>, String)> = sql!(
+    // The three sources in one statement (on SQLite every statement is a
+    // round trip to the one writer's thread), tagged by source, each in its
+    // own order: live subscriptions and active grants by id, balances by key.
+    type SourceRow = (String, Option<String>, Option<i64>, Option<String>);
+    let rows: Vec<SourceRow> = sql!(
         tx,
-        query_as::<(String, Option<i64>, String)>(
-            "SELECT status, past_due_since, items FROM subscriptions WHERE customer_id = $1 \
-             AND status IN ('active', 'trialing', 'past_due') ORDER BY id",
+        query_as::<SourceRow>(
+            "SELECT source, label, amount, document FROM ( \
+             SELECT 's' AS source, id AS ord, status AS label, past_due_since AS amount, items AS document \
+             FROM subscriptions WHERE customer_id = $1 AND status IN ('active', 'trialing', 'past_due') \
+             UNION ALL SELECT 'g', id, NULL, NULL, grants FROM grants WHERE customer_id = $1 AND status = 'active' \
+             UNION ALL SELECT 'b', balance_key, balance_key, CAST(SUM(amount) AS BIGINT), NULL \
+             FROM credit_ledger WHERE customer_id = $1 GROUP BY balance_key \
+             ) sources ORDER BY source, ord",
             customer_id
         )
         .fetch_all
     )
     .db()?;
+    let mut subs: Vec<(String, Option<i64>, String)> = Vec::new();
+    let mut active: Vec<String> = Vec::new();
+    let mut balances: BTreeMap<String, i64> = BTreeMap::new();
+    for (source, label, amount, document) in rows {
+        match source.as_str() {
+            "s" => subs.push((label.unwrap_or_default(), amount, document.unwrap_or_default())),
+            "g" => active.push(document.unwrap_or_default()),
+            _ => {
+                balances.insert(label.unwrap_or_default(), amount.unwrap_or(0));
+            }
+        }
+    }
     let mut product_grants: BTreeMap<String, Grants> = BTreeMap::new();
     let mut sources = Vec::new();
     for (status, past_due_since, items) in subs {
@@ -390,26 +443,8 @@ async fn derive_entitlements(
         }
         sources.push(SubscriptionSource { status, past_due_since, items: granted });
     }
-    let active: Vec<String> = sql!(
-        tx,
-        query_scalar::<String>(
-            "SELECT grants FROM grants WHERE customer_id = $1 AND status = 'active' ORDER BY id",
-            customer_id
-        )
-        .fetch_all
-    )
-    .db()?;
     let active = active.iter().map(|g| serde_json::from_str::<Grants>(g)).collect::<Result<Vec<_>, _>>()?;
-    let balances: Vec<(String, i64)> = sql!(
-        tx,
-        query_as::<(String, i64)>(
-            "SELECT balance_key, CAST(SUM(amount) AS BIGINT) FROM credit_ledger WHERE customer_id = $1 GROUP BY balance_key",
-            customer_id
-        )
-        .fetch_all
-    )
-    .db()?;
-    Ok(entitlements::derive(&sources, &active, &balances.into_iter().collect(), now, policy))
+    Ok(entitlements::derive(&sources, &active, &balances, now, policy))
 }
 
 /// Why a debit was refused.

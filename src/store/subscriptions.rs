@@ -130,10 +130,14 @@ pub async fn apply_subscription(
 ) -> StoreResult<()> {
     let now = now_unix();
     let first = s.items.first();
-    let (price_id, _) = resolve_price(tx, cause.provider, first.and_then(|i| i.price.as_deref())).await?;
+    // The subscription's price is its first item's.
+    let mut price_id = None;
     let mut items = Vec::new();
-    for item in &s.items {
+    for (index, item) in s.items.iter().enumerate() {
         let (price, product) = resolve_price(tx, cause.provider, item.price.as_deref()).await?;
+        if index == 0 {
+            price_id = price.clone();
+        }
         items.push(json!({
             "price": price, "product": product, "provider_price": item.price,
             "provider_product": item.product, "quantity": item.quantity,
