@@ -59,6 +59,9 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
         }
     };
     let wake = store.delivery_wake();
+    // Deliveries this process's commits lease to it as they queue them
+    // (SQLite) are sent without a claim transaction in between.
+    let registration = store.register_for_handoff(options.lease_seconds());
     let mut last_gauge: Option<Instant> = None;
     // Sends run side by side, up to `batch` at once, and the worker claims
     // more as each finishes: a slow endpoint (up to the timeout) holds one
@@ -66,33 +69,43 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
     // worker takes them meanwhile.
     let mut in_flight: JoinSet<Attempt> = JoinSet::new();
     // Finished sends not yet recorded. They are recorded together, in one
-    // transaction, before the next claim: at a thousand deliveries a second
-    // that is a handful of commits instead of a thousand (on SQLite each
-    // commit is an fsync on the one writer), and a customer's next event,
-    // held back until this one is recorded, is claimable by that claim.
+    // transaction, beside the sending (one recording at a time): at a
+    // thousand deliveries a second that is a handful of commits instead of
+    // a thousand (on SQLite each commit is an fsync on the one writer), and
+    // new deliveries do not wait for it. A customer's next event, held back
+    // until this one is recorded, is claimed once the recording ends.
     let mut finished: Vec<Attempt> = Vec::new();
+    let mut recording: JoinSet<()> = JoinSet::new();
     loop {
         while let Some(done) = in_flight.try_join_next() {
             finished.extend(done.ok());
         }
-        record(&store, std::mem::take(&mut finished)).await;
+        while recording.try_join_next().is_some() {}
+        if recording.is_empty() && !finished.is_empty() {
+            let (store, batch) = (store.clone(), std::mem::take(&mut finished));
+            recording.spawn(async move { record(&store, batch).await });
+        }
         if shutdown.is_cancelled() {
             break;
         }
-        let room = options.batch - in_flight.len() as i64;
-        let claimed = if room > 0 {
-            match store.claim_deliveries(room, options.lease_seconds()).await {
-                Ok(claimed) => claimed,
-                Err(e) => {
-                    tracing::warn!(error = %e, "delivery worker could not claim deliveries; retrying");
-                    Vec::new()
-                }
+        let mut room = options.batch - in_flight.len() as i64;
+        let mut ready = Vec::new();
+        if room > 0 && registration.is_some() {
+            match store.take_handed_deliveries(room as usize).await {
+                Ok(handed) => ready = handed,
+                // Their leases lapse and a claim finds them.
+                Err(e) => tracing::warn!(error = %e, "delivery worker could not read handed-off deliveries"),
             }
-        } else {
-            Vec::new()
-        };
-        let worked = !claimed.is_empty();
-        for delivery in claimed {
+            room -= ready.len() as i64;
+        }
+        if room > 0 {
+            match store.claim_deliveries(room, options.lease_seconds()).await {
+                Ok(claimed) => ready.extend(claimed),
+                Err(e) => tracing::warn!(error = %e, "delivery worker could not claim deliveries; retrying"),
+            }
+        }
+        let worked = !ready.is_empty();
+        for delivery in ready {
             let (client, options) = (client.clone(), options.clone());
             in_flight.spawn(async move { attempt(&client, &options, delivery).await });
         }
@@ -111,13 +124,20 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
             () = tokio::time::sleep(options.idle_poll) => {}
             // A finished send may have unblocked its customer's next event.
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => finished.extend(done.ok()),
+            // So may a finished recording.
+            Some(_) = recording.join_next(), if !recording.is_empty() => {}
         }
     }
     // Sends under way finish (within the timeout) and are recorded.
     while let Some(done) = in_flight.join_next().await {
         finished.extend(done.ok());
     }
+    while recording.join_next().await.is_some() {}
     record(&store, finished).await;
+    drop(registration);
+    if let Err(e) = store.release_handed_deliveries().await {
+        tracing::warn!(error = %e, "could not release handed-off deliveries; their leases lapse");
+    }
 }
 
 /// A finished send, to record.

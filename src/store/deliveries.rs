@@ -46,28 +46,108 @@ pub(crate) async fn fan_out(
         }
     };
     let now = now_unix();
+    let lease = tx.handoff.as_ref().and_then(|h| h.lease_seconds()).map(|seconds| now + seconds);
     let mut queued = 0;
     for (endpoint_id, types) in endpoints.iter() {
         if !types.iter().any(|t| t == "*" || t == event_type) {
             continue;
         }
-        sql!(
-            tx,
-            query(
-                "INSERT INTO deliveries (id, endpoint_id, event_id, customer_id, status, attempts, next_attempt_at, created_at) \
-                 VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5) ON CONFLICT (endpoint_id, event_id) DO NOTHING",
-                new_id("dlv"),
-                endpoint_id,
-                event_id,
-                customer_id,
-                now
-            )
-            .execute
-        )
-        .db()?;
+        let id = new_id("dlv");
+        match lease {
+            // Handed to this process's delivery worker at commit, already
+            // leased to it (no claim transaction between the commit and the
+            // send), unless an earlier delivery of the customer's is still
+            // unfinished at this endpoint: that one goes first, and this
+            // one is claimed after it as usual (its lease stays NULL).
+            Some(until) => {
+                let leased: Option<Option<i64>> = sql!(
+                    tx,
+                    query_scalar::<Option<i64>>(
+                        "INSERT INTO deliveries (id, endpoint_id, event_id, customer_id, status, attempts, next_attempt_at, created_at, locked_until) \
+                         VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5, CASE WHEN NOT EXISTS (SELECT 1 FROM deliveries p \
+                         WHERE p.endpoint_id = $2 AND p.customer_id = $4 AND p.status IN ('pending', 'failed')) THEN $6 END) \
+                         ON CONFLICT (endpoint_id, event_id) DO NOTHING RETURNING locked_until",
+                        &id,
+                        endpoint_id,
+                        event_id,
+                        customer_id,
+                        now,
+                        until
+                    )
+                    .fetch_optional
+                )
+                .db()?;
+                if let Some(Some(_)) = leased {
+                    tx.handed.push(id);
+                }
+            }
+            None => {
+                sql!(
+                    tx,
+                    query(
+                        "INSERT INTO deliveries (id, endpoint_id, event_id, customer_id, status, attempts, next_attempt_at, created_at) \
+                         VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5) ON CONFLICT (endpoint_id, event_id) DO NOTHING",
+                        &id,
+                        endpoint_id,
+                        event_id,
+                        customer_id,
+                        now
+                    )
+                    .execute
+                )
+                .db()?;
+            }
+        }
         queued += 1;
     }
     Ok(queued)
+}
+
+/// Deliveries leased at commit to this process's delivery workers, so a
+/// delivery leaves as soon as the transaction that queued it commits.
+///
+/// Only on SQLite: its one writer runs transactions one after another, so
+/// the check that no earlier delivery of the customer's is unfinished (in
+/// [`fan_out`]) sees every other commit and per-customer order holds. On
+/// PostgreSQL two transactions could each miss the other's delivery, so
+/// there the worker claims as usual, woken by the commit.
+#[derive(Debug, Default)]
+pub(crate) struct Handoff {
+    /// Live delivery workers in this process; none, nothing is handed off.
+    workers: std::sync::atomic::AtomicUsize,
+    /// How long a handed delivery is leased for (the workers' lease).
+    lease_seconds: std::sync::atomic::AtomicI64,
+    queue: std::sync::Mutex<std::collections::VecDeque<String>>,
+}
+
+impl Handoff {
+    fn lease_seconds(&self) -> Option<i64> {
+        use std::sync::atomic::Ordering;
+        (self.workers.load(Ordering::Acquire) > 0).then(|| self.lease_seconds.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn push(&self, ids: Vec<String>) {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(ids);
+    }
+
+    fn take(&self, limit: usize) -> Vec<String> {
+        let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = limit.min(queue.len());
+        queue.drain(..n).collect()
+    }
+}
+
+/// A delivery worker's registration for handed-off deliveries; dropping it
+/// (the worker stopping) stops the handoff once no worker is left.
+#[derive(Debug)]
+pub struct HandoffRegistration {
+    handoff: std::sync::Arc<Handoff>,
+}
+
+impl Drop for HandoffRegistration {
+    fn drop(&mut self) {
+        self.handoff.workers.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -185,16 +265,75 @@ impl Store {
         );
         let rows: Vec<ClaimedDelivery> =
             sql!(tx, query_as::<ClaimedDelivery>(&q, now, limit).fetch_all).db()?;
-        for row in &rows {
-            sql!(
-                tx,
-                query("UPDATE deliveries SET locked_until = $1 WHERE id = $2", now + lease_seconds, &row.id)
-                    .execute
-            )
-            .db()?;
-        }
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        set_where_id_in(&mut tx, "locked_until = ?", &[Value::Int(now + lease_seconds)], &ids).await?;
         tx.commit().await?;
         Ok(rows)
+    }
+
+    /// Registers a delivery worker for handed-off deliveries (SQLite; see
+    /// [`Handoff`]); `None` where deliveries are not handed off.
+    pub fn register_for_handoff(&self, lease_seconds: i64) -> Option<HandoffRegistration> {
+        let handoff = self.handoff.clone()?;
+        handoff.lease_seconds.fetch_max(lease_seconds, std::sync::atomic::Ordering::AcqRel);
+        handoff.workers.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Some(HandoffRegistration { handoff })
+    }
+
+    /// Up to `limit` deliveries handed to this process's workers at commit,
+    /// read from the read side: they are already leased to this process.
+    pub async fn take_handed_deliveries(&self, limit: usize) -> StoreResult<Vec<ClaimedDelivery>> {
+        let Some(handoff) = &self.handoff else { return Ok(Vec::new()) };
+        let ids = handoff.take(limit);
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; ids.len()].join(", ");
+        let q = numbered(
+            self.kind(),
+            &format!(
+                "SELECT d.id, d.endpoint_id, w.url, w.secret, d.attempts, d.event_id, e.type AS event_type, \
+                 c.external_id AS customer, e.data, e.created_at AS event_created_at \
+                 FROM deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id JOIN events e ON e.id = d.event_id \
+                 LEFT JOIN customers c ON c.id = d.customer_id \
+                 WHERE d.id IN ({marks}) AND d.status = 'pending' AND w.status = 'enabled' AND w.deleted_at IS NULL \
+                 ORDER BY d.event_id"
+            ),
+        );
+        macro_rules! bind_ids {
+            ($query:expr) => {{
+                let mut q = $query;
+                for id in &ids {
+                    q = q.bind(id.as_str());
+                }
+                q
+            }};
+        }
+        match self.exec() {
+            super::Exec::Sqlite(c) => bind_ids!(sqlx::query_as::<_, ClaimedDelivery>(&q)).fetch_all(c).await,
+            super::Exec::Postgres(c) => {
+                bind_ids!(sqlx::query_as::<_, ClaimedDelivery>(&q)).fetch_all(c).await
+            }
+        }
+        .db()
+    }
+
+    /// Gives handed-off deliveries no worker will send (the last worker
+    /// stopped) back to any worker's claim at once, instead of after their
+    /// lease.
+    pub async fn release_handed_deliveries(&self) -> StoreResult<()> {
+        let Some(handoff) = &self.handoff else { return Ok(()) };
+        if handoff.workers.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return Ok(());
+        }
+        let ids = handoff.take(usize::MAX);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        set_where_id_in(&mut tx, "locked_until = NULL", &[], &ids).await?;
+        tx.commit().await
     }
 
     /// Records finished attempts, each with its consequence (delivered,
@@ -206,43 +345,44 @@ impl Store {
     ) -> StoreResult<Vec<bool>> {
         let now = now_unix();
         let mut tx = self.begin().await?;
-        let mut disabled = Vec::with_capacity(attempts.len());
-        for (id, endpoint_id, outcome) in attempts {
-            sql!(
-                tx,
-                query(
-                    "INSERT INTO delivery_attempts (delivery_id, n, at, status_code, duration_ms, error, response) \
-                     SELECT $1, COALESCE(MAX(n), 0) + 1, $2, $3, $4, $5, $6 FROM delivery_attempts WHERE delivery_id = $1",
-                    id,
-                    now,
-                    outcome.status_code.map(i64::from),
-                    outcome.duration_ms,
-                    &outcome.error,
-                    &outcome.response
-                )
-                .execute
-            )
-            .db()?;
+        // Few statements for many attempts (each is a round trip to the one
+        // writer on SQLite): the attempt rows in one insert, and the
+        // deliveries in one update per distinct consequence (usually one:
+        // delivered, 200).
+        for chunk in attempts.chunks(ATTEMPT_ROWS_PER_STATEMENT) {
+            insert_attempts(&mut tx, chunk, now).await?;
+        }
+        let mut groups: Vec<(Vec<Value>, Vec<&str>)> = Vec::new();
+        for (id, _, outcome) in attempts {
             let (status, next, delivered) = match outcome.retry {
                 None => ("succeeded", now, Some(now)),
                 Some(Some(at)) => ("failed", at, None),
                 Some(None) => ("dead", now, None),
             };
-            sql!(
-                tx,
-                query(
-                    "UPDATE deliveries SET status = $1, attempts = attempts + 1, next_attempt_at = $2, locked_until = NULL, \
-                     last_status = $3, last_error = $4, delivered_at = $5 WHERE id = $6",
-                    status,
-                    next,
-                    outcome.status_code.map(i64::from),
-                    &outcome.error,
-                    delivered,
-                    id
-                )
-                .execute
+            let values = vec![
+                Value::Text(status.to_owned()),
+                Value::Int(next),
+                Value::OptInt(outcome.status_code.map(i64::from)),
+                Value::OptText(outcome.error.clone()),
+                Value::OptInt(delivered),
+            ];
+            match groups.iter_mut().find(|(v, _)| *v == values) {
+                Some((_, ids)) => ids.push(id),
+                None => groups.push((values, vec![id])),
+            }
+        }
+        for (values, ids) in &groups {
+            set_where_id_in(
+                &mut tx,
+                "status = ?, attempts = attempts + 1, next_attempt_at = ?, locked_until = NULL, \
+                 last_status = ?, last_error = ?, delivered_at = ?",
+                values,
+                ids,
             )
-            .db()?;
+            .await?;
+        }
+        let mut disabled = Vec::with_capacity(attempts.len());
+        for (_, endpoint_id, outcome) in attempts {
             disabled.push(match &outcome.disable_endpoint {
                 Some(reason) => super::webhook_endpoints::disable(&mut tx, endpoint_id, reason).await?,
                 None => false,
@@ -344,4 +484,108 @@ impl Store {
         )
         .db()
     }
+}
+
+/// Attempt rows per insert: 8 parameters each, well under both engines' limits.
+const ATTEMPT_ROWS_PER_STATEMENT: usize = 100;
+
+/// A bound value of a statement built at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Value {
+    Int(i64),
+    OptInt(Option<i64>),
+    Text(String),
+    OptText(Option<String>),
+}
+
+macro_rules! bind_values {
+    ($query:expr, $values:expr) => {{
+        let mut q = $query;
+        for v in $values {
+            q = match v {
+                Value::Int(i) => q.bind(*i),
+                Value::OptInt(i) => q.bind(*i),
+                Value::Text(t) => q.bind(t.as_str()),
+                Value::OptText(t) => q.bind(t.as_deref()),
+            };
+        }
+        q
+    }};
+}
+
+/// `?` placeholders numbered for PostgreSQL (`$1`, `$2`, …); SQLite keeps
+/// them positional (see `value_rows` for why).
+fn numbered(kind: super::DbKind, sql: &str) -> String {
+    match kind {
+        super::DbKind::Sqlite => sql.to_owned(),
+        super::DbKind::Postgres => {
+            let mut out = String::with_capacity(sql.len() + 16);
+            let mut n = 0;
+            for c in sql.chars() {
+                if c == '?' {
+                    n += 1;
+                    out.push_str(&format!("${n}"));
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+    }
+}
+
+/// `UPDATE deliveries SET <set> WHERE id IN (<ids>)`, `set` written with
+/// `?` for `values`: one statement for many deliveries.
+async fn set_where_id_in(tx: &mut Tx, set: &str, values: &[Value], ids: &[&str]) -> StoreResult<()> {
+    for chunk in ids.chunks(500) {
+        let marks = vec!["?"; chunk.len()].join(", ");
+        let sql = numbered(tx.kind(), &format!("UPDATE deliveries SET {set} WHERE id IN ({marks})"));
+        let all: Vec<Value> =
+            values.iter().cloned().chain(chunk.iter().map(|id| Value::Text((*id).to_owned()))).collect();
+        match tx.exec() {
+            super::Exec::Sqlite(c) => bind_values!(sqlx::query(&sql), &all).execute(c).await.map(|_| ()),
+            super::Exec::Postgres(c) => bind_values!(sqlx::query(&sql), &all).execute(c).await.map(|_| ()),
+        }
+        .db()?;
+    }
+    Ok(())
+}
+
+/// The attempt rows of finished sends, each numbered one past its
+/// delivery's last attempt.
+async fn insert_attempts(
+    tx: &mut Tx,
+    attempts: &[(&str, &str, &AttemptOutcome)],
+    at: i64,
+) -> StoreResult<()> {
+    if attempts.is_empty() {
+        return Ok(());
+    }
+    let row =
+        "(?, (SELECT COALESCE(MAX(n), 0) + 1 FROM delivery_attempts WHERE delivery_id = ?), ?, ?, ?, ?, ?)";
+    let rows = vec![row; attempts.len()].join(", ");
+    let sql = numbered(
+        tx.kind(),
+        &format!(
+            "INSERT INTO delivery_attempts (delivery_id, n, at, status_code, duration_ms, error, response) VALUES {rows}"
+        ),
+    );
+    let mut values = Vec::with_capacity(attempts.len() * 7);
+    for (id, _, outcome) in attempts {
+        values.extend([
+            Value::Text((*id).to_owned()),
+            Value::Text((*id).to_owned()),
+            Value::Int(at),
+            Value::OptInt(outcome.status_code.map(i64::from)),
+            Value::Int(outcome.duration_ms),
+            Value::OptText(outcome.error.clone()),
+            Value::OptText(outcome.response.clone()),
+        ]);
+    }
+    match tx.exec() {
+        super::Exec::Sqlite(c) => bind_values!(sqlx::query(&sql), &values).execute(c).await.map(|_| ()),
+        super::Exec::Postgres(c) => bind_values!(sqlx::query(&sql), &values).execute(c).await.map(|_| ()),
+    }
+    .db()?;
+    Ok(())
 }

@@ -227,6 +227,8 @@ pub struct Store {
     instance: std::sync::Arc<str>,
     /// The in-memory caches every transaction invalidates on commit.
     cache: std::sync::Arc<cache::CacheHub>,
+    /// Deliveries leased to this process's workers at commit (SQLite only).
+    handoff: Option<std::sync::Arc<deliveries::Handoff>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -281,8 +283,10 @@ impl Store {
                 Backend::Postgres(pool)
             }
         };
+        let handoff = matches!(backend, Backend::Sqlite { .. }).then(Default::default);
         Ok(Store {
             backend,
+            handoff,
             delivery_wake: Default::default(),
             instance: new_instance(),
             cache: std::sync::Arc::new(cache::CacheHub::new(options.cache_capacity)),
@@ -407,6 +411,8 @@ impl Store {
             invalidates: Vec::new(),
             audit: Vec::new(),
             endpoints: None,
+            handoff: self.handoff.clone(),
+            handed: Vec::new(),
         })
     }
 
@@ -472,6 +478,9 @@ pub struct Tx {
     /// transaction by the first event it emits (an inbox batch emits
     /// dozens); forgotten when the transaction changes an endpoint.
     pub(crate) endpoints: Option<deliveries::EndpointFilters>,
+    /// Where deliveries leased at commit go (SQLite), and those queued so far.
+    pub(crate) handoff: Option<std::sync::Arc<deliveries::Handoff>>,
+    pub(crate) handed: Vec<String>,
 }
 
 /// A point inside a [`Tx`] to roll back to, undoing one unit of work (one
@@ -479,6 +488,7 @@ pub struct Tx {
 #[must_use]
 pub(crate) struct Savepoint {
     audit_len: usize,
+    handed_len: usize,
 }
 
 impl Tx {
@@ -502,7 +512,7 @@ impl Tx {
     /// savepoints of one name as a stack; tollgate uses one level.
     pub(crate) async fn savepoint(&mut self) -> StoreResult<Savepoint> {
         sql!(self, query("SAVEPOINT unit").execute).db()?;
-        Ok(Savepoint { audit_len: self.audit.len() })
+        Ok(Savepoint { audit_len: self.audit.len(), handed_len: self.handed.len() })
     }
 
     /// Keeps the unit's work in the transaction.
@@ -517,6 +527,7 @@ impl Tx {
         sql!(self, query("ROLLBACK TO SAVEPOINT unit").execute).db()?;
         sql!(self, query("RELEASE SAVEPOINT unit").execute).db()?;
         self.audit.truncate(point.audit_len);
+        self.handed.truncate(point.handed_len);
         Ok(())
     }
 
@@ -541,7 +552,17 @@ impl Tx {
     pub async fn commit(mut self) -> StoreResult<()> {
         let pending = std::mem::take(&mut self.audit);
         audit::flush(&mut self, pending).await?;
-        let Tx { mut inner, wake, instance, deliveries_queued, cache, invalidates: keys, .. } = self;
+        let Tx {
+            mut inner,
+            wake,
+            instance,
+            deliveries_queued,
+            cache,
+            invalidates: keys,
+            handoff,
+            handed,
+            ..
+        } = self;
         if let (true, TxInner::Postgres(tx)) = (deliveries_queued, &mut inner) {
             // Inside the transaction: PostgreSQL delivers it on commit, and
             // not at all on rollback, so other instances' delivery workers
@@ -588,6 +609,9 @@ impl Tx {
             Some(s) => cache.await_peers(s).await,
             None if !keys.is_empty() => cache.await_sqlite_server().await,
             None => {}
+        }
+        if let (Some(handoff), false) = (handoff, handed.is_empty()) {
+            handoff.push(handed);
         }
         if deliveries_queued {
             wake.notify_waiters();
