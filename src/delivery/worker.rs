@@ -76,11 +76,18 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
     // until this one is recorded, is claimed once the recording ends.
     let mut finished: Vec<Attempt> = Vec::new();
     let mut recording: JoinSet<()> = JoinSet::new();
+    // Whether the database may hold deliveries due that this worker has not
+    // seen: after a wake-up, a poll interval, or a recording (which may
+    // have unblocked a customer's next event). A finished send alone
+    // changes nothing in the database, so it does not cost a query.
+    let mut may_be_due = true;
     loop {
         while let Some(done) = in_flight.try_join_next() {
             finished.extend(done.ok());
         }
-        while recording.try_join_next().is_some() {}
+        while recording.try_join_next().is_some() {
+            may_be_due = true;
+        }
         if recording.is_empty() && !finished.is_empty() {
             let (store, batch) = (store.clone(), std::mem::take(&mut finished));
             recording.spawn(async move { record(&store, batch).await });
@@ -98,9 +105,14 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
             }
             room -= ready.len() as i64;
         }
-        if room > 0 {
+        if room > 0 && may_be_due {
             match store.claim_deliveries(room, options.lease_seconds()).await {
-                Ok(claimed) => ready.extend(claimed),
+                Ok(claimed) => {
+                    // Fewer than asked for: nothing more is due until
+                    // something changes.
+                    may_be_due = claimed.len() as i64 == room;
+                    ready.extend(claimed);
+                }
                 Err(e) => tracing::warn!(error = %e, "delivery worker could not claim deliveries; retrying"),
             }
         }
@@ -120,12 +132,12 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
         }
         tokio::select! {
             () = shutdown.cancelled() => {}
-            () = wake.notified() => {}
-            () = tokio::time::sleep(options.idle_poll) => {}
-            // A finished send may have unblocked its customer's next event.
+            () = wake.notified() => may_be_due = true,
+            () = tokio::time::sleep(options.idle_poll) => may_be_due = true,
+            // A finished send frees a slot and is recorded.
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => finished.extend(done.ok()),
-            // So may a finished recording.
-            Some(_) = recording.join_next(), if !recording.is_empty() => {}
+            // A recorded attempt may have unblocked its customer's next event.
+            Some(_) = recording.join_next(), if !recording.is_empty() => may_be_due = true,
         }
     }
     // Sends under way finish (within the timeout) and are recorded.

@@ -33,6 +33,36 @@ where
     }
 }
 
+/// Runs `work` on a thread of its own, with its own single-threaded
+/// runtime, and resolves when it ends.
+///
+/// For the inbox on SQLite: an applying transaction holds the one writer
+/// for dozens of statements, each a round trip to the connection's thread.
+/// On the shared runtime each answer waits for a worker thread to come
+/// free from request handling before the next statement can go, and the
+/// writer (which ingest and delivery recording also need) sits held and
+/// idle meanwhile. On its own thread the next statement goes out as soon
+/// as the operating system runs it.
+async fn on_own_thread<F>(name: &str, work: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime.block_on(work),
+            Err(e) => tracing::error!(error = %e, "could not start a worker runtime"),
+        }
+        let _ = done.send(());
+    });
+    match spawned {
+        Ok(_) => {
+            let _ = finished.await;
+        }
+        Err(e) => tracing::error!(error = %e, "could not start a worker thread"),
+    }
+}
+
 /// The running workers, to be awaited at shutdown.
 pub struct Workers {
     tasks: JoinSet<()>,
@@ -68,7 +98,8 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     let store = state.store.clone();
     let wake = state.inbox_wake.clone();
     let token = shutdown.clone();
-    tasks.spawn(async move {
+    let sqlite = state.store.kind() == crate::store::DbKind::Sqlite;
+    let applying = async move {
         // Events an older version deferred may be mappable now.
         let applicable: Vec<&str> = crate::webhooks::apply::STRIPE_HANDLED
             .iter()
@@ -85,7 +116,12 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
             inner.spawn(inbox::run(store.clone(), wake.clone(), options.clone(), token.clone()));
         }
         while inner.join_next().await.is_some() {}
-    });
+    };
+    if sqlite {
+        tasks.spawn(on_own_thread("tollgate-inbox", applying));
+    } else {
+        tasks.spawn(applying);
+    }
     tasks.spawn(grace::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
     tasks.spawn(abandoned_checkouts::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
     let delivery = crate::delivery::worker::DeliveryOptions::from_config(&state.config);
