@@ -36,13 +36,13 @@ where
 /// Runs `work` on a thread of its own, with its own single-threaded
 /// runtime, and resolves when it ends.
 ///
-/// For the inbox on SQLite: an applying transaction holds the one writer
-/// for dozens of statements, each a round trip to the connection's thread.
+/// For the inbox: an applying transaction runs dozens of statements, each
+/// a round trip to the database (on SQLite, to the one writer's thread).
 /// On the shared runtime each answer waits for a worker thread to come
-/// free from request handling before the next statement can go, and the
-/// writer (which ingest and delivery recording also need) sits held and
-/// idle meanwhile. On its own thread the next statement goes out as soon
-/// as the operating system runs it.
+/// free from request handling before the next statement can go, while the
+/// transaction holds its locks (on SQLite the writer, which ingest and
+/// delivery recording also need). On its own thread the next statement
+/// goes out as soon as the operating system runs it.
 async fn on_own_thread<F>(name: &str, work: F)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
@@ -98,8 +98,15 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     let store = state.store.clone();
     let wake = state.inbox_wake.clone();
     let token = shutdown.clone();
-    let sqlite = state.store.kind() == crate::store::DbKind::Sqlite;
     let applying = async move {
+        // Its own connections on PostgreSQL (see `on_own_thread`).
+        let store = match store.with_own_pool(appliers as u32 + 1).await {
+            Ok(own) => own,
+            Err(e) => {
+                tracing::warn!(error = %e, "the inbox could not open its own connections; sharing the server's");
+                store
+            }
+        };
         // Events an older version deferred may be mappable now.
         let applicable: Vec<&str> = crate::webhooks::apply::STRIPE_HANDLED
             .iter()
@@ -117,11 +124,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         }
         while inner.join_next().await.is_some() {}
     };
-    if sqlite {
-        tasks.spawn(on_own_thread("tollgate-inbox", applying));
-    } else {
-        tasks.spawn(applying);
-    }
+    tasks.spawn(on_own_thread("tollgate-inbox", applying));
     tasks.spawn(grace::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
     tasks.spawn(abandoned_checkouts::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
     let delivery = crate::delivery::worker::DeliveryOptions::from_config(&state.config);

@@ -293,6 +293,26 @@ impl Store {
         })
     }
 
+    /// This store with a PostgreSQL pool of its own (`max_connections`),
+    /// for work on a runtime of its own: a connection serves the runtime it
+    /// was opened on, so sharing the main pool would tie the two runtimes'
+    /// connections together (and break the main one's when the other
+    /// stops). SQLite's connections run on threads of their own: shared.
+    pub async fn with_own_pool(&self, max_connections: u32) -> StoreResult<Store> {
+        let backend = match &self.backend {
+            Backend::Sqlite { .. } => return Ok(self.clone()),
+            Backend::Postgres(pool) => Backend::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(max_connections.max(1))
+                    .acquire_timeout(pool.options().get_acquire_timeout())
+                    .connect_with((*pool.connect_options()).clone())
+                    .await
+                    .db()?,
+            ),
+        };
+        Ok(Store { backend, ..self.clone() })
+    }
+
     /// Opens the pools and brings the schema up to date.
     pub async fn connect_and_migrate(url: &str, options: &StoreOptions) -> StoreResult<Self> {
         let store = Self::connect(url, options).await?;
