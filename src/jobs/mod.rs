@@ -100,7 +100,9 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     let token = shutdown.clone();
     let applying = async move {
         // Its own connections on PostgreSQL (see `on_own_thread`).
-        let store = match store.with_own_pool(appliers as u32 + 1).await {
+        let own =
+            if appliers > 0 { store.with_own_pool(appliers as u32 + 1).await } else { Ok(store.clone()) };
+        let store = match own {
             Ok(own) => own,
             Err(e) => {
                 tracing::warn!(error = %e, "the inbox could not open its own connections; sharing the server's");
@@ -124,7 +126,11 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         }
         while inner.join_next().await.is_some() {}
     };
-    tasks.spawn(on_own_thread("tollgate-inbox", applying));
+    if appliers > 0 {
+        tasks.spawn(on_own_thread("tollgate-inbox", applying));
+    } else {
+        tasks.spawn(applying);
+    }
     tasks.spawn(grace::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
     tasks.spawn(abandoned_checkouts::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
     let delivery = crate::delivery::worker::DeliveryOptions::from_config(&state.config);
