@@ -281,16 +281,7 @@ pub async fn recompute_entitlements(
                 .fetch_optional
         )
         .db()?;
-        let stored: Option<(i64, String, i64)> = sql!(
-            tx,
-            query_as::<(i64, String, i64)>(
-                "SELECT version, document, updated_at FROM entitlements WHERE customer_id = $1 FOR UPDATE",
-                customer_id
-            )
-            .fetch_optional
-        )
-        .db()?;
-        (external_id, stored)
+        (external_id, stored_document(tx, customer_id, " FOR UPDATE").await?)
     } else {
         // Nothing to lock: one statement for both.
         type Row = (Option<String>, Option<i64>, Option<String>, Option<i64>);
@@ -311,18 +302,7 @@ pub async fn recompute_entitlements(
             Some((external_id, ..)) => (external_id, None),
             // No customer row (the caller's own problem): as before, no
             // cache key, and any stored document still counts.
-            None => {
-                let stored: Option<(i64, String, i64)> = sql!(
-                    tx,
-                    query_as::<(i64, String, i64)>(
-                        "SELECT version, document, updated_at FROM entitlements WHERE customer_id = $1",
-                        customer_id
-                    )
-                    .fetch_optional
-                )
-                .db()?;
-                (None, stored)
-            }
+            None => (None, stored_document(tx, customer_id, "").await?),
         }
     };
     let derived = derive_entitlements(tx, customer_id, policy, now).await?;
@@ -380,6 +360,16 @@ pub async fn recompute_entitlements(
     )
     .await?;
     Ok(StoredEntitlements { version, entitlements: derived, updated_at: now })
+}
+
+/// A customer's stored entitlements: version, document, when updated.
+async fn stored_document(
+    tx: &mut Tx,
+    customer_id: &str,
+    lock: &str,
+) -> StoreResult<Option<(i64, String, i64)>> {
+    let sql = format!("SELECT version, document, updated_at FROM entitlements WHERE customer_id = $1{lock}");
+    sql!(tx, query_as::<(i64, String, i64)>(&sql, customer_id).fetch_optional).db()
 }
 
 /// What a customer's entitlements are at `now`, from their sources (no writes).
