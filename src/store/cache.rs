@@ -883,6 +883,22 @@ mod tests {
     }
 
     #[test]
+    fn entries_that_are_hit_outlive_a_stream_of_new_ones() {
+        // Four entries per shard: without the hit bit, "hot" would be the
+        // oldest insertion in its shard after four more there.
+        let cache = Cache::new("t", 4 * SHARDS);
+        let ticket = miss(&cache, "c:hot");
+        assert!(cache.fill("c:hot".into(), ticket, Arc::new(7)));
+        for i in 0..1000 {
+            assert_eq!(hit(&cache, "c:hot"), Some(7), "evicted after {i} fills");
+            let key = format!("c:{i}");
+            let ticket = miss(&cache, &key);
+            cache.fill(key, ticket, Arc::new(i));
+        }
+        assert!(cache.len() <= 4 * SHARDS, "{}", cache.len());
+    }
+
+    #[test]
     fn a_hub_without_its_sync_task_never_serves() {
         let hub = CacheHub::new(10);
         assert!(!hub.serving());
