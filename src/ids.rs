@@ -36,12 +36,13 @@ pub fn new_request_id() -> String {
         static GENERATOR: std::cell::RefCell<ulid::Generator> =
             const { std::cell::RefCell::new(ulid::Generator::new()) };
     }
-    let ulid = GENERATOR
-        .try_with(|g| g.try_borrow_mut().ok().and_then(|mut g| g.generate().ok()))
-        .ok()
-        .flatten()
-        // As in `new_id`: still unique, just not ordered.
-        .unwrap_or_else(|| ulid::Ulid::new());
+    let generated = GENERATOR.try_with(|g| g.try_borrow_mut().ok().and_then(|mut g| g.generate().ok()));
+    let ulid = match generated {
+        Ok(Some(ulid)) => ulid,
+        // As in `new_id`: still unique, just not ordered (and not the nil
+        // id that `unwrap_or_default` would give).
+        _ => ulid::Ulid::new(),
+    };
     let mut buf = [0u8; ulid::ULID_LEN];
     let mut id = String::with_capacity(4 + ulid::ULID_LEN);
     id.push_str("req_");
