@@ -80,7 +80,7 @@ where
     /// Gives the request an id, a span, a log line and metrics. Headers are
     /// not recorded, so keys and signatures never reach the logs.
     fn call(&mut self, req: Request) -> Self::Future {
-        let request_id = incoming_request_id(req.headers()).unwrap_or_else(|| crate::ids::new_id("req"));
+        let request_id = incoming_request_id(req.headers()).unwrap_or_else(crate::ids::new_request_id);
         let route = req.extensions().get::<MatchedPath>().cloned();
         let method_label = method_label(req.method());
         // Kept for the message of an error a layer answers with a bare status.
@@ -107,6 +107,9 @@ where
                 };
                 let response = response.unwrap_or_else(response_for_panic);
                 let mut response = json_errors(response, &method, &uri);
+                // Room for what this layer and CORS add, in one allocation
+                // rather than the map growing twice.
+                response.headers_mut().reserve(8);
                 security_headers(response.headers_mut(), https);
                 if let Ok(Ok(value)) = REQUEST_ID.try_with(|id| HeaderValue::from_str(id)) {
                     response.headers_mut().insert(REQUEST_ID_NAME, value);
@@ -271,6 +274,81 @@ fn security_headers(h: &mut HeaderMap, https: bool) {
     }
 }
 
+/// The request timeout: answers a bare 408 (made JSON by the edge) when
+/// the request is not done within the limit, as tower-http's
+/// `TimeoutLayer` did. Unlike it, the timer is armed only once the request
+/// has had to wait: tower-http polls a fresh timer before the request on
+/// every call, so every request inserted an entry into the runtime's
+/// timer wheel and removed it again, though most requests (every cached
+/// entitlement check) are answered on their first poll. The deadline is
+/// still taken when the request arrives.
+#[derive(Clone, Copy)]
+pub struct RequestTimeoutLayer(pub Duration);
+
+impl<S> Layer<S> for RequestTimeoutLayer {
+    type Service = RequestTimeout<S>;
+
+    fn layer(&self, inner: S) -> RequestTimeout<S> {
+        RequestTimeout { inner, timeout: self.0 }
+    }
+}
+
+#[derive(Clone)]
+pub struct RequestTimeout<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S, B> Service<Request<B>> for RequestTimeout<S>
+where
+    S: Service<Request<B>, Response = Response>,
+    S::Future: Unpin,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = TimeoutFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        TimeoutFuture { inner: self.inner.call(req), deadline, sleep: None }
+    }
+}
+
+pub struct TimeoutFuture<F> {
+    inner: F,
+    deadline: tokio::time::Instant,
+    /// Created on the first poll that leaves the request waiting.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<F, E> Future for TimeoutFuture<F>
+where
+    F: Future<Output = Result<Response, E>> + Unpin,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Poll::Ready(output) = Pin::new(&mut this.inner).poll(cx) {
+            return Poll::Ready(output);
+        }
+        let deadline = this.deadline;
+        let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let mut response = Response::new(Body::empty());
+                *response.status_mut() = StatusCode::REQUEST_TIMEOUT;
+                Poll::Ready(Ok(response))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 /// The `/v1` layer (see [`api`]), as a plain `tower` layer for the same
 /// reason as [`EdgeLayer`].
 #[derive(Clone)]
@@ -343,7 +421,14 @@ async fn authenticated(state: &AppState, mut req: Request, next: Route) -> Resul
         Err(refused) => return Ok(refused),
     };
     req.extensions_mut().insert(principal);
-    let mut response = match idempotency(state, req, next).await {
+    // Boxed, and only for writes that carry a key: its state (request
+    // body, database calls) would otherwise be part of every request's
+    // future, allocated and moved on every read.
+    let idempotent = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH)
+        && req.headers().contains_key(IDEMPOTENCY_HEADER);
+    let outcome =
+        if idempotent { Box::pin(idempotency(state, req, next)).await } else { Ok(run(next, req).await) };
+    let mut response = match outcome {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };

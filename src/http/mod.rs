@@ -12,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::timeout::TimeoutLayer;
 
 use crate::config::Config;
 use crate::store::{Listed, Store};
@@ -153,10 +152,7 @@ pub fn router(state: AppState) -> Router {
     // authentication, the key limit and idempotency.
     let limits = || {
         ServiceBuilder::new().layer(RequestBodyLimitLayer::new(config.max_body_bytes)).layer(
-            TimeoutLayer::with_status_code(
-                axum::http::StatusCode::REQUEST_TIMEOUT,
-                Duration::from_secs(config.request_timeout_seconds.max(1)),
-            ),
+            middleware::RequestTimeoutLayer(Duration::from_secs(config.request_timeout_seconds.max(1))),
         )
     };
     let v1 = Router::new()

@@ -93,7 +93,9 @@ pub(super) async fn check_address(
 ) -> Result<Option<Decision>, Response> {
     let Some(limiter) = &state.rate_limits.per_address else { return Ok(None) };
     let ClientAddr(ip) = ClientAddr::of(extensions, headers, state);
-    let decision = limiter.check(&AddressKey::new(ip)).await;
+    // Boxed: without it the limiter's state is part of every `/v1`
+    // request's future, limits on or off.
+    let decision = Box::pin(limiter.check(&AddressKey::new(ip))).await;
     if !decision.allowed {
         return Err(too_many_requests(&decision, "from this address"));
     }
@@ -103,7 +105,7 @@ pub(super) async fn check_address(
 /// The limit per API key, once authenticated; as [`check_address`].
 pub(super) async fn check_key(state: &AppState, key_id: &String) -> Result<Option<Decision>, Response> {
     let Some(limiter) = &state.rate_limits.per_key else { return Ok(None) };
-    let decision = limiter.check(key_id).await;
+    let decision = Box::pin(limiter.check(key_id)).await;
     if !decision.allowed {
         return Err(too_many_requests(&decision, "for this API key"));
     }

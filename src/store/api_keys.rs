@@ -5,7 +5,7 @@ use serde::Serialize;
 use std::sync::Arc;
 
 use super::audit::{self, Actor, AuditRecord};
-use super::cache::{CacheKey, Lookup};
+use super::cache::{CacheKey, Lookup, Ticket};
 use super::{now_unix, sql, SqlxResultExt, Store, StoreResult};
 use crate::auth::{KeyMode, NewApiKey, Scope};
 use crate::ids::new_id;
@@ -110,6 +110,17 @@ impl Store {
             Some(Lookup::Miss(ticket)) => Some(ticket),
             None => None,
         };
+        // Boxed: the query's state would otherwise be allocated and moved
+        // with every request's future, hits included.
+        Box::pin(self.read_api_key(digest, key, ticket)).await
+    }
+
+    async fn read_api_key(
+        &self,
+        digest: &str,
+        key: String,
+        ticket: Option<Ticket>,
+    ) -> StoreResult<Option<Arc<ApiKeyRecord>>> {
         let sql = format!("SELECT {COLUMNS} FROM api_keys WHERE digest = $1 AND revoked_at IS NULL");
         let row: Option<Row> = sql!(self, query_as::<Row>(&sql, digest).fetch_optional).db()?;
         let Some(record) = row.map(ApiKeyRecord::try_from).transpose()? else { return Ok(None) };

@@ -50,16 +50,24 @@
 //! Why not `moka`: the fill-versus-invalidation rule above needs the
 //! generation check and the insert under one lock that invalidations also
 //! take; `moka` offers no such hook and would add a dozen crates to the
-//! build. `hashlink`'s LRU is already compiled for sqlx; a few mutex-guarded
-//! shards of it are the whole cache.
+//! build. `hashlink`'s ordered map is already compiled for sqlx; a few
+//! lock-guarded shards of it are the whole cache.
+//!
+//! Hits only read: a shard is a read-write lock, and a hit takes it shared
+//! and sets the entry's "referenced" bit, where an LRU moved the entry to
+//! the back of its list under an exclusive lock (a write to shared memory
+//! by each of the two server threads on every check, the same entries every
+//! time under load). Eviction is the clock (second-chance) approximation of
+//! LRU: a full shard drops the oldest insertion that has not been hit since
+//! it was last passed over.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use hashlink::LruCache;
+use hashlink::LinkedHashMap;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, SqlitePool};
 use tokio_util::sync::CancellationToken;
@@ -144,19 +152,52 @@ pub enum Lookup<V> {
     Miss(Ticket),
 }
 
+struct Entry<V> {
+    value: Arc<V>,
+    /// Hit since eviction last passed over it (the clock's bit).
+    referenced: AtomicBool,
+}
+
 struct Shard<V> {
-    entries: LruCache<String, Arc<V>>,
+    /// In insertion order: the clock hand is the front.
+    entries: LinkedHashMap<String, Entry<V>>,
+    capacity: usize,
     /// Bumped by every invalidation, pin, unpin and reset in the shard.
     generation: u64,
     /// Keys whose change is being committed: neither served nor stored.
     pinned: HashMap<String, u32>,
 }
 
-/// A bounded LRU map in mutex-guarded shards; see the module docs.
+impl<V> Shard<V> {
+    /// Makes room for one more entry: the oldest entry not hit since the
+    /// hand last passed goes; a hit one gets a second chance at the back.
+    fn evict_for_one(&mut self) {
+        // Each turn clears a bit or removes an entry, so this ends.
+        while self.entries.len() >= self.capacity {
+            let Some((key, entry)) = self.entries.pop_front() else { return };
+            if entry.referenced.swap(false, Ordering::Relaxed) {
+                self.entries.insert(key, entry);
+            }
+        }
+    }
+}
+
+/// A bounded map in lock-guarded shards, read-only on hits; see the
+/// module docs.
 pub struct Cache<V> {
     name: &'static str,
-    shards: Box<[Mutex<Shard<V>>]>,
+    shards: Box<[RwLock<Shard<V>>]>,
     hasher: std::collections::hash_map::RandomState,
+    /// `cache_requests_total` for this cache by result, made on first use:
+    /// the registry lookup per request was a measurable part of a check.
+    /// (Not at construction: the recorder may not be installed yet.)
+    counters: OnceLock<Counters>,
+}
+
+struct Counters {
+    hit: metrics::Counter,
+    miss: metrics::Counter,
+    bypass: metrics::Counter,
 }
 
 impl<V> Cache<V> {
@@ -164,27 +205,50 @@ impl<V> Cache<V> {
         let per_shard = capacity.div_ceil(SHARDS).max(1);
         let shards = (0..SHARDS)
             .map(|_| {
-                Mutex::new(Shard { entries: LruCache::new(per_shard), generation: 0, pinned: HashMap::new() })
+                RwLock::new(Shard {
+                    entries: LinkedHashMap::new(),
+                    capacity: per_shard,
+                    generation: 0,
+                    pinned: HashMap::new(),
+                })
             })
             .collect();
-        Cache { name, shards, hasher: Default::default() }
+        Cache { name, shards, hasher: Default::default(), counters: OnceLock::new() }
+    }
+
+    fn counters(&self) -> &Counters {
+        self.counters.get_or_init(|| {
+            let counter = |result: &'static str| {
+                metrics::counter!("cache_requests_total", "cache" => self.name, "result" => result)
+            };
+            Counters { hit: counter("hit"), miss: counter("miss"), bypass: counter("bypass") }
+        })
     }
 
     fn shard_of(&self, key: &str) -> usize {
         (self.hasher.hash_one(key) as usize) % SHARDS
     }
 
-    fn lock(&self, shard: usize) -> MutexGuard<'_, Shard<V>> {
+    fn lock(&self, shard: usize) -> RwLockWriteGuard<'_, Shard<V>> {
         // A panic while holding the lock leaves at worst a missing entry.
-        self.shards[shard].lock().unwrap_or_else(PoisonError::into_inner)
+        self.shards[shard].write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read(&self, shard: usize) -> RwLockReadGuard<'_, Shard<V>> {
+        self.shards[shard].read().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn lookup(&self, key: &str) -> Lookup<V> {
         let shard = self.shard_of(key);
-        let mut s = self.lock(shard);
-        if !s.pinned.contains_key(key) {
-            if let Some(v) = s.entries.get(key) {
-                return Lookup::Hit(v.clone());
+        let s = self.read(shard);
+        if s.pinned.is_empty() || !s.pinned.contains_key(key) {
+            if let Some(entry) = s.entries.get(key) {
+                // Written only when not yet set, so steady hits on the
+                // same entry from both threads only read its cache line.
+                if !entry.referenced.load(Ordering::Relaxed) {
+                    entry.referenced.store(true, Ordering::Relaxed);
+                }
+                return Lookup::Hit(entry.value.clone());
             }
         }
         Lookup::Miss(Ticket { shard, generation: s.generation })
@@ -198,7 +262,10 @@ impl<V> Cache<V> {
             metrics::counter!("cache_stale_fills_rejected_total", "cache" => self.name).increment(1);
             return false;
         }
-        s.entries.insert(key, value);
+        if !s.entries.contains_key(&key) {
+            s.evict_for_one();
+        }
+        s.entries.insert(key, Entry { value, referenced: AtomicBool::new(false) });
         true
     }
 
@@ -236,7 +303,7 @@ impl<V> Cache<V> {
     }
 
     pub fn len(&self) -> usize {
-        (0..SHARDS).map(|i| self.lock(i).entries.len()).sum()
+        (0..SHARDS).map(|i| self.read(i).entries.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -363,22 +430,20 @@ impl CacheHub {
     pub(crate) fn lookup<V>(&self, cache: &Cache<V>, key: &str) -> Option<Lookup<V>> {
         if !self.serving() {
             self.bypassed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("cache_requests_total", "cache" => cache.name, "result" => "bypass")
-                .increment(1);
+            cache.counters().bypass.increment(1);
             return None;
         }
         let found = cache.lookup(key);
-        let result = match found {
+        match found {
             Lookup::Hit(_) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                "hit"
+                cache.counters().hit.increment(1);
             }
             Lookup::Miss(_) => {
                 self.misses.fetch_add(1, Ordering::Relaxed);
-                "miss"
+                cache.counters().miss.increment(1);
             }
-        };
-        metrics::counter!("cache_requests_total", "cache" => cache.name, "result" => result).increment(1);
+        }
         Some(found)
     }
 
@@ -815,6 +880,22 @@ mod tests {
         }
         assert!(cache.len() <= 32, "{}", cache.len());
         assert_eq!(hit(&cache, "c:999"), Some(999), "the newest entry stays");
+    }
+
+    #[test]
+    fn entries_that_are_hit_outlive_a_stream_of_new_ones() {
+        // Four entries per shard: without the hit bit, "hot" would be the
+        // oldest insertion in its shard after four more there.
+        let cache = Cache::new("t", 4 * SHARDS);
+        let ticket = miss(&cache, "c:hot");
+        assert!(cache.fill("c:hot".into(), ticket, Arc::new(7)));
+        for i in 0..1000 {
+            assert_eq!(hit(&cache, "c:hot"), Some(7), "evicted after {i} fills");
+            let key = format!("c:{i}");
+            let ticket = miss(&cache, &key);
+            cache.fill(key, ticket, Arc::new(i));
+        }
+        assert!(cache.len() <= 4 * SHARDS, "{}", cache.len());
     }
 
     #[test]

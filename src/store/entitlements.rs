@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::audit::{self, Actor, AuditRecord};
-use super::cache::{CacheKey, CustomerEntitlements, Lookup};
+use super::cache::{CacheKey, CustomerEntitlements, Lookup, Ticket};
 use super::events::{emit, NewEvent};
 use super::orders::Cause;
 use super::{now_unix, sql, DbKind, SqlxResultExt, Store, StoreError, StoreResult, Tx};
@@ -467,6 +467,17 @@ impl Store {
             Some(Lookup::Miss(ticket)) => Some(ticket),
             None => None,
         };
+        // Boxed: the queries' state would otherwise be allocated and moved
+        // with every check's future, hits included.
+        Box::pin(self.read_customer_entitlements(external, key, ticket)).await
+    }
+
+    async fn read_customer_entitlements(
+        &self,
+        external: &ExternalId,
+        key: String,
+        ticket: Option<Ticket>,
+    ) -> StoreResult<Option<Arc<CustomerEntitlements>>> {
         // Unknown customers are not cached: creating one invalidates nothing.
         let Some(customer) = self.get_customer(external).await? else { return Ok(None) };
         let stored = self.entitlements(&customer.id).await?;
