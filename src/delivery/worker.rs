@@ -62,6 +62,14 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
     // Deliveries this process's commits lease to it as they queue them
     // (SQLite) are sent without a claim transaction in between.
     let registration = store.register_for_handoff(options.lease_seconds());
+    if registration.as_ref().is_some_and(|r| r.first) {
+        if let Err(e) = store.reset_delivery_leases().await {
+            tracing::warn!(error = %e, "could not release a previous run's delivery leases; they lapse");
+        }
+    }
+    // What is being sent: a claim never starts a second send of one of
+    // these (a handed delivery whose lease ran out while it waited).
+    let mut sending: std::collections::HashSet<String> = Default::default();
     let mut last_gauge: Option<Instant> = None;
     // Sends run side by side, up to `batch` at once, and the worker claims
     // more as each finishes: a slow endpoint (up to the timeout) holds one
@@ -85,6 +93,9 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
         while let Some(done) = in_flight.try_join_next() {
             finished.extend(done.ok());
         }
+        for done in &finished {
+            sending.remove(&done.delivery);
+        }
         while recording.try_join_next().is_some() {
             may_be_due = true;
         }
@@ -98,7 +109,8 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
         let mut room = options.batch - in_flight.len() as i64;
         let mut ready = Vec::new();
         if room > 0 && registration.is_some() {
-            match store.take_handed_deliveries(room as usize).await {
+            let lease_left = options.timeout.as_secs() as i64 + 5;
+            match store.take_handed_deliveries(room as usize, lease_left).await {
                 Ok(handed) => ready = handed,
                 // Their leases lapse and a claim finds them.
                 Err(e) => tracing::warn!(error = %e, "delivery worker could not read handed-off deliveries"),
@@ -116,8 +128,10 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
                 Err(e) => tracing::warn!(error = %e, "delivery worker could not claim deliveries; retrying"),
             }
         }
+        ready.retain(|d| !sending.contains(&d.id));
         let worked = !ready.is_empty();
         for delivery in ready {
+            sending.insert(delivery.id.clone());
             let (client, options) = (client.clone(), options.clone());
             in_flight.spawn(async move { attempt(&client, &options, delivery).await });
         }

@@ -47,12 +47,16 @@ async fn on_own_thread<F>(name: &str, work: F)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "could not start a worker runtime; running on the shared one");
+            return work.await;
+        }
+    };
     let (done, finished) = tokio::sync::oneshot::channel::<()>();
     let spawned = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
-        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(runtime) => runtime.block_on(work),
-            Err(e) => tracing::error!(error = %e, "could not start a worker runtime"),
-        }
+        runtime.block_on(work);
         let _ = done.send(());
     });
     match spawned {
@@ -86,7 +90,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         crate::store::DbKind::Sqlite => 1,
         crate::store::DbKind::Postgres => 2,
     };
-    let options = inbox::InboxWorkerOptions {
+    let mut options = inbox::InboxWorkerOptions {
         max_attempts: state.config.provider_event_max_attempts.max(1),
         stripe: Some(state.stripe.clone()),
         refetch: state.config.stripe_refetch,
@@ -94,21 +98,38 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         batch: i64::from(state.config.inbox_batch.max(1)),
         ..Default::default()
     };
-    let appliers = state.config.inbox_workers.map_or(workers, |n| n as usize);
+    let mut appliers = state.config.inbox_workers.map_or(workers, |n| n as usize);
+    if state.store.kind() == crate::store::DbKind::Sqlite && appliers > 1 {
+        // Its one writer applies one batch at a time, and its claims take
+        // no lease: more workers would only read and prepare the same
+        // events side by side.
+        tracing::warn!(configured = appliers, "INBOX_WORKERS is at most 1 on SQLite; using 1");
+        appliers = 1;
+    }
     let store = state.store.clone();
     let wake = state.inbox_wake.clone();
     let token = shutdown.clone();
     let applying = async move {
-        // Its own connections on PostgreSQL (see `on_own_thread`).
-        let own =
-            if appliers > 0 { store.with_own_pool(appliers as u32 + 1).await } else { Ok(store.clone()) };
-        let store = match own {
-            Ok(own) => own,
-            Err(e) => {
-                tracing::warn!(error = %e, "the inbox could not open its own connections; sharing the server's");
-                store
+        // Its own connections (see `on_own_thread`): the database's on
+        // PostgreSQL, the provider's everywhere. Waits for the database
+        // rather than sharing the server's pool across runtimes.
+        let store = if appliers == 0 {
+            store
+        } else {
+            loop {
+                match store.with_own_pool(appliers as u32 + 1).await {
+                    Ok(own) => break own,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the inbox could not open its database connections; retrying");
+                        tokio::select! {
+                            () = token.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
             }
         };
+        options.stripe = options.stripe.as_ref().map(|c| c.with_own_connections());
         // Events an older version deferred may be mappable now.
         let applicable: Vec<&str> = crate::webhooks::apply::STRIPE_HANDLED
             .iter()

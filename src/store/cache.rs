@@ -520,14 +520,14 @@ impl CacheHub {
 
     /// After a PostgreSQL commit: returns once every peer that may be
     /// serving from its cache has dropped the keys, or has lost its lease.
-    pub(crate) async fn await_peers(&self, seq: u64) {
+    pub(crate) async fn await_peers(&self, seq: u64, own: Option<&PgPool>) {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + LEASE + PING_EVERY;
         if self.serves_without_cache.load(Ordering::Acquire) {
             self.abandon_commit(seq);
             return;
         }
-        let Some(pool) = self.pg.get() else {
+        let Some(listener_pool) = self.pg.get() else {
             // A process without a listener (the CLI): the servers hear the
             // notification, but it cannot hear their acknowledgements, so
             // it waits out their leases.
@@ -535,6 +535,9 @@ impl CacheHub {
             self.abandon_commit(seq);
             return;
         };
+        // The committing store's own pool where it has one (the inbox's, on
+        // its own runtime): a connection serves the runtime that opened it.
+        let pool = own.unwrap_or(listener_pool);
         let listening: Result<Vec<(String, i64)>, sqlx::Error> = sqlx::query_as(
             "SELECT application_name, CAST(EXTRACT(EPOCH FROM (now() - backend_start)) * 1000 AS BIGINT) \
              FROM pg_stat_activity \

@@ -135,6 +135,14 @@ impl Handoff {
         let n = limit.min(queue.len());
         queue.drain(..n).collect()
     }
+
+    /// Puts taken ids back in front, in their order (a read that failed).
+    fn put_back(&self, ids: Vec<String>) {
+        let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for id in ids.into_iter().rev() {
+            queue.push_front(id);
+        }
+    }
 }
 
 /// A delivery worker's registration for handed-off deliveries; dropping it
@@ -142,6 +150,8 @@ impl Handoff {
 #[derive(Debug)]
 pub struct HandoffRegistration {
     handoff: std::sync::Arc<Handoff>,
+    /// No other worker of this process was registered.
+    pub first: bool,
 }
 
 impl Drop for HandoffRegistration {
@@ -276,18 +286,44 @@ impl Store {
     pub fn register_for_handoff(&self, lease_seconds: i64) -> Option<HandoffRegistration> {
         let handoff = self.handoff.clone()?;
         handoff.lease_seconds.fetch_max(lease_seconds, std::sync::atomic::Ordering::AcqRel);
-        handoff.workers.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Some(HandoffRegistration { handoff })
+        let before = handoff.workers.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Some(HandoffRegistration { handoff, first: before == 0 })
+    }
+
+    /// At the first delivery worker's start (SQLite, served by one
+    /// process): deliveries a previous run leased and did not finish (it
+    /// stopped or crashed with them handed over or in flight) are due at
+    /// once instead of after their lease.
+    pub async fn reset_delivery_leases(&self) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sql!(
+            tx,
+            query(
+                "UPDATE deliveries SET locked_until = NULL \
+                 WHERE status IN ('pending', 'failed') AND locked_until IS NOT NULL"
+            )
+            .execute
+        )
+        .db()?;
+        tx.commit().await
     }
 
     /// Up to `limit` deliveries handed to this process's workers at commit,
     /// read from the read side: they are already leased to this process.
-    pub async fn take_handed_deliveries(&self, limit: usize) -> StoreResult<Vec<ClaimedDelivery>> {
+    /// One whose lease has less than `lease_left` seconds to run (it waited
+    /// in the queue) is left to a claim, which leases it again once it
+    /// lapses: sending it now could overlap a send by that claim.
+    pub async fn take_handed_deliveries(
+        &self,
+        limit: usize,
+        lease_left: i64,
+    ) -> StoreResult<Vec<ClaimedDelivery>> {
         let Some(handoff) = &self.handoff else { return Ok(Vec::new()) };
         let ids = handoff.take(limit);
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        let valid_until = now_unix() + lease_left;
         let marks = vec!["?"; ids.len()].join(", ");
         let q = numbered(
             self.kind(),
@@ -296,8 +332,8 @@ impl Store {
                  c.external_id AS customer, e.data, e.created_at AS event_created_at \
                  FROM deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id JOIN events e ON e.id = d.event_id \
                  LEFT JOIN customers c ON c.id = d.customer_id \
-                 WHERE d.id IN ({marks}) AND d.status = 'pending' AND w.status = 'enabled' AND w.deleted_at IS NULL \
-                 ORDER BY d.event_id"
+                 WHERE d.id IN ({marks}) AND d.status = 'pending' AND d.locked_until >= ? \
+                 AND w.status = 'enabled' AND w.deleted_at IS NULL ORDER BY d.event_id"
             ),
         );
         macro_rules! bind_ids {
@@ -306,16 +342,21 @@ impl Store {
                 for id in &ids {
                     q = q.bind(id.as_str());
                 }
-                q
+                q.bind(valid_until)
             }};
         }
-        match self.exec() {
+        let read = match self.exec() {
             super::Exec::Sqlite(c) => bind_ids!(sqlx::query_as::<_, ClaimedDelivery>(&q)).fetch_all(c).await,
             super::Exec::Postgres(c) => {
                 bind_ids!(sqlx::query_as::<_, ClaimedDelivery>(&q)).fetch_all(c).await
             }
         }
-        .db()
+        .db();
+        if read.is_err() {
+            // Still leased to this process: tried again at the next turn.
+            handoff.put_back(ids);
+        }
+        read
     }
 
     /// Gives handed-off deliveries no worker will send (the last worker

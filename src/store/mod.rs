@@ -433,6 +433,10 @@ impl Store {
             endpoints: None,
             handoff: self.handoff.clone(),
             handed: Vec::new(),
+            pg: match &self.backend {
+                Backend::Postgres(pool) => Some(pool.clone()),
+                Backend::Sqlite { .. } => None,
+            },
         })
     }
 
@@ -501,6 +505,8 @@ pub struct Tx {
     /// Where deliveries leased at commit go (SQLite), and those queued so far.
     pub(crate) handoff: Option<std::sync::Arc<deliveries::Handoff>>,
     pub(crate) handed: Vec<String>,
+    /// The pool it came from (PostgreSQL), for what its commit asks after.
+    pg: Option<PgPool>,
 }
 
 /// A point inside a [`Tx`] to roll back to, undoing one unit of work (one
@@ -581,6 +587,7 @@ impl Tx {
             invalidates: keys,
             handoff,
             handed,
+            pg,
             ..
         } = self;
         if let (true, TxInner::Postgres(tx)) = (deliveries_queued, &mut inner) {
@@ -626,7 +633,7 @@ impl Tx {
             return Err(e);
         }
         match seq {
-            Some(s) => cache.await_peers(s).await,
+            Some(s) => cache.await_peers(s, pg.as_ref()).await,
             None if !keys.is_empty() => cache.await_sqlite_server().await,
             None => {}
         }

@@ -228,6 +228,13 @@ impl StripeClient {
         }
     }
 
+    /// The same client (provider, key, options, circuit breaker) with its
+    /// own connections, for a task on another runtime: a pooled connection
+    /// is served by a task on the runtime that opened it.
+    pub fn with_own_connections(&self) -> Self {
+        Self::with_options(&self.base, self.key.clone(), self.options.clone())
+    }
+
     pub fn breaker(&self) -> &CircuitBreaker {
         &self.breaker
     }
