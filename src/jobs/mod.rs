@@ -156,10 +156,30 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     tasks.spawn(abandoned_checkouts::run(state.clone(), shutdown.clone(), Duration::from_secs(60)));
     let delivery = crate::delivery::worker::DeliveryOptions::from_config(&state.config);
     let senders = state.config.webhook_delivery_workers.map_or(workers, |n| n as usize);
-    for _ in 0..senders {
-        tasks.spawn(crate::delivery::worker::run(state.store.clone(), delivery.clone(), shutdown.clone()));
-    }
     if senders > 0 {
+        // On a thread of their own too, for the same reason as the inbox:
+        // recording attempts holds SQLite's one writer, and a send leaves
+        // as soon as its delivery is handed over.
+        let (store, token) = (state.store.clone(), shutdown.clone());
+        tasks.spawn(on_own_thread("tollgate-delivery", async move {
+            let store = loop {
+                match store.with_own_pool(senders as u32 + 1).await {
+                    Ok(own) => break own,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the delivery workers could not open their database connections; retrying");
+                        tokio::select! {
+                            () = token.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+            };
+            let mut inner = JoinSet::new();
+            for _ in 0..senders {
+                inner.spawn(crate::delivery::worker::run(store.clone(), delivery.clone(), token.clone()));
+            }
+            while inner.join_next().await.is_some() {}
+        }));
         tasks.spawn(crate::delivery::listen::run(state.store.clone(), shutdown.clone()));
     }
     if state.config.reconcile_interval_seconds > 0 {
