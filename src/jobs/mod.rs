@@ -33,6 +33,29 @@ where
     }
 }
 
+/// `store` with its own connections for `workers` workers on this
+/// thread's runtime (see [`Store::with_own_pool`]), waiting for the
+/// database rather than sharing the server's pool across runtimes; `None`
+/// at shutdown.
+async fn own_pool(
+    store: &crate::store::Store,
+    workers: usize,
+    shutdown: &CancellationToken,
+) -> Option<crate::store::Store> {
+    loop {
+        match store.with_own_pool(workers as u32 + 1).await {
+            Ok(own) => return Some(own),
+            Err(e) => {
+                tracing::warn!(error = %e, "workers could not open their database connections; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Runs `work` on a thread of its own, with its own single-threaded
 /// runtime, and resolves when it ends.
 ///
@@ -116,17 +139,9 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         let store = if appliers == 0 {
             store
         } else {
-            loop {
-                match store.with_own_pool(appliers as u32 + 1).await {
-                    Ok(own) => break own,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the inbox could not open its database connections; retrying");
-                        tokio::select! {
-                            () = token.cancelled() => return,
-                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                    }
-                }
+            match own_pool(&store, appliers, &token).await {
+                Some(own) => own,
+                None => return,
             }
         };
         options.stripe = options.stripe.as_ref().map(|c| c.with_own_connections());
@@ -162,18 +177,7 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
         // as soon as its delivery is handed over.
         let (store, token) = (state.store.clone(), shutdown.clone());
         tasks.spawn(on_own_thread("tollgate-delivery", async move {
-            let store = loop {
-                match store.with_own_pool(senders as u32 + 1).await {
-                    Ok(own) => break own,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the delivery workers could not open their database connections; retrying");
-                        tokio::select! {
-                            () = token.cancelled() => return,
-                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                    }
-                }
-            };
+            let Some(store) = own_pool(&store, senders, &token).await else { return };
             let mut inner = JoinSet::new();
             for _ in 0..senders {
                 inner.spawn(crate::delivery::worker::run(store.clone(), delivery.clone(), token.clone()));
