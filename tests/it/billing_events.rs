@@ -944,6 +944,17 @@ async fn a_card_pack_grants_credits_once_that_are_debited_and_taken_back_by_refu
     app.upsert_customer("u_cards", json!({ "email": "cards@example.com" })).await;
     let customer = emulator(&app, "/v1/customers", &[("metadata[tollgate_external_id]", "u_cards")]).await;
     let customer = customer["id"].as_str().unwrap().to_owned();
+    // Buy once the provider customer's own event has linked it, as an
+    // application would: otherwise an event of a purchase may name it
+    // first and adopt a placeholder that its `customer.created` then merges
+    // into u_cards, bringing the placeholder's own first entitlements
+    // version along (that race and the merge have their own tests).
+    eventually(Duration::from_secs(10), || async {
+        let c: Value =
+            app.get("/v1/customers/u_cards", &app.read_key).send().await.unwrap().json().await.unwrap();
+        (c["providers"]["stripe"] == customer.as_str()).then_some(())
+    })
+    .await;
     let buy = |card| buy(&app, &customer, &pack, card);
 
     // Two packs of five: ten cards, granted once.
