@@ -276,20 +276,14 @@ impl Store {
         }
         // A JSON array parameter keeps this one query on both engines,
         // whatever the page size.
-        let sql = match self.kind() {
-            super::DbKind::Sqlite => {
-                "SELECT customer_id, provider, provider_customer_id FROM provider_customers \
-                 WHERE customer_id IN (SELECT value FROM json_each($1)) AND deleted_at IS NULL \
-                 ORDER BY created_at DESC, provider_customer_id DESC"
-            }
-            super::DbKind::Postgres => {
-                "SELECT customer_id, provider, provider_customer_id FROM provider_customers \
-                 WHERE customer_id IN (SELECT jsonb_array_elements_text($1::jsonb)) AND deleted_at IS NULL \
-                 ORDER BY created_at DESC, provider_customer_id DESC"
-            }
-        };
+        let sql = format!(
+            "SELECT customer_id, provider, provider_customer_id FROM provider_customers \
+             WHERE customer_id IN ({}) AND deleted_at IS NULL \
+             ORDER BY created_at DESC, provider_customer_id DESC",
+            super::json_ids(self.kind(), "$1")
+        );
         let rows: Vec<(String, String, String)> =
-            sql!(self, query_as::<(String, String, String)>(sql, serde_json::to_string(ids)?).fetch_all)
+            sql!(self, query_as::<(String, String, String)>(&sql, serde_json::to_string(ids)?).fetch_all)
                 .db()?;
         // Newest first, so the oldest live link of a provider is the one shown
         // (the one checkouts use, see `link_provider_customer`).

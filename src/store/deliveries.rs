@@ -191,6 +191,13 @@ pub struct AttemptRecord {
     pub response: Option<String>,
 }
 
+/// What a [`ClaimedDelivery`] is read from, up to its `WHERE`.
+const CLAIMED_COLUMNS: &str =
+    "d.id, d.endpoint_id, w.url, w.secret, d.attempts, d.event_id, e.type AS event_type, \
+     c.external_id AS customer, e.data, e.created_at AS event_created_at \
+     FROM deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id JOIN events e ON e.id = d.event_id \
+     LEFT JOIN customers c ON c.id = d.customer_id";
+
 /// A claimed delivery with everything needed to send it.
 #[derive(Clone, sqlx::FromRow)]
 pub struct ClaimedDelivery {
@@ -262,11 +269,7 @@ impl Store {
             super::DbKind::Sqlite => "",
         };
         let q = format!(
-            "SELECT d.id, d.endpoint_id, w.url, w.secret, d.attempts, d.event_id, e.type AS event_type, \
-             c.external_id AS customer, e.data, e.created_at AS event_created_at \
-             FROM deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id JOIN events e ON e.id = d.event_id \
-             LEFT JOIN customers c ON c.id = d.customer_id \
-             WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= $1 \
+            "SELECT {CLAIMED_COLUMNS} WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= $1 \
              AND (d.locked_until IS NULL OR d.locked_until < $1) \
              AND w.status = 'enabled' AND w.deleted_at IS NULL \
              AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.endpoint_id = d.endpoint_id \
@@ -324,34 +327,14 @@ impl Store {
             return Ok(Vec::new());
         }
         let valid_until = now_unix() + lease_left;
-        let marks = vec!["?"; ids.len()].join(", ");
-        let q = numbered(
-            self.kind(),
-            &format!(
-                "SELECT d.id, d.endpoint_id, w.url, w.secret, d.attempts, d.event_id, e.type AS event_type, \
-                 c.external_id AS customer, e.data, e.created_at AS event_created_at \
-                 FROM deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id JOIN events e ON e.id = d.event_id \
-                 LEFT JOIN customers c ON c.id = d.customer_id \
-                 WHERE d.id IN ({marks}) AND d.status = 'pending' AND d.locked_until >= ? \
-                 AND w.status = 'enabled' AND w.deleted_at IS NULL ORDER BY d.event_id"
-            ),
+        let q = format!(
+            "SELECT {CLAIMED_COLUMNS} WHERE d.id IN ({}) AND d.status = 'pending' AND d.locked_until >= $2 \
+             AND w.status = 'enabled' AND w.deleted_at IS NULL ORDER BY d.event_id",
+            super::json_ids(self.kind(), "$1")
         );
-        macro_rules! bind_ids {
-            ($query:expr) => {{
-                let mut q = $query;
-                for id in &ids {
-                    q = q.bind(id.as_str());
-                }
-                q.bind(valid_until)
-            }};
-        }
-        let read = match self.exec() {
-            super::Exec::Sqlite(c) => bind_ids!(sqlx::query_as::<_, ClaimedDelivery>(&q)).fetch_all(c).await,
-            super::Exec::Postgres(c) => {
-                bind_ids!(sqlx::query_as::<_, ClaimedDelivery>(&q)).fetch_all(c).await
-            }
-        }
-        .db();
+        let read =
+            sql!(self, query_as::<ClaimedDelivery>(&q, serde_json::to_string(&ids)?, valid_until).fetch_all)
+                .db();
         if read.is_err() {
             // Still leased to this process: tried again at the next turn.
             handoff.put_back(ids);
@@ -578,17 +561,14 @@ fn numbered(kind: super::DbKind, sql: &str) -> String {
 /// `UPDATE deliveries SET <set> WHERE id IN (<ids>)`, `set` written with
 /// `?` for `values`: one statement for many deliveries.
 async fn set_where_id_in(tx: &mut Tx, set: &str, values: &[Value], ids: &[&str]) -> StoreResult<()> {
-    for chunk in ids.chunks(500) {
-        let marks = vec!["?"; chunk.len()].join(", ");
-        let sql = numbered(tx.kind(), &format!("UPDATE deliveries SET {set} WHERE id IN ({marks})"));
-        let all: Vec<Value> =
-            values.iter().cloned().chain(chunk.iter().map(|id| Value::Text((*id).to_owned()))).collect();
-        match tx.exec() {
-            super::Exec::Sqlite(c) => bind_values!(sqlx::query(&sql), &all).execute(c).await.map(|_| ()),
-            super::Exec::Postgres(c) => bind_values!(sqlx::query(&sql), &all).execute(c).await.map(|_| ()),
-        }
-        .db()?;
+    let list = super::json_ids(tx.kind(), "?");
+    let sql = numbered(tx.kind(), &format!("UPDATE deliveries SET {set} WHERE id IN ({list})"));
+    let all: Vec<Value> = values.iter().cloned().chain([Value::Text(serde_json::to_string(ids)?)]).collect();
+    match tx.exec() {
+        super::Exec::Sqlite(c) => bind_values!(sqlx::query(&sql), &all).execute(c).await.map(|_| ()),
+        super::Exec::Postgres(c) => bind_values!(sqlx::query(&sql), &all).execute(c).await.map(|_| ()),
     }
+    .db()?;
     Ok(())
 }
 

@@ -648,6 +648,17 @@ impl Tx {
     }
 }
 
+/// The ids in the JSON array bound at `param` (`$2`, or `?`), as an `IN`
+/// subquery: one statement text whatever the list's length, so one
+/// prepared statement (a placeholder per id would prepare a new statement
+/// for every length), on both engines.
+pub(crate) fn json_ids(kind: DbKind, param: &str) -> String {
+    match kind {
+        DbKind::Sqlite => format!("SELECT value FROM json_each({param})"),
+        DbKind::Postgres => format!("SELECT jsonb_array_elements_text({param}::jsonb)"),
+    }
+}
+
 /// The `VALUES` list of a multi-row statement: `(?, ?), (?, ?)` on SQLite,
 /// which resolves a numbered parameter's name with a linear search (so
 /// hundreds of `$n` are quadratic) while plain `?` is positional;

@@ -248,10 +248,7 @@ impl Store {
             )
             .db()?;
             let list = serde_json::to_string(&ids)?;
-            let in_list = match tx.kind() {
-                super::DbKind::Sqlite => "SELECT value FROM json_each($1)",
-                super::DbKind::Postgres => "SELECT jsonb_array_elements_text($1::jsonb)",
-            };
+            let in_list = super::json_ids(tx.kind(), "$1");
             sql!(
                 tx,
                 query(&format!("DELETE FROM delivery_attempts WHERE delivery_id IN ({in_list})"), &list)

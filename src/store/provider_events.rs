@@ -68,25 +68,11 @@ async fn lease(tx: &mut super::Tx, ids: &[&str], until: i64) -> StoreResult<()> 
     if ids.is_empty() {
         return Ok(());
     }
-    let placeholders: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
     let update = format!(
         "UPDATE provider_events SET locked_until = $1 WHERE status IN ('received', 'failed') AND id IN ({})",
-        placeholders.join(", ")
+        super::json_ids(tx.kind(), "$2")
     );
-    macro_rules! bind_ids {
-        ($query:expr) => {{
-            let mut q = $query.bind(until);
-            for id in ids {
-                q = q.bind(*id);
-            }
-            q
-        }};
-    }
-    match tx.exec() {
-        super::Exec::Sqlite(c) => bind_ids!(sqlx::query(&update)).execute(c).await.map(|_| ()),
-        super::Exec::Postgres(c) => bind_ids!(sqlx::query(&update)).execute(c).await.map(|_| ()),
-    }
-    .db()?;
+    sql!(tx, query(&update, until, serde_json::to_string(ids)?).execute).db()?;
     Ok(())
 }
 
@@ -332,10 +318,7 @@ impl Store {
     /// applies (`types`) are due now.
     pub async fn wake_deferred_provider_events(&self, provider: &str, types: &[&str]) -> StoreResult<u64> {
         let mut tx = self.begin().await?;
-        let in_list = match tx.kind() {
-            super::DbKind::Sqlite => "SELECT value FROM json_each($3)",
-            super::DbKind::Postgres => "SELECT jsonb_array_elements_text($3::jsonb)",
-        };
+        let in_list = super::json_ids(tx.kind(), "$3");
         let q = format!(
             "UPDATE provider_events SET next_attempt_at = $1 WHERE provider = $2 AND status = 'received' \
              AND next_attempt_at > $1 AND event_type IN ({in_list})"
@@ -402,26 +385,13 @@ pub async fn mark_processed(
     if ids.is_empty() {
         return Ok(Default::default());
     }
-    let placeholders: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
     let update = format!(
         "UPDATE provider_events SET status = 'processed', processed_at = $1, attempts = attempts + 1, \
          locked_until = NULL, last_error = NULL WHERE status IN ('received', 'failed') AND id IN ({}) RETURNING id",
-        placeholders.join(", ")
+        super::json_ids(tx.kind(), "$2")
     );
-    macro_rules! bind_ids {
-        ($query:expr) => {{
-            let mut q = $query.bind(now_unix());
-            for id in ids {
-                q = q.bind(*id);
-            }
-            q
-        }};
-    }
-    let won: Vec<String> = match tx.exec() {
-        super::Exec::Sqlite(c) => bind_ids!(sqlx::query_scalar::<_, String>(&update)).fetch_all(c).await,
-        super::Exec::Postgres(c) => bind_ids!(sqlx::query_scalar::<_, String>(&update)).fetch_all(c).await,
-    }
-    .db()?;
+    let won: Vec<String> =
+        sql!(tx, query_scalar::<String>(&update, now_unix(), serde_json::to_string(ids)?).fetch_all).db()?;
     Ok(won.into_iter().collect())
 }
 
