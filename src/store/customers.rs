@@ -278,9 +278,9 @@ impl Store {
         // whatever the page size.
         let sql = format!(
             "SELECT customer_id, provider, provider_customer_id FROM provider_customers \
-             WHERE customer_id IN ({}) AND deleted_at IS NULL \
+             WHERE {} AND deleted_at IS NULL \
              ORDER BY created_at DESC, provider_customer_id DESC",
-            super::json_ids(self.kind(), "$1")
+            super::in_json_ids(self.kind(), "customer_id", "$1")
         );
         let rows: Vec<(String, String, String)> =
             sql!(self, query_as::<(String, String, String)>(&sql, serde_json::to_string(ids)?).fetch_all)
@@ -333,7 +333,18 @@ pub async fn apply_provider_customer(
     actor: &Actor,
     policy: &Policy,
 ) -> StoreResult<()> {
-    mirror_provider_customer(tx, pc, actor, policy).await.map(|_| ())
+    mirror_provider_customer(tx, pc, actor, policy, Link::Unknown).await.map(|_| ())
+}
+
+/// What the caller of [`mirror_provider_customer`] knows of the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Unknown,
+    /// Read as absent in this transaction a moment ago. An absent row holds
+    /// no lock to take, so reading it again would only cost a round trip;
+    /// a link another transaction makes meanwhile is met by the insert
+    /// below (`ON CONFLICT DO NOTHING`), which then reads it.
+    Absent,
 }
 
 /// [`apply_provider_customer`], answering the customer the provider
@@ -345,11 +356,15 @@ async fn mirror_provider_customer(
     pc: &ProviderCustomer,
     actor: &Actor,
     policy: &Policy,
+    known: Link,
 ) -> StoreResult<Option<String>> {
     let now = now_unix();
     let adopted = pc.external_id.is_none();
     let may_change_link = pc.external_id.is_some() || pc.deleted;
-    let linked = linked_customer_locked(tx, pc.provider, &pc.id, may_change_link).await?;
+    let linked = match known {
+        Link::Absent => None,
+        Link::Unknown => linked_customer_locked(tx, pc.provider, &pc.id, may_change_link).await?,
+    };
     let mut created_placeholder = false;
     let customer_id = match linked.clone() {
         Some(id) => match &pc.external_id {
@@ -542,7 +557,7 @@ pub async fn resolve_provider_customer(
         external_id: external_id.clone(),
         ..Default::default()
     };
-    if let Some(id) = mirror_provider_customer(tx, &pc, actor, policy).await? {
+    if let Some(id) = mirror_provider_customer(tx, &pc, actor, policy, Link::Absent).await? {
         return Ok(id);
     }
     if let Some(id) = linked_customer(tx, provider, provider_customer_id).await? {

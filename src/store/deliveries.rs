@@ -24,32 +24,12 @@ pub(crate) async fn fan_out(
     event_type: &str,
     customer_id: Option<&str>,
 ) -> StoreResult<usize> {
-    // The filter is matched here rather than in SQL: endpoints are few, and
-    // the two engines spell "JSON array contains" differently.
-    let endpoints = match &tx.endpoints {
-        Some(known) => known.clone(),
-        None => {
-            let rows: Vec<(String, String)> = sql!(
-                tx,
-                query_as::<(String, String)>(
-                    "SELECT id, events FROM webhook_endpoints WHERE status = 'enabled' AND deleted_at IS NULL ORDER BY id"
-                )
-                .fetch_all
-            )
-            .db()?;
-            let parsed: EndpointFilters = rows
-                .into_iter()
-                .map(|(id, events)| (id, serde_json::from_str(&events).unwrap_or_default()))
-                .collect();
-            tx.endpoints = Some(parsed.clone());
-            parsed
-        }
-    };
+    let endpoints = endpoint_filters(tx).await?;
     let now = now_unix();
     let lease = tx.handoff.as_ref().and_then(|h| h.lease_seconds()).map(|seconds| now + seconds);
     let mut queued = 0;
     for (endpoint_id, types) in endpoints.iter() {
-        if !types.iter().any(|t| t == "*" || t == event_type) {
+        if !subscribed(types, event_type) {
             continue;
         }
         let id = new_id("dlv");
@@ -101,6 +81,45 @@ pub(crate) async fn fan_out(
         queued += 1;
     }
     Ok(queued)
+}
+
+/// The enabled endpoints and the event types each takes, read once per
+/// transaction. The filter is matched in Rust rather than in SQL: endpoints
+/// are few, and the two engines spell "JSON array contains" differently.
+async fn endpoint_filters(tx: &mut Tx) -> StoreResult<EndpointFilters> {
+    if let Some(known) = &tx.endpoints {
+        return Ok(known.clone());
+    }
+    let rows: Vec<(String, String)> = sql!(
+        tx,
+        query_as::<(String, String)>(
+            "SELECT id, events FROM webhook_endpoints WHERE status = 'enabled' AND deleted_at IS NULL ORDER BY id"
+        )
+        .fetch_all
+    )
+    .db()?;
+    let parsed: EndpointFilters = rows
+        .into_iter()
+        .map(|(id, events)| (id, serde_json::from_str(&events).unwrap_or_default()))
+        .collect();
+    tx.endpoints = Some(parsed.clone());
+    Ok(parsed)
+}
+
+fn subscribed(types: &[String], event_type: &str) -> bool {
+    types.iter().any(|t| t == "*" || t == event_type)
+}
+
+/// The endpoints that take `event_type`, each with the id its delivery
+/// will have (PostgreSQL's [`super::events::emit`] queues them in the
+/// event's own statement).
+pub(crate) async fn new_deliveries(tx: &mut Tx, event_type: &str) -> StoreResult<Vec<(String, String)>> {
+    let endpoints = endpoint_filters(tx).await?;
+    Ok(endpoints
+        .iter()
+        .filter(|(_, types)| subscribed(types, event_type))
+        .map(|(endpoint_id, _)| (new_id("dlv"), endpoint_id.clone()))
+        .collect())
 }
 
 /// Deliveries leased at commit to this process's delivery workers, so a
@@ -252,7 +271,7 @@ impl Store {
         // SQLite's single write lock or opening a PostgreSQL transaction.
         let due: Option<String> = sql!(
             self,
-            query_scalar::<String>(
+            fresh query_scalar::<String>(
                 "SELECT id FROM deliveries WHERE status IN ('pending', 'failed') AND next_attempt_at <= $1 \
                  AND (locked_until IS NULL OR locked_until < $1) LIMIT 1",
                 now
@@ -277,7 +296,7 @@ impl Store {
              ORDER BY d.event_id LIMIT $2{lock}"
         );
         let rows: Vec<ClaimedDelivery> =
-            sql!(tx, query_as::<ClaimedDelivery>(&q, now, limit).fetch_all).db()?;
+            sql!(tx, fresh query_as::<ClaimedDelivery>(&q, now, limit).fetch_all).db()?;
         let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
         set_where_id_in(&mut tx, "locked_until = ?", &[Value::Int(now + lease_seconds)], &ids).await?;
         tx.commit().await?;
@@ -328,9 +347,9 @@ impl Store {
         }
         let valid_until = now_unix() + lease_left;
         let q = format!(
-            "SELECT {CLAIMED_COLUMNS} WHERE d.id IN ({}) AND d.status = 'pending' AND d.locked_until >= $2 \
+            "SELECT {CLAIMED_COLUMNS} WHERE {} AND d.status = 'pending' AND d.locked_until >= $2 \
              AND w.status = 'enabled' AND w.deleted_at IS NULL ORDER BY d.event_id",
-            super::json_ids(self.kind(), "$1")
+            super::in_json_ids(self.kind(), "d.id", "$1")
         );
         let read =
             sql!(self, query_as::<ClaimedDelivery>(&q, serde_json::to_string(&ids)?, valid_until).fetch_all)
@@ -561,12 +580,15 @@ fn numbered(kind: super::DbKind, sql: &str) -> String {
 /// `UPDATE deliveries SET <set> WHERE id IN (<ids>)`, `set` written with
 /// `?` for `values`: one statement for many deliveries.
 async fn set_where_id_in(tx: &mut Tx, set: &str, values: &[Value], ids: &[&str]) -> StoreResult<()> {
-    let list = super::json_ids(tx.kind(), "?");
-    let sql = numbered(tx.kind(), &format!("UPDATE deliveries SET {set} WHERE id IN ({list})"));
+    let list = super::in_json_ids(tx.kind(), "id", "?");
+    let sql = numbered(tx.kind(), &format!("UPDATE deliveries SET {set} WHERE {list}"));
     let all: Vec<Value> = values.iter().cloned().chain([Value::Text(serde_json::to_string(ids)?)]).collect();
     match tx.exec() {
         super::Exec::Sqlite(c) => bind_values!(sqlx::query(&sql), &all).execute(c).await.map(|_| ()),
-        super::Exec::Postgres(c) => bind_values!(sqlx::query(&sql), &all).execute(c).await.map(|_| ()),
+        // Planned afresh: see `sql!`'s `fresh`.
+        super::Exec::Postgres(c) => {
+            bind_values!(sqlx::query(&sql).persistent(false), &all).execute(c).await.map(|_| ())
+        }
     }
     .db()?;
     Ok(())

@@ -272,40 +272,26 @@ pub async fn recompute_entitlements(
     let now = now_unix();
     // Serialise recomputations of one customer (PostgreSQL; SQLite has one
     // writer): the later one reads what the earlier one committed. The
-    // customer row always exists, unlike a first entitlements row.
+    // customer row always exists, unlike a first entitlements row, and every
+    // writer of a customer's entitlements (this, a debit, a merge) locks it
+    // first. It is locked in a statement of its own: the sources must be
+    // read after the lock is granted (a statement that locked and joined at
+    // once would, after waiting, still see the entitlements row as it was
+    // before the other transaction's commit, and number a version twice).
     // The external id names the cache entry a change invalidates.
-    let (external_id, stored) = if tx.kind() == DbKind::Postgres {
-        let external_id: Option<String> = sql!(
+    let locked_external = if tx.kind() == DbKind::Postgres {
+        sql!(
             tx,
             query_scalar::<String>("SELECT external_id FROM customers WHERE id = $1 FOR UPDATE", customer_id)
                 .fetch_optional
         )
-        .db()?;
-        (external_id, stored_document(tx, customer_id, " FOR UPDATE").await?)
+        .db()?
     } else {
-        // Nothing to lock: one statement for both.
-        type Row = (Option<String>, Option<i64>, Option<String>, Option<i64>);
-        let row: Option<Row> = sql!(
-            tx,
-            query_as::<Row>(
-                "SELECT c.external_id, e.version, e.document, e.updated_at FROM customers c \
-                 LEFT JOIN entitlements e ON e.customer_id = c.id WHERE c.id = $1",
-                customer_id
-            )
-            .fetch_optional
-        )
-        .db()?;
-        match row {
-            Some((external_id, Some(version), Some(document), Some(updated_at))) => {
-                (external_id, Some((version, document, updated_at)))
-            }
-            Some((external_id, ..)) => (external_id, None),
-            // No customer row (the caller's own problem): as before, no
-            // cache key, and any stored document still counts.
-            None => (None, stored_document(tx, customer_id, "").await?),
-        }
+        None
     };
-    let derived = derive_entitlements(tx, customer_id, policy, now).await?;
+    let sources = read_sources(tx, customer_id, tx.kind() == DbKind::Sqlite, policy, now).await?;
+    let external_id = locked_external.or(sources.external_id);
+    let (stored, derived) = (sources.stored, sources.derived);
     let document = serde_json::to_string(&derived)?;
     if let Some((version, doc, updated_at)) = &stored {
         if *doc == document {
@@ -362,52 +348,61 @@ pub async fn recompute_entitlements(
     Ok(StoredEntitlements { version, entitlements: derived, updated_at: now })
 }
 
-/// A customer's stored entitlements: version, document, when updated.
-async fn stored_document(
-    tx: &mut Tx,
-    customer_id: &str,
-    lock: &str,
-) -> StoreResult<Option<(i64, String, i64)>> {
-    let sql = format!("SELECT version, document, updated_at FROM entitlements WHERE customer_id = $1{lock}");
-    sql!(tx, query_as::<(i64, String, i64)>(&sql, customer_id).fetch_optional).db()
+/// What [`read_sources`] found.
+struct Sources {
+    /// The customer's external id, when asked for.
+    external_id: Option<String>,
+    /// The stored document: version, document, when updated.
+    stored: Option<(i64, String, i64)>,
+    /// What the sources grant at `now`.
+    derived: Entitlements,
 }
 
-/// What a customer's entitlements are at `now`, from their sources (no writes).
-async fn derive_entitlements(
+/// A customer's entitlement sources, and what they grant at `now`, with the
+/// stored document (and the customer's external id if `with_customer`) in
+/// the same statement: every statement is a round trip (on SQLite to the one
+/// writer's thread), and an inbox event recomputes a customer's
+/// entitlements at least once. Writes nothing.
+async fn read_sources(
     tx: &mut Tx,
     customer_id: &str,
+    with_customer: bool,
     policy: &Policy,
     now: i64,
-) -> StoreResult<Entitlements> {
-    // The three sources in one statement (on SQLite every statement is a
-    // round trip to the one writer's thread), tagged by source, each in its
-    // own order: live subscriptions and active grants by id, balances by key.
-    type SourceRow = (String, Option<String>, Option<i64>, Option<String>);
-    let rows: Vec<SourceRow> = sql!(
-        tx,
-        query_as::<SourceRow>(
-            "SELECT source, label, amount, document FROM ( \
-             SELECT 's' AS source, id AS ord, status AS label, past_due_since AS amount, items AS document \
-             FROM subscriptions WHERE customer_id = $1 AND status IN ('active', 'trialing', 'past_due') \
-             UNION ALL SELECT 'g', id, NULL, NULL, grants FROM grants WHERE customer_id = $1 AND status = 'active' \
-             UNION ALL SELECT 'b', balance_key, balance_key, CAST(SUM(amount) AS BIGINT), NULL \
-             FROM credit_ledger WHERE customer_id = $1 GROUP BY balance_key \
-             ) sources ORDER BY source, ord",
-            customer_id
-        )
-        .fetch_all
-    )
-    .db()?;
+) -> StoreResult<Sources> {
+    // Tagged by source, each in its own order: the customer and its stored
+    // document, live subscriptions and active grants by id, balances by key.
+    let customer = if with_customer {
+        " UNION ALL SELECT 'c', id, external_id, NULL, NULL, NULL FROM customers WHERE id = $1"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT source, label, amount, document, at FROM ( \
+         SELECT 's' AS source, id AS ord, status AS label, past_due_since AS amount, items AS document, \
+         CAST(NULL AS BIGINT) AS at \
+         FROM subscriptions WHERE customer_id = $1 AND status IN ('active', 'trialing', 'past_due') \
+         UNION ALL SELECT 'g', id, NULL, NULL, grants, NULL FROM grants WHERE customer_id = $1 AND status = 'active' \
+         UNION ALL SELECT 'b', balance_key, balance_key, CAST(SUM(amount) AS BIGINT), NULL, NULL \
+         FROM credit_ledger WHERE customer_id = $1 GROUP BY balance_key \
+         UNION ALL SELECT 'e', customer_id, NULL, version, document, updated_at FROM entitlements WHERE customer_id = $1\
+         {customer}) sources ORDER BY source, ord"
+    );
+    type SourceRow = (String, Option<String>, Option<i64>, Option<String>, Option<i64>);
+    let rows: Vec<SourceRow> = sql!(tx, query_as::<SourceRow>(&sql, customer_id).fetch_all).db()?;
     let mut subs: Vec<(String, Option<i64>, String)> = Vec::new();
     let mut active: Vec<String> = Vec::new();
     let mut balances: BTreeMap<String, i64> = BTreeMap::new();
-    for (source, label, amount, document) in rows {
+    let (mut external_id, mut stored) = (None, None);
+    for (source, label, amount, document, at) in rows {
         match source.as_str() {
             "s" => subs.push((label.unwrap_or_default(), amount, document.unwrap_or_default())),
             "g" => active.push(document.unwrap_or_default()),
-            _ => {
+            "b" => {
                 balances.insert(label.unwrap_or_default(), amount.unwrap_or(0));
             }
+            "e" => stored = Some((amount.unwrap_or(0), document.unwrap_or_default(), at.unwrap_or(0))),
+            _ => external_id = label,
         }
     }
     let mut product_grants: BTreeMap<String, Grants> = BTreeMap::new();
@@ -434,7 +429,8 @@ async fn derive_entitlements(
         sources.push(SubscriptionSource { status, past_due_since, items: granted });
     }
     let active = active.iter().map(|g| serde_json::from_str::<Grants>(g)).collect::<Result<Vec<_>, _>>()?;
-    Ok(entitlements::derive(&sources, &active, &balances, now, policy))
+    let derived = entitlements::derive(&sources, &active, &balances, now, policy);
+    Ok(Sources { external_id, stored, derived })
 }
 
 /// Why a debit was refused.
@@ -607,7 +603,7 @@ impl Store {
         let mut tx = self.begin().await?;
         let mut mismatched = Vec::new();
         for (customer, document, at) in &stored {
-            let derived = derive_entitlements(&mut tx, customer, policy, *at).await?;
+            let derived = read_sources(&mut tx, customer, false, policy, *at).await?.derived;
             let stored: Entitlements = serde_json::from_str(document)?;
             if derived != stored {
                 mismatched.push(customer.clone());

@@ -43,9 +43,49 @@ pub const EVENT_COLUMNS: &str =
 const EXTERNAL_ID: &str =
     "(SELECT c.external_id FROM customers c WHERE c.id = events.customer_id) AS customer_external_id";
 
-/// Records `event` in `tx`; `None` when its dedupe key was already used.
+/// Records `event` in `tx`, and its deliveries to the endpoints that take
+/// it; `None` when its dedupe key was already used.
 pub async fn emit(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<Option<String>> {
     let id = new_id("ev");
+    if tx.kind() == super::DbKind::Postgres {
+        // The event and its deliveries in one statement, one round trip
+        // fewer for every event an endpoint takes (SQLite has no
+        // data-modifying `WITH`; there deliveries may also be handed over,
+        // see `fan_out`). No delivery row without the event's: a deduped
+        // event inserts none, so rows written say whether it was recorded.
+        let deliveries = super::deliveries::new_deliveries(tx, event.event_type).await?;
+        if !deliveries.is_empty() {
+            let written = sql!(
+                tx,
+                query(
+                    "WITH ev AS (INSERT INTO events (id, type, customer_id, object_type, object_id, provider_event_id, \
+                     data, dedupe_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                     ON CONFLICT (dedupe_key) DO NOTHING RETURNING id) \
+                     INSERT INTO deliveries (id, endpoint_id, event_id, customer_id, status, attempts, next_attempt_at, created_at) \
+                     SELECT d.value ->> 0, d.value ->> 1, ev.id, $3, 'pending', 0, $9, $9 \
+                     FROM ev CROSS JOIN jsonb_array_elements($10::jsonb) AS d \
+                     ON CONFLICT (endpoint_id, event_id) DO NOTHING",
+                    &id,
+                    event.event_type,
+                    event.customer_id,
+                    event.object_type,
+                    event.object_id,
+                    event.provider_event_id,
+                    event.data.to_string(),
+                    &event.dedupe_key,
+                    now_unix(),
+                    serde_json::to_string(&deliveries)?
+                )
+                .execute
+            )
+            .db()?;
+            if written == 0 {
+                return Ok(None);
+            }
+            tx.deliveries_queued = true;
+            return Ok(Some(id));
+        }
+    }
     let inserted = sql!(
         tx,
         query(

@@ -41,6 +41,32 @@ pub mod webhook_endpoints;
 /// same tokens for both engines; each match arm is type-checked against its
 /// own database.
 macro_rules! sql {
+    // `fresh`: planned again at every execution on PostgreSQL (an unnamed
+    // statement), for the queue statements whose best plan depends on how
+    // many rows wait. A named statement's plan is made generic after five
+    // runs and kept: made while a table was nearly empty, it scanned the
+    // whole table (or the whole backlog) for every batch once it had grown,
+    // until the next ANALYZE. One planning per batch costs far less.
+    ($target:expr, fresh query ($sql:expr $(, $arg:expr)* $(,)?) . execute) => {
+        match $target.exec() {
+            $crate::store::Exec::Sqlite(e) => {
+                sqlx::query($sql) $(.bind($arg))* .execute(e).await.map(|r| r.rows_affected())
+            }
+            $crate::store::Exec::Postgres(e) => {
+                sqlx::query($sql).persistent(false) $(.bind($arg))* .execute(e).await.map(|r| r.rows_affected())
+            }
+        }
+    };
+    ($target:expr, fresh $kind:ident $(::<$ty:ty>)? ($sql:expr $(, $arg:expr)* $(,)?) . $method:ident) => {
+        match $target.exec() {
+            $crate::store::Exec::Sqlite(e) => {
+                sqlx::$kind $(::<_, $ty>)? ($sql) $(.bind($arg))* .$method(e).await
+            }
+            $crate::store::Exec::Postgres(e) => {
+                sqlx::$kind $(::<_, $ty>)? ($sql).persistent(false) $(.bind($arg))* .$method(e).await
+            }
+        }
+    };
     // `execute` answers with the number of rows affected: the engines'
     // own result types differ.
     ($target:expr, query ($sql:expr $(, $arg:expr)* $(,)?) . execute) => {
@@ -648,14 +674,20 @@ impl Tx {
     }
 }
 
-/// The ids in the JSON array bound at `param` (`$2`, or `?`), as an `IN`
-/// subquery: one statement text whatever the list's length, so one
-/// prepared statement (a placeholder per id would prepare a new statement
-/// for every length), on both engines.
-pub(crate) fn json_ids(kind: DbKind, param: &str) -> String {
+/// `column` is one of the ids in the JSON array bound at `param` (`$2`, or
+/// `?`): one statement text whatever the list's length, so one prepared
+/// statement (a placeholder per id would prepare a new statement for every
+/// length), on both engines. On PostgreSQL the list is an array (`= ANY`),
+/// not an `IN` subquery: the planner cannot see a subquery's length and
+/// joined it against every row matching the rest of the `WHERE` (a whole
+/// backlog of waiting events, for 32 ids), where an array is looked up in
+/// the column's index.
+pub(crate) fn in_json_ids(kind: DbKind, column: &str, param: &str) -> String {
     match kind {
-        DbKind::Sqlite => format!("SELECT value FROM json_each({param})"),
-        DbKind::Postgres => format!("SELECT jsonb_array_elements_text({param}::jsonb)"),
+        DbKind::Sqlite => format!("{column} IN (SELECT value FROM json_each({param}))"),
+        DbKind::Postgres => {
+            format!("{column} = ANY(ARRAY(SELECT jsonb_array_elements_text({param}::jsonb)))")
+        }
     }
 }
 

@@ -248,16 +248,11 @@ impl Store {
             )
             .db()?;
             let list = serde_json::to_string(&ids)?;
-            let in_list = super::json_ids(tx.kind(), "$1");
-            sql!(
-                tx,
-                query(&format!("DELETE FROM delivery_attempts WHERE delivery_id IN ({in_list})"), &list)
-                    .execute
-            )
-            .db()?;
-            let n =
-                sql!(tx, query(&format!("DELETE FROM deliveries WHERE id IN ({in_list})"), &list).execute)
-                    .db()?;
+            let attempts_of = super::in_json_ids(tx.kind(), "delivery_id", "$1");
+            let these = super::in_json_ids(tx.kind(), "id", "$1");
+            sql!(tx, query(&format!("DELETE FROM delivery_attempts WHERE {attempts_of}"), &list).execute)
+                .db()?;
+            let n = sql!(tx, query(&format!("DELETE FROM deliveries WHERE {these}"), &list).execute).db()?;
             if n > 0 {
                 audit::append(
                     &mut tx,

@@ -69,10 +69,10 @@ async fn lease(tx: &mut super::Tx, ids: &[&str], until: i64) -> StoreResult<()> 
         return Ok(());
     }
     let update = format!(
-        "UPDATE provider_events SET locked_until = $1 WHERE status IN ('received', 'failed') AND id IN ({})",
-        super::json_ids(tx.kind(), "$2")
+        "UPDATE provider_events SET locked_until = $1 WHERE status IN ('received', 'failed') AND {}",
+        super::in_json_ids(tx.kind(), "id", "$2")
     );
-    sql!(tx, query(&update, until, serde_json::to_string(ids)?).execute).db()?;
+    sql!(tx, fresh query(&update, until, serde_json::to_string(ids)?).execute).db()?;
     Ok(())
 }
 
@@ -197,8 +197,11 @@ impl Store {
     ) -> StoreResult<Vec<ProviderEventRecord>> {
         let now = now_unix();
         if self.kind() == super::DbKind::Sqlite {
+            // Walks the waiting events in order and stops at `limit`; left to
+            // itself, SQLite reads every due event and sorts them (see the
+            // PostgreSQL claim below).
             let q = format!(
-                "SELECT {COLUMNS} FROM provider_events \
+                "SELECT {COLUMNS} FROM provider_events INDEXED BY provider_events_waiting \
                  WHERE status IN ('received', 'failed') AND next_attempt_at <= $1 \
                  AND (locked_until IS NULL OR locked_until < $1) ORDER BY provider_created, id LIMIT $2"
             );
@@ -211,8 +214,22 @@ impl Store {
         };
         if tx.kind() == super::DbKind::Postgres {
             // One claimer at a time (a claim is two short statements), so
-            // each sees the others' committed leases below.
-            sql!(tx, query("SELECT pg_advisory_xact_lock($1)", INBOX_CLAIM_LOCK).execute).db()?;
+            // each sees the others' committed leases below. And no sort in
+            // this transaction: the claim must walk `provider_events_waiting`
+            // in order and stop once its batch is full. Left to estimates,
+            // the planner reads every waiting event and sorts them whenever
+            // it believes few are waiting (no statistics yet, or a large
+            // table whose waiting share was small when last analysed), which
+            // is exactly when a backlog makes that read longest.
+            sql!(
+                tx,
+                query(
+                    "SELECT pg_advisory_xact_lock($1), set_config('enable_sort', 'off', true)",
+                    INBOX_CLAIM_LOCK
+                )
+                .execute
+            )
+            .db()?;
         }
         // An object's events go to one worker at a time: none is claimed
         // while another event of its object is leased to a worker, so two
@@ -227,7 +244,7 @@ impl Store {
              ORDER BY provider_created, id LIMIT $2{skip_locked}"
         );
         let rows: Vec<ProviderEventRecord> =
-            sql!(tx, query_as::<ProviderEventRecord>(&q, now, limit).fetch_all).db()?;
+            sql!(tx, fresh query_as::<ProviderEventRecord>(&q, now, limit).fetch_all).db()?;
         let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
         lease(&mut tx, &ids, now + lease_seconds).await?;
         tx.commit().await?;
@@ -318,10 +335,10 @@ impl Store {
     /// applies (`types`) are due now.
     pub async fn wake_deferred_provider_events(&self, provider: &str, types: &[&str]) -> StoreResult<u64> {
         let mut tx = self.begin().await?;
-        let in_list = super::json_ids(tx.kind(), "$3");
+        let of_types = super::in_json_ids(tx.kind(), "event_type", "$3");
         let q = format!(
             "UPDATE provider_events SET next_attempt_at = $1 WHERE provider = $2 AND status = 'received' \
-             AND next_attempt_at > $1 AND event_type IN ({in_list})"
+             AND next_attempt_at > $1 AND {of_types}"
         );
         let n = sql!(tx, query(&q, now_unix(), provider, serde_json::to_string(types)?).execute).db()?;
         tx.commit().await?;
@@ -387,11 +404,12 @@ pub async fn mark_processed(
     }
     let update = format!(
         "UPDATE provider_events SET status = 'processed', processed_at = $1, attempts = attempts + 1, \
-         locked_until = NULL, last_error = NULL WHERE status IN ('received', 'failed') AND id IN ({}) RETURNING id",
-        super::json_ids(tx.kind(), "$2")
+         locked_until = NULL, last_error = NULL WHERE status IN ('received', 'failed') AND {} RETURNING id",
+        super::in_json_ids(tx.kind(), "id", "$2")
     );
     let won: Vec<String> =
-        sql!(tx, query_scalar::<String>(&update, now_unix(), serde_json::to_string(ids)?).fetch_all).db()?;
+        sql!(tx, fresh query_scalar::<String>(&update, now_unix(), serde_json::to_string(ids)?).fetch_all)
+            .db()?;
     Ok(won.into_iter().collect())
 }
 
