@@ -1,6 +1,7 @@
 //! Layers every request passes through: request ids and tracing, metrics,
 //! JSON errors for bare statuses, authentication, and idempotency.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,8 +17,10 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode,
 use axum::response::{IntoResponse, Response};
 use axum::routing::Route;
 use bytes::Bytes;
+use futures_util::future::Either;
 use sha2::{Digest, Sha256};
 use tower::{Layer, Service, ServiceExt};
+use tower_http::cors::{Cors, CorsLayer};
 use tracing::Instrument;
 
 use super::error::{ApiError, ErrorType, REQUEST_ID};
@@ -42,31 +45,91 @@ fn incoming_request_id(headers: &HeaderMap) -> Option<String> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// The outermost layer, wrapped around CORS: what were four layers
-/// (request id, tracing and metrics; JSON errors; security headers; panic
-/// catching), because every layer costs each request a boxed clone of the
-/// route and a boxed future. A plain `tower` service rather than
-/// `from_fn`, which boxes the inner service and its future once more.
+/// The outermost layer, wrapped once around the whole router (not per
+/// route): what were four layers (request id, tracing and metrics; JSON
+/// errors; security headers; panic catching) plus CORS. axum boxes every
+/// route once per `Router::layer` and clones each route's boxed stack for
+/// every request, so this layer and CORS, applied outside the router, cost
+/// no box, clone or boxed future of their own. A plain `tower` service
+/// rather than `from_fn`, which boxes the inner service and its future
+/// once more.
 #[derive(Clone)]
-pub struct EdgeLayer(pub AppState);
+pub struct EdgeLayer {
+    pub state: AppState,
+    pub cors: CorsLayer,
+}
 
-impl<S> Layer<S> for EdgeLayer {
+impl<S: Clone> Layer<S> for EdgeLayer {
     type Service = Edge<S>;
 
     fn layer(&self, inner: S) -> Edge<S> {
-        Edge { state: self.0.clone(), inner }
+        Edge { state: self.state.clone(), cors: self.cors.layer(inner.clone()), inner }
     }
 }
 
+/// Holds the inner service twice, with and without CORS (a router is one
+/// `Arc`): requests from no browser origin skip CORS altogether.
 #[derive(Clone)]
 pub struct Edge<S> {
     state: AppState,
     inner: S,
+    cors: Cors<S>,
+}
+
+tokio::task_local! {
+    /// The route template the router matched, noted by [`note_route`] from
+    /// inside the router (the edge sees the request before routing) and
+    /// read by the edge for the request's metrics and log line.
+    static MATCHED_ROUTE: Cell<Option<MatchedPath>>;
+}
+
+/// Tells the edge which route matched; called by the layer each route
+/// carries ([`ApiLayer`] on `/v1`, [`RouteLabelLayer`] elsewhere) when
+/// the router hands it the request.
+fn note_route<B>(req: &Request<B>) {
+    if let Some(route) = req.extensions().get::<MatchedPath>() {
+        let _ = MATCHED_ROUTE.try_with(|slot| slot.set(Some(route.clone())));
+        tracing::Span::current().record("route", route.as_str());
+    }
+}
+
+/// Notes the matched route for the edge (see [`note_route`]), for routes
+/// outside `/v1`, whose [`ApiLayer`] does it there.
+#[derive(Clone, Copy)]
+pub struct RouteLabelLayer;
+
+impl<S> Layer<S> for RouteLabelLayer {
+    type Service = RouteLabel<S>;
+
+    fn layer(&self, inner: S) -> RouteLabel<S> {
+        RouteLabel(inner)
+    }
+}
+
+#[derive(Clone)]
+pub struct RouteLabel<S>(S);
+
+impl<S, B> Service<Request<B>> for RouteLabel<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> S::Future {
+        note_route(&req);
+        self.0.call(req)
+    }
 }
 
 impl<S> Service<Request> for Edge<S>
 where
-    S: Service<Request, Response = Response, Error = Infallible>,
+    S: Service<Request, Response = Response, Error = Infallible> + Clone,
     S::Future: Send + 'static,
 {
     type Response = Response;
@@ -74,14 +137,14 @@ where
     type Future = BoxFuture<Result<Response, Infallible>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+        std::task::ready!(self.inner.poll_ready(cx))?;
+        self.cors.poll_ready(cx)
     }
 
     /// Gives the request an id, a span, a log line and metrics. Headers are
     /// not recorded, so keys and signatures never reach the logs.
     fn call(&mut self, req: Request) -> Self::Future {
         let request_id = incoming_request_id(req.headers()).unwrap_or_else(crate::ids::new_request_id);
-        let route = req.extensions().get::<MatchedPath>().cloned();
         let method_label = method_label(req.method());
         // Kept for the message of an error a layer answers with a bare status.
         let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -89,14 +152,25 @@ where
             "request",
             request_id = %request_id,
             method = method_label,
-            route = route.as_ref().map_or("unmatched", MatchedPath::as_str),
+            route = tracing::field::Empty,
             api_key = tracing::field::Empty
         );
+        // Browsers send `Origin` on every cross-origin request and every
+        // preflight (`OPTIONS`); without one, CORS would only add headers
+        // no client reads (`Access-Control-Expose-Headers`), built anew
+        // for each response.
+        let cross_origin = *req.method() == Method::OPTIONS || req.headers().contains_key(header::ORIGIN);
         let state = self.state.clone();
         let in_flight = state.in_flight.enter();
         let started = Instant::now();
         // Panics are caught in `call` too, as tower-http's `CatchPanic` did.
-        let inner = catch_unwind(AssertUnwindSafe(|| self.inner.call(req)));
+        let inner = catch_unwind(AssertUnwindSafe(|| {
+            if cross_origin {
+                Either::Left(self.cors.call(req))
+            } else {
+                Either::Right(self.inner.call(req))
+            }
+        }));
         Box::pin(async move {
             let _in_flight = in_flight;
             let https = state.https;
@@ -111,16 +185,25 @@ where
                 // rather than the map growing twice.
                 response.headers_mut().reserve(8);
                 security_headers(response.headers_mut(), https);
+                if !cross_origin {
+                    // What CORS would answer depends on `Origin`, so a cache
+                    // must not reuse this response for a request that has one.
+                    response.headers_mut().append(header::VARY, HeaderValue::from_static("origin"));
+                }
                 if let Ok(Ok(value)) = REQUEST_ID.try_with(|id| HeaderValue::from_str(id)) {
                     response.headers_mut().insert(REQUEST_ID_NAME, value);
                 }
-                response
+                (response, MATCHED_ROUTE.with(Cell::take))
             };
-            let response = REQUEST_ID.scope(request_id, work).instrument(span.clone()).await;
+            let (response, route) = REQUEST_ID
+                .scope(request_id, MATCHED_ROUTE.scope(Cell::new(None), work))
+                .instrument(span.clone())
+                .await;
             let elapsed = started.elapsed();
             let status = response.status();
             let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
             state.request_metrics.record(method_label, route, status, elapsed);
+            span.record("route", route);
             span.in_scope(|| {
                 let ms = elapsed.as_secs_f64() * 1000.0;
                 if status.is_server_error() {
@@ -382,6 +465,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        note_route(&req);
         // The inner call comes after awaiting checks, so the future owns
         // the route.
         let next = self.inner.clone();
