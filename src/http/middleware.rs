@@ -16,6 +16,7 @@ use axum::extract::{MatchedPath, Request};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::Route;
+use axum::Router;
 use bytes::Bytes;
 use futures_util::future::Either;
 use sha2::{Digest, Sha256};
@@ -25,7 +26,7 @@ use tracing::Instrument;
 
 use super::error::{ApiError, ErrorType, REQUEST_ID};
 use super::extract::Principal;
-use super::{ratelimit, AppState};
+use super::{ratelimit, AppState, InFlightGuard};
 use crate::auth;
 use crate::store::idempotency::{Claim, StoredResponse};
 
@@ -49,31 +50,21 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// route): what were four layers (request id, tracing and metrics; JSON
 /// errors; security headers; panic catching) plus CORS. axum boxes every
 /// route once per `Router::layer` and clones each route's boxed stack for
-/// every request, so this layer and CORS, applied outside the router, cost
-/// no box, clone or boxed future of their own. A plain `tower` service
-/// rather than `from_fn`, which boxes the inner service and its future
-/// once more.
-#[derive(Clone)]
-pub struct EdgeLayer {
-    pub state: AppState,
-    pub cors: CorsLayer,
-}
-
-impl<S: Clone> Layer<S> for EdgeLayer {
-    type Service = Edge<S>;
-
-    fn layer(&self, inner: S) -> Edge<S> {
-        Edge { state: self.state.clone(), cors: self.cors.layer(inner.clone()), inner }
-    }
-}
-
-/// Holds the inner service twice, with and without CORS (a router is one
-/// `Arc`): requests from no browser origin skip CORS altogether.
-#[derive(Clone)]
-pub struct Edge<S> {
+/// every request, so the edge and CORS, outside the router, cost no box,
+/// clone or boxed future of their own. It is shared behind an `Arc`:
+/// hyper clones the whole service for every request, and CORS alone
+/// (its origin list, its `Vary` names) is several allocations to clone.
+pub struct Edge {
     state: AppState,
-    inner: S,
-    cors: Cors<S>,
+    router: Router,
+    /// The same router behind CORS, for requests from browsers.
+    cors: Cors<Router>,
+}
+
+impl Edge {
+    pub fn new(state: AppState, router: Router, cors: CorsLayer) -> Self {
+        Edge { state, cors: cors.layer(router.clone()), router }
+    }
 }
 
 tokio::task_local! {
@@ -127,23 +118,10 @@ where
     }
 }
 
-impl<S> Service<Request> for Edge<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Response, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        std::task::ready!(self.inner.poll_ready(cx))?;
-        self.cors.poll_ready(cx)
-    }
-
+impl Edge {
     /// Gives the request an id, a span, a log line and metrics. Headers are
     /// not recorded, so keys and signatures never reach the logs.
-    fn call(&mut self, req: Request) -> Self::Future {
+    pub fn call(&self, req: Request) -> BoxFuture<Result<Response, Infallible>> {
         let request_id = incoming_request_id(req.headers()).unwrap_or_else(crate::ids::new_request_id);
         let method_label = method_label(req.method());
         // Kept for the message of an error a layer answers with a bare status.
@@ -160,19 +138,20 @@ where
         // no client reads (`Access-Control-Expose-Headers`), built anew
         // for each response.
         let cross_origin = *req.method() == Method::OPTIONS || req.headers().contains_key(header::ORIGIN);
-        let state = self.state.clone();
-        let in_flight = state.in_flight.enter();
+        let state = InFlightGuard::enter(self.state.clone());
         let started = Instant::now();
         // Panics are caught in `call` too, as tower-http's `CatchPanic` did.
         let inner = catch_unwind(AssertUnwindSafe(|| {
+            // `Service::call` takes `&mut`: each request calls its own
+            // handle on the router (one reference count), and browsers'
+            // requests their own CORS (rarer, and dearer to clone).
             if cross_origin {
-                Either::Left(self.cors.call(req))
+                Either::Left(self.cors.clone().call(req))
             } else {
-                Either::Right(self.inner.call(req))
+                Either::Right(self.router.clone().call(req))
             }
         }));
         Box::pin(async move {
-            let _in_flight = in_flight;
             let https = state.https;
             let work = async move {
                 let response = match inner {
@@ -337,12 +316,20 @@ fn json_errors(response: Response, method: &Method, uri: &Uri) -> Response {
     Response::from_parts(parts, body)
 }
 
-/// Security headers on every response. HSTS only when tollgate is served
-/// over https, where browsers honour it.
+/// Security headers on every response: OWASP's set for API responses
+/// (`nosniff`, framing refused by CSP and, for browsers without CSP
+/// Level 2, `X-Frame-Options`; HSTS only when tollgate is served over
+/// https, where browsers honour it). `Referrer-Policy` governs the
+/// requests a document makes, so it goes only on what a browser may treat
+/// as one (the HTML docs, plain text), not on JSON, which is most
+/// responses: each header is written, sent and parsed on every request.
 fn security_headers(h: &mut HeaderMap, https: bool) {
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    let json = h.get(header::CONTENT_TYPE).is_some_and(|ct| ct.as_bytes().starts_with(b"application/json"));
+    if !json {
+        h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    }
     if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
         h.insert(
             header::CONTENT_SECURITY_POLICY,
@@ -433,7 +420,7 @@ where
 }
 
 /// The `/v1` layer (see [`api`]), as a plain `tower` layer for the same
-/// reason as [`EdgeLayer`].
+/// reason as [`Edge`].
 #[derive(Clone)]
 pub struct ApiLayer(pub AppState);
 

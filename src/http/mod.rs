@@ -15,7 +15,7 @@ use futures_util::future::Either;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tower::{Layer, Service, ServiceBuilder};
+use tower::{Service, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 
@@ -99,26 +99,39 @@ pub struct AppStateInner {
     pub keys: crate::tokens::keys::KeyRing,
 }
 
-/// A counter of requests in progress; `enter` returns a guard that leaves on drop.
-#[derive(Clone, Default)]
-pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
-
-pub struct InFlightGuard(Arc<std::sync::atomic::AtomicUsize>);
+/// A counter of requests in progress, entered by [`InFlightGuard`].
+#[derive(Default)]
+pub struct InFlight(std::sync::atomic::AtomicUsize);
 
 impl InFlight {
-    pub fn enter(&self) -> InFlightGuard {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        InFlightGuard(self.0.clone())
-    }
-
     pub fn count(&self) -> usize {
         self.0.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
+/// Counts a request as in progress until dropped. It holds the state the
+/// request's future keeps anyway, so counting costs no reference count of
+/// its own (each one an atomic on a line both server threads write).
+pub struct InFlightGuard(AppState);
+
+impl InFlightGuard {
+    pub fn enter(state: AppState) -> Self {
+        state.in_flight.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlightGuard(state)
+    }
+}
+
+impl std::ops::Deref for InFlightGuard {
+    type Target = AppState;
+
+    fn deref(&self) -> &AppState {
+        &self.0
+    }
+}
+
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.in_flight.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -149,12 +162,15 @@ pub const EMULATOR_PREFIX: &str = "/emulator/stripe";
 
 /// The whole HTTP service: tollgate's router inside its edge (request ids,
 /// logs, metrics, JSON errors, security headers, CORS), and the Stripe
-/// emulator beside it when there is one.
+/// emulator beside it when there is one. One `Arc`, because hyper clones
+/// the service for every request.
 #[derive(Clone)]
-pub struct HttpService {
-    app: middleware::Edge<Router>,
+pub struct HttpService(Arc<Services>);
+
+struct Services {
+    edge: EdgeService,
     /// Requests under [`EMULATOR_PREFIX`], which the emulator answers; its
-    /// fallback is `app`, so unknown paths there get tollgate's 404 as
+    /// fallback is the edge, so unknown paths there get tollgate's 404 as
     /// before.
     emulator: Option<Router>,
 }
@@ -162,19 +178,39 @@ pub struct HttpService {
 impl Service<Request> for HttpService {
     type Response = Response;
     type Error = Infallible;
-    type Future = Either<<middleware::Edge<Router> as Service<Request>>::Future, RouteFuture<Infallible>>;
+    type Future = Either<BoxFuture<Result<Response, Infallible>>, RouteFuture<Infallible>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.app.poll_ready(cx)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        match &mut self.emulator {
-            Some(emulator) if is_emulator_path(req.uri().path()) => Either::Right(emulator.call(req)),
-            _ => Either::Left(self.app.call(req)),
+        match &self.0.emulator {
+            Some(emulator) if is_emulator_path(req.uri().path()) => Either::Right(emulator.clone().call(req)),
+            _ => Either::Left(self.0.edge.0.call(req)),
         }
     }
 }
+
+/// The edge as a service of its own, for the emulator's fallback.
+#[derive(Clone)]
+struct EdgeService(Arc<middleware::Edge>);
+
+impl Service<Request> for EdgeService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        self.0.call(req)
+    }
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 fn is_emulator_path(path: &str) -> bool {
     path.strip_prefix(EMULATOR_PREFIX).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
@@ -228,12 +264,12 @@ pub fn router(state: AppState) -> HttpService {
         // is the webhooks router's: outside the limits and `/v1` layers.
         .merge(crate::webhooks::router().layer(middleware::RouteLabelLayer))
         .with_state(state.clone());
-    let app = middleware::EdgeLayer { state, cors: cors(&config) }.layer(app);
+    let edge = EdgeService(Arc::new(middleware::Edge::new(state, app, cors(&config))));
     // The emulator speaks Stripe's conventions, not tollgate's, so it sits
     // outside tollgate's layers.
     let emulator =
-        emulator.map(|em| Router::new().nest(EMULATOR_PREFIX, em.router()).fallback_service(app.clone()));
-    HttpService { app, emulator }
+        emulator.map(|em| Router::new().nest(EMULATOR_PREFIX, em.router()).fallback_service(edge.clone()));
+    HttpService(Arc::new(Services { edge, emulator }))
 }
 
 /// CORS for browser callers from `ALLOWED_ORIGINS`; none listed, none allowed.
