@@ -61,16 +61,12 @@ pub struct Edge {
     cors: Cors<Router>,
 }
 
-impl Edge {
-    pub fn new(state: AppState, router: Router, cors: CorsLayer) -> Self {
-        Edge { state, cors: cors.layer(router.clone()), router }
-    }
-}
-
 tokio::task_local! {
     /// The route template the router matched, noted by [`note_route`] from
     /// inside the router (the edge sees the request before routing) and
-    /// read by the edge for the request's metrics and log line.
+    /// read by the edge for the request's metrics and log line. Requests
+    /// no route takes (unknown paths, preflights CORS answers) are
+    /// `unmatched`.
     static MATCHED_ROUTE: Cell<Option<MatchedPath>>;
 }
 
@@ -119,6 +115,10 @@ where
 }
 
 impl Edge {
+    pub fn new(state: AppState, router: Router, cors: CorsLayer) -> Self {
+        Edge { state, cors: cors.layer(router.clone()), router }
+    }
+
     /// Gives the request an id, a span, a log line and metrics. Headers are
     /// not recorded, so keys and signatures never reach the logs.
     pub fn call(&self, req: Request) -> BoxFuture<Result<Response, Infallible>> {
