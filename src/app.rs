@@ -172,7 +172,7 @@ impl Server {
 
     /// The router `serve` would run, without sockets or workers: for
     /// measuring the HTTP stack's own cost (`benches/http_stack.rs`).
-    pub fn router(&self) -> axum::Router {
+    pub fn router(&self) -> http::HttpService {
         http::router(self.state.clone())
     }
 
@@ -186,7 +186,9 @@ impl Server {
         let app = http::router(state);
 
         let address = listener.local_addr()?;
-        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        let service = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+            SocketAddr,
+        >(app);
         let stop = shutdown.clone().cancelled_owned();
         let mut server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
             match tls {

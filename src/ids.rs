@@ -66,6 +66,11 @@ impl ExternalId {
     pub const MAX_LEN: usize = 255;
 
     pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+        Self::check(raw)?;
+        Ok(Self(raw.to_owned()))
+    }
+
+    fn check(raw: &str) -> Result<(), InvalidId> {
         if raw.is_empty() || raw.len() > Self::MAX_LEN {
             return Err(InvalidId(format!("external_id must be 1 to {} characters", Self::MAX_LEN)));
         }
@@ -74,7 +79,7 @@ impl ExternalId {
                 "external_id may contain printable ASCII other than '/' and spaces; found {bad:?}"
             )));
         }
-        Ok(Self(raw.to_owned()))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {
@@ -84,8 +89,11 @@ impl ExternalId {
 
 impl TryFrom<String> for ExternalId {
     type Error = InvalidId;
+    /// Keeps the string it is given: ids from paths and bodies are
+    /// already owned, and copying one is an allocation per request.
     fn try_from(value: String) -> Result<Self, Self::Error> {
-        Self::parse(&value)
+        Self::check(&value)?;
+        Ok(Self(value))
     }
 }
 

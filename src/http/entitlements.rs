@@ -84,9 +84,9 @@ async fn customer_id(state: &AppState, raw: &str) -> ApiResult<(ExternalId, Stri
 /// The entitlements a check reads, from memory when they are cached.
 async fn cached_entitlements(
     state: &AppState,
-    raw: &str,
+    raw: String,
 ) -> ApiResult<(ExternalId, std::sync::Arc<CustomerEntitlements>)> {
-    let external = ExternalId::parse(raw).map_err(|e| ApiError::invalid_param("external_id", e.0))?;
+    let external = ExternalId::try_from(raw).map_err(|e| ApiError::invalid_param("external_id", e.0))?;
     let found = state
         .store
         .customer_entitlements(&external)
@@ -116,7 +116,7 @@ pub async fn get_entitlements(
     ReadKey(_caller): ReadKey,
     ApiPath(external_id): ApiPath<String>,
 ) -> ApiResult<Json<EntitlementsResponse>> {
-    let (external, found) = cached_entitlements(&state, &external_id).await?;
+    let (external, found) = cached_entitlements(&state, external_id).await?;
     Ok(Json(EntitlementsResponse::new(&external, found.stored.clone())))
 }
 
@@ -144,7 +144,7 @@ pub async fn check_entitlement(
     if feature.is_empty() || feature.len() > 128 || feature.chars().any(char::is_control) {
         return Err(ApiError::invalid_param("feature", "feature must be 1 to 128 printable characters."));
     }
-    let (external, found) = cached_entitlements(&state, &external_id).await?;
+    let (external, found) = cached_entitlements(&state, external_id).await?;
     let stored = &found.stored;
     let e = &stored.entitlements;
     let limit = e.limits.get(&feature).copied();

@@ -1,6 +1,7 @@
 //! Layers every request passes through: request ids and tracing, metrics,
 //! JSON errors for bare statuses, authentication, and idempotency.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,14 +16,17 @@ use axum::extract::{MatchedPath, Request};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::Route;
+use axum::Router;
 use bytes::Bytes;
+use futures_util::future::Either;
 use sha2::{Digest, Sha256};
 use tower::{Layer, Service, ServiceExt};
+use tower_http::cors::{Cors, CorsLayer};
 use tracing::Instrument;
 
 use super::error::{ApiError, ErrorType, REQUEST_ID};
 use super::extract::Principal;
-use super::{ratelimit, AppState};
+use super::{ratelimit, AppState, InFlightGuard};
 use crate::auth;
 use crate::store::idempotency::{Claim, StoredResponse};
 
@@ -42,46 +46,83 @@ fn incoming_request_id(headers: &HeaderMap) -> Option<String> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// The outermost layer, wrapped around CORS: what were four layers
-/// (request id, tracing and metrics; JSON errors; security headers; panic
-/// catching), because every layer costs each request a boxed clone of the
-/// route and a boxed future. A plain `tower` service rather than
-/// `from_fn`, which boxes the inner service and its future once more.
-#[derive(Clone)]
-pub struct EdgeLayer(pub AppState);
+/// The outermost layer, wrapped once around the whole router (not per
+/// route): what were four layers (request id, tracing and metrics; JSON
+/// errors; security headers; panic catching) plus CORS. axum boxes every
+/// route once per `Router::layer` and clones each route's boxed stack for
+/// every request, so the edge and CORS, outside the router, cost no box,
+/// clone or boxed future of their own. It is shared behind an `Arc`:
+/// hyper clones the whole service for every request, and CORS alone
+/// (its origin list, its `Vary` names) is several allocations to clone.
+pub struct Edge {
+    state: AppState,
+    router: Router,
+    /// The same router behind CORS, for requests from browsers.
+    cors: Cors<Router>,
+}
 
-impl<S> Layer<S> for EdgeLayer {
-    type Service = Edge<S>;
+tokio::task_local! {
+    /// The route template the router matched, noted by [`note_route`] from
+    /// inside the router (the edge sees the request before routing) and
+    /// read by the edge for the request's metrics and log line. Requests
+    /// no route takes (unknown paths, preflights CORS answers) are
+    /// `unmatched`.
+    static MATCHED_ROUTE: Cell<Option<MatchedPath>>;
+}
 
-    fn layer(&self, inner: S) -> Edge<S> {
-        Edge { state: self.0.clone(), inner }
+/// Tells the edge which route matched; called by the layer each route
+/// carries ([`ApiLayer`] on `/v1`, [`RouteLabelLayer`] elsewhere) when
+/// the router hands it the request.
+fn note_route<B>(req: &Request<B>) {
+    if let Some(route) = req.extensions().get::<MatchedPath>() {
+        let _ = MATCHED_ROUTE.try_with(|slot| slot.set(Some(route.clone())));
+        tracing::Span::current().record("route", route.as_str());
+    }
+}
+
+/// Notes the matched route for the edge (see [`note_route`]), for routes
+/// outside `/v1`, whose [`ApiLayer`] does it there.
+#[derive(Clone, Copy)]
+pub struct RouteLabelLayer;
+
+impl<S> Layer<S> for RouteLabelLayer {
+    type Service = RouteLabel<S>;
+
+    fn layer(&self, inner: S) -> RouteLabel<S> {
+        RouteLabel(inner)
     }
 }
 
 #[derive(Clone)]
-pub struct Edge<S> {
-    state: AppState,
-    inner: S,
+pub struct RouteLabel<S>(S);
+
+impl<S, B> Service<Request<B>> for RouteLabel<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> S::Future {
+        note_route(&req);
+        self.0.call(req)
+    }
 }
 
-impl<S> Service<Request> for Edge<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Response, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+impl Edge {
+    pub fn new(state: AppState, router: Router, cors: CorsLayer) -> Self {
+        Edge { state, cors: cors.layer(router.clone()), router }
     }
 
     /// Gives the request an id, a span, a log line and metrics. Headers are
     /// not recorded, so keys and signatures never reach the logs.
-    fn call(&mut self, req: Request) -> Self::Future {
+    pub fn call(&self, req: Request) -> BoxFuture<Result<Response, Infallible>> {
         let request_id = incoming_request_id(req.headers()).unwrap_or_else(crate::ids::new_request_id);
-        let route = req.extensions().get::<MatchedPath>().cloned();
         let method_label = method_label(req.method());
         // Kept for the message of an error a layer answers with a bare status.
         let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -89,16 +130,28 @@ where
             "request",
             request_id = %request_id,
             method = method_label,
-            route = route.as_ref().map_or("unmatched", MatchedPath::as_str),
+            route = tracing::field::Empty,
             api_key = tracing::field::Empty
         );
-        let state = self.state.clone();
-        let in_flight = state.in_flight.enter();
+        // Browsers send `Origin` on every cross-origin request and every
+        // preflight (`OPTIONS`); without one, CORS would only add headers
+        // no client reads (`Access-Control-Expose-Headers`), built anew
+        // for each response.
+        let cross_origin = *req.method() == Method::OPTIONS || req.headers().contains_key(header::ORIGIN);
+        let state = InFlightGuard::enter(self.state.clone());
         let started = Instant::now();
         // Panics are caught in `call` too, as tower-http's `CatchPanic` did.
-        let inner = catch_unwind(AssertUnwindSafe(|| self.inner.call(req)));
+        let inner = catch_unwind(AssertUnwindSafe(|| {
+            // `Service::call` takes `&mut`: each request calls its own
+            // handle on the router (one reference count), and browsers'
+            // requests their own CORS (rarer, and dearer to clone).
+            if cross_origin {
+                Either::Left(self.cors.clone().call(req))
+            } else {
+                Either::Right(self.router.clone().call(req))
+            }
+        }));
         Box::pin(async move {
-            let _in_flight = in_flight;
             let https = state.https;
             let work = async move {
                 let response = match inner {
@@ -111,16 +164,25 @@ where
                 // rather than the map growing twice.
                 response.headers_mut().reserve(8);
                 security_headers(response.headers_mut(), https);
+                if !cross_origin {
+                    // What CORS would answer depends on `Origin`, so a cache
+                    // must not reuse this response for a request that has one.
+                    response.headers_mut().append(header::VARY, HeaderValue::from_static("origin"));
+                }
                 if let Ok(Ok(value)) = REQUEST_ID.try_with(|id| HeaderValue::from_str(id)) {
                     response.headers_mut().insert(REQUEST_ID_NAME, value);
                 }
-                response
+                (response, MATCHED_ROUTE.with(Cell::take))
             };
-            let response = REQUEST_ID.scope(request_id, work).instrument(span.clone()).await;
+            let (response, route) = REQUEST_ID
+                .scope(request_id, MATCHED_ROUTE.scope(Cell::new(None), work))
+                .instrument(span.clone())
+                .await;
             let elapsed = started.elapsed();
             let status = response.status();
             let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
             state.request_metrics.record(method_label, route, status, elapsed);
+            span.record("route", route);
             span.in_scope(|| {
                 let ms = elapsed.as_secs_f64() * 1000.0;
                 if status.is_server_error() {
@@ -254,12 +316,20 @@ fn json_errors(response: Response, method: &Method, uri: &Uri) -> Response {
     Response::from_parts(parts, body)
 }
 
-/// Security headers on every response. HSTS only when tollgate is served
-/// over https, where browsers honour it.
+/// Security headers on every response: OWASP's set for API responses
+/// (`nosniff`, framing refused by CSP and, for browsers without CSP
+/// Level 2, `X-Frame-Options`; HSTS only when tollgate is served over
+/// https, where browsers honour it). `Referrer-Policy` governs the
+/// requests a document makes, so it goes only on what a browser may treat
+/// as one (the HTML docs, plain text), not on JSON, which is most
+/// responses: each header is written, sent and parsed on every request.
 fn security_headers(h: &mut HeaderMap, https: bool) {
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    let json = h.get(header::CONTENT_TYPE).is_some_and(|ct| ct.as_bytes().starts_with(b"application/json"));
+    if !json {
+        h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    }
     if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
         h.insert(
             header::CONTENT_SECURITY_POLICY,
@@ -350,7 +420,7 @@ where
 }
 
 /// The `/v1` layer (see [`api`]), as a plain `tower` layer for the same
-/// reason as [`EdgeLayer`].
+/// reason as [`Edge`].
 #[derive(Clone)]
 pub struct ApiLayer(pub AppState);
 
@@ -382,6 +452,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        note_route(&req);
         // The inner call comes after awaiting checks, so the future owns
         // the route.
         let next = self.inner.clone();

@@ -1,15 +1,21 @@
 //! The HTTP surface: the `/v1` API for applications, operational endpoints,
 //! and the layers that give every response the same conventions.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::Request;
 use axum::http::{header, HeaderName, HeaderValue, Method};
+use axum::response::Response;
+use axum::routing::future::RouteFuture;
 use axum::Router;
+use futures_util::future::Either;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceBuilder;
+use tower::{Service, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 
@@ -93,26 +99,39 @@ pub struct AppStateInner {
     pub keys: crate::tokens::keys::KeyRing,
 }
 
-/// A counter of requests in progress; `enter` returns a guard that leaves on drop.
-#[derive(Clone, Default)]
-pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
-
-pub struct InFlightGuard(Arc<std::sync::atomic::AtomicUsize>);
+/// A counter of requests in progress, entered by [`InFlightGuard`].
+#[derive(Default)]
+pub struct InFlight(std::sync::atomic::AtomicUsize);
 
 impl InFlight {
-    pub fn enter(&self) -> InFlightGuard {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        InFlightGuard(self.0.clone())
-    }
-
     pub fn count(&self) -> usize {
         self.0.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
+/// Counts a request as in progress until dropped. It holds the state the
+/// request's future keeps anyway, so counting costs no reference count of
+/// its own (each one an atomic on a line both server threads write).
+pub struct InFlightGuard(AppState);
+
+impl InFlightGuard {
+    pub fn enter(state: AppState) -> Self {
+        state.in_flight.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlightGuard(state)
+    }
+}
+
+impl std::ops::Deref for InFlightGuard {
+    type Target = AppState;
+
+    fn deref(&self) -> &AppState {
+        &self.0
+    }
+}
+
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.in_flight.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -141,15 +160,73 @@ impl<T> ListResponse<T> {
 /// Where `serve` mounts the Stripe emulator when no Stripe key is set.
 pub const EMULATOR_PREFIX: &str = "/emulator/stripe";
 
-pub fn router(state: AppState) -> Router {
+/// The whole HTTP service: tollgate's router inside its edge (request ids,
+/// logs, metrics, JSON errors, security headers, CORS), and the Stripe
+/// emulator beside it when there is one. One `Arc`, because hyper clones
+/// the service for every request.
+#[derive(Clone)]
+pub struct HttpService(Arc<Services>);
+
+struct Services {
+    edge: EdgeService,
+    /// Requests under [`EMULATOR_PREFIX`], which the emulator answers; its
+    /// fallback is the edge, so unknown paths there get tollgate's 404 as
+    /// before.
+    emulator: Option<Router>,
+}
+
+impl Service<Request> for HttpService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<BoxFuture<Result<Response, Infallible>>, RouteFuture<Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        match &self.0.emulator {
+            Some(emulator) if is_emulator_path(req.uri().path()) => Either::Right(emulator.clone().call(req)),
+            _ => Either::Left(self.0.edge.0.call(req)),
+        }
+    }
+}
+
+/// The edge as a service of its own, for the emulator's fallback.
+#[derive(Clone)]
+struct EdgeService(Arc<middleware::Edge>);
+
+impl Service<Request> for EdgeService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        self.0.call(req)
+    }
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+fn is_emulator_path(path: &str) -> bool {
+    path.strip_prefix(EMULATOR_PREFIX).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+pub fn router(state: AppState) -> HttpService {
     let config = state.config.clone();
     let emulator = state.emulator.clone();
     // Each `Router::layer` boxes every route once more, and every request
     // clones the boxed stack below each box, so layers are composed with
     // `ServiceBuilder` (plain nested services) into as few boxes as the
-    // routing allows. Outer to inner: the body limit, the request timeout
-    // (both JSON-ed by the edge), then, on `/v1`, the address limit,
-    // authentication, the key limit and idempotency.
+    // routing allows: one per route (its limits and, on `/v1`, the API
+    // layer), the edge and CORS outside the router. Outer to inner: the
+    // body limit, the request timeout (both JSON-ed by the edge), then, on
+    // `/v1`, the address limit, authentication, the key limit and
+    // idempotency. Each route's layer tells the edge which route matched.
     let limits = || {
         ServiceBuilder::new().layer(RequestBodyLimitLayer::new(config.max_body_bytes)).layer(
             middleware::RequestTimeoutLayer(Duration::from_secs(config.request_timeout_seconds.max(1))),
@@ -173,7 +250,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .merge(tokens::public_router())
         .merge(docs::router())
-        .layer(limits());
+        .layer(limits().layer(middleware::RouteLabelLayer));
 
     // `/v1` routes carry their prefix rather than being nested: `nest` adds
     // two more layers to every route (prefix stripping, nested path) that
@@ -185,15 +262,14 @@ pub fn router(state: AppState) -> Router {
         // expect. Merging a router whose fallback is the default takes its
         // fallback, so merged last, the 404 for unknown paths (`/v1/…` too)
         // is the webhooks router's: outside the limits and `/v1` layers.
-        .merge(crate::webhooks::router())
-        .layer(ServiceBuilder::new().layer(middleware::EdgeLayer(state.clone())).layer(cors(&config)))
-        .with_state(state);
+        .merge(crate::webhooks::router().layer(middleware::RouteLabelLayer))
+        .with_state(state.clone());
+    let edge = EdgeService(Arc::new(middleware::Edge::new(state, app, cors(&config))));
     // The emulator speaks Stripe's conventions, not tollgate's, so it sits
     // outside tollgate's layers.
-    match emulator {
-        Some(em) => app.nest(EMULATOR_PREFIX, em.router()),
-        None => app,
-    }
+    let emulator =
+        emulator.map(|em| Router::new().nest(EMULATOR_PREFIX, em.router()).fallback_service(edge.clone()));
+    HttpService(Arc::new(Services { edge, emulator }))
 }
 
 /// CORS for browser callers from `ALLOWED_ORIGINS`; none listed, none allowed.

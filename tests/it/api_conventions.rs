@@ -124,13 +124,21 @@ async fn oversize_bodies_are_413_and_change_nothing() {
 #[tokio::test]
 async fn security_headers_are_set() {
     let app = spawn_app().await;
-    for path in ["/livez", "/no-such-page"] {
+    for path in ["/livez", "/no-such-page", "/docs"] {
         let resp = app.client.get(app.url(path)).send().await.unwrap();
         let h = resp.headers();
         assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
-        assert_eq!(h["referrer-policy"], "no-referrer", "{path}");
+        assert_eq!(h["x-frame-options"], "DENY", "{path}");
         assert!(h["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"), "{path}");
         assert!(!h.contains_key("strict-transport-security"), "no HSTS over plain http");
+        // A referrer policy governs what a document links to: the HTML
+        // docs have one, JSON answers do not.
+        let html = h["content-type"].to_str().unwrap().starts_with("text/html");
+        assert_eq!(
+            h.get("referrer-policy").map(|v| v.to_str().unwrap()),
+            html.then_some("no-referrer"),
+            "{path}"
+        );
     }
     let https = spawn_app_with(|c| c.public_url = Some("https://billing.example.com".into())).await;
     let resp = https.client.get(https.url("/livez")).send().await.unwrap();
@@ -157,6 +165,30 @@ async fn cors_allows_only_configured_origins() {
     let resp =
         none.client.get(none.url("/livez")).header("origin", "https://app.example.com").send().await.unwrap();
     assert!(!resp.headers().contains_key("access-control-allow-origin"));
+
+    // An allowed origin's request is answered with CORS headers; a request
+    // with no origin gets none, but says the answer depends on Origin.
+    let cors = app
+        .client
+        .get(app.url("/v1/customers"))
+        .bearer_auth(&app.read_key)
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cors.status(), 200);
+    assert_eq!(cors.headers()["access-control-allow-origin"], "https://app.example.com");
+    assert!(cors.headers()["access-control-expose-headers"].to_str().unwrap().contains("request-id"));
+    let plain = app.client.get(app.url("/v1/customers")).bearer_auth(&app.read_key).send().await.unwrap();
+    assert_eq!(plain.status(), 200);
+    assert!(!plain.headers().contains_key("access-control-expose-headers"));
+    assert!(!plain.headers().contains_key("access-control-allow-origin"));
+    let vary: Vec<_> =
+        plain.headers().get_all("vary").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
+    assert!(
+        vary.iter().any(|v| v.split(',').any(|name| name.trim().eq_ignore_ascii_case("origin"))),
+        "{vary:?}"
+    );
 }
 
 #[tokio::test]
