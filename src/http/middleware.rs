@@ -70,9 +70,9 @@ tokio::task_local! {
     static MATCHED_ROUTE: Cell<Option<MatchedPath>>;
 }
 
-/// Tells the edge which route matched; called by the layer each route
-/// carries ([`ApiLayer`] on `/v1`, [`RouteLabelLayer`] elsewhere) when
-/// the router hands it the request.
+/// Tells the edge which route matched; called by [`RouteLabelLayer`], the
+/// outermost layer each route carries, when the router hands it the
+/// request.
 fn note_route<B>(req: &Request<B>) {
     if let Some(route) = req.extensions().get::<MatchedPath>() {
         let _ = MATCHED_ROUTE.try_with(|slot| slot.set(Some(route.clone())));
@@ -80,8 +80,8 @@ fn note_route<B>(req: &Request<B>) {
     }
 }
 
-/// Notes the matched route for the edge (see [`note_route`]), for routes
-/// outside `/v1`, whose [`ApiLayer`] does it there.
+/// Notes the matched route for the edge (see [`note_route`]), outside
+/// the route's limits, so their answers are counted under it too.
 #[derive(Clone, Copy)]
 pub struct RouteLabelLayer;
 
@@ -452,7 +452,6 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        note_route(&req);
         // The inner call comes after awaiting checks, so the future owns
         // the route.
         let next = self.inner.clone();

@@ -226,7 +226,9 @@ pub fn router(state: AppState) -> HttpService {
     // layer), the edge and CORS outside the router. Outer to inner: the
     // body limit, the request timeout (both JSON-ed by the edge), then, on
     // `/v1`, the address limit, authentication, the key limit and
-    // idempotency. Each route's layer tells the edge which route matched.
+    // idempotency. Each route's outermost layer tells the edge which route
+    // matched, so an answer from the limits (a 413 before any body is
+    // read) is counted under its route too.
     let limits = || {
         ServiceBuilder::new().layer(RequestBodyLimitLayer::new(config.max_body_bytes)).layer(
             middleware::RequestTimeoutLayer(Duration::from_secs(config.request_timeout_seconds.max(1))),
@@ -245,12 +247,17 @@ pub fn router(state: AppState) -> HttpService {
         .merge(events::router())
         .merge(webhook_endpoints::router())
         .merge(tokens::router())
-        .layer(limits().layer(middleware::ApiLayer(state.clone())));
+        .layer(
+            ServiceBuilder::new()
+                .layer(middleware::RouteLabelLayer)
+                .layer(limits())
+                .layer(middleware::ApiLayer(state.clone())),
+        );
     let operational = Router::new()
         .merge(health::router())
         .merge(tokens::public_router())
         .merge(docs::router())
-        .layer(limits().layer(middleware::RouteLabelLayer));
+        .layer(ServiceBuilder::new().layer(middleware::RouteLabelLayer).layer(limits()));
 
     // `/v1` routes carry their prefix rather than being nested: `nest` adds
     // two more layers to every route (prefix stripping, nested path) that

@@ -506,6 +506,14 @@ async fn endpoints_receive_only_the_types_they_subscribe_to() {
     let types: Vec<&str> = got.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["invoice.payment_failed", "subscription.canceled"]);
     assert_eq!(app.deliveries(e_only["id"].as_str().unwrap()).await.len(), 2);
+    // A send is recorded as succeeded a moment after the endpoint has it
+    // (attempts are recorded in batches beside the sending).
+    eventually(Duration::from_secs(10), || async {
+        let mut recorded = app.deliveries(e_all["id"].as_str().unwrap()).await;
+        recorded.extend(app.deliveries(e_only["id"].as_str().unwrap()).await);
+        (recorded.len() == n + 2 && recorded.iter().all(|d| d["status"] == "succeeded")).then_some(())
+    })
+    .await;
     // Retention removes delivered ones (and their attempts) past the cutoff.
     let actor = tollgate::store::audit::Actor::System("retention");
     let later = tollgate::store::now_unix() + 86_400;

@@ -69,3 +69,38 @@ async fn money_and_timestamps_are_integers_on_every_backend() {
     assert_eq!(prices.data[0].unit_amount, 999_999_999_999);
     assert!(prices.data[0].created_at > 1_700_000_000);
 }
+
+/// The claim walks waiting events oldest first, passes over one whose retry
+/// is not due yet, and stops at its batch (it used to read and sort every
+/// waiting event; now it follows `provider_events_waiting`).
+#[tokio::test]
+async fn the_inbox_claim_takes_due_events_oldest_first_up_to_its_batch() {
+    use tollgate::store::provider_events::NewProviderEvent;
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let now = tollgate::store::now_unix();
+    // Inserted newest first, so insertion order is not what orders them.
+    let events: Vec<NewProviderEvent> = (0..4)
+        .rev()
+        .map(|i| NewProviderEvent {
+            provider: "stripe",
+            provider_event_id: format!("evt_claim_{i}"),
+            event_type: "customer.updated".into(),
+            object_id: Some(format!("cus_claim_{i}")),
+            provider_created: 1_000 + i,
+            api_version: None,
+            livemode: false,
+            body: "{}".into(),
+            source: "webhook",
+            initial_status: "received",
+            first_attempt_at: now,
+        })
+        .collect();
+    store.insert_provider_events(&events).await.unwrap();
+    let oldest = store.find_provider_event("stripe", "evt_claim_0").await.unwrap().unwrap();
+    store.fail_provider_event(&oldest.id, "provider down", Some(now + 3_600)).await.unwrap();
+
+    let claimed = store.claim_provider_events(2, 15).await.unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|e| e.provider_event_id.as_str()).collect();
+    assert_eq!(ids, ["evt_claim_1", "evt_claim_2"], "due events, oldest first, no more than the batch");
+}
