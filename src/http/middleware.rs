@@ -323,12 +323,18 @@ fn json_errors(response: Response, method: &Method, uri: &Uri) -> Response {
 /// requests a document makes, so it goes only on what a browser may treat
 /// as one (the HTML docs, plain text), not on JSON, which is most
 /// responses: each header is written, sent and parsed on every request.
+/// JSON answers are `Cache-Control: no-store` unless their handler said
+/// otherwise (the JWKS is meant to be cached): they carry a customer's
+/// entitlements, tokens and orders, which no browser or proxy cache should
+/// keep or hand to someone else.
 fn security_headers(h: &mut HeaderMap, https: bool) {
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     let json = h.get(header::CONTENT_TYPE).is_some_and(|ct| ct.as_bytes().starts_with(b"application/json"));
     if !json {
         h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    } else if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
         h.insert(

@@ -139,7 +139,22 @@ async fn security_headers_are_set() {
             html.then_some("no-referrer"),
             "{path}"
         );
+        // JSON answers are never kept by a browser or proxy cache.
+        if h["content-type"].to_str().unwrap().starts_with("application/json") {
+            assert_eq!(h["cache-control"], "no-store", "{path}");
+        }
     }
+    let entitlements = app
+        .client
+        .get(app.url("/v1/customers/u_nobody/entitlements"))
+        .bearer_auth(&app.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(entitlements.headers()["cache-control"], "no-store");
+    // The key set is meant to be cached: its own policy stands.
+    let jwks = app.client.get(app.url("/.well-known/jwks.json")).send().await.unwrap();
+    assert_ne!(jwks.headers()["cache-control"], "no-store");
     let https = spawn_app_with(|c| c.public_url = Some("https://billing.example.com".into())).await;
     let resp = https.client.get(https.url("/livez")).send().await.unwrap();
     assert!(resp.headers()["strict-transport-security"].to_str().unwrap().contains("max-age="));
