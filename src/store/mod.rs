@@ -41,53 +41,41 @@ pub mod webhook_endpoints;
 /// same tokens for both engines; each match arm is type-checked against its
 /// own database.
 macro_rules! sql {
+    // The query, as a named (prepared and kept) statement on PostgreSQL
+    // when `$named`; SQLite keeps every statement.
+    (@run $named:literal, $target:expr, query ($sql:expr $(, $arg:expr)* $(,)?) . execute) => {
+        // `execute` answers with the number of rows affected: the engines'
+        // own result types differ.
+        match $target.exec() {
+            $crate::store::Exec::Sqlite(e) => {
+                sqlx::query($sql) $(.bind($arg))* .execute(e).await.map(|r| r.rows_affected())
+            }
+            $crate::store::Exec::Postgres(e) => {
+                sqlx::query($sql).persistent($named) $(.bind($arg))* .execute(e).await.map(|r| r.rows_affected())
+            }
+        }
+    };
+    (@run $named:literal, $target:expr, $kind:ident $(::<$ty:ty>)? ($sql:expr $(, $arg:expr)* $(,)?) . $method:ident) => {
+        match $target.exec() {
+            $crate::store::Exec::Sqlite(e) => {
+                sqlx::$kind $(::<_, $ty>)? ($sql) $(.bind($arg))* .$method(e).await
+            }
+            $crate::store::Exec::Postgres(e) => {
+                sqlx::$kind $(::<_, $ty>)? ($sql).persistent($named) $(.bind($arg))* .$method(e).await
+            }
+        }
+    };
     // `fresh`: planned again at every execution on PostgreSQL (an unnamed
     // statement), for the queue statements whose best plan depends on how
     // many rows wait. A named statement's plan is made generic after five
     // runs and kept: made while a table was nearly empty, it scanned the
     // whole table (or the whole backlog) for every batch once it had grown,
     // until the next ANALYZE. One planning per batch costs far less.
-    ($target:expr, fresh query ($sql:expr $(, $arg:expr)* $(,)?) . execute) => {
-        match $target.exec() {
-            $crate::store::Exec::Sqlite(e) => {
-                sqlx::query($sql) $(.bind($arg))* .execute(e).await.map(|r| r.rows_affected())
-            }
-            $crate::store::Exec::Postgres(e) => {
-                sqlx::query($sql).persistent(false) $(.bind($arg))* .execute(e).await.map(|r| r.rows_affected())
-            }
-        }
+    ($target:expr, fresh $($query:tt)+) => {
+        $crate::store::sql!(@run false, $target, $($query)+)
     };
-    ($target:expr, fresh $kind:ident $(::<$ty:ty>)? ($sql:expr $(, $arg:expr)* $(,)?) . $method:ident) => {
-        match $target.exec() {
-            $crate::store::Exec::Sqlite(e) => {
-                sqlx::$kind $(::<_, $ty>)? ($sql) $(.bind($arg))* .$method(e).await
-            }
-            $crate::store::Exec::Postgres(e) => {
-                sqlx::$kind $(::<_, $ty>)? ($sql).persistent(false) $(.bind($arg))* .$method(e).await
-            }
-        }
-    };
-    // `execute` answers with the number of rows affected: the engines'
-    // own result types differ.
-    ($target:expr, query ($sql:expr $(, $arg:expr)* $(,)?) . execute) => {
-        match $target.exec() {
-            $crate::store::Exec::Sqlite(e) => {
-                sqlx::query($sql) $(.bind($arg))* .execute(e).await.map(|r| r.rows_affected())
-            }
-            $crate::store::Exec::Postgres(e) => {
-                sqlx::query($sql) $(.bind($arg))* .execute(e).await.map(|r| r.rows_affected())
-            }
-        }
-    };
-    ($target:expr, $kind:ident $(::<$ty:ty>)? ($sql:expr $(, $arg:expr)* $(,)?) . $method:ident) => {
-        match $target.exec() {
-            $crate::store::Exec::Sqlite(e) => {
-                sqlx::$kind $(::<_, $ty>)? ($sql) $(.bind($arg))* .$method(e).await
-            }
-            $crate::store::Exec::Postgres(e) => {
-                sqlx::$kind $(::<_, $ty>)? ($sql) $(.bind($arg))* .$method(e).await
-            }
-        }
+    ($target:expr, $($query:tt)+) => {
+        $crate::store::sql!(@run true, $target, $($query)+)
     };
 }
 pub(crate) use sql;
