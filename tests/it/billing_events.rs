@@ -406,10 +406,14 @@ pub(crate) async fn buy(app: &TestApp, customer: &str, price: &str, card: &str) 
     emulator_get(app, &format!("/v1/checkout/sessions/{}", session["id"].as_str().unwrap())).await
 }
 
-/// Slow under load is fine; a failing event is not: a long wait says which.
+/// Slow under load is fine; a failing or stuck event is not: a long wait
+/// says which (every event that failed or is still waiting, and how many
+/// the inbox holds, so an event that never arrived shows as well).
 pub(crate) async fn print_failing_events(app: &TestApp) {
-    for pe in app.provider_events("").await {
-        if pe["last_error"].is_string() {
+    let events = app.provider_events("").await;
+    eprintln!("  the inbox holds {} events (newest 100 listed)", events.len());
+    for pe in events {
+        if pe["last_error"].is_string() || !matches!(pe["status"].as_str(), Some("processed" | "ignored")) {
             eprintln!("  {} {} attempts {}: {}", pe["type"], pe["status"], pe["attempts"], pe["last_error"]);
         }
     }

@@ -143,7 +143,17 @@ async fn a_second_instance_never_serves_entitlements_older_than_a_returned_write
     let admin = db.store().await;
     let shared = db.another_handle();
     let a = spawn_on(db, unlimited).await;
-    let b = spawn_on(shared, unlimited).await;
+    // One deployment, one Stripe: B's inbox worker applies A's emulator's
+    // events too, and reads what they leave out (a checkout's line items)
+    // from the same emulator, not from an emulator of its own that never
+    // saw the checkout.
+    let stripe_of_a = format!("{}/emulator/stripe", a.base);
+    let b = spawn_on(shared, |c| {
+        unlimited(c);
+        c.stripe_secret_key = Some(secrecy::SecretString::from("sk_test_tollgate_emulator".to_owned()));
+        c.stripe_api_base = Some(stripe_of_a);
+    })
+    .await;
     let provider_customer = customer_with_cards(&a, "u_two").await;
     wait_serving(&a).await;
     wait_serving(&b).await;
@@ -166,7 +176,23 @@ async fn a_second_instance_never_serves_entitlements_older_than_a_returned_write
     let pack = emulator_price(&a, "Another pack", "500", None).await;
     link_catalog(&a, &[("card_pack_5", &pack)]).await;
     buy(&a, &provider_customer, &pack, "4242424242424242").await;
-    wait_entitlements(&b, "u_two", |e| e["balances"]["cards"] == 16).await;
+    // A first (the purchase may be slow under load: that is not what this
+    // test is about), then B, which must follow within the acknowledgement
+    // window: a B that missed the invalidation would stay stale for good
+    // while it keeps hearing its own pings.
+    let on_a = wait_entitlements(&a, "u_two", |e| e["balances"]["cards"] == 16).await;
+    let stats = b.server_store.cache().stats();
+    let followed = eventually_or(Duration::from_secs(5), || async {
+        let on_b = entitlements_of(&b, "u_two").await;
+        (on_b["balances"]["cards"] == 16).then_some(on_b)
+    })
+    .await;
+    assert!(
+        followed.is_some(),
+        "B still serves {} five seconds after A served {on_a}; B's cache before: {stats:?}, now: {:?}",
+        entitlements_of(&b, "u_two").await,
+        b.server_store.cache().stats()
+    );
 
     // A key revoked through A is refused by B at once.
     let key = create_key(&a.server_store, tollgate::auth::Scope::Read).await;
