@@ -269,12 +269,16 @@ async fn fetch_line_items_if_unknown(
     let path = format!("/v1/checkout/sessions/{}/line_items", session.id);
     match client.list_all(&path, &[]).await {
         Ok(items) => Ok(Some(items.iter().map(objects::line_item).collect())),
-        // Gone at the provider (sessions are kept for a limited time): the
-        // order is recorded without lines, and said so.
-        Err(StripeClientError::Api { status: 404, .. }) => {
-            tracing::warn!(session = %session.id, "line items no longer at the provider; the order is recorded without lines");
-            Ok(Some(Vec::new()))
-        }
+        // Unknown to the provider tollgate asks (a key of another account
+        // or mode, or another Stripe than the one that sent the event): an
+        // order recorded without its lines would take the money and grant
+        // nothing, silently. The event fails instead, is retried, and ends
+        // dead and replayable once the configuration is fixed.
+        Err(StripeClientError::Api { status: 404, .. }) => Err(ApplyError::Payload(format!(
+            "checkout session {} is unknown to the provider, so its line items cannot be read: \
+             is STRIPE_SECRET_KEY the key of the account (and mode) that sent this event?",
+            session.id
+        ))),
         Err(e) => Err(ApplyError::Payload(format!("line items could not be read: {e}"))),
     }
 }

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-use crate::webhooks::{event, SECRET_A};
+use crate::webhooks::{event, spawn_with_secrets_and_sessions, SECRET_A};
 
 async fn spawn_app() -> TestApp {
     spawn_app_with(unlimited).await
@@ -295,7 +295,7 @@ async fn random_orders_with_duplicates_of_a_long_life_converge() {
 
 #[tokio::test]
 async fn payloads_of_2017_08_15_and_of_the_fixtures_are_read() {
-    let app = spawn_with_secrets().await;
+    let app = spawn_with_secrets_and_sessions().await;
     // 2017-08-15: one plan at the top of the subscription, `invoice.subscription`
     // and `invoice.charge` at the top, `paid` instead of `status`.
     let old_sub = json!({
@@ -577,7 +577,7 @@ async fn deliver_concurrently(app: &TestApp, bodies: impl IntoIterator<Item = Ve
 
 #[tokio::test]
 async fn an_order_paid_event_is_emitted_once_when_the_payment_is_announced_five_times() {
-    let app = spawn_with_secrets().await;
+    let app = spawn_with_secrets_and_sessions().await;
     let session = paid_session("cs_test_dup", "cus_five", "pi_five", 700);
     let intent = json!({
         "id": "pi_five", "object": "payment_intent", "status": "succeeded", "amount": 700, "currency": "usd",
@@ -601,7 +601,7 @@ async fn an_order_paid_event_is_emitted_once_when_the_payment_is_announced_five_
 
 #[tokio::test]
 async fn a_refund_that_fails_after_the_charge_counted_it_is_given_back() {
-    let app = spawn_with_secrets().await;
+    let app = spawn_with_secrets_and_sessions().await;
     let session = paid_session("cs_test_m2", "cus_m2", "pi_m2", 700);
     let intent = json!({
         "id": "pi_m2", "object": "payment_intent", "status": "succeeded", "amount": 700, "currency": "usd",
@@ -654,7 +654,7 @@ async fn a_refund_that_fails_after_the_charge_counted_it_is_given_back() {
 
 #[tokio::test]
 async fn a_dispute_closing_on_a_partly_refunded_order_is_announced() {
-    let app = spawn_with_secrets().await;
+    let app = spawn_with_secrets_and_sessions().await;
     let session = paid_session("cs_test_dw", "cus_dw", "pi_dw", 1000);
     let refund = json!({
         "id": "re_dw", "object": "refund", "payment_intent": "pi_dw", "amount": 300, "currency": "usd",
@@ -695,9 +695,38 @@ async fn a_setup_session_sells_nothing_and_is_not_an_error() {
     assert!(orders.data.is_empty(), "no order for a saved card");
 }
 
+/// A paid checkout tollgate did not start becomes an order only with the
+/// line items the provider lists for it. A session the provider does not
+/// know (a key of another account or mode) fails the event with the
+/// reason, to be retried and replayed, rather than becoming a paid order
+/// that grants nothing.
+#[tokio::test]
+async fn a_checkout_the_provider_does_not_know_fails_with_the_reason_and_records_nothing() {
+    let app = spawn_with_secrets().await;
+    let session = json!({
+        "id": "cs_test_elsewhere", "object": "checkout.session", "mode": "payment", "status": "complete",
+        "payment_status": "paid", "customer": "cus_elsewhere", "payment_intent": "pi_elsewhere",
+        "amount_total": 1000, "currency": "usd", "metadata": {}, "client_reference_id": null,
+    });
+    let body = event("evt_elsewhere", "checkout.session.completed", T0, session);
+    assert_eq!(app.deliver_signed(&body).await.status(), 200);
+    let failed = app.wait_status("evt_elsewhere", "failed").await;
+    let reason = failed["last_error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("cs_test_elsewhere is unknown to the provider")
+            && reason.contains("STRIPE_SECRET_KEY"),
+        "{failed}"
+    );
+    let orders = app.server_store.list_orders(&tollgate::store::Page::first(10), None).await.unwrap();
+    assert!(orders.data.is_empty(), "no order without its lines");
+    let customers =
+        app.get("/v1/customers", &app.read_key).send().await.unwrap().json::<Value>().await.unwrap();
+    assert_eq!(customers["data"], json!([]), "nothing half-written");
+}
+
 #[tokio::test]
 async fn a_guest_payment_without_a_provider_customer_is_recorded_and_owned() {
-    let app = spawn_with_secrets().await;
+    let app = spawn_with_secrets_and_sessions().await;
     app.upsert_customer("u_named", json!({})).await;
     let session = |id: &str, pi: &str, metadata: Value| {
         json!({
@@ -1126,7 +1155,7 @@ async fn a_subscription_grants_its_products_features_until_it_ends() {
 
 #[tokio::test]
 async fn a_free_checkout_is_paid_though_no_payment_event_will_come() {
-    let app = spawn_with_secrets().await;
+    let app = spawn_with_secrets_and_sessions().await;
     let session = json!({
         "id": "cs_test_free", "object": "checkout.session", "mode": "payment", "status": "complete",
         "payment_status": "no_payment_required", "customer": "cus_free", "payment_intent": null,

@@ -23,6 +23,31 @@ pub(crate) async fn spawn_with_secrets() -> TestApp {
     .await
 }
 
+/// [`spawn_with_secrets`] whose Stripe knows every checkout session and
+/// lists no line items for it, for tests that send hand-made checkout
+/// events of sessions tollgate did not start (their line items are read
+/// from the provider, and a session the provider does not know fails).
+pub(crate) async fn spawn_with_secrets_and_sessions() -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stripe = axum::Router::new().route(
+        "/v1/checkout/sessions/{id}/line_items",
+        axum::routing::get(|axum::extract::Path(id): axum::extract::Path<String>| async move {
+            let url = format!("/v1/checkout/sessions/{id}/line_items");
+            axum::Json(json!({ "object": "list", "data": [], "has_more": false, "url": url }))
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, stripe).await.unwrap() });
+    spawn_app_with(|c| {
+        c.rate_limit_per_ip = 0;
+        c.rate_limit_per_key = 0;
+        c.stripe_webhook_secret = Some(secrecy::SecretString::from(format!("{SECRET_A},{SECRET_B}")));
+        c.stripe_secret_key = Some(secrecy::SecretString::from("sk_test_sessions".to_owned()));
+        c.stripe_api_base = Some(base);
+    })
+    .await
+}
+
 pub(crate) fn sign(secret: &str, t: i64, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{t}.").as_bytes());
