@@ -378,18 +378,21 @@ async fn mirror_provider_customer(
                 Some(e) => e.clone(),
                 None => ExternalId::parse(&pc.id).map_err(|e| StoreError::Corrupt(e.0))?,
             };
-            let sql =
-                format!("SELECT {COLUMNS} FROM customers WHERE external_id = $1 AND deleted_at IS NULL");
-            let existing: Option<Row> =
-                sql!(tx, query_as::<Row>(&sql, external.as_str()).fetch_optional).db()?;
-            match existing {
-                Some(row) => row.id,
-                None => {
-                    created_placeholder = adopted;
-                    let (email, name) =
-                        if adopted { (pc.email.clone(), pc.name.clone()) } else { (None, None) };
-                    let data = serde_json::json!({ "external_id": external.as_str(), "from_provider": pc.provider, "email": email, "name": name });
-                    create_on_providers_word(tx, &external, &email, &name, data, actor).await?
+            if adopted {
+                let (id, created) = adopt_as_placeholder(tx, &external, pc, actor).await?;
+                created_placeholder = created;
+                id
+            } else {
+                let sql =
+                    format!("SELECT {COLUMNS} FROM customers WHERE external_id = $1 AND deleted_at IS NULL");
+                let existing: Option<Row> =
+                    sql!(tx, query_as::<Row>(&sql, external.as_str()).fetch_optional).db()?;
+                match existing {
+                    Some(row) => row.id,
+                    None => {
+                        let data = serde_json::json!({ "external_id": external.as_str(), "from_provider": pc.provider, "email": null, "name": null });
+                        create_on_providers_word(tx, &external, &None, &None, data, actor).await?
+                    }
                 }
             }
         }
@@ -653,16 +656,71 @@ async fn create_on_providers_word(
             StoreError::from_sqlx(e)
         }
     })?;
+    audit_created(tx, &id, audit_data, actor).await?;
+    Ok(id)
+}
+
+/// The placeholder of a provider customer created outside tollgate (its
+/// external id is the provider's id), with the provider's email and name,
+/// and whether this call created it. Such a customer is nearly always new,
+/// so it is inserted first, one statement, and read only when an earlier
+/// adoption made it already (a concurrent one is waited for by the insert).
+async fn adopt_as_placeholder(
+    tx: &mut super::Tx,
+    external: &ExternalId,
+    pc: &ProviderCustomer,
+    actor: &Actor,
+) -> StoreResult<(String, bool)> {
+    let id = new_id("cust");
+    let inserted = sql!(
+        tx,
+        query(
+            "INSERT INTO customers (id, external_id, email, name, metadata, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, '{}', $5, $5) ON CONFLICT (external_id) WHERE deleted_at IS NULL DO NOTHING",
+            &id,
+            external.as_str(),
+            &pc.email,
+            &pc.name,
+            now_unix()
+        )
+        .execute
+    )
+    .db()?;
+    if inserted == 1 {
+        let data = serde_json::json!({ "external_id": external.as_str(), "from_provider": pc.provider, "email": pc.email, "name": pc.name });
+        audit_created(tx, &id, data, actor).await?;
+        return Ok((id, true));
+    }
+    let existing: Option<String> = sql!(
+        tx,
+        query_scalar::<String>(
+            "SELECT id FROM customers WHERE external_id = $1 AND deleted_at IS NULL",
+            external.as_str()
+        )
+        .fetch_optional
+    )
+    .db()?;
+    // Gone between the two statements (merged away): apply the event again.
+    existing
+        .map(|id| (id, false))
+        .ok_or_else(|| StoreError::Conflict(format!("customer {} changed concurrently", external.as_str())))
+}
+
+async fn audit_created(
+    tx: &mut super::Tx,
+    id: &str,
+    data: serde_json::Value,
+    actor: &Actor,
+) -> StoreResult<()> {
     let record = AuditRecord {
         actor,
         action: "customer.created",
         object_type: "customer",
-        object_id: &id,
-        data: audit_data,
+        object_id: id,
+        data,
         request_id: None,
     };
-    audit::append(tx, record).await?;
-    Ok(id)
+    audit::append(tx, record).await
 }
 
 /// The rows that belong to a customer, re-parented when an adopted

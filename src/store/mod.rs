@@ -445,6 +445,7 @@ impl Store {
             invalidates: Vec::new(),
             audit: Vec::new(),
             endpoints: None,
+            price_links: Default::default(),
             handoff: self.handoff.clone(),
             handed: Vec::new(),
             pg: match &self.backend {
@@ -516,6 +517,11 @@ pub struct Tx {
     /// transaction by the first event it emits (an inbox batch emits
     /// dozens); forgotten when the transaction changes an endpoint.
     pub(crate) endpoints: Option<deliveries::EndpointFilters>,
+    /// The catalog price and product each provider price maps to, read once
+    /// per transaction (see `orders::resolve_price`): an inbox batch often
+    /// names the same few prices dozens of times, and no transaction that
+    /// resolves prices also changes the catalog's links.
+    pub(crate) price_links: std::collections::HashMap<(String, String), (Option<String>, Option<String>)>,
     /// Where deliveries leased at commit go (SQLite), and those queued so far.
     pub(crate) handoff: Option<std::sync::Arc<deliveries::Handoff>>,
     pub(crate) handed: Vec<String>,

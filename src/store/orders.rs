@@ -95,6 +95,10 @@ pub async fn resolve_price(
     provider_price_id: Option<&str>,
 ) -> StoreResult<(Option<String>, Option<String>)> {
     let Some(provider_price_id) = provider_price_id else { return Ok((None, None)) };
+    let memo_key = (provider.to_owned(), provider_price_id.to_owned());
+    if let Some(known) = tx.price_links.get(&memo_key) {
+        return Ok(known.clone());
+    }
     let row: Option<(String, String)> = sql!(
         tx,
         query_as::<(String, String)>(
@@ -106,10 +110,12 @@ pub async fn resolve_price(
         .fetch_optional
     )
     .db()?;
-    Ok(match row {
+    let resolved = match row {
         Some((price, product)) => (Some(price), Some(product)),
         None => (None, None),
-    })
+    };
+    tx.price_links.insert(memo_key, resolved.clone());
+    Ok(resolved)
 }
 
 impl Store {
