@@ -571,16 +571,7 @@ pub async fn resolve_provider_customer(
     // the named customer's.
     let external =
         external_id.map(|e| e.as_str().to_owned()).unwrap_or_else(|| provider_customer_id.to_owned());
-    sql!(
-        tx,
-        query_scalar::<String>(
-            "SELECT id FROM customers WHERE external_id = $1 AND deleted_at IS NULL",
-            &external
-        )
-        .fetch_optional
-    )
-    .db()?
-    .ok_or_else(|| {
+    live_customer_id(tx, &external).await?.ok_or_else(|| {
         StoreError::Corrupt(format!("provider customer {provider_customer_id} could not be resolved"))
     })
 }
@@ -604,15 +595,7 @@ pub async fn adopt_guest(
         Some(e) => e,
         None => ExternalId::parse(session_id).map_err(|e| StoreError::Corrupt(e.0))?,
     };
-    let existing: Option<String> = sql!(
-        tx,
-        query_scalar::<String>(
-            "SELECT id FROM customers WHERE external_id = $1 AND deleted_at IS NULL",
-            external.as_str()
-        )
-        .fetch_optional
-    )
-    .db()?;
+    let existing: Option<String> = live_customer_id(tx, external.as_str()).await?;
     if let Some(id) = existing {
         return Ok(id);
     }
@@ -691,19 +674,24 @@ async fn adopt_as_placeholder(
         audit_created(tx, &id, data, actor).await?;
         return Ok((id, true));
     }
-    let existing: Option<String> = sql!(
-        tx,
-        query_scalar::<String>(
-            "SELECT id FROM customers WHERE external_id = $1 AND deleted_at IS NULL",
-            external.as_str()
-        )
-        .fetch_optional
-    )
-    .db()?;
+    let existing: Option<String> = live_customer_id(tx, external.as_str()).await?;
     // Gone between the two statements (merged away): apply the event again.
     existing
         .map(|id| (id, false))
         .ok_or_else(|| StoreError::Conflict(format!("customer {} changed concurrently", external.as_str())))
+}
+
+/// The live customer an external id names.
+async fn live_customer_id(tx: &mut super::Tx, external: &str) -> StoreResult<Option<String>> {
+    sql!(
+        tx,
+        query_scalar::<String>(
+            "SELECT id FROM customers WHERE external_id = $1 AND deleted_at IS NULL",
+            external
+        )
+        .fetch_optional
+    )
+    .db()
 }
 
 async fn audit_created(
@@ -752,15 +740,7 @@ async fn claim_adopted(
         return Ok(linked_id.to_owned());
     }
     let now = now_unix();
-    let target: Option<String> = sql!(
-        tx,
-        query_scalar::<String>(
-            "SELECT id FROM customers WHERE external_id = $1 AND deleted_at IS NULL",
-            external.as_str()
-        )
-        .fetch_optional
-    )
-    .db()?;
+    let target: Option<String> = live_customer_id(tx, external.as_str()).await?;
     let Some(target) = target else {
         sql!(
             tx,
