@@ -290,6 +290,7 @@ impl Store {
             )
             .db()?;
             if changed > 0 {
+                tx.catalog_changed();
                 record(
                     &mut tx,
                     actor,
@@ -467,6 +468,7 @@ impl Store {
         if linked + superseded == 0 {
             return Ok(false);
         }
+        tx.catalog_changed();
         record(
             &mut tx,
             actor,

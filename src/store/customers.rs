@@ -397,8 +397,13 @@ async fn mirror_provider_customer(
             }
         }
     };
-    // A placeholder was just created with the provider's email and name.
-    if adopted && !created_placeholder {
+    // A placeholder just created has the provider's email and name already.
+    // Only the provider customer's own event says what its email and name
+    // are: another object's event (`Link::Absent`, from
+    // `resolve_provider_customer`) knows neither, and would blank what a
+    // concurrent `customer.created` just stored (its insert waits for that
+    // one and then finds the placeholder made).
+    if adopted && !created_placeholder && known == Link::Unknown {
         let changed = sql!(
             tx,
             query(

@@ -519,8 +519,8 @@ pub struct Tx {
     pub(crate) endpoints: Option<deliveries::EndpointFilters>,
     /// The catalog price and product each provider price maps to, read once
     /// per transaction (see `orders::resolve_price`): an inbox batch often
-    /// names the same few prices dozens of times, and no transaction that
-    /// resolves prices also changes the catalog's links.
+    /// names the same few prices dozens of times; cleared by
+    /// [`Tx::catalog_changed`].
     pub(crate) price_links: std::collections::HashMap<(String, String), (Option<String>, Option<String>)>,
     /// Where deliveries leased at commit go (SQLite), and those queued so far.
     pub(crate) handoff: Option<std::sync::Arc<deliveries::Handoff>>,
@@ -547,6 +547,12 @@ impl Tx {
         if !self.invalidates.contains(&key) {
             self.invalidates.push(key);
         }
+    }
+
+    /// Called by a transaction that writes the catalog or its provider
+    /// links: what it resolved before no longer holds.
+    pub(crate) fn catalog_changed(&mut self) {
+        self.price_links.clear();
     }
 
     /// Called by every write to `webhook_endpoints` in this transaction.

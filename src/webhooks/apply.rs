@@ -270,10 +270,16 @@ async fn fetch_line_items_if_unknown(
     match client.list_all(&path, &[]).await {
         Ok(items) => Ok(Some(items.iter().map(objects::line_item).collect())),
         // Unknown to the provider tollgate asks (a key of another account
-        // or mode, or another Stripe than the one that sent the event): an
-        // order recorded without its lines would take the money and grant
-        // nothing, silently. The event fails instead, is retried, and ends
-        // dead and replayable once the configuration is fixed.
+        // or mode, or another Stripe than the one that sent the event): a
+        // completed checkout recorded without its lines would take the
+        // money and grant nothing, silently. That event fails instead, is
+        // retried, and ends dead and replayable once the configuration is
+        // fixed. An expired or failed one sells nothing: its order is
+        // recorded without lines, and said so.
+        Err(StripeClientError::Api { status: 404, .. }) if session.status != "complete" => {
+            tracing::warn!(session = %session.id, "line items unknown to the provider; the unpaid order is recorded without lines");
+            Ok(Some(Vec::new()))
+        }
         Err(StripeClientError::Api { status: 404, .. }) => Err(ApplyError::Payload(format!(
             "checkout session {} is unknown to the provider, so its line items cannot be read: \
              is STRIPE_SECRET_KEY the key of the account (and mode) that sent this event?",

@@ -411,7 +411,7 @@ pub(crate) async fn buy(app: &TestApp, customer: &str, price: &str, card: &str) 
 /// the inbox holds, so an event that never arrived shows as well).
 pub(crate) async fn print_failing_events(app: &TestApp) {
     let events = app.provider_events("").await;
-    eprintln!("  the inbox holds {} events (newest 100 listed)", events.len());
+    eprintln!("  {} events listed (at most the newest 100)", events.len());
     for pe in events {
         if pe["last_error"].is_string() || !matches!(pe["status"].as_str(), Some("processed" | "ignored")) {
             eprintln!("  {} {} attempts {}: {}", pe["type"], pe["status"], pe["attempts"], pe["last_error"]);
@@ -761,6 +761,46 @@ async fn a_guest_payment_without_a_provider_customer_is_recorded_and_owned() {
         assert_eq!(c["email"].as_str(), email, "{c}");
         let orders = app.server_store.orders_for_customer(c["id"].as_str().unwrap()).await.unwrap();
         assert_eq!((orders.len(), orders[0].status.as_str(), orders[0].amount_total), (1, "paid", 900));
+    }
+}
+
+/// A provider customer created outside tollgate whose own event and another
+/// object's event are applied at the same time (two workers on PostgreSQL):
+/// whichever makes the placeholder, it keeps the email and name that only
+/// the customer's own event carries.
+#[tokio::test]
+async fn an_adoption_racing_another_event_of_its_provider_customer_keeps_its_email() {
+    let app = spawn_with_secrets().await;
+    let rounds = 12;
+    let mut bodies = Vec::new();
+    for n in 0..rounds {
+        bodies.push(event(
+            &format!("evt_ae{n}"),
+            "customer.created",
+            T0,
+            json!({ "id": format!("cus_adopt{n}"), "object": "customer",
+                    "email": format!("adopt{n}@example.com"), "name": "Ada", "metadata": {} }),
+        ));
+        bodies.push(event(
+            &format!("evt_as{n}"),
+            "customer.subscription.created",
+            T0,
+            subscription(&format!("sub_adopt{n}"), &format!("cus_adopt{n}"), "active", json!({})),
+        ));
+    }
+    deliver_concurrently(&app, bodies).await;
+    wait_applied(&app, 2 * rounds).await;
+    for n in 0..rounds {
+        let c: Value = app
+            .get(&format!("/v1/customers/cus_adopt{n}"), &app.read_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let expected = format!("adopt{n}@example.com");
+        assert_eq!((c["email"].as_str(), c["name"].as_str()), (Some(expected.as_str()), Some("Ada")), "{c}");
     }
 }
 
