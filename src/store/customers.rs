@@ -774,6 +774,8 @@ async fn claim_adopted(
         audit::append(tx, record).await?;
         return Ok(linked_id.to_owned());
     };
+    // The placeholder's events move below, those not yet written too.
+    super::events::flush(tx).await?;
     // Every link of the placeholder moves: the application's customer may
     // own several provider customers, and each keeps finding its owner.
     sql!(

@@ -13,6 +13,30 @@ use super::audit::{self, Actor, AuditRecord};
 use super::{now_unix, sql, Listed, Page, SqlxResultExt, Store, StoreResult, Tx};
 use crate::ids::new_id;
 
+/// A bound value of a statement built at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Value {
+    Int(i64),
+    OptInt(Option<i64>),
+    Text(String),
+    OptText(Option<String>),
+}
+
+macro_rules! bind_values {
+    ($query:expr, $values:expr) => {{
+        let mut q = $query;
+        for v in $values {
+            q = match v {
+                Value::Int(i) => q.bind(*i),
+                Value::OptInt(i) => q.bind(*i),
+                Value::Text(t) => q.bind(t.as_str()),
+                Value::OptText(t) => q.bind(t.as_deref()),
+            };
+        }
+        q
+    }};
+}
+
 /// Queues `event_id` for every enabled endpoint subscribed to `event_type`;
 /// returns how many deliveries it queued.
 /// Enabled endpoints and the event types each receives.
@@ -81,6 +105,76 @@ pub(crate) async fn fan_out(
         queued += 1;
     }
     Ok(queued)
+}
+
+/// The deliveries of events written together (see `events::flush`), in
+/// multi-row statements. On SQLite with delivery workers in this process,
+/// each is leased to them and handed over at commit unless an earlier
+/// delivery of its customer's is unfinished at its endpoint, as in
+/// [`fan_out`]; of several for one customer and endpoint here, only the
+/// first can be.
+pub(crate) async fn insert_pending(tx: &mut Tx, events: &[super::events::PendingEvent]) -> StoreResult<()> {
+    let now = now_unix();
+    let until = match tx.kind() {
+        super::DbKind::Sqlite => {
+            tx.handoff.as_ref().and_then(|h| h.lease_seconds()).map(|seconds| now + seconds)
+        }
+        super::DbKind::Postgres => None,
+    };
+    let mut first_of_pair = std::collections::HashSet::new();
+    let mut rows: Vec<Vec<Value>> = Vec::new();
+    for event in events {
+        for (id, endpoint_id) in &event.deliveries {
+            let mut row = vec![
+                Value::Text(id.clone()),
+                Value::Text(endpoint_id.clone()),
+                Value::Text(event.id.clone()),
+                Value::OptText(event.customer_id.clone()),
+                Value::Int(now),
+                Value::Int(now),
+            ];
+            if let Some(until) = until {
+                let first = first_of_pair.insert((endpoint_id.as_str(), event.customer_id.as_deref()));
+                row.extend([
+                    Value::Int(i64::from(first)),
+                    Value::Text(endpoint_id.clone()),
+                    Value::OptText(event.customer_id.clone()),
+                    Value::Int(until),
+                ]);
+            }
+            rows.push(row);
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let row_sql = match until {
+        Some(_) => {
+            "(?, ?, ?, ?, 'pending', 0, ?, ?, CASE WHEN ? = 1 AND NOT EXISTS (SELECT 1 FROM deliveries p \
+             WHERE p.endpoint_id = ? AND p.customer_id = ? AND p.status IN ('pending', 'failed')) THEN ? END)"
+        }
+        None => "(?, ?, ?, ?, 'pending', 0, ?, ?, NULL)",
+    };
+    for chunk in super::events::chunked(&rows) {
+        let sql = numbered(
+            tx.kind(),
+            &format!(
+                "INSERT INTO deliveries (id, endpoint_id, event_id, customer_id, status, attempts, next_attempt_at, \
+                 created_at, locked_until) VALUES {} ON CONFLICT (endpoint_id, event_id) DO NOTHING \
+                 RETURNING id, locked_until",
+                vec![row_sql; chunk.len()].join(", ")
+            ),
+        );
+        let values = chunk.iter().flatten();
+        let written: Vec<(String, Option<i64>)> = match tx.exec() {
+            super::Exec::Sqlite(c) => bind_values!(sqlx::query_as(&sql), values).fetch_all(c).await,
+            super::Exec::Postgres(c) => bind_values!(sqlx::query_as(&sql), values).fetch_all(c).await,
+        }
+        .db()?;
+        tx.handed.extend(written.into_iter().filter(|(_, leased)| leased.is_some()).map(|(id, _)| id));
+    }
+    tx.deliveries_queued = true;
+    Ok(())
 }
 
 /// The enabled endpoints and the event types each takes, read once per
@@ -531,30 +625,6 @@ impl Store {
 
 /// Attempt rows per insert: 8 parameters each, well under both engines' limits.
 const ATTEMPT_ROWS_PER_STATEMENT: usize = 100;
-
-/// A bound value of a statement built at run time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Value {
-    Int(i64),
-    OptInt(Option<i64>),
-    Text(String),
-    OptText(Option<String>),
-}
-
-macro_rules! bind_values {
-    ($query:expr, $values:expr) => {{
-        let mut q = $query;
-        for v in $values {
-            q = match v {
-                Value::Int(i) => q.bind(*i),
-                Value::OptInt(i) => q.bind(*i),
-                Value::Text(t) => q.bind(t.as_str()),
-                Value::OptText(t) => q.bind(t.as_deref()),
-            };
-        }
-        q
-    }};
-}
 
 /// `?` placeholders numbered for PostgreSQL (`$1`, `$2`, …); SQLite keeps
 /// them positional (see `value_rows` for why).

@@ -43,10 +43,110 @@ pub const EVENT_COLUMNS: &str =
 const EXTERNAL_ID: &str =
     "(SELECT c.external_id FROM customers c WHERE c.id = events.customer_id) AS customer_external_id";
 
+/// An event without a dedupe key, kept by its transaction until commit
+/// (or until a statement must see it, see [`flush`]) and then written with
+/// the others in one multi-row statement, its deliveries in another: an
+/// inbox batch emits two or three events per provider event, and each
+/// written alone cost a round trip through the one writer (SQLite) or a
+/// statement's overhead (PostgreSQL).
+#[derive(Debug)]
+pub(crate) struct PendingEvent {
+    pub(crate) id: String,
+    event_type: String,
+    pub(crate) customer_id: Option<String>,
+    object_type: String,
+    object_id: String,
+    provider_event_id: Option<String>,
+    data: String,
+    created_at: i64,
+    /// Its deliveries (delivery id, endpoint id), chosen when it was
+    /// emitted, with the endpoints as the transaction saw them then.
+    pub(crate) deliveries: Vec<(String, String)>,
+}
+
+/// Rows per multi-row insert, largest first: a few statement texts (each
+/// prepared once per connection) rather than one per count.
+pub(crate) const CHUNKS: [usize; 4] = [64, 16, 4, 1];
+
+/// Splits `rows` into chunks of the sizes in [`CHUNKS`], largest first.
+pub(crate) fn chunked<T>(rows: &[T]) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut rest = rows;
+    for size in CHUNKS {
+        while rest.len() >= size {
+            let (chunk, tail) = rest.split_at(size);
+            out.push(chunk);
+            rest = tail;
+        }
+    }
+    out
+}
+
+/// Writes the events `tx` holds back (and their deliveries). Called at
+/// commit, before an event is written at once (so events are written in
+/// the order they were emitted, which the deliveries' per-customer order
+/// relies on), and by any statement of the transaction that reads or moves
+/// events.
+pub(crate) async fn flush(tx: &mut Tx) -> StoreResult<()> {
+    if tx.pending_events.is_empty() {
+        return Ok(());
+    }
+    let pending = std::mem::take(&mut tx.pending_events);
+    for chunk in chunked(&pending) {
+        let rows = super::value_rows(tx.kind(), chunk.len(), 8);
+        let sql = format!(
+            "INSERT INTO events (id, type, customer_id, object_type, object_id, provider_event_id, data, created_at) \
+             VALUES {rows}"
+        );
+        macro_rules! bind_rows {
+            ($query:expr) => {{
+                let mut q = $query;
+                for e in chunk {
+                    q = q
+                        .bind(&e.id)
+                        .bind(&e.event_type)
+                        .bind(&e.customer_id)
+                        .bind(&e.object_type)
+                        .bind(&e.object_id)
+                        .bind(&e.provider_event_id)
+                        .bind(&e.data)
+                        .bind(e.created_at);
+                }
+                q
+            }};
+        }
+        match tx.exec() {
+            super::Exec::Sqlite(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+            super::Exec::Postgres(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+        }
+        .db()?;
+    }
+    super::deliveries::insert_pending(tx, &pending).await
+}
+
 /// Records `event` in `tx`, and its deliveries to the endpoints that take
-/// it; `None` when its dedupe key was already used.
+/// it; `None` when its dedupe key was already used. An event without a
+/// dedupe key is written with the transaction's others (see
+/// [`PendingEvent`]); one with a key is written at once, since whether it
+/// was recorded is the answer.
 pub async fn emit(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<Option<String>> {
     let id = new_id("ev");
+    if event.dedupe_key.is_none() {
+        let deliveries = super::deliveries::new_deliveries(tx, event.event_type).await?;
+        tx.pending_events.push(PendingEvent {
+            id: id.clone(),
+            event_type: event.event_type.to_owned(),
+            customer_id: event.customer_id.map(str::to_owned),
+            object_type: event.object_type.to_owned(),
+            object_id: event.object_id.to_owned(),
+            provider_event_id: event.provider_event_id.map(str::to_owned),
+            data: event.data.to_string(),
+            created_at: now_unix(),
+            deliveries,
+        });
+        return Ok(Some(id));
+    }
+    flush(tx).await?;
     if tx.kind() == super::DbKind::Postgres {
         // The event and its deliveries in one statement, one round trip
         // fewer for every event an endpoint takes (SQLite has no
@@ -148,5 +248,22 @@ impl super::Store {
     pub async fn events_for_customer(&self, customer_id: &str) -> StoreResult<Vec<EventRecord>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE customer_id = $1 ORDER BY id");
         sql!(self, query_as::<EventRecord>(&sql, customer_id).fetch_all).db()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_every_row_once_in_order_with_few_sizes() {
+        for n in 0..200usize {
+            let rows: Vec<usize> = (0..n).collect();
+            let chunks = chunked(&rows);
+            let joined: Vec<usize> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            assert_eq!(joined, rows, "{n} rows");
+            assert!(chunks.iter().all(|c| CHUNKS.contains(&c.len())), "{n} rows");
+            assert!(chunks.len() <= n / 64 + 9, "{n} rows in {} statements", chunks.len());
+        }
     }
 }

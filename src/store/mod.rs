@@ -446,6 +446,7 @@ impl Store {
             audit: Vec::new(),
             endpoints: None,
             price_links: Default::default(),
+            pending_events: Vec::new(),
             handoff: self.handoff.clone(),
             handed: Vec::new(),
             pg: match &self.backend {
@@ -522,6 +523,8 @@ pub struct Tx {
     /// names the same few prices dozens of times; cleared by
     /// [`Tx::catalog_changed`].
     pub(crate) price_links: std::collections::HashMap<(String, String), (Option<String>, Option<String>)>,
+    /// Events emitted but not yet written (see [`events::PendingEvent`]).
+    pub(crate) pending_events: Vec<events::PendingEvent>,
     /// Where deliveries leased at commit go (SQLite), and those queued so far.
     pub(crate) handoff: Option<std::sync::Arc<deliveries::Handoff>>,
     pub(crate) handed: Vec<String>,
@@ -535,6 +538,7 @@ pub struct Tx {
 pub(crate) struct Savepoint {
     audit_len: usize,
     handed_len: usize,
+    pending_events_len: usize,
 }
 
 impl Tx {
@@ -563,8 +567,15 @@ impl Tx {
     /// Marks where the next unit of work starts. Both engines nest
     /// savepoints of one name as a stack; tollgate uses one level.
     pub(crate) async fn savepoint(&mut self) -> StoreResult<Savepoint> {
+        // Events held back so far are written before the savepoint: written
+        // inside it (by a later flush), a rollback to it would lose them.
+        events::flush(self).await?;
         sql!(self, query("SAVEPOINT unit").execute).db()?;
-        Ok(Savepoint { audit_len: self.audit.len(), handed_len: self.handed.len() })
+        Ok(Savepoint {
+            audit_len: self.audit.len(),
+            handed_len: self.handed.len(),
+            pending_events_len: self.pending_events.len(),
+        })
     }
 
     /// Keeps the unit's work in the transaction.
@@ -580,6 +591,7 @@ impl Tx {
         sql!(self, query("RELEASE SAVEPOINT unit").execute).db()?;
         self.audit.truncate(point.audit_len);
         self.handed.truncate(point.handed_len);
+        self.pending_events.truncate(point.pending_events_len);
         Ok(())
     }
 
@@ -602,6 +614,7 @@ impl Tx {
     /// returns only once they have acknowledged, or their leases ran out),
     /// and only then wakes the delivery worker. See [`cache`].
     pub async fn commit(mut self) -> StoreResult<()> {
+        events::flush(&mut self).await?;
         let pending = std::mem::take(&mut self.audit);
         audit::flush(&mut self, pending).await?;
         let Tx {
