@@ -139,7 +139,16 @@ pub async fn work_once(store: &Store, options: &InboxWorkerOptions) -> crate::st
                 continue;
             }
             let point = tx.savepoint().await?;
-            match apply::apply_in(&mut tx, event, &prepared, Marked::No, &options.policy).await {
+            // The unit's events are written inside its savepoint, so a
+            // failure writing them fails this event alone.
+            let applied_here =
+                match apply::apply_in(&mut tx, event, &prepared, Marked::No, &options.policy).await {
+                    Ok(outcome) => {
+                        crate::store::events::flush(&mut tx).await.map(|()| outcome).map_err(ApplyError::from)
+                    }
+                    Err(e) => Err(e),
+                };
+            match applied_here {
                 Ok(outcome) => {
                     tx.release(point).await?;
                     applied.push((index, event, Ok(outcome)));

@@ -113,7 +113,7 @@ pub(crate) async fn fan_out(
 /// delivery of its customer's is unfinished at its endpoint, as in
 /// [`fan_out`]; of several for one customer and endpoint here, only the
 /// first can be.
-pub(crate) async fn insert_pending(tx: &mut Tx, events: &[super::events::PendingEvent]) -> StoreResult<()> {
+pub(crate) async fn insert_pending(tx: &mut Tx, events: &[&super::events::PendingEvent]) -> StoreResult<()> {
     let now = now_unix();
     let until = match tx.kind() {
         super::DbKind::Sqlite => {
@@ -134,7 +134,9 @@ pub(crate) async fn insert_pending(tx: &mut Tx, events: &[super::events::Pending
                 Value::Int(now),
             ];
             if let Some(until) = until {
-                let first = first_of_pair.insert((endpoint_id.as_str(), event.customer_id.as_deref()));
+                // Deliveries without a customer keep no order among themselves.
+                let first = event.customer_id.is_none()
+                    || first_of_pair.insert((endpoint_id.as_str(), event.customer_id.as_deref()));
                 row.extend([
                     Value::Int(i64::from(first)),
                     Value::Text(endpoint_id.clone()),

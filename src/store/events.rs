@@ -58,6 +58,7 @@ pub(crate) struct PendingEvent {
     object_id: String,
     provider_event_id: Option<String>,
     data: String,
+    dedupe_key: Option<String>,
     created_at: i64,
     /// Its deliveries (delivery id, endpoint id), chosen when it was
     /// emitted, with the endpoints as the transaction saw them then.
@@ -92,11 +93,12 @@ pub(crate) async fn flush(tx: &mut Tx) -> StoreResult<()> {
         return Ok(());
     }
     let pending = std::mem::take(&mut tx.pending_events);
+    let mut written = std::collections::HashSet::with_capacity(pending.len());
     for chunk in chunked(&pending) {
-        let rows = super::value_rows(tx.kind(), chunk.len(), 8);
+        let rows = super::value_rows(tx.kind(), chunk.len(), 9);
         let sql = format!(
-            "INSERT INTO events (id, type, customer_id, object_type, object_id, provider_event_id, data, created_at) \
-             VALUES {rows}"
+            "INSERT INTO events (id, type, customer_id, object_type, object_id, provider_event_id, data, dedupe_key, \
+             created_at) VALUES {rows} ON CONFLICT (dedupe_key) DO NOTHING RETURNING id"
         );
         macro_rules! bind_rows {
             ($query:expr) => {{
@@ -110,42 +112,49 @@ pub(crate) async fn flush(tx: &mut Tx) -> StoreResult<()> {
                         .bind(&e.object_id)
                         .bind(&e.provider_event_id)
                         .bind(&e.data)
+                        .bind(&e.dedupe_key)
                         .bind(e.created_at);
                 }
                 q
             }};
         }
-        match tx.exec() {
-            super::Exec::Sqlite(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
-            super::Exec::Postgres(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+        let ids: Vec<String> = match tx.exec() {
+            super::Exec::Sqlite(c) => bind_rows!(sqlx::query_scalar(&sql)).fetch_all(c).await,
+            super::Exec::Postgres(c) => bind_rows!(sqlx::query_scalar(&sql)).fetch_all(c).await,
         }
         .db()?;
+        written.extend(ids);
     }
-    super::deliveries::insert_pending(tx, &pending).await
+    // An event whose dedupe key was used already is not recorded, and
+    // neither are its deliveries.
+    let recorded: Vec<&PendingEvent> = pending.iter().filter(|e| written.contains(&e.id)).collect();
+    super::deliveries::insert_pending(tx, &recorded).await
 }
 
 /// Records `event` in `tx`, and its deliveries to the endpoints that take
-/// it; `None` when its dedupe key was already used. An event without a
-/// dedupe key is written with the transaction's others (see
-/// [`PendingEvent`]); one with a key is written at once, since whether it
-/// was recorded is the answer.
-pub async fn emit(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<Option<String>> {
+/// it, with the transaction's other events (see [`PendingEvent`]); an event
+/// whose dedupe key was used already is not recorded. A caller that needs
+/// to know uses [`emit_now`].
+pub async fn emit(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<()> {
+    let deliveries = super::deliveries::new_deliveries(tx, event.event_type).await?;
+    tx.pending_events.push(PendingEvent {
+        id: new_id("ev"),
+        event_type: event.event_type.to_owned(),
+        customer_id: event.customer_id.map(str::to_owned),
+        object_type: event.object_type.to_owned(),
+        object_id: event.object_id.to_owned(),
+        provider_event_id: event.provider_event_id.map(str::to_owned),
+        data: event.data.to_string(),
+        dedupe_key: event.dedupe_key,
+        created_at: now_unix(),
+        deliveries,
+    });
+    Ok(())
+}
+
+/// [`emit`], written at once: `None` when its dedupe key was already used.
+pub async fn emit_now(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<Option<String>> {
     let id = new_id("ev");
-    if event.dedupe_key.is_none() {
-        let deliveries = super::deliveries::new_deliveries(tx, event.event_type).await?;
-        tx.pending_events.push(PendingEvent {
-            id: id.clone(),
-            event_type: event.event_type.to_owned(),
-            customer_id: event.customer_id.map(str::to_owned),
-            object_type: event.object_type.to_owned(),
-            object_id: event.object_id.to_owned(),
-            provider_event_id: event.provider_event_id.map(str::to_owned),
-            data: event.data.to_string(),
-            created_at: now_unix(),
-            deliveries,
-        });
-        return Ok(Some(id));
-    }
     flush(tx).await?;
     if tx.kind() == super::DbKind::Postgres {
         // The event and its deliveries in one statement, one round trip

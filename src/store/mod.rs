@@ -253,6 +253,11 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens the pools without touching the schema.
+    ///
+    /// Each connection keeps up to [`STATEMENT_CACHE`] prepared statements:
+    /// the single SQLite writer alone runs some 150 statement texts (the
+    /// multi-row forms come in a few sizes each), and sqlx's default of 100
+    /// would evict and prepare again the ones an inbox batch runs per event.
     pub async fn connect(url: &str, options: &StoreOptions) -> StoreResult<Self> {
         let backend = match DbKind::from_url(url)? {
             DbKind::Sqlite => {
@@ -269,7 +274,8 @@ impl Store {
                         SqliteSynchronous::Normal
                     })
                     .foreign_keys(true)
-                    .busy_timeout(Duration::from_secs(5));
+                    .busy_timeout(Duration::from_secs(5))
+                    .statement_cache_capacity(STATEMENT_CACHE);
                 let writer = SqlitePoolOptions::new()
                     .max_connections(1)
                     .acquire_timeout(options.acquire_timeout)
@@ -287,7 +293,8 @@ impl Store {
             DbKind::Postgres => {
                 let connect = PgConnectOptions::from_str(url)
                     .map_err(|e| StoreError::InvalidUrl(e.to_string()))?
-                    .application_name("tollgate");
+                    .application_name("tollgate")
+                    .statement_cache_capacity(STATEMENT_CACHE);
                 let pool = PgPoolOptions::new()
                     .max_connections(options.max_connections.max(1))
                     .acquire_timeout(options.acquire_timeout)
@@ -479,6 +486,9 @@ impl Store {
         }
     }
 }
+
+/// Prepared statements kept per connection (see [`Store::connect`]).
+const STATEMENT_CACHE: usize = 400;
 
 pub(crate) fn new_instance() -> std::sync::Arc<str> {
     crate::ids::new_id("inst").into()

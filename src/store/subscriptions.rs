@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::audit::{self, Actor, AuditRecord};
 use super::customers::resolve_provider_customer;
-use super::events::{emit, NewEvent};
+use super::events::{emit, emit_now, NewEvent};
 use super::orders::{resolve_price, Cause};
 use super::{now_unix, sql, watermarks, SqlxResultExt, Store, StoreResult, Tx};
 use crate::billing::ordering;
@@ -362,7 +362,7 @@ pub async fn apply_invoice(
     } else {
         return Ok(());
     };
-    let emitted = emit(
+    let emitted = emit_now(
         tx,
         NewEvent {
             event_type,
