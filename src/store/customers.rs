@@ -718,8 +718,19 @@ async fn audit_created(
 
 /// The rows that belong to a customer, re-parented when an adopted
 /// placeholder turns out to be an application's customer.
-const OWNED_TABLES: &[&str] =
-    &["orders", "subscriptions", "checkout_sessions", "invoices", "grants", "credit_ledger", "events"];
+/// (Deliveries too: they follow their events, so the application's customer
+/// keeps one order of deliveries per endpoint across the merge, and a
+/// delivery not yet sent names the application's customer.)
+const OWNED_TABLES: &[&str] = &[
+    "orders",
+    "subscriptions",
+    "checkout_sessions",
+    "invoices",
+    "grants",
+    "credit_ledger",
+    "events",
+    "deliveries",
+];
 
 /// A provider customer linked to `linked_id`, whose own event now names the
 /// application's `external` id. If `linked_id` is a placeholder tollgate

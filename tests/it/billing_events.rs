@@ -863,6 +863,8 @@ async fn a_claim_racing_another_event_of_its_provider_customer_leaves_nothing_be
 #[tokio::test]
 async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_customer() {
     let app = spawn_with_secrets().await;
+    // An endpoint that never answers: every delivery stays to be sent.
+    let endpoint = app.create_endpoint("http://127.0.0.1:9/never", json!(["*"])).await;
     // The application knows u_known; u_new it has not told tollgate about.
     app.upsert_customer("u_known", json!({ "email": "known@example.com" })).await;
     let sub_for = |cus: &str, id: &str| {
@@ -906,9 +908,28 @@ async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_cu
         let row = app.server_store.subscription_by_provider_id("stripe", sub).await.unwrap().unwrap();
         assert_eq!(row.customer_id, c["id"].as_str().unwrap(), "the subscription follows its customer");
     }
-    // The placeholder that stood in for cus_known is gone.
+    // The placeholder that stood in for cus_known is gone, and what it
+    // owned, deliveries not yet sent included, is u_known's.
     let resp = app.get("/v1/customers/cus_known", &app.read_key).send().await.unwrap();
     assert_eq!(resp.status(), 404);
+    let mut owners = std::collections::BTreeSet::new();
+    for external in ["u_known", "u_new"] {
+        let c: Value = app
+            .get(&format!("/v1/customers/{external}"), &app.read_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        owners.insert(c["id"].as_str().unwrap().to_owned());
+    }
+    let deliveries = app.deliveries(endpoint["id"].as_str().unwrap()).await;
+    assert!(deliveries.len() >= 4, "{deliveries:?}");
+    for d in &deliveries {
+        let stored = app.server_store.get_delivery(d["id"].as_str().unwrap()).await.unwrap().unwrap();
+        assert!(owners.contains(stored.customer_id.as_deref().unwrap_or_default()), "{stored:?}");
+    }
     assert!(app.server_store.verify_audit_chain().await.unwrap().is_intact());
 }
 

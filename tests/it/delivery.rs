@@ -109,7 +109,7 @@ impl Receiver {
 }
 
 impl TestApp {
-    async fn create_endpoint(&self, url: &str, events: Value) -> Value {
+    pub(crate) async fn create_endpoint(&self, url: &str, events: Value) -> Value {
         let resp = self
             .client
             .post(self.url("/v1/webhook-endpoints"))
@@ -128,7 +128,7 @@ impl TestApp {
         resp.json().await.unwrap()
     }
 
-    async fn deliveries(&self, endpoint: &str) -> Vec<Value> {
+    pub(crate) async fn deliveries(&self, endpoint: &str) -> Vec<Value> {
         let v = self.admin_get(&format!("/v1/webhook-endpoints/{endpoint}/deliveries?limit=100")).await;
         v["data"].as_array().unwrap().clone()
     }
