@@ -549,14 +549,7 @@ fn paid_session(id: &str, customer: &str, payment_intent: &str, amount: i64) -> 
 
 /// The orders of the customer tollgate knows under `external`.
 async fn orders_of(app: &TestApp, external: &str) -> Vec<tollgate::store::orders::OrderRow> {
-    let customer: Value = app
-        .get(&format!("/v1/customers/{external}"), &app.read_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let customer: Value = app.customer_json(external).await;
     app.server_store.orders_for_customer(customer["id"].as_str().unwrap()).await.unwrap()
 }
 
@@ -750,14 +743,7 @@ async fn a_guest_payment_without_a_provider_customer_is_recorded_and_owned() {
     }
     wait_applied(&app, 2).await;
     for (external, email) in [("cs_test_guest", Some("guest@example.com")), ("u_named", None)] {
-        let c: Value = app
-            .get(&format!("/v1/customers/{external}"), &app.read_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let c: Value = app.customer_json(external).await;
         assert_eq!(c["email"].as_str(), email, "{c}");
         let orders = app.server_store.orders_for_customer(c["id"].as_str().unwrap()).await.unwrap();
         assert_eq!((orders.len(), orders[0].status.as_str(), orders[0].amount_total), (1, "paid", 900));
@@ -791,14 +777,7 @@ async fn an_adoption_racing_another_event_of_its_provider_customer_keeps_its_ema
     deliver_concurrently(&app, bodies).await;
     wait_applied(&app, 2 * rounds).await;
     for n in 0..rounds {
-        let c: Value = app
-            .get(&format!("/v1/customers/cus_adopt{n}"), &app.read_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let c: Value = app.customer_json(&format!("cus_adopt{n}")).await;
         let expected = format!("adopt{n}@example.com");
         assert_eq!((c["email"].as_str(), c["name"].as_str()), (Some(expected.as_str()), Some("Ada")), "{c}");
     }
@@ -845,14 +824,7 @@ async fn a_claim_racing_another_event_of_its_provider_customer_leaves_nothing_be
     deliver_concurrently(&app, bodies).await;
     wait_applied(&app, 3 * rounds).await;
     for n in 0..rounds {
-        let c: Value = app
-            .get(&format!("/v1/customers/u_race{n}"), &app.read_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let c: Value = app.customer_json(&format!("u_race{n}")).await;
         for sub in [format!("sub_ra{n}"), format!("sub_rb{n}")] {
             let row = app.server_store.subscription_by_provider_id("stripe", &sub).await.unwrap().unwrap();
             assert_eq!(row.customer_id, c["id"].as_str().unwrap(), "{sub} belongs to u_race{n}");
@@ -896,14 +868,7 @@ async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_cu
     for (external, provider_customer, sub) in
         [("u_known", "cus_known", "sub_known"), ("u_new", "cus_new", "sub_new")]
     {
-        let c: Value = app
-            .get(&format!("/v1/customers/{external}"), &app.read_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let c: Value = app.customer_json(external).await;
         assert_eq!(c["providers"]["stripe"], provider_customer, "{c}");
         let row = app.server_store.subscription_by_provider_id("stripe", sub).await.unwrap().unwrap();
         assert_eq!(row.customer_id, c["id"].as_str().unwrap(), "the subscription follows its customer");
@@ -914,14 +879,7 @@ async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_cu
     assert_eq!(resp.status(), 404);
     let mut owners = std::collections::BTreeSet::new();
     for external in ["u_known", "u_new"] {
-        let c: Value = app
-            .get(&format!("/v1/customers/{external}"), &app.read_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let c: Value = app.customer_json(external).await;
         owners.insert(c["id"].as_str().unwrap().to_owned());
     }
     let deliveries = app.deliveries(endpoint["id"].as_str().unwrap()).await;
@@ -999,13 +957,7 @@ pub(crate) async fn link_catalog(app: &TestApp, links: &[(&str, &str)]) {
 }
 
 pub(crate) async fn entitlements_of(app: &TestApp, external: &str) -> Value {
-    app.get(&format!("/v1/customers/{external}/entitlements"), &app.read_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.read_json(&format!("/v1/customers/{external}/entitlements")).await
 }
 
 pub(crate) async fn wait_entitlements(

@@ -182,6 +182,17 @@ impl TestApp {
         self.client.put(self.url(path)).bearer_auth(key).json(&body)
     }
 
+    /// A read-scoped GET's JSON body, whatever its status.
+    pub async fn read_json(&self, path: &str) -> serde_json::Value {
+        let resp = self.get(path, &self.read_key).send().await.unwrap();
+        resp.json().await.unwrap()
+    }
+
+    /// `GET /v1/customers/{external_id}`'s body, whatever its status.
+    pub async fn customer_json(&self, external_id: &str) -> serde_json::Value {
+        self.read_json(&format!("/v1/customers/{external_id}")).await
+    }
+
     pub async fn upsert_customer(&self, external_id: &str, body: serde_json::Value) -> serde_json::Value {
         let resp = self
             .put_json(&format!("/v1/customers/{external_id}"), &self.write_key, body)
