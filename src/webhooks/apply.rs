@@ -162,8 +162,7 @@ pub async fn prepare(
         if refetch {
             self::refetch(client, &mut body).await?;
         }
-        line_items =
-            fetch_line_items_if_unknown(store, client, &event.event_type, &body["data"]["object"]).await?;
+        line_items = fetch_line_items_if_unknown(store, client, &event.event_type, &body).await?;
     }
     Ok(Some(Prepared { disposition, body, line_items }))
 }
@@ -256,8 +255,9 @@ async fn fetch_line_items_if_unknown(
     store: &Store,
     client: &StripeClient,
     event_type: &str,
-    object: &Value,
+    body: &Value,
 ) -> Result<Option<Vec<objects::LineItem>>, ApplyError> {
+    let object = &body["data"]["object"];
     if !event_type.starts_with("checkout.session.") || object["mode"].as_str().is_some_and(|m| m != "payment")
     {
         return Ok(None);
@@ -280,11 +280,17 @@ async fn fetch_line_items_if_unknown(
             tracing::warn!(session = %session.id, "line items unknown to the provider; the unpaid order is recorded without lines");
             Ok(Some(Vec::new()))
         }
-        Err(StripeClientError::Api { status: 404, .. }) => Err(ApplyError::Payload(format!(
-            "checkout session {} is unknown to the provider, so its line items cannot be read: \
-             is STRIPE_SECRET_KEY the key of the account (and mode) that sent this event?",
-            session.id
-        ))),
+        Err(StripeClientError::Api { status: 404, .. }) => {
+            let cause = match (body["livemode"].as_bool(), client.is_live()) {
+                (Some(true), false) => "the event is from live mode and STRIPE_SECRET_KEY is a test key",
+                (Some(false), true) => "the event is from test mode and STRIPE_SECRET_KEY is a live key",
+                _ => "is STRIPE_SECRET_KEY the key of the account (and mode) that sent this event?",
+            };
+            Err(ApplyError::Payload(format!(
+                "checkout session {} is unknown to the provider, so its line items cannot be read: {cause}",
+                session.id
+            )))
+        }
         Err(e) => Err(ApplyError::Payload(format!("line items could not be read: {e}"))),
     }
 }

@@ -710,6 +710,22 @@ async fn a_checkout_the_provider_does_not_know_fails_with_the_reason_and_records
             && reason.contains("STRIPE_SECRET_KEY"),
         "{failed}"
     );
+    // From the other mode, the reason says so.
+    let mut live: Value = serde_json::from_slice(&event(
+        "evt_elsewhere_live",
+        "checkout.session.completed",
+        T0,
+        json!({ "id": "cs_live_elsewhere", "object": "checkout.session", "mode": "payment", "status": "complete",
+                "payment_status": "paid", "customer": "cus_elsewhere", "payment_intent": "pi_live_elsewhere",
+                "amount_total": 1000, "currency": "usd", "metadata": {}, "client_reference_id": null }),
+    ))
+    .unwrap();
+    live["livemode"] = json!(true);
+    let body = serde_json::to_vec(&live).unwrap();
+    assert_eq!(app.deliver_signed(&body).await.status(), 200);
+    let failed = app.wait_status("evt_elsewhere_live", "failed").await;
+    let reason = failed["last_error"].as_str().unwrap_or_default();
+    assert!(reason.contains("the event is from live mode and STRIPE_SECRET_KEY is a test key"), "{failed}");
     let orders = app.server_store.list_orders(&tollgate::store::Page::first(10), None).await.unwrap();
     assert!(orders.data.is_empty(), "no order without its lines");
     let customers =

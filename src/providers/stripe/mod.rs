@@ -235,6 +235,13 @@ impl StripeClient {
         Self::with_options(&self.base, self.key.clone(), self.options.clone())
     }
 
+    /// Whether the key is a live-mode one (`sk_live_…`, `rk_live_…`), to
+    /// tell an event from the other mode by its `livemode`.
+    pub fn is_live(&self) -> bool {
+        let key = self.key.expose_secret();
+        key.starts_with("sk_live_") || key.starts_with("rk_live_")
+    }
+
     pub fn breaker(&self) -> &CircuitBreaker {
         &self.breaker
     }
