@@ -383,12 +383,8 @@ async fn mirror_provider_customer(
                 created_placeholder = created;
                 id
             } else {
-                let sql =
-                    format!("SELECT {COLUMNS} FROM customers WHERE external_id = $1 AND deleted_at IS NULL");
-                let existing: Option<Row> =
-                    sql!(tx, query_as::<Row>(&sql, external.as_str()).fetch_optional).db()?;
-                match existing {
-                    Some(row) => row.id,
+                match live_customer_id(tx, external.as_str()).await? {
+                    Some(id) => id,
                     None => {
                         let data = serde_json::json!({ "external_id": external.as_str(), "from_provider": pc.provider, "email": null, "name": null });
                         create_on_providers_word(tx, &external, &None, &None, data, actor).await?

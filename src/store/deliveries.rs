@@ -37,82 +37,16 @@ macro_rules! bind_values {
     }};
 }
 
-/// Queues `event_id` for every enabled endpoint subscribed to `event_type`;
-/// returns how many deliveries it queued.
 /// Enabled endpoints and the event types each receives.
 pub(crate) type EndpointFilters = std::sync::Arc<[(String, Vec<String>)]>;
 
-pub(crate) async fn fan_out(
-    tx: &mut Tx,
-    event_id: &str,
-    event_type: &str,
-    customer_id: Option<&str>,
-) -> StoreResult<usize> {
-    let endpoints = endpoint_filters(tx).await?;
-    let now = now_unix();
-    let lease = tx.handoff.as_ref().and_then(|h| h.lease_seconds()).map(|seconds| now + seconds);
-    let mut queued = 0;
-    for (endpoint_id, types) in endpoints.iter() {
-        if !subscribed(types, event_type) {
-            continue;
-        }
-        let id = new_id("dlv");
-        match lease {
-            // Handed to this process's delivery worker at commit, already
-            // leased to it (no claim transaction between the commit and the
-            // send), unless an earlier delivery of the customer's is still
-            // unfinished at this endpoint: that one goes first, and this
-            // one is claimed after it as usual (its lease stays NULL).
-            Some(until) => {
-                let leased: Option<Option<i64>> = sql!(
-                    tx,
-                    query_scalar::<Option<i64>>(
-                        "INSERT INTO deliveries (id, endpoint_id, event_id, customer_id, status, attempts, next_attempt_at, created_at, locked_until) \
-                         VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5, CASE WHEN NOT EXISTS (SELECT 1 FROM deliveries p \
-                         WHERE p.endpoint_id = $2 AND p.customer_id = $4 AND p.status IN ('pending', 'failed')) THEN $6 END) \
-                         ON CONFLICT (endpoint_id, event_id) DO NOTHING RETURNING locked_until",
-                        &id,
-                        endpoint_id,
-                        event_id,
-                        customer_id,
-                        now,
-                        until
-                    )
-                    .fetch_optional
-                )
-                .db()?;
-                if let Some(Some(_)) = leased {
-                    tx.handed.push(id);
-                }
-            }
-            None => {
-                sql!(
-                    tx,
-                    query(
-                        "INSERT INTO deliveries (id, endpoint_id, event_id, customer_id, status, attempts, next_attempt_at, created_at) \
-                         VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5) ON CONFLICT (endpoint_id, event_id) DO NOTHING",
-                        &id,
-                        endpoint_id,
-                        event_id,
-                        customer_id,
-                        now
-                    )
-                    .execute
-                )
-                .db()?;
-            }
-        }
-        queued += 1;
-    }
-    Ok(queued)
-}
-
 /// The deliveries of events written together (see `events::flush`), in
 /// multi-row statements. On SQLite with delivery workers in this process,
-/// each is leased to them and handed over at commit unless an earlier
-/// delivery of its customer's is unfinished at its endpoint, as in
-/// [`fan_out`]; of several for one customer and endpoint here, only the
-/// first can be.
+/// each is leased to them and handed over at commit (no claim transaction
+/// between the commit and the send), unless an earlier delivery of its
+/// customer's is unfinished at its endpoint: that one goes first, and this
+/// one is claimed after it as usual (its lease stays NULL). Of several for
+/// one customer and endpoint here, only the first can be leased.
 pub(crate) async fn insert_pending(tx: &mut Tx, events: &[&super::events::PendingEvent]) -> StoreResult<()> {
     let now = now_unix();
     let until = match tx.kind() {
@@ -207,8 +141,8 @@ fn subscribed(types: &[String], event_type: &str) -> bool {
 }
 
 /// The endpoints that take `event_type`, each with the id its delivery
-/// will have (PostgreSQL's [`super::events::emit`] queues them in the
-/// event's own statement).
+/// will have, chosen when the event is emitted (see
+/// [`super::events::emit`]).
 pub(crate) async fn new_deliveries(tx: &mut Tx, event_type: &str) -> StoreResult<Vec<(String, String)>> {
     let endpoints = endpoint_filters(tx).await?;
     Ok(endpoints
@@ -223,7 +157,7 @@ pub(crate) async fn new_deliveries(tx: &mut Tx, event_type: &str) -> StoreResult
 ///
 /// Only on SQLite: its one writer runs transactions one after another, so
 /// the check that no earlier delivery of the customer's is unfinished (in
-/// [`fan_out`]) sees every other commit and per-customer order holds. On
+/// [`insert_pending`]) sees every other commit and per-customer order holds. On
 /// PostgreSQL two transactions could each miss the other's delivery, so
 /// there the worker claims as usual, woken by the commit.
 #[derive(Debug, Default)]

@@ -89,8 +89,14 @@ pub(crate) fn chunked<T>(rows: &[T]) -> Vec<&[T]> {
 /// relies on), and by any statement of the transaction that reads or moves
 /// events.
 pub(crate) async fn flush(tx: &mut Tx) -> StoreResult<()> {
+    write_held(tx).await.map(|_| ())
+}
+
+/// [`flush`], answering the ids of the events recorded (not those whose
+/// dedupe key was used already).
+async fn write_held(tx: &mut Tx) -> StoreResult<std::collections::HashSet<String>> {
     if tx.pending_events.is_empty() {
-        return Ok(());
+        return Ok(Default::default());
     }
     let pending = std::mem::take(&mut tx.pending_events);
     let mut written = std::collections::HashSet::with_capacity(pending.len());
@@ -128,7 +134,8 @@ pub(crate) async fn flush(tx: &mut Tx) -> StoreResult<()> {
     // An event whose dedupe key was used already is not recorded, and
     // neither are its deliveries.
     let recorded: Vec<&PendingEvent> = pending.iter().filter(|e| written.contains(&e.id)).collect();
-    super::deliveries::insert_pending(tx, &recorded).await
+    super::deliveries::insert_pending(tx, &recorded).await?;
+    Ok(written)
 }
 
 /// Records `event` in `tx`, and its deliveries to the endpoints that take
@@ -136,9 +143,23 @@ pub(crate) async fn flush(tx: &mut Tx) -> StoreResult<()> {
 /// whose dedupe key was used already is not recorded. A caller that needs
 /// to know uses [`emit_now`].
 pub async fn emit(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<()> {
+    hold(tx, event).await.map(|_| ())
+}
+
+/// [`emit`], written at once (with whatever the transaction held before
+/// it): `None` when its dedupe key was already used.
+pub async fn emit_now(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<Option<String>> {
+    let id = hold(tx, event).await?;
+    let recorded = write_held(tx).await?;
+    Ok(recorded.contains(&id).then_some(id))
+}
+
+/// Adds `event` to what `tx` holds back; answers its id.
+async fn hold(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<String> {
     let deliveries = super::deliveries::new_deliveries(tx, event.event_type).await?;
+    let id = new_id("ev");
     tx.pending_events.push(PendingEvent {
-        id: new_id("ev"),
+        id: id.clone(),
         event_type: event.event_type.to_owned(),
         customer_id: event.customer_id.map(str::to_owned),
         object_type: event.object_type.to_owned(),
@@ -149,74 +170,7 @@ pub async fn emit(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<()> {
         created_at: now_unix(),
         deliveries,
     });
-    Ok(())
-}
-
-/// [`emit`], written at once: `None` when its dedupe key was already used.
-pub async fn emit_now(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<Option<String>> {
-    let id = new_id("ev");
-    flush(tx).await?;
-    if tx.kind() == super::DbKind::Postgres {
-        // The event and its deliveries in one statement, one round trip
-        // fewer for every event an endpoint takes (SQLite has no
-        // data-modifying `WITH`; there deliveries may also be handed over,
-        // see `fan_out`). No delivery row without the event's: a deduped
-        // event inserts none, so rows written say whether it was recorded.
-        let deliveries = super::deliveries::new_deliveries(tx, event.event_type).await?;
-        if !deliveries.is_empty() {
-            let written = sql!(
-                tx,
-                query(
-                    "WITH ev AS (INSERT INTO events (id, type, customer_id, object_type, object_id, provider_event_id, \
-                     data, dedupe_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                     ON CONFLICT (dedupe_key) DO NOTHING RETURNING id) \
-                     INSERT INTO deliveries (id, endpoint_id, event_id, customer_id, status, attempts, next_attempt_at, created_at) \
-                     SELECT d.value ->> 0, d.value ->> 1, ev.id, $3, 'pending', 0, $9, $9 \
-                     FROM ev CROSS JOIN jsonb_array_elements($10::jsonb) AS d \
-                     ON CONFLICT (endpoint_id, event_id) DO NOTHING",
-                    &id,
-                    event.event_type,
-                    event.customer_id,
-                    event.object_type,
-                    event.object_id,
-                    event.provider_event_id,
-                    event.data.to_string(),
-                    &event.dedupe_key,
-                    now_unix(),
-                    serde_json::to_string(&deliveries)?
-                )
-                .execute
-            )
-            .db()?;
-            if written == 0 {
-                return Ok(None);
-            }
-            tx.deliveries_queued = true;
-            return Ok(Some(id));
-        }
-    }
-    let inserted = sql!(
-        tx,
-        query(
-            "INSERT INTO events (id, type, customer_id, object_type, object_id, provider_event_id, data, dedupe_key, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (dedupe_key) DO NOTHING",
-            &id,
-            event.event_type,
-            event.customer_id,
-            event.object_type,
-            event.object_id,
-            event.provider_event_id,
-            event.data.to_string(),
-            &event.dedupe_key,
-            now_unix()
-        )
-        .execute
-    )
-    .db()?;
-    if inserted == 1 && super::deliveries::fan_out(tx, &id, event.event_type, event.customer_id).await? > 0 {
-        tx.deliveries_queued = true;
-    }
-    Ok((inserted == 1).then_some(id))
+    Ok(id)
 }
 
 impl super::Store {

@@ -548,7 +548,6 @@ pub struct Tx {
 pub(crate) struct Savepoint {
     audit_len: usize,
     handed_len: usize,
-    pending_events_len: usize,
 }
 
 impl Tx {
@@ -581,11 +580,7 @@ impl Tx {
         // inside it (by a later flush), a rollback to it would lose them.
         events::flush(self).await?;
         sql!(self, query("SAVEPOINT unit").execute).db()?;
-        Ok(Savepoint {
-            audit_len: self.audit.len(),
-            handed_len: self.handed.len(),
-            pending_events_len: self.pending_events.len(),
-        })
+        Ok(Savepoint { audit_len: self.audit.len(), handed_len: self.handed.len() })
     }
 
     /// Keeps the unit's work in the transaction.
@@ -601,7 +596,8 @@ impl Tx {
         sql!(self, query("RELEASE SAVEPOINT unit").execute).db()?;
         self.audit.truncate(point.audit_len);
         self.handed.truncate(point.handed_len);
-        self.pending_events.truncate(point.pending_events_len);
+        // None were held when the savepoint was taken.
+        self.pending_events.clear();
         Ok(())
     }
 
