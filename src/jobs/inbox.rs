@@ -217,11 +217,59 @@ async fn apply_all_or_nothing<'a>(
         let applicable: Vec<&str> =
             ready.iter().filter(|(_, p)| p.is_applicable()).map(|(e, _)| e.id.as_str()).collect();
         let won = crate::store::provider_events::mark_processed(&mut tx, &applicable).await?;
-        let mut done: Outcomes<'a> = Vec::with_capacity(ready.len());
+        // The watermarks of objects the batch names once move together; an
+        // object named twice moves event by event, in the batch's order.
+        let mut named: std::collections::HashMap<(&str, &str), usize> = Default::default();
+        let mut positions = Vec::with_capacity(ready.len());
         for (event, prepared) in &ready {
+            let position =
+                match (prepared.is_applicable() && won.contains(&event.id), prepared.watermark(event)) {
+                    (true, Ok((object_id, position))) => {
+                        *named.entry((event.provider.as_str(), object_id)).or_default() += 1;
+                        Some((object_id, position))
+                    }
+                    _ => None,
+                };
+            positions.push(position);
+        }
+        let once: Vec<(&str, &str, &crate::billing::ordering::Position)> = ready
+            .iter()
+            .zip(&positions)
+            .filter_map(|((event, _), p)| {
+                p.as_ref().map(|(o, position)| (event.provider.as_str(), *o, position))
+            })
+            .filter(|(provider, object_id, _)| named[&(*provider, *object_id)] == 1)
+            .collect();
+        let moved = crate::store::watermarks::advance_many(&mut tx, &once).await?;
+        let customers: Vec<&str> = ready
+            .iter()
+            .zip(&positions)
+            .filter(|(_, position)| position.is_some())
+            .filter_map(|((event, prepared), _)| prepared.provider_customer(event))
+            .collect();
+        crate::store::customers::read_links(&mut tx, "stripe", &customers).await?;
+        let subscriptions: Vec<&str> = ready
+            .iter()
+            .zip(&positions)
+            .filter(|((event, _), position)| {
+                event.provider == "stripe"
+                    && event.event_type.starts_with("customer.subscription.")
+                    && position.is_some()
+            })
+            .filter_map(|(_, position)| position.as_ref().map(|(object_id, _)| *object_id))
+            .collect();
+        crate::store::subscriptions::read_many(&mut tx, "stripe", &subscriptions).await?;
+        let mut done: Outcomes<'a> = Vec::with_capacity(ready.len());
+        for ((event, prepared), position) in ready.iter().zip(&positions) {
+            let marked = match position {
+                Some((object_id, _)) if named[&(event.provider.as_str(), *object_id)] == 1 => {
+                    Marked::WithWatermark(moved.contains(&(event.provider.clone(), (*object_id).to_owned())))
+                }
+                _ => Marked::Yes,
+            };
             let outcome = match (prepared.is_applicable(), won.contains(&event.id)) {
                 (true, false) => Applied::AlreadyDone,
-                (true, true) => apply::apply_in(&mut tx, event, prepared, Marked::Yes, policy).await?,
+                (true, true) => apply::apply_in(&mut tx, event, prepared, marked, policy).await?,
                 (false, _) => apply::apply_in(&mut tx, event, prepared, Marked::No, policy).await?,
             };
             done.push((*event, Ok(outcome)));

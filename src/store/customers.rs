@@ -428,6 +428,8 @@ async fn mirror_provider_customer(
         }
     }
     let link_data = serde_json::json!({ "provider": pc.provider, "provider_customer_id": pc.id });
+    // What the batch read of this link no longer holds.
+    tx.provider_links.remove(&(pc.provider.to_owned(), pc.id.clone()));
     if pc.deleted {
         // The link is kept, marked deleted: a late event of this provider
         // customer's subscription or charge must still find its owner rather
@@ -509,6 +511,52 @@ async fn mirror_provider_customer(
 /// held (`FOR SHARE`) until the transaction ends, so a concurrent claim of
 /// an adopted placeholder (which moves the link) waits for this one and then
 /// moves what it wrote, instead of leaving it on the placeholder.
+/// Reads the links of the provider customers an inbox batch names, in one
+/// statement, for [`resolve_provider_customer`] to use (each once) instead
+/// of one round trip per event; on PostgreSQL they are locked as each read
+/// would have locked them. Ones not linked yet are remembered as such.
+pub async fn read_links(
+    tx: &mut super::Tx,
+    provider: &str,
+    provider_customer_ids: &[&str],
+) -> StoreResult<()> {
+    let mut ids = provider_customer_ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    for chunk in super::events::chunked(&ids) {
+        let list = (2..chunk.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let lock = if tx.kind() == super::DbKind::Postgres {
+            " ORDER BY provider_customer_id FOR SHARE"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT provider_customer_id, customer_id FROM provider_customers \
+             WHERE provider = $1 AND provider_customer_id IN ({list}){lock}"
+        );
+        macro_rules! bind_ids {
+            ($query:expr) => {{
+                let mut q = $query.bind(provider);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q
+            }};
+        }
+        let found: Vec<(String, String)> = match tx.exec() {
+            super::Exec::Sqlite(c) => bind_ids!(sqlx::query_as(&sql)).fetch_all(c).await,
+            super::Exec::Postgres(c) => bind_ids!(sqlx::query_as(&sql)).fetch_all(c).await,
+        }
+        .db()?;
+        let mut found: std::collections::HashMap<String, String> = found.into_iter().collect();
+        for id in chunk {
+            let customer = found.remove(*id);
+            tx.provider_links.insert((provider.to_owned(), (*id).to_owned()), customer);
+        }
+    }
+    Ok(())
+}
+
 async fn linked_customer(
     tx: &mut super::Tx,
     provider: &str,
@@ -552,7 +600,12 @@ pub async fn resolve_provider_customer(
     actor: &Actor,
     policy: &Policy,
 ) -> StoreResult<String> {
-    if let Some(id) = linked_customer(tx, provider, provider_customer_id).await? {
+    let linked = match tx.provider_links.remove(&(provider.to_owned(), provider_customer_id.to_owned())) {
+        // Read (and on PostgreSQL locked) with the batch's other links.
+        Some(known) => known,
+        None => linked_customer(tx, provider, provider_customer_id).await?,
+    };
+    if let Some(id) = linked {
         return Ok(id);
     }
     let pc = ProviderCustomer {
@@ -783,6 +836,7 @@ async fn claim_adopted(
     };
     // The placeholder's events move below, those not yet written too.
     super::events::flush(tx).await?;
+    tx.owners_changed();
     // Every link of the placeholder moves: the application's customer may
     // own several provider customers, and each keeps finding its owner.
     sql!(

@@ -121,7 +121,7 @@ pub async fn sync_order_grants(tx: &mut Tx, cause: Cause<'_>, order_id: &str) ->
         }
     }
     if changed {
-        recompute_entitlements(tx, &customer_id, cause.provider_event_id, cause.actor, cause.policy).await?;
+        recompute_later(tx, &customer_id, cause.provider_event_id, cause.actor, cause.policy);
     }
     Ok(created)
 }
@@ -259,9 +259,48 @@ pub struct StoredEntitlements {
     pub updated_at: i64,
 }
 
-/// Recomputes a customer's entitlements from their sources; if the result
-/// differs from what is stored, stores it under the next version and
-/// announces `entitlements.updated`.
+/// A customer whose entitlements sources this transaction changed: their
+/// document is recomputed when the transaction writes what it holds (see
+/// [`recompute_due`]), once however many changes it made.
+#[derive(Debug, Clone)]
+pub(crate) struct DueRecompute {
+    customer_id: String,
+    provider_event_id: Option<String>,
+    actor: Actor,
+    policy: Policy,
+}
+
+/// Notes that `customer_id`'s entitlements sources changed in `tx`. The
+/// document is recomputed when the transaction next writes what it holds
+/// (before a savepoint, a merge, an event written at once, or at commit),
+/// together with every other customer the transaction changed: an inbox
+/// batch then reads and writes the documents of its customers in a few
+/// statements instead of two per event, and a customer changed twice in
+/// one transaction gets one new version, not two.
+pub fn recompute_later(
+    tx: &mut Tx,
+    customer_id: &str,
+    provider_event_id: Option<&str>,
+    actor: &Actor,
+    policy: &Policy,
+) {
+    let due = DueRecompute {
+        customer_id: customer_id.to_owned(),
+        provider_event_id: provider_event_id.map(str::to_owned),
+        actor: actor.clone(),
+        policy: *policy,
+    };
+    // The latest change names the cause of the new version.
+    match tx.entitlements_due.iter_mut().find(|d| d.customer_id == customer_id) {
+        Some(existing) => *existing = due,
+        None => tx.entitlements_due.push(due),
+    }
+}
+
+/// Recomputes a customer's entitlements from their sources now (with any
+/// other recomputation `tx` has due); if the result differs from what is
+/// stored, stores it under the next version and announces
+/// `entitlements.updated`.
 pub async fn recompute_entitlements(
     tx: &mut Tx,
     customer_id: &str,
@@ -269,7 +308,29 @@ pub async fn recompute_entitlements(
     actor: &Actor,
     policy: &Policy,
 ) -> StoreResult<StoredEntitlements> {
+    recompute_later(tx, customer_id, provider_event_id, actor, policy);
+    let mut done = recompute_due(tx).await?;
+    done.remove(customer_id)
+        .ok_or_else(|| StoreError::Corrupt(format!("customer {customer_id} was not recomputed")))
+}
+
+/// Recomputes the entitlements of every customer `tx` has due (see
+/// [`recompute_later`]): their sources in one statement per 64 customers,
+/// the changed documents in one more, each change under the next version
+/// with its `entitlements.updated` event and audit entry. Answers what each
+/// customer's document is now. (A merge writes what is due before it
+/// moves a placeholder's sources, so nothing is due for a merged one.)
+pub(crate) async fn recompute_due(
+    tx: &mut Tx,
+) -> StoreResult<std::collections::HashMap<String, StoredEntitlements>> {
+    if tx.entitlements_due.is_empty() {
+        return Ok(Default::default());
+    }
+    let mut due = std::mem::take(&mut tx.entitlements_due);
+    // Locks are taken in id order, the same in every transaction.
+    due.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
     let now = now_unix();
+    let ids: Vec<&str> = due.iter().map(|d| d.customer_id.as_str()).collect();
     // Serialise recomputations of one customer (PostgreSQL; SQLite has one
     // writer): the later one reads what the earlier one committed. The
     // customer row always exists, unlike a first entitlements row, and every
@@ -279,158 +340,251 @@ pub async fn recompute_entitlements(
     // once would, after waiting, still see the entitlements row as it was
     // before the other transaction's commit, and number a version twice).
     // The external id names the cache entry a change invalidates.
-    let locked_external = if tx.kind() == DbKind::Postgres {
-        sql!(
-            tx,
-            query_scalar::<String>("SELECT external_id FROM customers WHERE id = $1 FOR UPDATE", customer_id)
-                .fetch_optional
-        )
-        .db()?
-    } else {
-        None
-    };
-    let sources = read_sources(tx, customer_id, tx.kind() == DbKind::Sqlite, policy, now).await?;
-    let external_id = locked_external.or(sources.external_id);
-    let (stored, derived) = (sources.stored, sources.derived);
-    let document = serde_json::to_string(&derived)?;
-    if let Some((version, doc, updated_at)) = &stored {
-        if *doc == document {
-            return Ok(StoredEntitlements {
-                version: *version,
-                entitlements: derived,
-                updated_at: *updated_at,
-            });
+    let mut locked: std::collections::HashMap<String, String> = Default::default();
+    if tx.kind() == DbKind::Postgres {
+        for chunk in super::events::chunked(&ids) {
+            let list = id_list(chunk.len());
+            let sql =
+                format!("SELECT id, external_id FROM customers WHERE id IN ({list}) ORDER BY id FOR UPDATE");
+            let rows: Vec<(String, String)> = match tx.exec() {
+                super::Exec::Postgres(c) => bind_all(sqlx::query_as(&sql), chunk).fetch_all(c).await,
+                super::Exec::Sqlite(_) => unreachable!("checked above"),
+            }
+            .db()?;
+            locked.extend(rows);
         }
     }
-    let version = stored.as_ref().map(|(v, _, _)| v + 1).unwrap_or(1);
-    sql!(
-        tx,
-        query(
-            "INSERT INTO entitlements (customer_id, version, document, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (customer_id) DO UPDATE SET version = excluded.version, document = excluded.document, \
-             updated_at = excluded.updated_at",
-            customer_id,
-            version,
-            &document,
-            now
-        )
-        .execute
-    )
-    .db()?;
-    if let Some(external_id) = external_id {
-        tx.invalidate(CacheKey::Customer(external_id));
+    let mut sources = read_sources(tx, &ids, tx.kind() == DbKind::Sqlite).await?;
+    let mut products = BTreeMap::new();
+    let mut done = std::collections::HashMap::with_capacity(due.len());
+    let mut changed: Vec<(&DueRecompute, i64, String, Entitlements, Option<String>)> = Vec::new();
+    for d in &due {
+        let Some(found) = sources.remove(&d.customer_id) else { continue };
+        let external_id = match tx.kind() {
+            DbKind::Postgres => match locked.remove(&d.customer_id) {
+                Some(e) => Some(e),
+                None => continue,
+            },
+            DbKind::Sqlite => match found.external_id.clone() {
+                Some(e) => Some(e),
+                None => continue,
+            },
+        };
+        let derived = derive_sources(tx, &found, &mut products, &d.policy, now).await?;
+        let document = serde_json::to_string(&derived)?;
+        match &found.stored {
+            Some((version, doc, updated_at)) if *doc == document => {
+                done.insert(
+                    d.customer_id.clone(),
+                    StoredEntitlements { version: *version, entitlements: derived, updated_at: *updated_at },
+                );
+            }
+            stored => {
+                let version = stored.as_ref().map(|(v, _, _)| v + 1).unwrap_or(1);
+                changed.push((d, version, document, derived, external_id));
+            }
+        }
     }
-    emit(
-        tx,
-        NewEvent {
-            event_type: "entitlements.updated",
-            customer_id: Some(customer_id),
-            object_type: "entitlements",
-            object_id: customer_id,
-            provider_event_id,
-            data: json!({ "object": "entitlements", "customer": customer_id, "version": version, "entitlements": derived }),
-            dedupe_key: Some(format!("entitlements.updated:{customer_id}:{version}")),
-        },
-    )
-    .await?;
-    audit::append(
-        tx,
-        AuditRecord {
-            actor,
-            action: "entitlements.updated",
-            object_type: "customer",
-            object_id: customer_id,
-            data: json!({ "version": version }),
-            request_id: None,
-        },
-    )
-    .await?;
-    Ok(StoredEntitlements { version, entitlements: derived, updated_at: now })
+    for chunk in super::events::chunked(&changed) {
+        let rows = super::value_rows(tx.kind(), chunk.len(), 4);
+        let sql = format!(
+            "INSERT INTO entitlements (customer_id, version, document, updated_at) VALUES {rows} \
+             ON CONFLICT (customer_id) DO UPDATE SET version = excluded.version, document = excluded.document, \
+             updated_at = excluded.updated_at"
+        );
+        macro_rules! bind_rows {
+            ($query:expr) => {{
+                let mut q = $query;
+                for (d, version, document, _, _) in chunk {
+                    q = q.bind(&d.customer_id).bind(*version).bind(document).bind(now);
+                }
+                q
+            }};
+        }
+        match tx.exec() {
+            super::Exec::Sqlite(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+            super::Exec::Postgres(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+        }
+        .db()?;
+    }
+    for (d, version, _, derived, external_id) in changed {
+        if let Some(external_id) = external_id {
+            tx.invalidate(CacheKey::Customer(external_id));
+        }
+        let customer_id = d.customer_id.as_str();
+        emit(
+            tx,
+            NewEvent {
+                event_type: "entitlements.updated",
+                customer_id: Some(customer_id),
+                object_type: "entitlements",
+                object_id: customer_id,
+                provider_event_id: d.provider_event_id.as_deref(),
+                data: json!({ "object": "entitlements", "customer": customer_id, "version": version, "entitlements": derived }),
+                dedupe_key: Some(format!("entitlements.updated:{customer_id}:{version}")),
+            },
+        )
+        .await?;
+        audit::append(
+            tx,
+            AuditRecord {
+                actor: &d.actor,
+                action: "entitlements.updated",
+                object_type: "customer",
+                object_id: customer_id,
+                data: json!({ "version": version }),
+                request_id: None,
+            },
+        )
+        .await?;
+        done.insert(
+            d.customer_id.clone(),
+            StoredEntitlements { version, entitlements: derived, updated_at: now },
+        );
+    }
+    Ok(done)
 }
 
-/// What [`read_sources`] found.
+/// `$1, $2, …, $n`: both engines bind these by number, so one list serves
+/// every part of a statement that names it more than once.
+fn id_list(n: usize) -> String {
+    (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Binds `ids` in order to a statement written with [`id_list`].
+fn bind_all<'q, DB, O>(
+    mut query: sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>,
+    ids: &'q [&'q str],
+) -> sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    for id in ids {
+        query = query.bind(*id);
+    }
+    query
+}
+
+/// One customer's entitlement sources as stored, before derivation.
+#[derive(Debug, Default)]
 struct Sources {
     /// The customer's external id, when asked for.
     external_id: Option<String>,
     /// The stored document: version, document, when updated.
     stored: Option<(i64, String, i64)>,
-    /// What the sources grant at `now`.
-    derived: Entitlements,
+    /// Live subscriptions: status, past due since, items.
+    subscriptions: Vec<(String, Option<i64>, String)>,
+    /// Active grants' documents.
+    grants: Vec<String>,
+    balances: BTreeMap<String, i64>,
 }
 
-/// A customer's entitlement sources, and what they grant at `now`, with the
-/// stored document (and the customer's external id if `with_customer`) in
-/// the same statement: every statement is a round trip (on SQLite to the one
-/// writer's thread), and an inbox event recomputes a customer's
-/// entitlements at least once. Writes nothing.
+/// The entitlement sources of `customer_ids`, with each stored document
+/// (and the customer's external id if `with_customer`), in one statement
+/// per 64 customers: every statement is a round trip (on SQLite to the one
+/// writer's thread). Writes nothing.
 async fn read_sources(
     tx: &mut Tx,
-    customer_id: &str,
+    customer_ids: &[&str],
     with_customer: bool,
-    policy: &Policy,
-    now: i64,
-) -> StoreResult<Sources> {
-    // Tagged by source, each in its own order: the customer and its stored
-    // document, live subscriptions and active grants by id, balances by key.
-    let customer = if with_customer {
-        " UNION ALL SELECT 'c', id, external_id, NULL, NULL, NULL FROM customers WHERE id = $1"
-    } else {
-        ""
-    };
-    let sql = format!(
-        "SELECT source, label, amount, document, at FROM ( \
-         SELECT 's' AS source, id AS ord, status AS label, past_due_since AS amount, items AS document, \
-         CAST(NULL AS BIGINT) AS at \
-         FROM subscriptions WHERE customer_id = $1 AND status IN ('active', 'trialing', 'past_due') \
-         UNION ALL SELECT 'g', id, NULL, NULL, grants, NULL FROM grants WHERE customer_id = $1 AND status = 'active' \
-         UNION ALL SELECT 'b', balance_key, balance_key, CAST(SUM(amount) AS BIGINT), NULL, NULL \
-         FROM credit_ledger WHERE customer_id = $1 GROUP BY balance_key \
-         UNION ALL SELECT 'e', customer_id, NULL, version, document, updated_at FROM entitlements WHERE customer_id = $1\
-         {customer}) sources ORDER BY source, ord"
-    );
-    type SourceRow = (String, Option<String>, Option<i64>, Option<String>, Option<i64>);
-    let rows: Vec<SourceRow> = sql!(tx, query_as::<SourceRow>(&sql, customer_id).fetch_all).db()?;
-    let mut subs: Vec<(String, Option<i64>, String)> = Vec::new();
-    let mut active: Vec<String> = Vec::new();
-    let mut balances: BTreeMap<String, i64> = BTreeMap::new();
-    let (mut external_id, mut stored) = (None, None);
-    for (source, label, amount, document, at) in rows {
-        match source.as_str() {
-            "s" => subs.push((label.unwrap_or_default(), amount, document.unwrap_or_default())),
-            "g" => active.push(document.unwrap_or_default()),
-            "b" => {
-                balances.insert(label.unwrap_or_default(), amount.unwrap_or(0));
+) -> StoreResult<std::collections::HashMap<String, Sources>> {
+    let mut out: std::collections::HashMap<String, Sources> = Default::default();
+    for chunk in super::events::chunked(customer_ids) {
+        let list = id_list(chunk.len());
+        // Tagged by source, each in its own order: the customer and its
+        // stored document, live subscriptions and active grants by id,
+        // balances by key.
+        let customer = if with_customer {
+            format!(
+                " UNION ALL SELECT id, 'c', id, external_id, NULL, NULL, NULL FROM customers \
+                 WHERE id IN ({list})"
+            )
+        } else {
+            String::new()
+        };
+        let sql = format!(
+            "SELECT customer, source, label, amount, document, at FROM ( \
+             SELECT customer_id AS customer, 's' AS source, id AS ord, status AS label, past_due_since AS amount, \
+             items AS document, CAST(NULL AS BIGINT) AS at \
+             FROM subscriptions WHERE customer_id IN ({list}) AND status IN ('active', 'trialing', 'past_due') \
+             UNION ALL SELECT customer_id, 'g', id, NULL, NULL, grants, NULL FROM grants \
+             WHERE customer_id IN ({list}) AND status = 'active' \
+             UNION ALL SELECT customer_id, 'b', balance_key, balance_key, CAST(SUM(amount) AS BIGINT), NULL, NULL \
+             FROM credit_ledger WHERE customer_id IN ({list}) GROUP BY customer_id, balance_key \
+             UNION ALL SELECT customer_id, 'e', customer_id, NULL, version, document, updated_at FROM entitlements \
+             WHERE customer_id IN ({list})\
+             {customer}) sources ORDER BY customer, source, ord"
+        );
+        type SourceRow = (String, String, Option<String>, Option<i64>, Option<String>, Option<i64>);
+        let rows: Vec<SourceRow> = match tx.exec() {
+            super::Exec::Sqlite(c) => bind_all(sqlx::query_as(&sql), chunk).fetch_all(c).await,
+            super::Exec::Postgres(c) => bind_all(sqlx::query_as(&sql), chunk).fetch_all(c).await,
+        }
+        .db()?;
+        for (customer, source, label, amount, document, at) in rows {
+            let s = out.entry(customer).or_default();
+            match source.as_str() {
+                "s" => {
+                    s.subscriptions.push((label.unwrap_or_default(), amount, document.unwrap_or_default()))
+                }
+                "g" => s.grants.push(document.unwrap_or_default()),
+                "b" => {
+                    s.balances.insert(label.unwrap_or_default(), amount.unwrap_or(0));
+                }
+                "e" => s.stored = Some((amount.unwrap_or(0), document.unwrap_or_default(), at.unwrap_or(0))),
+                _ => s.external_id = label,
             }
-            "e" => stored = Some((amount.unwrap_or(0), document.unwrap_or_default(), at.unwrap_or(0))),
-            _ => external_id = label,
         }
     }
-    let mut product_grants: BTreeMap<String, Grants> = BTreeMap::new();
-    let mut sources = Vec::new();
-    for (status, past_due_since, items) in subs {
-        let items: Vec<serde_json::Value> = serde_json::from_str(&items)?;
+    if !with_customer {
+        // Without the customer rows, a customer with no sources at all is
+        // still one (PostgreSQL's lock said which exist).
+        for id in customer_ids {
+            out.entry((*id).to_owned()).or_default();
+        }
+    }
+    Ok(out)
+}
+
+/// What `sources` grant at `now`. `products` keeps each product's grants
+/// read so far, so a recomputation of many customers reads each once.
+async fn derive_sources(
+    tx: &mut Tx,
+    sources: &Sources,
+    products: &mut BTreeMap<String, Grants>,
+    policy: &Policy,
+    now: i64,
+) -> StoreResult<Entitlements> {
+    let mut subscriptions = Vec::new();
+    for (status, past_due_since, items) in &sources.subscriptions {
+        let items: Vec<serde_json::Value> = serde_json::from_str(items)?;
         let mut granted = Vec::new();
         for item in items {
             let Some(product) = item["product"].as_str() else { continue };
-            if !product_grants.contains_key(product) {
+            if !products.contains_key(product) {
                 let g: Option<String> = sql!(
                     tx,
                     query_scalar::<String>("SELECT grants FROM products WHERE id = $1", product)
                         .fetch_optional
                 )
                 .db()?;
-                product_grants.insert(
+                products.insert(
                     product.to_owned(),
                     g.map(|g| serde_json::from_str(&g)).transpose()?.unwrap_or_default(),
                 );
             }
-            granted.push((product_grants[product].clone(), item["quantity"].as_i64().unwrap_or(1)));
+            granted.push((products[product].clone(), item["quantity"].as_i64().unwrap_or(1)));
         }
-        sources.push(SubscriptionSource { status, past_due_since, items: granted });
+        subscriptions.push(SubscriptionSource {
+            status: status.clone(),
+            past_due_since: *past_due_since,
+            items: granted,
+        });
     }
-    let active = active.iter().map(|g| serde_json::from_str::<Grants>(g)).collect::<Result<Vec<_>, _>>()?;
-    let derived = entitlements::derive(&sources, &active, &balances, now, policy);
-    Ok(Sources { external_id, stored, derived })
+    let active =
+        sources.grants.iter().map(|g| serde_json::from_str::<Grants>(g)).collect::<Result<Vec<_>, _>>()?;
+    Ok(entitlements::derive(&subscriptions, &active, &sources.balances, now, policy))
 }
 
 /// Why a debit was refused.
@@ -602,8 +756,13 @@ impl Store {
         .db()?;
         let mut tx = self.begin().await?;
         let mut mismatched = Vec::new();
+        let mut products = BTreeMap::new();
         for (customer, document, at) in &stored {
-            let derived = read_sources(&mut tx, customer, false, policy, *at).await?.derived;
+            let sources = read_sources(&mut tx, &[customer.as_str()], false)
+                .await?
+                .remove(customer)
+                .unwrap_or_default();
+            let derived = derive_sources(&mut tx, &sources, &mut products, policy, *at).await?;
             let stored: Entitlements = serde_json::from_str(document)?;
             if derived != stored {
                 mismatched.push(customer.clone());

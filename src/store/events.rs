@@ -89,6 +89,7 @@ pub(crate) fn chunked<T>(rows: &[T]) -> Vec<&[T]> {
 /// relies on), and by any statement of the transaction that reads or moves
 /// events.
 pub(crate) async fn flush(tx: &mut Tx) -> StoreResult<()> {
+    super::entitlements::recompute_due(tx).await?;
     write_held(tx).await.map(|_| ())
 }
 
@@ -149,6 +150,9 @@ pub async fn emit(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<()> {
 /// [`emit`], written at once (with whatever the transaction held before
 /// it): `None` when its dedupe key was already used.
 pub async fn emit_now(tx: &mut Tx, event: NewEvent<'_>) -> StoreResult<Option<String>> {
+    // Entitlements changed before this event are announced before it, as
+    // they were when each change was recomputed at once.
+    super::entitlements::recompute_due(tx).await?;
     let id = hold(tx, event).await?;
     let recorded = write_held(tx).await?;
     Ok(recorded.contains(&id).then_some(id))

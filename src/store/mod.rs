@@ -454,6 +454,9 @@ impl Store {
             endpoints: None,
             price_links: Default::default(),
             pending_events: Vec::new(),
+            entitlements_due: Vec::new(),
+            provider_links: Default::default(),
+            subscriptions_read: Default::default(),
             handoff: self.handoff.clone(),
             handed: Vec::new(),
             pg: match &self.backend {
@@ -535,6 +538,17 @@ pub struct Tx {
     pub(crate) price_links: std::collections::HashMap<(String, String), (Option<String>, Option<String>)>,
     /// Events emitted but not yet written (see [`events::PendingEvent`]).
     pub(crate) pending_events: Vec<events::PendingEvent>,
+    /// Customers whose entitlements are recomputed when the events are
+    /// written (see [`entitlements::recompute_later`]).
+    pub(crate) entitlements_due: Vec<entitlements::DueRecompute>,
+    /// Provider customers' links read ahead for an inbox batch (see
+    /// [`customers::read_links`]); `None`: not linked when read. Each is
+    /// used once, and forgotten when the transaction writes it.
+    pub(crate) provider_links: std::collections::HashMap<(String, String), Option<String>>,
+    /// Subscriptions read ahead for an inbox batch (see
+    /// [`subscriptions::read_many`]), each used once.
+    pub(crate) subscriptions_read:
+        std::collections::HashMap<(String, String), Option<subscriptions::SubscriptionRow>>,
     /// Where deliveries leased at commit go (SQLite), and those queued so far.
     pub(crate) handoff: Option<std::sync::Arc<deliveries::Handoff>>,
     pub(crate) handed: Vec<String>,
@@ -568,6 +582,13 @@ impl Tx {
         self.price_links.clear();
     }
 
+    /// Called by a transaction that moves what customers own (a merge):
+    /// links read ahead no longer hold.
+    pub(crate) fn owners_changed(&mut self) {
+        self.provider_links.clear();
+        self.subscriptions_read.clear();
+    }
+
     /// Called by every write to `webhook_endpoints` in this transaction.
     pub(crate) fn endpoints_changed(&mut self) {
         self.endpoints = None;
@@ -596,8 +617,9 @@ impl Tx {
         sql!(self, query("RELEASE SAVEPOINT unit").execute).db()?;
         self.audit.truncate(point.audit_len);
         self.handed.truncate(point.handed_len);
-        // None were held when the savepoint was taken.
+        // None were held (or due) when the savepoint was taken.
         self.pending_events.clear();
+        self.entitlements_due.clear();
         Ok(())
     }
 

@@ -184,18 +184,56 @@ pub async fn apply(
     Ok(outcome)
 }
 
-/// Whether the caller already marked the event done in this transaction
-/// (a batch marks its events with one statement).
+/// What the caller already did for the event in this transaction: a batch
+/// marks its events done with one statement, and moves the watermarks of
+/// the objects it names once with one more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Marked {
     No,
+    /// Marked done; its object's watermark is still to move.
     Yes,
+    /// Marked done, and its object's watermark moved (`true`) or was
+    /// already newer (`false`: the event is stale).
+    WithWatermark(bool),
 }
 
 impl Prepared {
     /// Mapped, so applying it marks it `processed` (not `ignored`).
     pub fn is_applicable(&self) -> bool {
         self.disposition == Disposition::Apply
+    }
+
+    /// The provider customer whose owner applying the event looks up: the
+    /// customer of a checkout session, subscription or invoice.
+    pub fn provider_customer<'p>(&'p self, event: &ProviderEventRecord) -> Option<&'p str> {
+        let t = event.event_type.as_str();
+        if event.provider != "stripe"
+            || !(t.starts_with("checkout.session.")
+                || t.starts_with("customer.subscription.")
+                || t.starts_with("invoice."))
+        {
+            return None;
+        }
+        let customer = &self.body["data"]["object"]["customer"];
+        customer.as_str().or_else(|| customer["id"].as_str())
+    }
+
+    /// The object the event is about, and the event's place in that
+    /// object's history (see [`ordering`]).
+    pub fn watermark<'e>(
+        &self,
+        event: &'e ProviderEventRecord,
+    ) -> Result<(&'e str, ordering::Position), ApplyError> {
+        let object = &self.body["data"]["object"];
+        let position = ordering::position(
+            event.provider_created,
+            &event.event_type,
+            object["status"].as_str(),
+            &event.provider_event_id,
+        );
+        let object_id =
+            event.object_id.as_deref().ok_or_else(|| ApplyError::Payload("data.object has no id".into()))?;
+        Ok((object_id, position))
     }
 }
 
@@ -222,15 +260,14 @@ pub async fn apply_in(
         Disposition::Ignore => Applied::Ignored,
         _ => {
             let object = &body["data"]["object"];
-            let position = ordering::position(
-                event.provider_created,
-                &event.event_type,
-                object["status"].as_str(),
-                &event.provider_event_id,
-            );
-            let object_id =
-                event.object_id.clone().ok_or_else(|| ApplyError::Payload("data.object has no id".into()))?;
-            if watermarks::advance(tx, &event.provider, &object_id, &position).await? {
+            let advanced = match marked {
+                Marked::WithWatermark(advanced) => advanced,
+                Marked::No | Marked::Yes => {
+                    let (object_id, position) = prepared.watermark(event)?;
+                    watermarks::advance(tx, &event.provider, object_id, &position).await?
+                }
+            };
+            if advanced {
                 let cause = Cause {
                     provider: "stripe",
                     provider_event_id: Some(&event.id),
