@@ -383,7 +383,7 @@ pub struct Config {
     /// Provider events an inbox worker claims and applies in one
     /// transaction: larger batches apply more per second, smaller ones
     /// hold the database (SQLite's one writer) for less time at once.
-    #[arg(long, env = "INBOX_BATCH", default_value_t = 32, global = true)]
+    #[arg(long, env = "INBOX_BATCH", default_value_t = 64, global = true)]
     pub inbox_batch: u32,
 }
 

@@ -524,7 +524,7 @@ pub async fn read_links(
     ids.sort_unstable();
     ids.dedup();
     for chunk in super::events::chunked(&ids) {
-        let list = (2..chunk.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let list = super::id_list(2, chunk.len());
         let lock = if tx.kind() == super::DbKind::Postgres {
             " ORDER BY provider_customer_id FOR SHARE"
         } else {
@@ -534,18 +534,13 @@ pub async fn read_links(
             "SELECT provider_customer_id, customer_id FROM provider_customers \
              WHERE provider = $1 AND provider_customer_id IN ({list}){lock}"
         );
-        macro_rules! bind_ids {
-            ($query:expr) => {{
-                let mut q = $query.bind(provider);
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                q
-            }};
-        }
         let found: Vec<(String, String)> = match tx.exec() {
-            super::Exec::Sqlite(c) => bind_ids!(sqlx::query_as(&sql)).fetch_all(c).await,
-            super::Exec::Postgres(c) => bind_ids!(sqlx::query_as(&sql)).fetch_all(c).await,
+            super::Exec::Sqlite(c) => {
+                super::bind_ids(sqlx::query_as(&sql).bind(provider), chunk).fetch_all(c).await
+            }
+            super::Exec::Postgres(c) => {
+                super::bind_ids(sqlx::query_as(&sql).bind(provider), chunk).fetch_all(c).await
+            }
         }
         .db()?;
         let mut found: std::collections::HashMap<String, String> = found.into_iter().collect();

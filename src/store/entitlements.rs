@@ -121,7 +121,7 @@ pub async fn sync_order_grants(tx: &mut Tx, cause: Cause<'_>, order_id: &str) ->
         }
     }
     if changed {
-        recompute_later(tx, &customer_id, cause.provider_event_id, cause.actor, cause.policy);
+        recompute_soon(tx, &customer_id, cause.provider_event_id, cause.actor, cause.policy).await?;
     }
     Ok(created)
 }
@@ -297,6 +297,25 @@ pub fn recompute_later(
     }
 }
 
+/// [`recompute_later`] on SQLite; on PostgreSQL the document is recomputed
+/// at once. Deferring there made the delivery loadtest drain slower
+/// (docs/performance.md, session 8), for a reason not found yet; on
+/// SQLite, where every statement is a round trip through the one writer,
+/// deferring is what makes a batch's recomputation a few statements.
+pub async fn recompute_soon(
+    tx: &mut Tx,
+    customer_id: &str,
+    provider_event_id: Option<&str>,
+    actor: &Actor,
+    policy: &Policy,
+) -> StoreResult<()> {
+    recompute_later(tx, customer_id, provider_event_id, actor, policy);
+    if tx.kind() == DbKind::Postgres {
+        recompute_due(tx).await?;
+    }
+    Ok(())
+}
+
 /// Recomputes a customer's entitlements from their sources now (with any
 /// other recomputation `tx` has due); if the result differs from what is
 /// stored, stores it under the next version and announces
@@ -343,11 +362,11 @@ pub(crate) async fn recompute_due(
     let mut locked: std::collections::HashMap<String, String> = Default::default();
     if tx.kind() == DbKind::Postgres {
         for chunk in super::events::chunked(&ids) {
-            let list = id_list(chunk.len());
+            let list = super::id_list(1, chunk.len());
             let sql =
                 format!("SELECT id, external_id FROM customers WHERE id IN ({list}) ORDER BY id FOR UPDATE");
             let rows: Vec<(String, String)> = match tx.exec() {
-                super::Exec::Postgres(c) => bind_all(sqlx::query_as(&sql), chunk).fetch_all(c).await,
+                super::Exec::Postgres(c) => super::bind_ids(sqlx::query_as(&sql), chunk).fetch_all(c).await,
                 super::Exec::Sqlite(_) => unreachable!("checked above"),
             }
             .db()?;
@@ -445,27 +464,6 @@ pub(crate) async fn recompute_due(
     Ok(done)
 }
 
-/// `$1, $2, …, $n`: both engines bind these by number, so one list serves
-/// every part of a statement that names it more than once.
-fn id_list(n: usize) -> String {
-    (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
-}
-
-/// Binds `ids` in order to a statement written with [`id_list`].
-fn bind_all<'q, DB, O>(
-    mut query: sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>,
-    ids: &'q [&'q str],
-) -> sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>
-where
-    DB: sqlx::Database,
-    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-{
-    for id in ids {
-        query = query.bind(*id);
-    }
-    query
-}
-
 /// One customer's entitlement sources as stored, before derivation.
 #[derive(Debug, Default)]
 struct Sources {
@@ -491,7 +489,7 @@ async fn read_sources(
 ) -> StoreResult<std::collections::HashMap<String, Sources>> {
     let mut out: std::collections::HashMap<String, Sources> = Default::default();
     for chunk in super::events::chunked(customer_ids) {
-        let list = id_list(chunk.len());
+        let list = super::id_list(1, chunk.len());
         // Tagged by source, each in its own order: the customer and its
         // stored document, live subscriptions and active grants by id,
         // balances by key.
@@ -518,8 +516,8 @@ async fn read_sources(
         );
         type SourceRow = (String, String, Option<String>, Option<i64>, Option<String>, Option<i64>);
         let rows: Vec<SourceRow> = match tx.exec() {
-            super::Exec::Sqlite(c) => bind_all(sqlx::query_as(&sql), chunk).fetch_all(c).await,
-            super::Exec::Postgres(c) => bind_all(sqlx::query_as(&sql), chunk).fetch_all(c).await,
+            super::Exec::Sqlite(c) => super::bind_ids(sqlx::query_as(&sql), chunk).fetch_all(c).await,
+            super::Exec::Postgres(c) => super::bind_ids(sqlx::query_as(&sql), chunk).fetch_all(c).await,
         }
         .db()?;
         for (customer, source, label, amount, document, at) in rows {

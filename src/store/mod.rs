@@ -749,6 +749,29 @@ pub(crate) fn value_rows(kind: DbKind, rows: usize, columns: usize) -> String {
     (0..rows).map(row).collect::<Vec<_>>().join(", ")
 }
 
+/// `$first, …, $(first + n - 1)`: numbered parameters for a list of ids.
+/// Both engines bind them by number, so a statement may name one list in
+/// several places.
+pub(crate) fn id_list(first: usize, n: usize) -> String {
+    (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Binds `ids` in order, after what `query` has bound already (see
+/// [`id_list`]).
+pub(crate) fn bind_ids<'q, DB, O>(
+    mut query: sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>,
+    ids: &'q [&'q str],
+) -> sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    for id in ids {
+        query = query.bind(*id);
+    }
+    query
+}
+
 /// Seconds since the Unix epoch: the unit every stored timestamp uses, so
 /// that comparisons and sorting behave the same on both engines.
 pub fn now_unix() -> i64 {

@@ -132,22 +132,17 @@ pub async fn read_many(tx: &mut Tx, provider: &str, provider_subscription_ids: &
     ids.sort_unstable();
     ids.dedup();
     for chunk in super::events::chunked(&ids) {
-        let list = (2..chunk.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let list = super::id_list(2, chunk.len());
         let sql = format!(
             "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE provider = $1 AND provider_subscription_id IN ({list})"
         );
-        macro_rules! bind_ids {
-            ($query:expr) => {{
-                let mut q = $query.bind(provider);
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                q
-            }};
-        }
         let found: Vec<SubscriptionRow> = match tx.exec() {
-            super::Exec::Sqlite(c) => bind_ids!(sqlx::query_as(&sql)).fetch_all(c).await,
-            super::Exec::Postgres(c) => bind_ids!(sqlx::query_as(&sql)).fetch_all(c).await,
+            super::Exec::Sqlite(c) => {
+                super::bind_ids(sqlx::query_as(&sql).bind(provider), chunk).fetch_all(c).await
+            }
+            super::Exec::Postgres(c) => {
+                super::bind_ids(sqlx::query_as(&sql).bind(provider), chunk).fetch_all(c).await
+            }
         }
         .db()?;
         let mut found: std::collections::HashMap<String, SubscriptionRow> =
@@ -304,17 +299,19 @@ pub async fn apply_subscription(
     if previous.is_none() && matches!(row.status.as_str(), "canceled" | "incomplete_expired") {
         emit(tx, announce("subscription.canceled")).await?;
     }
-    super::entitlements::recompute_later(tx, customer_id, cause.provider_event_id, cause.actor, cause.policy);
+    super::entitlements::recompute_soon(tx, customer_id, cause.provider_event_id, cause.actor, cause.policy)
+        .await?;
     if let Some(p) = previous.as_ref().filter(|p| p.customer_id != customer_id) {
         // Moved to another customer (a placeholder was claimed): the old
         // one loses what it had.
-        super::entitlements::recompute_later(
+        super::entitlements::recompute_soon(
             tx,
             &p.customer_id,
             cause.provider_event_id,
             cause.actor,
             cause.policy,
-        );
+        )
+        .await?;
     }
     Ok(())
 }

@@ -600,3 +600,99 @@ async fn a_failing_event_in_a_batch_is_rolled_back_alone() {
     assert!(chain.is_intact(), "{chain:?}");
     assert!(chain.entries >= 2, "the applied events' entries are chained: {chain:?}");
 }
+
+/// One batch, as the inbox applies it under load: objects named once move
+/// their watermarks together, an object named twice moves event by event in
+/// order, two subscriptions of one new provider customer find the one
+/// placeholder the first adopted, and an event older than what a previous
+/// batch applied changes nothing.
+#[tokio::test]
+async fn a_batch_applies_each_objects_events_in_order_and_finds_what_its_earlier_events_made() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let subscription = |id: &str, status: &str| {
+        json!({
+            "id": id, "object": "subscription", "customer": "cus_batch_owner", "status": status,
+            "cancel_at_period_end": false, "canceled_at": null, "ended_at": null, "created": 1_800_000_000,
+            "items": { "object": "list", "data": [{
+                "id": format!("si_{id}"), "object": "subscription_item", "quantity": 1,
+                "price": { "id": "price_batch", "object": "price", "product": "prod_batch" },
+                "current_period_start": 1_800_000_000, "current_period_end": 1_802_592_000,
+            }]},
+            "metadata": {},
+        })
+    };
+    let inbox = |id: &str, kind: &str, created: i64, object: Value| {
+        let body = event(id, kind, created, object.clone());
+        tollgate::store::provider_events::NewProviderEvent {
+            provider: "stripe",
+            provider_event_id: id.to_owned(),
+            event_type: kind.to_owned(),
+            object_id: object["id"].as_str().map(str::to_owned),
+            provider_created: created,
+            api_version: None,
+            livemode: false,
+            body: String::from_utf8(body).unwrap(),
+            source: "webhook",
+            initial_status: "received",
+            first_attempt_at: 0,
+        }
+    };
+    let t = 1_800_000_000;
+    store
+        .insert_provider_events(&[
+            inbox("evt_b_a1", "customer.subscription.created", t, subscription("sub_batch_a", "active")),
+            inbox(
+                "evt_b_b1",
+                "customer.subscription.created",
+                t + 1,
+                subscription("sub_batch_b", "trialing"),
+            ),
+            inbox(
+                "evt_b_a2",
+                "customer.subscription.updated",
+                t + 2,
+                subscription("sub_batch_a", "past_due"),
+            ),
+        ])
+        .await
+        .unwrap();
+    let options = tollgate::jobs::inbox::InboxWorkerOptions::default();
+    assert_eq!(tollgate::jobs::inbox::work_once(&store, &options).await.unwrap(), 3);
+    // Older than what sub_batch_b already reflects: recorded, no effect.
+    store
+        .insert_provider_events(&[inbox(
+            "evt_b_b0",
+            "customer.subscription.updated",
+            t - 10,
+            subscription("sub_batch_b", "canceled"),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(tollgate::jobs::inbox::work_once(&store, &options).await.unwrap(), 1);
+
+    for id in ["evt_b_a1", "evt_b_b1", "evt_b_a2", "evt_b_b0"] {
+        let e = store.find_provider_event("stripe", id).await.unwrap().unwrap();
+        assert_eq!(e.status, "processed", "{id}");
+    }
+    let a = store.subscription_by_provider_id("stripe", "sub_batch_a").await.unwrap().unwrap();
+    let b = store.subscription_by_provider_id("stripe", "sub_batch_b").await.unwrap().unwrap();
+    assert_eq!(a.status, "past_due", "the object's later event in the batch applied after its first");
+    assert_eq!(b.status, "trialing", "the stale event changed nothing");
+    assert_eq!(a.customer_id, b.customer_id, "one placeholder for the provider customer");
+    let owner = tollgate::ids::ExternalId::parse("cus_batch_owner").unwrap();
+    let customer = store.get_customer(&owner).await.unwrap().expect("the adopted placeholder");
+    assert_eq!(customer.id, a.customer_id);
+    let stored = store.entitlements(&a.customer_id).await.unwrap();
+    assert!(stored.version >= 1, "recomputed when the batch wrote its events: {stored:?}");
+    let updated = store
+        .events_for_customer(&a.customer_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event_type == "entitlements.updated")
+        .count();
+    assert_eq!(updated as i64, stored.version, "one entitlements.updated per stored version");
+    let chain = store.verify_audit_chain().await.unwrap();
+    assert!(chain.is_intact(), "{chain:?}");
+}
