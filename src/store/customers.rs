@@ -507,14 +507,12 @@ async fn mirror_provider_customer(
     Ok(Some(customer_id))
 }
 
-/// The customer a provider customer is linked to. On PostgreSQL the link is
-/// held (`FOR SHARE`) until the transaction ends, so a concurrent claim of
-/// an adopted placeholder (which moves the link) waits for this one and then
-/// moves what it wrote, instead of leaving it on the placeholder.
 /// Reads the links of the provider customers an inbox batch names, in one
 /// statement, for [`resolve_provider_customer`] to use (each once) instead
 /// of one round trip per event; on PostgreSQL they are locked as each read
 /// would have locked them. Ones not linked yet are remembered as such.
+/// (The inbox reads ahead on SQLite only today; the PostgreSQL lock is
+/// kept so that the function stays correct wherever it is called.)
 pub async fn read_links(
     tx: &mut super::Tx,
     provider: &str,
@@ -552,6 +550,10 @@ pub async fn read_links(
     Ok(())
 }
 
+/// The customer a provider customer is linked to. On PostgreSQL the link is
+/// held (`FOR SHARE`) until the transaction ends, so a concurrent claim of
+/// an adopted placeholder (which moves the link) waits for this one and then
+/// moves what it wrote, instead of leaving it on the placeholder.
 async fn linked_customer(
     tx: &mut super::Tx,
     provider: &str,

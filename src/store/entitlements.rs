@@ -378,17 +378,19 @@ pub(crate) async fn recompute_due(
     let mut done = std::collections::HashMap::with_capacity(due.len());
     let mut changed: Vec<(&DueRecompute, i64, String, Entitlements, Option<String>)> = Vec::new();
     for d in &due {
-        let Some(found) = sources.remove(&d.customer_id) else { continue };
-        let external_id = match tx.kind() {
-            DbKind::Postgres => match locked.remove(&d.customer_id) {
-                Some(e) => Some(e),
-                None => continue,
-            },
-            DbKind::Sqlite => match found.external_id.clone() {
-                Some(e) => Some(e),
-                None => continue,
-            },
+        let found = sources.remove(&d.customer_id);
+        let external_id = match (tx.kind(), &found) {
+            (DbKind::Postgres, Some(_)) => locked.remove(&d.customer_id),
+            (DbKind::Sqlite, Some(found)) => found.external_id.clone(),
+            (_, None) => None,
         };
+        let (Some(found), Some(external_id)) = (found, external_id) else {
+            // Customers are only ever soft-deleted: a missing row is a bug
+            // worth seeing, not a reason to fail the whole transaction.
+            tracing::error!(customer = %d.customer_id, "entitlements due for a customer that does not exist; skipped");
+            continue;
+        };
+        let external_id = Some(external_id);
         let derived = derive_sources(tx, &found, &mut products, &d.policy, now).await?;
         let document = serde_json::to_string(&derived)?;
         match &found.stored {

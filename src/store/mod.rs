@@ -617,9 +617,11 @@ impl Tx {
         sql!(self, query("RELEASE SAVEPOINT unit").execute).db()?;
         self.audit.truncate(point.audit_len);
         self.handed.truncate(point.handed_len);
-        // None were held (or due) when the savepoint was taken.
+        // None were held (or due) when the savepoint was taken. What was
+        // read ahead may have been read or changed by the undone unit.
         self.pending_events.clear();
         self.entitlements_due.clear();
+        self.owners_changed();
         Ok(())
     }
 

@@ -119,9 +119,6 @@ pub fn subscription_json(row: &SubscriptionRow) -> serde_json::Value {
     doc
 }
 
-/// Stores the subscription's snapshot for `customer_id` and announces it:
-/// `subscription.created` the first time tollgate sees it,
-/// `subscription.canceled` when it ends, `subscription.updated` otherwise.
 /// Reads the subscriptions an inbox batch's events name, in one statement,
 /// for [`apply_subscription`] to use (each once) instead of one round trip
 /// per event. Ones not stored yet are remembered as such. Only
@@ -155,6 +152,9 @@ pub async fn read_many(tx: &mut Tx, provider: &str, provider_subscription_ids: &
     Ok(())
 }
 
+/// Stores the subscription's snapshot for `customer_id` and announces it:
+/// `subscription.created` the first time tollgate sees it,
+/// `subscription.canceled` when it ends, `subscription.updated` otherwise.
 pub async fn apply_subscription(
     tx: &mut Tx,
     cause: Cause<'_>,

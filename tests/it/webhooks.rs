@@ -659,25 +659,31 @@ async fn a_batch_applies_each_objects_events_in_order_and_finds_what_its_earlier
         .unwrap();
     let options = tollgate::jobs::inbox::InboxWorkerOptions::default();
     assert_eq!(tollgate::jobs::inbox::work_once(&store, &options).await.unwrap(), 3);
-    // Older than what sub_batch_b already reflects: recorded, no effect.
+    let a = store.subscription_by_provider_id("stripe", "sub_batch_a").await.unwrap().unwrap();
+    assert_eq!(a.status, "past_due", "the object's later event in the batch applied after its first");
+    // In a second batch: one event older than what sub_batch_b already
+    // reflects (recorded, no effect) and one newer for sub_batch_a.
     store
-        .insert_provider_events(&[inbox(
-            "evt_b_b0",
-            "customer.subscription.updated",
-            t - 10,
-            subscription("sub_batch_b", "canceled"),
-        )])
+        .insert_provider_events(&[
+            inbox(
+                "evt_b_b0",
+                "customer.subscription.updated",
+                t - 10,
+                subscription("sub_batch_b", "canceled"),
+            ),
+            inbox("evt_b_a3", "customer.subscription.updated", t + 3, subscription("sub_batch_a", "active")),
+        ])
         .await
         .unwrap();
-    assert_eq!(tollgate::jobs::inbox::work_once(&store, &options).await.unwrap(), 1);
+    assert_eq!(tollgate::jobs::inbox::work_once(&store, &options).await.unwrap(), 2);
 
-    for id in ["evt_b_a1", "evt_b_b1", "evt_b_a2", "evt_b_b0"] {
+    for id in ["evt_b_a1", "evt_b_b1", "evt_b_a2", "evt_b_b0", "evt_b_a3"] {
         let e = store.find_provider_event("stripe", id).await.unwrap().unwrap();
         assert_eq!(e.status, "processed", "{id}");
     }
     let a = store.subscription_by_provider_id("stripe", "sub_batch_a").await.unwrap().unwrap();
     let b = store.subscription_by_provider_id("stripe", "sub_batch_b").await.unwrap().unwrap();
-    assert_eq!(a.status, "past_due", "the object's later event in the batch applied after its first");
+    assert_eq!(a.status, "active", "each of the object's events applied in order");
     assert_eq!(b.status, "trialing", "the stale event changed nothing");
     assert_eq!(a.customer_id, b.customer_id, "one placeholder for the provider customer");
     let owner = tollgate::ids::ExternalId::parse("cus_batch_owner").unwrap();
