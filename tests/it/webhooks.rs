@@ -64,6 +64,30 @@ pub(crate) fn event(id: &str, kind: &str, created: i64, object: Value) -> Vec<u8
     .unwrap()
 }
 
+/// A Stripe event as the inbox stores it, for tests that put events in the
+/// inbox directly and then run the worker by hand.
+fn inbox_event(
+    id: &str,
+    kind: &str,
+    created: i64,
+    object: Value,
+) -> tollgate::store::provider_events::NewProviderEvent {
+    let body = event(id, kind, created, object.clone());
+    tollgate::store::provider_events::NewProviderEvent {
+        provider: "stripe",
+        provider_event_id: id.to_owned(),
+        event_type: kind.to_owned(),
+        object_id: object["id"].as_str().map(str::to_owned),
+        provider_created: created,
+        api_version: None,
+        livemode: false,
+        body: String::from_utf8(body).unwrap(),
+        source: "webhook",
+        initial_status: "received",
+        first_attempt_at: 0,
+    }
+}
+
 fn customer(id: &str, external: Option<&str>, email: &str) -> Value {
     let metadata = match external {
         Some(e) => json!({ "tollgate_external_id": e }),
@@ -552,22 +576,7 @@ async fn retention_prunes_only_finished_events_and_a_pruned_event_coming_back_ch
 async fn a_failing_event_in_a_batch_is_rolled_back_alone() {
     let db = TestDb::new().await;
     let store = db.store().await;
-    let inbox = |id: &str, object: Value| {
-        let body = event(id, "customer.created", 1_800_000_000, object.clone());
-        tollgate::store::provider_events::NewProviderEvent {
-            provider: "stripe",
-            provider_event_id: id.to_owned(),
-            event_type: "customer.created".to_owned(),
-            object_id: object["id"].as_str().map(str::to_owned),
-            provider_created: 1_800_000_000,
-            api_version: None,
-            livemode: false,
-            body: String::from_utf8(body).unwrap(),
-            source: "webhook",
-            initial_status: "received",
-            first_attempt_at: 0,
-        }
-    };
+    let inbox = |id: &str, object: Value| inbox_event(id, "customer.created", 1_800_000_000, object);
     store
         .insert_provider_events(&[
             inbox("evt_batch_1", customer("cus_batch_1", Some("u_batch_1"), "one@example.com")),
@@ -622,22 +631,7 @@ async fn a_batch_applies_each_objects_events_in_order_and_finds_what_its_earlier
             "metadata": {},
         })
     };
-    let inbox = |id: &str, kind: &str, created: i64, object: Value| {
-        let body = event(id, kind, created, object.clone());
-        tollgate::store::provider_events::NewProviderEvent {
-            provider: "stripe",
-            provider_event_id: id.to_owned(),
-            event_type: kind.to_owned(),
-            object_id: object["id"].as_str().map(str::to_owned),
-            provider_created: created,
-            api_version: None,
-            livemode: false,
-            body: String::from_utf8(body).unwrap(),
-            source: "webhook",
-            initial_status: "received",
-            first_attempt_at: 0,
-        }
-    };
+    let inbox = inbox_event;
     let t = 1_800_000_000;
     store
         .insert_provider_events(&[
