@@ -224,51 +224,39 @@ async fn apply_all_or_nothing<'a>(
         let read_ahead = tx.kind() == crate::store::DbKind::Sqlite;
         // The watermarks of objects the batch names once move together; an
         // object named twice moves event by event, in the batch's order.
+        // `positions` holds, per event, what the batch-wide statements use.
         let mut named: std::collections::HashMap<(&str, &str), usize> = Default::default();
-        let mut positions = Vec::with_capacity(ready.len());
-        for (event, prepared) in &ready {
-            let position =
-                match (prepared.is_applicable() && won.contains(&event.id), prepared.watermark(event)) {
-                    (true, Ok((object_id, position))) => {
-                        *named.entry((event.provider.as_str(), object_id)).or_default() += 1;
-                        Some((object_id, position))
-                    }
-                    _ => None,
-                };
-            positions.push(position);
-        }
-        let once: Vec<(&str, &str, &crate::billing::ordering::Position)> = ready
+        let positions: Vec<Option<(&str, crate::billing::ordering::Position)>> = ready
             .iter()
-            .zip(&positions)
-            .filter_map(|((event, _), p)| {
-                p.as_ref().map(|(o, position)| (event.provider.as_str(), *o, position))
+            .map(|(event, prepared)| {
+                let applies = read_ahead && prepared.is_applicable() && won.contains(&event.id);
+                let (object_id, position) = prepared.watermark(event).ok().filter(|_| applies)?;
+                *named.entry((event.provider.as_str(), object_id)).or_default() += 1;
+                Some((object_id, position))
             })
-            .filter(|(provider, object_id, _)| read_ahead && named[&(*provider, *object_id)] == 1)
+            .collect();
+        let named_once = |provider: &str, object_id: &str| named[&(provider, object_id)] == 1;
+        let with_position =
+            || ready.iter().zip(&positions).filter_map(|((e, p), pos)| Some((*e, p, pos.as_ref()?)));
+        let once: Vec<(&str, &str, &crate::billing::ordering::Position)> = with_position()
+            .map(|(event, _, (object_id, position))| (event.provider.as_str(), *object_id, position))
+            .filter(|(provider, object_id, _)| named_once(provider, object_id))
             .collect();
         let moved = crate::store::watermarks::advance_many(&mut tx, &once).await?;
-        let customers: Vec<&str> = ready
-            .iter()
-            .zip(&positions)
-            .filter(|(_, position)| read_ahead && position.is_some())
-            .filter_map(|((event, prepared), _)| prepared.provider_customer(event))
-            .collect();
+        let customers: Vec<&str> =
+            with_position().filter_map(|(event, prepared, _)| prepared.provider_customer(event)).collect();
         crate::store::customers::read_links(&mut tx, "stripe", &customers).await?;
-        let subscriptions: Vec<&str> = ready
-            .iter()
-            .zip(&positions)
-            .filter(|((event, _), position)| {
-                read_ahead
-                    && event.provider == "stripe"
-                    && event.event_type.starts_with("customer.subscription.")
-                    && position.is_some()
+        let subscriptions: Vec<&str> = with_position()
+            .filter(|(event, _, _)| {
+                event.provider == "stripe" && event.event_type.starts_with("customer.subscription.")
             })
-            .filter_map(|(_, position)| position.as_ref().map(|(object_id, _)| *object_id))
+            .map(|(_, _, (object_id, _))| *object_id)
             .collect();
         crate::store::subscriptions::read_many(&mut tx, "stripe", &subscriptions).await?;
         let mut done: Outcomes<'a> = Vec::with_capacity(ready.len());
         for ((event, prepared), position) in ready.iter().zip(&positions) {
             let marked = match position {
-                Some((object_id, _)) if read_ahead && named[&(event.provider.as_str(), *object_id)] == 1 => {
+                Some((object_id, _)) if named_once(&event.provider, object_id) => {
                     Marked::WithWatermark(moved.contains(&(event.provider.clone(), (*object_id).to_owned())))
                 }
                 _ => Marked::Yes,

@@ -360,23 +360,19 @@ pub(crate) async fn recompute_due(
     // before the other transaction's commit, and number a version twice).
     // The external id names the cache entry a change invalidates.
     let mut locked: std::collections::HashMap<String, String> = Default::default();
-    if tx.kind() == DbKind::Postgres {
-        for chunk in super::events::chunked(&ids) {
-            let list = super::id_list(1, chunk.len());
-            let sql =
-                format!("SELECT id, external_id FROM customers WHERE id IN ({list}) ORDER BY id FOR UPDATE");
-            let rows: Vec<(String, String)> = match tx.exec() {
-                super::Exec::Postgres(c) => super::bind_ids(sqlx::query_as(&sql), chunk).fetch_all(c).await,
-                super::Exec::Sqlite(_) => unreachable!("checked above"),
-            }
-            .db()?;
-            locked.extend(rows);
-        }
+    for chunk in super::events::chunked(&ids) {
+        let super::Exec::Postgres(c) = tx.exec() else { break };
+        let list = super::id_list(1, chunk.len());
+        let sql =
+            format!("SELECT id, external_id FROM customers WHERE id IN ({list}) ORDER BY id FOR UPDATE");
+        let rows: Vec<(String, String)> =
+            super::bind_ids(sqlx::query_as(&sql), chunk).fetch_all(c).await.db()?;
+        locked.extend(rows);
     }
     let mut sources = read_sources(tx, &ids, tx.kind() == DbKind::Sqlite).await?;
     let mut products = BTreeMap::new();
     let mut done = std::collections::HashMap::with_capacity(due.len());
-    let mut changed: Vec<(&DueRecompute, i64, String, Entitlements, Option<String>)> = Vec::new();
+    let mut changed: Vec<(&DueRecompute, i64, String, Entitlements, String)> = Vec::new();
     for d in &due {
         let found = sources.remove(&d.customer_id);
         let external_id = match (tx.kind(), &found) {
@@ -390,7 +386,6 @@ pub(crate) async fn recompute_due(
             tracing::error!(customer = %d.customer_id, "entitlements due for a customer that does not exist; skipped");
             continue;
         };
-        let external_id = Some(external_id);
         let derived = derive_sources(tx, &found, &mut products, &d.policy, now).await?;
         let document = serde_json::to_string(&derived)?;
         match &found.stored {
@@ -429,9 +424,7 @@ pub(crate) async fn recompute_due(
         .db()?;
     }
     for (d, version, _, derived, external_id) in changed {
-        if let Some(external_id) = external_id {
-            tx.invalidate(CacheKey::Customer(external_id));
-        }
+        tx.invalidate(CacheKey::Customer(external_id));
         let customer_id = d.customer_id.as_str();
         emit(
             tx,
