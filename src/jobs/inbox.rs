@@ -261,6 +261,15 @@ async fn apply_all_or_nothing<'a>(
                 }
                 _ => Marked::Yes,
             };
+            // A subscription event's new rows wait to be written with the
+            // batch's others; any other event first writes what waits.
+            let defer = read_ahead
+                && event.provider == "stripe"
+                && event.event_type.starts_with("customer.subscription.");
+            if !defer {
+                tx.write_deferred().await?;
+            }
+            tx.defer_rows = defer;
             let outcome = match (prepared.is_applicable(), won.contains(&event.id)) {
                 (true, false) => Applied::AlreadyDone,
                 (true, true) => apply::apply_in(&mut tx, event, prepared, marked, policy).await?,
@@ -268,6 +277,7 @@ async fn apply_all_or_nothing<'a>(
             };
             done.push((*event, Ok(outcome)));
         }
+        tx.defer_rows = false;
         tx.commit().await?;
         Ok::<_, ApplyError>(done)
     };

@@ -463,19 +463,34 @@ async fn mirror_provider_customer(
         return Ok(None);
     }
     if linked.is_none() {
-        let inserted = sql!(
-            tx,
-            query(
-                "INSERT INTO provider_customers (provider, provider_customer_id, customer_id, created_at) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                pc.provider,
-                &pc.id,
-                &customer_id,
-                now
+        let inserted = if tx.defer_rows {
+            // Not linked when the batch read its links, and the one writer
+            // has had the database since: the insert will succeed (or fail
+            // the batch, see `Tx::write_deferred`). Later events of the
+            // batch find the link here.
+            tx.deferred.links.push(DeferredLink {
+                provider: pc.provider.to_owned(),
+                provider_customer_id: pc.id.clone(),
+                customer_id: customer_id.clone(),
+                created_at: now,
+            });
+            tx.provider_links.insert((pc.provider.to_owned(), pc.id.clone()), Some(customer_id.clone()));
+            1
+        } else {
+            sql!(
+                tx,
+                query(
+                    "INSERT INTO provider_customers (provider, provider_customer_id, customer_id, created_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    pc.provider,
+                    &pc.id,
+                    &customer_id,
+                    now
+                )
+                .execute
             )
-            .execute
-        )
-        .db()?;
+            .db()?
+        };
         if inserted == 1 {
             let record = AuditRecord {
                 actor,
@@ -521,8 +536,8 @@ pub async fn read_links(
     let mut ids = provider_customer_ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
-    for chunk in super::events::chunked(&ids) {
-        let list = super::id_list(2, chunk.len());
+    for chunk in super::id_chunks(tx.kind(), &ids) {
+        let list = super::ids_in(tx.kind(), 2, chunk.len());
         let lock = if tx.kind() == super::DbKind::Postgres {
             " ORDER BY provider_customer_id FOR SHARE"
         } else {
@@ -534,7 +549,7 @@ pub async fn read_links(
         );
         let found: Vec<(String, String)> = match tx.exec() {
             super::Exec::Sqlite(c) => {
-                super::bind_ids(sqlx::query_as(&sql).bind(provider), chunk).fetch_all(c).await
+                sqlx::query_as(&sql).bind(provider).bind(super::json_ids(chunk)).fetch_all(c).await
             }
             super::Exec::Postgres(c) => {
                 super::bind_ids(sqlx::query_as(&sql).bind(provider), chunk).fetch_all(c).await
@@ -573,6 +588,7 @@ async fn linked_customer_locked(
     provider_customer_id: &str,
     to_change: bool,
 ) -> StoreResult<Option<String>> {
+    tx.write_deferred().await?;
     let lock = match (tx.kind(), to_change) {
         (super::DbKind::Postgres, true) => " FOR UPDATE",
         (super::DbKind::Postgres, false) => " FOR SHARE",
@@ -706,6 +722,22 @@ async fn adopt_as_placeholder(
     actor: &Actor,
 ) -> StoreResult<(String, bool)> {
     let id = new_id("cust");
+    if tx.defer_rows {
+        // The batch found the provider customer unlinked, so no placeholder
+        // of it exists; a customer the application named with the same id
+        // fails the batch's deferred write, and the event is then applied
+        // alone, finding that customer below.
+        tx.deferred.customers.push(DeferredCustomer {
+            id: id.clone(),
+            external_id: external.as_str().to_owned(),
+            email: pc.email.clone(),
+            name: pc.name.clone(),
+            created_at: now_unix(),
+        });
+        let data = serde_json::json!({ "external_id": external.as_str(), "from_provider": pc.provider, "email": pc.email, "name": pc.name });
+        audit_created(tx, &id, data, actor).await?;
+        return Ok((id, true));
+    }
     let inserted = sql!(
         tx,
         query(
@@ -734,6 +766,7 @@ async fn adopt_as_placeholder(
 
 /// The live customer an external id names.
 async fn live_customer_id(tx: &mut super::Tx, external: &str) -> StoreResult<Option<String>> {
+    tx.write_deferred().await?;
     sql!(
         tx,
         query_scalar::<String>(
@@ -792,6 +825,7 @@ async fn claim_adopted(
     actor: &Actor,
     policy: &Policy,
 ) -> StoreResult<String> {
+    tx.write_deferred().await?;
     let current: Option<String> = sql!(
         tx,
         query_scalar::<String>("SELECT external_id FROM customers WHERE id = $1", linked_id).fetch_optional
@@ -867,4 +901,83 @@ async fn claim_adopted(
     };
     audit::append(tx, record).await?;
     Ok(target)
+}
+
+/// A placeholder customer held back by an inbox batch (see `Tx::defer_rows`).
+pub(crate) struct DeferredCustomer {
+    id: String,
+    external_id: String,
+    email: Option<String>,
+    name: Option<String>,
+    created_at: i64,
+}
+
+/// A provider customer's link held back by an inbox batch.
+pub(crate) struct DeferredLink {
+    provider: String,
+    provider_customer_id: String,
+    customer_id: String,
+    created_at: i64,
+}
+
+/// Writes the held-back placeholders, then their links. Plain inserts: a
+/// conflict is an error, so that the batch is applied again without
+/// deferring (see `Tx::write_deferred`).
+pub(crate) async fn write_deferred(
+    tx: &mut super::Tx,
+    customers: &[DeferredCustomer],
+    links: &[DeferredLink],
+) -> StoreResult<()> {
+    for chunk in super::events::chunked(customers) {
+        let rows = super::value_rows(tx.kind(), chunk.len(), 7);
+        let sql = format!(
+            "INSERT INTO customers (id, external_id, email, name, metadata, created_at, updated_at) VALUES {rows}"
+        );
+        macro_rules! bind_rows {
+            ($query:expr) => {{
+                let mut q = $query;
+                for c in chunk {
+                    q = q
+                        .bind(&c.id)
+                        .bind(&c.external_id)
+                        .bind(&c.email)
+                        .bind(&c.name)
+                        .bind("{}")
+                        .bind(c.created_at)
+                        .bind(c.created_at);
+                }
+                q
+            }};
+        }
+        match tx.exec() {
+            super::Exec::Sqlite(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+            super::Exec::Postgres(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+        }
+        .db()?;
+    }
+    for chunk in super::events::chunked(links) {
+        let rows = super::value_rows(tx.kind(), chunk.len(), 4);
+        let sql = format!(
+            "INSERT INTO provider_customers (provider, provider_customer_id, customer_id, created_at) VALUES {rows}"
+        );
+        macro_rules! bind_rows {
+            ($query:expr) => {{
+                let mut q = $query;
+                for l in chunk {
+                    q = q
+                        .bind(&l.provider)
+                        .bind(&l.provider_customer_id)
+                        .bind(&l.customer_id)
+                        .bind(l.created_at);
+                }
+                q
+            }};
+        }
+        match tx.exec() {
+            super::Exec::Sqlite(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+            super::Exec::Postgres(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+        }
+        .db()?;
+    }
+    Ok(())
 }

@@ -342,6 +342,9 @@ pub async fn recompute_entitlements(
 pub(crate) async fn recompute_due(
     tx: &mut Tx,
 ) -> StoreResult<std::collections::HashMap<String, StoredEntitlements>> {
+    // The sources read below, and the events written after this, need the
+    // rows held back.
+    tx.write_deferred().await?;
     if tx.entitlements_due.is_empty() {
         return Ok(Default::default());
     }
@@ -483,8 +486,8 @@ async fn read_sources(
     with_customer: bool,
 ) -> StoreResult<std::collections::HashMap<String, Sources>> {
     let mut out: std::collections::HashMap<String, Sources> = Default::default();
-    for chunk in super::events::chunked(customer_ids) {
-        let list = super::id_list(1, chunk.len());
+    for chunk in super::id_chunks(tx.kind(), customer_ids) {
+        let list = super::ids_in(tx.kind(), 1, chunk.len());
         // Tagged by source, each in its own order: the customer and its
         // stored document, live subscriptions and active grants by id,
         // balances by key.
@@ -511,7 +514,7 @@ async fn read_sources(
         );
         type SourceRow = (String, String, Option<String>, Option<i64>, Option<String>, Option<i64>);
         let rows: Vec<SourceRow> = match tx.exec() {
-            super::Exec::Sqlite(c) => super::bind_ids(sqlx::query_as(&sql), chunk).fetch_all(c).await,
+            super::Exec::Sqlite(c) => sqlx::query_as(&sql).bind(super::json_ids(chunk)).fetch_all(c).await,
             super::Exec::Postgres(c) => super::bind_ids(sqlx::query_as(&sql), chunk).fetch_all(c).await,
         }
         .db()?;

@@ -457,6 +457,8 @@ impl Store {
             entitlements_due: Vec::new(),
             provider_links: Default::default(),
             subscriptions_read: Default::default(),
+            defer_rows: false,
+            deferred: DeferredRows::default(),
             handoff: self.handoff.clone(),
             handed: Vec::new(),
             pg: match &self.backend {
@@ -549,11 +551,29 @@ pub struct Tx {
     /// [`subscriptions::read_many`]), each used once.
     pub(crate) subscriptions_read:
         std::collections::HashMap<(String, String), Option<subscriptions::SubscriptionRow>>,
+    /// Set by the inbox while it applies a batch's subscription events on
+    /// SQLite: the rows those events create or replace (placeholder
+    /// customers, their links, subscription snapshots) wait in
+    /// [`Tx::deferred`] and are written together before any statement could
+    /// read them (see [`Tx::write_deferred`]).
+    pub(crate) defer_rows: bool,
+    pub(crate) deferred: DeferredRows,
     /// Where deliveries leased at commit go (SQLite), and those queued so far.
     pub(crate) handoff: Option<std::sync::Arc<deliveries::Handoff>>,
     pub(crate) handed: Vec<String>,
     /// The pool it came from (PostgreSQL), for what its commit asks after.
     pg: Option<PgPool>,
+}
+
+/// Rows a transaction writes later, together (see [`Tx::defer_rows`]).
+/// Each was one statement per provider event, a round trip through the one
+/// SQLite writer; written together, a batch's rows of each table take one
+/// multi-row statement per [`events::CHUNKS`] size.
+#[derive(Default)]
+pub(crate) struct DeferredRows {
+    pub(crate) customers: Vec<customers::DeferredCustomer>,
+    pub(crate) links: Vec<customers::DeferredLink>,
+    pub(crate) subscriptions: Vec<subscriptions::DeferredSubscription>,
 }
 
 /// A point inside a [`Tx`] to roll back to, undoing one unit of work (one
@@ -589,6 +609,27 @@ impl Tx {
         self.subscriptions_read.clear();
     }
 
+    /// Writes the rows held back (see [`Tx::defer_rows`]), owners before
+    /// what they own. Every statement that could read those tables calls
+    /// this first: the entitlements recomputation (so every flush of
+    /// events, savepoint and commit), reads of customers and links, and the
+    /// inbox before it applies an event of another kind. A row that
+    /// conflicts (no other writer can have come first on SQLite, but the
+    /// application may own a customer with that external id) fails the
+    /// statement and so the batch, which is then applied event by event
+    /// without deferring.
+    pub(crate) async fn write_deferred(&mut self) -> StoreResult<()> {
+        if self.deferred.customers.is_empty()
+            && self.deferred.links.is_empty()
+            && self.deferred.subscriptions.is_empty()
+        {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.deferred);
+        customers::write_deferred(self, &rows.customers, &rows.links).await?;
+        subscriptions::write_deferred(self, &rows.subscriptions).await
+    }
+
     /// Called by every write to `webhook_endpoints` in this transaction.
     pub(crate) fn endpoints_changed(&mut self) {
         self.endpoints = None;
@@ -621,6 +662,7 @@ impl Tx {
         // read ahead may have been read or changed by the undone unit.
         self.pending_events.clear();
         self.entitlements_due.clear();
+        self.deferred = DeferredRows::default();
         self.owners_changed();
         Ok(())
     }
@@ -749,6 +791,36 @@ pub(crate) fn value_rows(kind: DbKind, rows: usize, columns: usize) -> String {
         format!("({})", params.join(", "))
     };
     (0..rows).map(row).collect::<Vec<_>>().join(", ")
+}
+
+/// How a batch's list of ids is read: all at once on SQLite, bound as one
+/// JSON array (see [`ids_in`]), since every statement there is a round trip
+/// through the one writer; in [`events::CHUNKS`] sizes on PostgreSQL,
+/// whose planner sees a literal list's length. (Rows are still written in
+/// `CHUNKS` sizes on both: read from JSON, SQLite parses a row again for
+/// each column, and a trial writing the batch's rows that way was no
+/// faster.)
+pub(crate) fn id_chunks<T>(kind: DbKind, ids: &[T]) -> Vec<&[T]> {
+    match kind {
+        DbKind::Sqlite if ids.is_empty() => Vec::new(),
+        DbKind::Sqlite => vec![ids],
+        DbKind::Postgres => events::chunked(ids),
+    }
+}
+
+/// The list inside `IN (…)` for a chunk of [`id_chunks`] bound from
+/// parameter `$first`: one JSON array on SQLite ([`json_ids`]), `n`
+/// numbered parameters on PostgreSQL ([`bind_ids`]).
+pub(crate) fn ids_in(kind: DbKind, first: usize, n: usize) -> String {
+    match kind {
+        DbKind::Sqlite => format!("SELECT value FROM json_each(${first})"),
+        DbKind::Postgres => id_list(first, n),
+    }
+}
+
+/// The JSON array [`ids_in`] reads on SQLite.
+pub(crate) fn json_ids(ids: &[&str]) -> String {
+    serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned())
 }
 
 /// `$first, …, $(first + n - 1)`: numbered parameters for a list of ids.

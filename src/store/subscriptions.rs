@@ -128,14 +128,14 @@ pub async fn read_many(tx: &mut Tx, provider: &str, provider_subscription_ids: &
     let mut ids = provider_subscription_ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
-    for chunk in super::events::chunked(&ids) {
-        let list = super::id_list(2, chunk.len());
+    for chunk in super::id_chunks(tx.kind(), &ids) {
+        let list = super::ids_in(tx.kind(), 2, chunk.len());
         let sql = format!(
             "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE provider = $1 AND provider_subscription_id IN ({list})"
         );
         let found: Vec<SubscriptionRow> = match tx.exec() {
             super::Exec::Sqlite(c) => {
-                super::bind_ids(sqlx::query_as(&sql).bind(provider), chunk).fetch_all(c).await
+                sqlx::query_as(&sql).bind(provider).bind(super::json_ids(chunk)).fetch_all(c).await
             }
             super::Exec::Postgres(c) => {
                 super::bind_ids(sqlx::query_as(&sql).bind(provider), chunk).fetch_all(c).await
@@ -180,6 +180,7 @@ pub async fn apply_subscription(
         // Read with the batch's other subscriptions.
         Some(read) => read,
         None => {
+            tx.write_deferred().await?;
             let sql = format!(
                 "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE provider = $1 AND provider_subscription_id = $2"
             );
@@ -219,48 +220,20 @@ pub async fn apply_subscription(
     if previous.as_ref().is_some_and(|p| summary(p) == summary(&row) && p.customer_id == row.customer_id) {
         return Ok(());
     }
-    sql!(
-        tx,
-        query(
-            "INSERT INTO subscriptions (id, provider, provider_subscription_id, customer_id, status, price_id, \
-             provider_price_id, quantity, items, current_period_start, current_period_end, cancel_at_period_end, \
-             cancel_at, canceled_at, ended_at, trial_start, trial_end, past_due_since, latest_invoice_id, metadata, \
-             provider_created, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23) \
-             ON CONFLICT (provider, provider_subscription_id) DO UPDATE SET customer_id = excluded.customer_id, \
-             status = excluded.status, price_id = excluded.price_id, provider_price_id = excluded.provider_price_id, \
-             quantity = excluded.quantity, items = excluded.items, current_period_start = excluded.current_period_start, \
-             current_period_end = excluded.current_period_end, cancel_at_period_end = excluded.cancel_at_period_end, \
-             cancel_at = excluded.cancel_at, canceled_at = excluded.canceled_at, ended_at = excluded.ended_at, \
-             trial_start = excluded.trial_start, trial_end = excluded.trial_end, past_due_since = excluded.past_due_since, \
-             latest_invoice_id = excluded.latest_invoice_id, metadata = excluded.metadata, updated_at = excluded.updated_at",
-            &row.id,
-            &row.provider,
-            &row.provider_subscription_id,
-            &row.customer_id,
-            &row.status,
-            &row.price_id,
-            &row.provider_price_id,
-            row.quantity,
-            &row.items,
-            row.current_period_start,
-            row.current_period_end,
-            row.cancel_at_period_end,
-            row.cancel_at,
-            row.canceled_at,
-            row.ended_at,
-            row.trial_start,
-            row.trial_end,
-            row.past_due_since,
-            &row.latest_invoice_id,
-            s.metadata.to_string(),
-            s.created,
-            row.created_at,
-            row.updated_at
-        )
-        .execute
-    )
-    .db()?;
+    let written = DeferredSubscription {
+        row: row.clone(),
+        metadata: s.metadata.to_string(),
+        provider_created: s.created,
+    };
+    if tx.defer_rows {
+        // A later event of the batch about this subscription finds this
+        // snapshot as its previous one, as it would have found the row.
+        tx.subscriptions_read
+            .insert((row.provider.clone(), row.provider_subscription_id.clone()), Some(row.clone()));
+        tx.deferred.subscriptions.push(written);
+    } else {
+        upsert(tx, std::slice::from_ref(&written)).await?;
+    }
     let (action, event_type) = match (&previous, row.status.as_str()) {
         (None, _) => ("subscription.created", "subscription.created"),
         (Some(p), "canceled" | "incomplete_expired") if p.status != row.status => {
@@ -314,6 +287,89 @@ pub async fn apply_subscription(
         .await?;
     }
     Ok(())
+}
+
+/// A subscription snapshot held back by an inbox batch (see
+/// `Tx::defer_rows`), with what `SubscriptionRow` does not carry.
+pub(crate) struct DeferredSubscription {
+    row: SubscriptionRow,
+    metadata: String,
+    provider_created: i64,
+}
+
+/// Writes the held-back snapshots; a subscription the batch changed twice
+/// is written once, as its later event left it.
+pub(crate) async fn write_deferred(tx: &mut Tx, subscriptions: &[DeferredSubscription]) -> StoreResult<()> {
+    let mut latest: Vec<&DeferredSubscription> = Vec::with_capacity(subscriptions.len());
+    for (i, s) in subscriptions.iter().enumerate() {
+        let key = (&s.row.provider, &s.row.provider_subscription_id);
+        let superseded = subscriptions[i + 1..]
+            .iter()
+            .any(|later| (&later.row.provider, &later.row.provider_subscription_id) == key);
+        if !superseded {
+            latest.push(s);
+        }
+    }
+    for chunk in super::events::chunked(&latest) {
+        upsert(tx, chunk).await?;
+    }
+    Ok(())
+}
+
+/// Inserts or replaces subscription snapshots, one statement for all.
+async fn upsert<S: std::borrow::Borrow<DeferredSubscription>>(tx: &mut Tx, chunk: &[S]) -> StoreResult<()> {
+    let rows = super::value_rows(tx.kind(), chunk.len(), 23);
+    let sql = format!(
+        "INSERT INTO subscriptions (id, provider, provider_subscription_id, customer_id, status, price_id, \
+         provider_price_id, quantity, items, current_period_start, current_period_end, cancel_at_period_end, \
+         cancel_at, canceled_at, ended_at, trial_start, trial_end, past_due_since, latest_invoice_id, metadata, \
+         provider_created, created_at, updated_at) VALUES {rows} \
+         ON CONFLICT (provider, provider_subscription_id) DO UPDATE SET customer_id = excluded.customer_id, \
+         status = excluded.status, price_id = excluded.price_id, provider_price_id = excluded.provider_price_id, \
+         quantity = excluded.quantity, items = excluded.items, current_period_start = excluded.current_period_start, \
+         current_period_end = excluded.current_period_end, cancel_at_period_end = excluded.cancel_at_period_end, \
+         cancel_at = excluded.cancel_at, canceled_at = excluded.canceled_at, ended_at = excluded.ended_at, \
+         trial_start = excluded.trial_start, trial_end = excluded.trial_end, past_due_since = excluded.past_due_since, \
+         latest_invoice_id = excluded.latest_invoice_id, metadata = excluded.metadata, updated_at = excluded.updated_at"
+    );
+    macro_rules! bind_rows {
+        ($query:expr) => {{
+            let mut q = $query;
+            for d in chunk {
+                let DeferredSubscription { row, metadata, provider_created } = d.borrow();
+                q = q
+                    .bind(&row.id)
+                    .bind(&row.provider)
+                    .bind(&row.provider_subscription_id)
+                    .bind(&row.customer_id)
+                    .bind(&row.status)
+                    .bind(&row.price_id)
+                    .bind(&row.provider_price_id)
+                    .bind(row.quantity)
+                    .bind(&row.items)
+                    .bind(row.current_period_start)
+                    .bind(row.current_period_end)
+                    .bind(row.cancel_at_period_end)
+                    .bind(row.cancel_at)
+                    .bind(row.canceled_at)
+                    .bind(row.ended_at)
+                    .bind(row.trial_start)
+                    .bind(row.trial_end)
+                    .bind(row.past_due_since)
+                    .bind(&row.latest_invoice_id)
+                    .bind(metadata)
+                    .bind(*provider_created)
+                    .bind(row.created_at)
+                    .bind(row.updated_at);
+            }
+            q
+        }};
+    }
+    match tx.exec() {
+        super::Exec::Sqlite(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+        super::Exec::Postgres(c) => bind_rows!(sqlx::query(&sql)).execute(c).await.map(|_| ()),
+    }
+    .db()
 }
 
 /// Stores the invoice's snapshot and announces `invoice.paid` once and

@@ -696,3 +696,108 @@ async fn a_batch_applies_each_objects_events_in_order_and_finds_what_its_earlier
     let chain = store.verify_audit_chain().await.unwrap();
     assert!(chain.is_intact(), "{chain:?}");
 }
+
+/// On SQLite a batch holds back the rows its subscription events create
+/// (placeholders, links, snapshots) and writes them together. What reads
+/// them first gets them written: here a customer event of the same batch
+/// that names the placeholder's owner. A held-back placeholder that clashes
+/// with a customer the application made fails the batch, which is then
+/// applied event by event with the outcome an unbatched run has.
+#[tokio::test]
+async fn rows_a_batch_holds_back_are_written_before_anything_reads_them() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let subscription = |id: &str, customer: &str| {
+        json!({
+            "id": id, "object": "subscription", "customer": customer, "status": "active",
+            "cancel_at_period_end": false, "canceled_at": null, "ended_at": null, "created": 1_800_000_000,
+            "items": { "object": "list", "data": [{
+                "id": format!("si_{id}"), "object": "subscription_item", "quantity": 1,
+                "price": { "id": "price_held", "object": "price", "product": "prod_held" },
+                "current_period_start": 1_800_000_000, "current_period_end": 1_802_592_000,
+            }]},
+            "metadata": {},
+        })
+    };
+    let t = 1_800_000_000;
+    let options = tollgate::jobs::inbox::InboxWorkerOptions::default();
+    store
+        .insert_provider_events(&[
+            inbox_event(
+                "evt_h_1",
+                "customer.subscription.created",
+                t,
+                subscription("sub_held_1", "cus_held"),
+            ),
+            inbox_event(
+                "evt_h_2",
+                "customer.updated",
+                t + 1,
+                customer("cus_held", Some("app_held"), "h@example.com"),
+            ),
+            inbox_event(
+                "evt_h_3",
+                "customer.subscription.created",
+                t + 2,
+                subscription("sub_held_2", "cus_held"),
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(tollgate::jobs::inbox::work_once(&store, &options).await.unwrap(), 3);
+    let owner = store
+        .get_customer(&tollgate::ids::ExternalId::parse("app_held").unwrap())
+        .await
+        .unwrap()
+        .expect("the placeholder, claimed by the application's id");
+    for sub in ["sub_held_1", "sub_held_2"] {
+        let s = store.subscription_by_provider_id("stripe", sub).await.unwrap().unwrap();
+        assert_eq!(s.customer_id, owner.id, "{sub} belongs to the claimed placeholder");
+    }
+    let placeholder = tollgate::ids::ExternalId::parse("cus_held").unwrap();
+    assert!(store.get_customer(&placeholder).await.unwrap().is_none(), "the placeholder's id was claimed");
+
+    // The application already has a customer whose id is the provider's.
+    let taken = tollgate::ids::ExternalId::parse("cus_taken").unwrap();
+    let app_customer = match store
+        .upsert_customer(&taken, &Default::default(), &tollgate::store::audit::Actor::Cli, None)
+        .await
+        .unwrap()
+    {
+        tollgate::store::customers::Upserted::Created(c) => c,
+        other => panic!("{other:?}"),
+    };
+    store
+        .insert_provider_events(&[
+            inbox_event(
+                "evt_h_4",
+                "customer.subscription.created",
+                t + 3,
+                subscription("sub_held_3", "cus_fresh"),
+            ),
+            inbox_event(
+                "evt_h_5",
+                "customer.subscription.created",
+                t + 4,
+                subscription("sub_held_4", "cus_taken"),
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(tollgate::jobs::inbox::work_once(&store, &options).await.unwrap(), 2);
+    for id in ["evt_h_1", "evt_h_2", "evt_h_3", "evt_h_4", "evt_h_5"] {
+        let e = store.find_provider_event("stripe", id).await.unwrap().unwrap();
+        assert_eq!(e.status, "processed", "{id}");
+    }
+    let taken_sub = store.subscription_by_provider_id("stripe", "sub_held_4").await.unwrap().unwrap();
+    assert_eq!(taken_sub.customer_id, app_customer.id, "adopted by the customer with that id");
+    let fresh_sub = store.subscription_by_provider_id("stripe", "sub_held_3").await.unwrap().unwrap();
+    let fresh = store
+        .get_customer(&tollgate::ids::ExternalId::parse("cus_fresh").unwrap())
+        .await
+        .unwrap()
+        .expect("a placeholder for the new provider customer");
+    assert_eq!(fresh_sub.customer_id, fresh.id);
+    let chain = store.verify_audit_chain().await.unwrap();
+    assert!(chain.is_intact(), "{chain:?}");
+}
