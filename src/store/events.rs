@@ -66,10 +66,10 @@ pub(crate) struct PendingEvent {
 }
 
 /// Rows per multi-row statement, largest first: a few statement texts
-/// (each prepared once per connection) rather than one per count, and at
-/// most one statement per size (a batch of 8 rows was two statements of 4
-/// with sizes 64, 16, 4 and 1; each statement is a round trip through the
-/// one SQLite writer).
+/// (each prepared once per connection) rather than one per count, and, up
+/// to 127 rows, at most one statement per size (8 rows were two statements
+/// of 4 with sizes 64, 16, 4 and 1; each statement is a round trip through
+/// the one SQLite writer).
 pub(crate) const CHUNKS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
 
 /// Splits `rows` into chunks of the sizes in [`CHUNKS`], largest first.
