@@ -246,10 +246,11 @@ async fn apply_all_or_nothing<'a>(
         let customers: Vec<&str> =
             with_position().filter_map(|(event, prepared, _)| prepared.provider_customer(event)).collect();
         crate::store::customers::read_links(&mut tx, "stripe", &customers).await?;
+        let subscription_event = |event: &ProviderEventRecord| {
+            event.provider == "stripe" && event.event_type.starts_with("customer.subscription.")
+        };
         let subscriptions: Vec<&str> = with_position()
-            .filter(|(event, _, _)| {
-                event.provider == "stripe" && event.event_type.starts_with("customer.subscription.")
-            })
+            .filter(|(event, _, _)| subscription_event(event))
             .map(|(_, _, (object_id, _))| *object_id)
             .collect();
         crate::store::subscriptions::read_many(&mut tx, "stripe", &subscriptions).await?;
@@ -263,9 +264,7 @@ async fn apply_all_or_nothing<'a>(
             };
             // A subscription event's new rows wait to be written with the
             // batch's others; any other event first writes what waits.
-            let defer = read_ahead
-                && event.provider == "stripe"
-                && event.event_type.starts_with("customer.subscription.");
+            let defer = read_ahead && subscription_event(event);
             if !defer {
                 tx.write_deferred().await?;
             }

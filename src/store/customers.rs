@@ -549,7 +549,7 @@ pub async fn read_links(
         );
         let found: Vec<(String, String)> = match tx.exec() {
             super::Exec::Sqlite(c) => {
-                sqlx::query_as(&sql).bind(provider).bind(super::json_ids(chunk)).fetch_all(c).await
+                sqlx::query_as(&sql).bind(provider).bind(serde_json::to_string(chunk)?).fetch_all(c).await
             }
             super::Exec::Postgres(c) => {
                 super::bind_ids(sqlx::query_as(&sql).bind(provider), chunk).fetch_all(c).await

@@ -478,8 +478,9 @@ struct Sources {
 
 /// The entitlement sources of `customer_ids`, with each stored document
 /// (and the customer's external id if `with_customer`), in one statement
-/// per 64 customers: every statement is a round trip (on SQLite to the one
-/// writer's thread). Writes nothing.
+/// (per 64 customers on PostgreSQL, see [`super::id_chunks`]): every
+/// statement is a round trip (on SQLite to the one writer's thread).
+/// Writes nothing.
 async fn read_sources(
     tx: &mut Tx,
     customer_ids: &[&str],
@@ -514,7 +515,9 @@ async fn read_sources(
         );
         type SourceRow = (String, String, Option<String>, Option<i64>, Option<String>, Option<i64>);
         let rows: Vec<SourceRow> = match tx.exec() {
-            super::Exec::Sqlite(c) => sqlx::query_as(&sql).bind(super::json_ids(chunk)).fetch_all(c).await,
+            super::Exec::Sqlite(c) => {
+                sqlx::query_as(&sql).bind(serde_json::to_string(chunk)?).fetch_all(c).await
+            }
             super::Exec::Postgres(c) => super::bind_ids(sqlx::query_as(&sql), chunk).fetch_all(c).await,
         }
         .db()?;

@@ -809,18 +809,13 @@ pub(crate) fn id_chunks<T>(kind: DbKind, ids: &[T]) -> Vec<&[T]> {
 }
 
 /// The list inside `IN (…)` for a chunk of [`id_chunks`] bound from
-/// parameter `$first`: one JSON array on SQLite ([`json_ids`]), `n`
-/// numbered parameters on PostgreSQL ([`bind_ids`]).
+/// parameter `$first`: one JSON array on SQLite (the spelling of
+/// [`in_json_ids`]), `n` numbered parameters on PostgreSQL ([`bind_ids`]).
 pub(crate) fn ids_in(kind: DbKind, first: usize, n: usize) -> String {
     match kind {
         DbKind::Sqlite => format!("SELECT value FROM json_each(${first})"),
         DbKind::Postgres => id_list(first, n),
     }
-}
-
-/// The JSON array [`ids_in`] reads on SQLite.
-pub(crate) fn json_ids(ids: &[&str]) -> String {
-    serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned())
 }
 
 /// `$first, …, $(first + n - 1)`: numbered parameters for a list of ids.

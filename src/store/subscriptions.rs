@@ -135,7 +135,7 @@ pub async fn read_many(tx: &mut Tx, provider: &str, provider_subscription_ids: &
         );
         let found: Vec<SubscriptionRow> = match tx.exec() {
             super::Exec::Sqlite(c) => {
-                sqlx::query_as(&sql).bind(provider).bind(super::json_ids(chunk)).fetch_all(c).await
+                sqlx::query_as(&sql).bind(provider).bind(serde_json::to_string(chunk)?).fetch_all(c).await
             }
             super::Exec::Postgres(c) => {
                 super::bind_ids(sqlx::query_as(&sql).bind(provider), chunk).fetch_all(c).await
@@ -230,7 +230,15 @@ pub async fn apply_subscription(
         // snapshot as its previous one, as it would have found the row.
         tx.subscriptions_read
             .insert((row.provider.clone(), row.provider_subscription_id.clone()), Some(row.clone()));
-        tx.deferred.subscriptions.push(written);
+        // Written once, as the batch's last event about it left it.
+        let held = &mut tx.deferred.subscriptions;
+        let same = |h: &&mut DeferredSubscription| {
+            h.row.provider == row.provider && h.row.provider_subscription_id == row.provider_subscription_id
+        };
+        match held.iter_mut().find(same) {
+            Some(earlier) => *earlier = written,
+            None => held.push(written),
+        }
     } else {
         upsert(tx, std::slice::from_ref(&written)).await?;
     }
@@ -297,27 +305,17 @@ pub(crate) struct DeferredSubscription {
     provider_created: i64,
 }
 
-/// Writes the held-back snapshots; a subscription the batch changed twice
-/// is written once, as its later event left it.
+/// Writes the held-back snapshots (one per subscription, see
+/// [`apply_subscription`]).
 pub(crate) async fn write_deferred(tx: &mut Tx, subscriptions: &[DeferredSubscription]) -> StoreResult<()> {
-    let mut latest: Vec<&DeferredSubscription> = Vec::with_capacity(subscriptions.len());
-    for (i, s) in subscriptions.iter().enumerate() {
-        let key = (&s.row.provider, &s.row.provider_subscription_id);
-        let superseded = subscriptions[i + 1..]
-            .iter()
-            .any(|later| (&later.row.provider, &later.row.provider_subscription_id) == key);
-        if !superseded {
-            latest.push(s);
-        }
-    }
-    for chunk in super::events::chunked(&latest) {
+    for chunk in super::events::chunked(subscriptions) {
         upsert(tx, chunk).await?;
     }
     Ok(())
 }
 
 /// Inserts or replaces subscription snapshots, one statement for all.
-async fn upsert<S: std::borrow::Borrow<DeferredSubscription>>(tx: &mut Tx, chunk: &[S]) -> StoreResult<()> {
+async fn upsert(tx: &mut Tx, chunk: &[DeferredSubscription]) -> StoreResult<()> {
     let rows = super::value_rows(tx.kind(), chunk.len(), 23);
     let sql = format!(
         "INSERT INTO subscriptions (id, provider, provider_subscription_id, customer_id, status, price_id, \
@@ -336,7 +334,7 @@ async fn upsert<S: std::borrow::Borrow<DeferredSubscription>>(tx: &mut Tx, chunk
         ($query:expr) => {{
             let mut q = $query;
             for d in chunk {
-                let DeferredSubscription { row, metadata, provider_created } = d.borrow();
+                let DeferredSubscription { row, metadata, provider_created } = d;
                 q = q
                     .bind(&row.id)
                     .bind(&row.provider)
