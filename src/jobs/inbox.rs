@@ -217,11 +217,6 @@ async fn apply_all_or_nothing<'a>(
         let applicable: Vec<&str> =
             ready.iter().filter(|(_, p)| p.is_applicable()).map(|(e, _)| e.id.as_str()).collect();
         let won = crate::store::provider_events::mark_processed(&mut tx, &applicable).await?;
-        // Batch-wide statements only where every statement is a round trip
-        // through the one writer (SQLite). On PostgreSQL they made the
-        // delivery loadtest drain slower (docs/performance.md, session 8),
-        // for a reason not found yet.
-        let read_ahead = tx.kind() == crate::store::DbKind::Sqlite;
         // The watermarks of objects the batch names once move together; an
         // object named twice moves event by event, in the batch's order.
         // `positions` holds, per event, what the batch-wide statements use.
@@ -229,7 +224,7 @@ async fn apply_all_or_nothing<'a>(
         let positions: Vec<Option<(&str, crate::billing::ordering::Position)>> = ready
             .iter()
             .map(|(event, prepared)| {
-                let applies = read_ahead && prepared.is_applicable() && won.contains(&event.id);
+                let applies = prepared.is_applicable() && won.contains(&event.id);
                 let (object_id, position) = prepared.watermark(event).ok().filter(|_| applies)?;
                 *named.entry((event.provider.as_str(), object_id)).or_default() += 1;
                 Some((object_id, position))
@@ -264,7 +259,7 @@ async fn apply_all_or_nothing<'a>(
             };
             // A subscription event's new rows wait to be written with the
             // batch's others; any other event first writes what waits.
-            let defer = read_ahead && subscription_event(event);
+            let defer = subscription_event(event);
             if !defer {
                 tx.write_deferred().await?;
             }

@@ -526,8 +526,6 @@ async fn mirror_provider_customer(
 /// statement, for [`resolve_provider_customer`] to use (each once) instead
 /// of one round trip per event; on PostgreSQL they are locked as each read
 /// would have locked them. Ones not linked yet are remembered as such.
-/// (The inbox reads ahead on SQLite only today; the PostgreSQL lock is
-/// kept so that the function stays correct wherever it is called.)
 pub async fn read_links(
     tx: &mut super::Tx,
     provider: &str,
@@ -536,31 +534,20 @@ pub async fn read_links(
     let mut ids = provider_customer_ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
-    for chunk in super::id_chunks(tx.kind(), &ids) {
-        let list = super::ids_in(tx.kind(), 2, chunk.len());
-        let lock = if tx.kind() == super::DbKind::Postgres {
-            " ORDER BY provider_customer_id FOR SHARE"
-        } else {
-            ""
-        };
-        let sql = format!(
-            "SELECT provider_customer_id, customer_id FROM provider_customers \
-             WHERE provider = $1 AND provider_customer_id IN ({list}){lock}"
-        );
-        let found: Vec<(String, String)> = match tx.exec() {
-            super::Exec::Sqlite(c) => {
-                sqlx::query_as(&sql).bind(provider).bind(serde_json::to_string(chunk)?).fetch_all(c).await
-            }
-            super::Exec::Postgres(c) => {
-                super::bind_ids(sqlx::query_as(&sql).bind(provider), chunk).fetch_all(c).await
-            }
-        }
-        .db()?;
-        let mut found: std::collections::HashMap<String, String> = found.into_iter().collect();
-        for id in chunk {
-            let customer = found.remove(*id);
-            tx.provider_links.insert((provider.to_owned(), (*id).to_owned()), customer);
-        }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let listed = super::in_json_ids(tx.kind(), "provider_customer_id", "$2");
+    let lock =
+        if tx.kind() == super::DbKind::Postgres { " ORDER BY provider_customer_id FOR SHARE" } else { "" };
+    let sql = format!("SELECT provider_customer_id, customer_id FROM provider_customers WHERE provider = $1 AND {listed}{lock}");
+    let found: Vec<(String, String)> =
+        sql!(tx, fresh query_as::<(String, String)>(&sql, provider, serde_json::to_string(&ids)?).fetch_all)
+            .db()?;
+    let mut found: std::collections::HashMap<String, String> = found.into_iter().collect();
+    for id in ids {
+        let customer = found.remove(id);
+        tx.provider_links.insert((provider.to_owned(), id.to_owned()), customer);
     }
     Ok(())
 }

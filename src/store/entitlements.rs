@@ -121,7 +121,7 @@ pub async fn sync_order_grants(tx: &mut Tx, cause: Cause<'_>, order_id: &str) ->
         }
     }
     if changed {
-        recompute_soon(tx, &customer_id, cause.provider_event_id, cause.actor, cause.policy).await?;
+        recompute_later(tx, &customer_id, cause.provider_event_id, cause.actor, cause.policy);
     }
     Ok(created)
 }
@@ -297,25 +297,6 @@ pub fn recompute_later(
     }
 }
 
-/// [`recompute_later`] on SQLite; on PostgreSQL the document is recomputed
-/// at once. Deferring there made the delivery loadtest drain slower
-/// (docs/performance.md, session 8), for a reason not found yet; on
-/// SQLite, where every statement is a round trip through the one writer,
-/// deferring is what makes a batch's recomputation a few statements.
-pub async fn recompute_soon(
-    tx: &mut Tx,
-    customer_id: &str,
-    provider_event_id: Option<&str>,
-    actor: &Actor,
-    policy: &Policy,
-) -> StoreResult<()> {
-    recompute_later(tx, customer_id, provider_event_id, actor, policy);
-    if tx.kind() == DbKind::Postgres {
-        recompute_due(tx).await?;
-    }
-    Ok(())
-}
-
 /// Recomputes a customer's entitlements from their sources now (with any
 /// other recomputation `tx` has due); if the result differs from what is
 /// stored, stores it under the next version and announces
@@ -363,13 +344,12 @@ pub(crate) async fn recompute_due(
     // before the other transaction's commit, and number a version twice).
     // The external id names the cache entry a change invalidates.
     let mut locked: std::collections::HashMap<String, String> = Default::default();
-    for chunk in super::events::chunked(&ids) {
-        let super::Exec::Postgres(c) = tx.exec() else { break };
-        let list = super::id_list(1, chunk.len());
-        let sql =
-            format!("SELECT id, external_id FROM customers WHERE id IN ({list}) ORDER BY id FOR UPDATE");
+    if tx.kind() == DbKind::Postgres {
+        let listed = super::in_json_ids(tx.kind(), "id", "$1");
+        let sql = format!("SELECT id, external_id FROM customers WHERE {listed} ORDER BY id FOR UPDATE");
         let rows: Vec<(String, String)> =
-            super::bind_ids(sqlx::query_as(&sql), chunk).fetch_all(c).await.db()?;
+            sql!(tx, fresh query_as::<(String, String)>(&sql, serde_json::to_string(&ids)?).fetch_all)
+                .db()?;
         locked.extend(rows);
     }
     let mut sources = read_sources(tx, &ids, tx.kind() == DbKind::Sqlite).await?;
@@ -478,62 +458,55 @@ struct Sources {
 
 /// The entitlement sources of `customer_ids`, with each stored document
 /// (and the customer's external id if `with_customer`), in one statement
-/// (per 64 customers on PostgreSQL, see [`super::id_chunks`]): every
-/// statement is a round trip (on SQLite to the one writer's thread).
-/// Writes nothing.
+/// whatever their number (see [`super::in_json_ids`]): every statement is
+/// a round trip (on SQLite to the one writer's thread). Writes nothing.
 async fn read_sources(
     tx: &mut Tx,
     customer_ids: &[&str],
     with_customer: bool,
 ) -> StoreResult<std::collections::HashMap<String, Sources>> {
     let mut out: std::collections::HashMap<String, Sources> = Default::default();
-    for chunk in super::id_chunks(tx.kind(), customer_ids) {
-        let list = super::ids_in(tx.kind(), 1, chunk.len());
-        // Tagged by source, each in its own order: the customer and its
-        // stored document, live subscriptions and active grants by id,
-        // balances by key.
-        let customer = if with_customer {
-            format!(
-                " UNION ALL SELECT id, 'c', id, external_id, NULL, NULL, NULL FROM customers \
-                 WHERE id IN ({list})"
-            )
-        } else {
-            String::new()
-        };
-        let sql = format!(
-            "SELECT customer, source, label, amount, document, at FROM ( \
-             SELECT customer_id AS customer, 's' AS source, id AS ord, status AS label, past_due_since AS amount, \
-             items AS document, CAST(NULL AS BIGINT) AS at \
-             FROM subscriptions WHERE customer_id IN ({list}) AND status IN ('active', 'trialing', 'past_due') \
-             UNION ALL SELECT customer_id, 'g', id, NULL, NULL, grants, NULL FROM grants \
-             WHERE customer_id IN ({list}) AND status = 'active' \
-             UNION ALL SELECT customer_id, 'b', balance_key, balance_key, CAST(SUM(amount) AS BIGINT), NULL, NULL \
-             FROM credit_ledger WHERE customer_id IN ({list}) GROUP BY customer_id, balance_key \
-             UNION ALL SELECT customer_id, 'e', customer_id, NULL, version, document, updated_at FROM entitlements \
-             WHERE customer_id IN ({list})\
-             {customer}) sources ORDER BY customer, source, ord"
-        );
-        type SourceRow = (String, String, Option<String>, Option<i64>, Option<String>, Option<i64>);
-        let rows: Vec<SourceRow> = match tx.exec() {
-            super::Exec::Sqlite(c) => {
-                sqlx::query_as(&sql).bind(serde_json::to_string(chunk)?).fetch_all(c).await
+    if customer_ids.is_empty() {
+        return Ok(out);
+    }
+    let listed = |column: &str| super::in_json_ids(tx.kind(), column, "$1");
+    // Tagged by source, each in its own order: the customer and its stored
+    // document, live subscriptions and active grants by id, balances by key.
+    let customer = if with_customer {
+        format!(
+            " UNION ALL SELECT id, 'c', id, external_id, NULL, NULL, NULL FROM customers WHERE {}",
+            listed("id")
+        )
+    } else {
+        String::new()
+    };
+    let of_customers = listed("customer_id");
+    let sql = format!(
+        "SELECT customer, source, label, amount, document, at FROM ( \
+         SELECT customer_id AS customer, 's' AS source, id AS ord, status AS label, past_due_since AS amount, \
+         items AS document, CAST(NULL AS BIGINT) AS at \
+         FROM subscriptions WHERE {of_customers} AND status IN ('active', 'trialing', 'past_due') \
+         UNION ALL SELECT customer_id, 'g', id, NULL, NULL, grants, NULL FROM grants \
+         WHERE {of_customers} AND status = 'active' \
+         UNION ALL SELECT customer_id, 'b', balance_key, balance_key, CAST(SUM(amount) AS BIGINT), NULL, NULL \
+         FROM credit_ledger WHERE {of_customers} GROUP BY customer_id, balance_key \
+         UNION ALL SELECT customer_id, 'e', customer_id, NULL, version, document, updated_at FROM entitlements \
+         WHERE {of_customers}\
+         {customer}) sources ORDER BY customer, source, ord"
+    );
+    type SourceRow = (String, String, Option<String>, Option<i64>, Option<String>, Option<i64>);
+    let rows: Vec<SourceRow> =
+        sql!(tx, fresh query_as::<SourceRow>(&sql, serde_json::to_string(customer_ids)?).fetch_all).db()?;
+    for (customer, source, label, amount, document, at) in rows {
+        let s = out.entry(customer).or_default();
+        match source.as_str() {
+            "s" => s.subscriptions.push((label.unwrap_or_default(), amount, document.unwrap_or_default())),
+            "g" => s.grants.push(document.unwrap_or_default()),
+            "b" => {
+                s.balances.insert(label.unwrap_or_default(), amount.unwrap_or(0));
             }
-            super::Exec::Postgres(c) => super::bind_ids(sqlx::query_as(&sql), chunk).fetch_all(c).await,
-        }
-        .db()?;
-        for (customer, source, label, amount, document, at) in rows {
-            let s = out.entry(customer).or_default();
-            match source.as_str() {
-                "s" => {
-                    s.subscriptions.push((label.unwrap_or_default(), amount, document.unwrap_or_default()))
-                }
-                "g" => s.grants.push(document.unwrap_or_default()),
-                "b" => {
-                    s.balances.insert(label.unwrap_or_default(), amount.unwrap_or(0));
-                }
-                "e" => s.stored = Some((amount.unwrap_or(0), document.unwrap_or_default(), at.unwrap_or(0))),
-                _ => s.external_id = label,
-            }
+            "e" => s.stored = Some((amount.unwrap_or(0), document.unwrap_or_default(), at.unwrap_or(0))),
+            _ => s.external_id = label,
         }
     }
     if !with_customer {

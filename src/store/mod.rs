@@ -551,8 +551,8 @@ pub struct Tx {
     /// [`subscriptions::read_many`]), each used once.
     pub(crate) subscriptions_read:
         std::collections::HashMap<(String, String), Option<subscriptions::SubscriptionRow>>,
-    /// Set by the inbox while it applies a batch's subscription events on
-    /// SQLite: the rows those events create or replace (placeholder
+    /// Set by the inbox while it applies a batch's subscription events:
+    /// the rows those events create or replace (placeholder
     /// customers, their links, subscription snapshots) wait in
     /// [`Tx::deferred`] and are written together before any statement could
     /// read them (see [`Tx::write_deferred`]).
@@ -566,9 +566,9 @@ pub struct Tx {
 }
 
 /// Rows a transaction writes later, together (see [`Tx::defer_rows`]).
-/// Each was one statement per provider event, a round trip through the one
-/// SQLite writer; written together, a batch's rows of each table take one
-/// multi-row statement per [`events::CHUNKS`] size.
+/// Each was one statement per provider event, a round trip (on SQLite
+/// through the one writer); written together, a batch's rows of each table
+/// take one multi-row statement per [`events::CHUNKS`] size.
 #[derive(Default)]
 pub(crate) struct DeferredRows {
     pub(crate) customers: Vec<customers::DeferredCustomer>,
@@ -762,11 +762,19 @@ impl Tx {
 /// `column` is one of the ids in the JSON array bound at `param` (`$2`, or
 /// `?`): one statement text whatever the list's length, so one prepared
 /// statement (a placeholder per id would prepare a new statement for every
-/// length), on both engines. On PostgreSQL the list is an array (`= ANY`),
-/// not an `IN` subquery: the planner cannot see a subquery's length and
-/// joined it against every row matching the rest of the `WHERE` (a whole
-/// backlog of waiting events, for 32 ids), where an array is looked up in
-/// the column's index.
+/// length), and one statement, one round trip (on SQLite to the one
+/// writer's thread), for a whole batch's list. On PostgreSQL the list is
+/// an array (`= ANY`), not an `IN` subquery: the planner cannot see a
+/// subquery's length and joined it against every row matching the rest of
+/// the `WHERE` (a whole backlog of waiting events, for 32 ids), where an
+/// array is looked up in the column's index.
+///
+/// On PostgreSQL, run such a statement `fresh` (see [`sql!`]): planned
+/// once and kept, its generic plan made while the table was small scans
+/// the whole table for every list once the table has grown. In the
+/// delivery loadtest, an inbox batch's two read-ahead statements took
+/// 25 ms each that way, a third of PostgreSQL's CPU (docs/performance.md,
+/// session 10).
 pub(crate) fn in_json_ids(kind: DbKind, column: &str, param: &str) -> String {
     match kind {
         DbKind::Sqlite => format!("{column} IN (SELECT value FROM json_each({param}))"),
@@ -791,54 +799,6 @@ pub(crate) fn value_rows(kind: DbKind, rows: usize, columns: usize) -> String {
         format!("({})", params.join(", "))
     };
     (0..rows).map(row).collect::<Vec<_>>().join(", ")
-}
-
-/// How a batch's list of ids is read: all at once on SQLite, bound as one
-/// JSON array (see [`ids_in`]), since every statement there is a round trip
-/// through the one writer; in [`events::CHUNKS`] sizes on PostgreSQL,
-/// whose planner sees a literal list's length. (Rows are still written in
-/// `CHUNKS` sizes on both: read from JSON, SQLite parses a row again for
-/// each column, and a trial writing the batch's rows that way was no
-/// faster.)
-pub(crate) fn id_chunks<T>(kind: DbKind, ids: &[T]) -> Vec<&[T]> {
-    match kind {
-        DbKind::Sqlite if ids.is_empty() => Vec::new(),
-        DbKind::Sqlite => vec![ids],
-        DbKind::Postgres => events::chunked(ids),
-    }
-}
-
-/// The list inside `IN (…)` for a chunk of [`id_chunks`] bound from
-/// parameter `$first`: one JSON array on SQLite (the spelling of
-/// [`in_json_ids`]), `n` numbered parameters on PostgreSQL ([`bind_ids`]).
-pub(crate) fn ids_in(kind: DbKind, first: usize, n: usize) -> String {
-    match kind {
-        DbKind::Sqlite => format!("SELECT value FROM json_each(${first})"),
-        DbKind::Postgres => id_list(first, n),
-    }
-}
-
-/// `$first, …, $(first + n - 1)`: numbered parameters for a list of ids.
-/// Both engines bind them by number, so a statement may name one list in
-/// several places.
-pub(crate) fn id_list(first: usize, n: usize) -> String {
-    (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
-}
-
-/// Binds `ids` in order, after what `query` has bound already (see
-/// [`id_list`]).
-pub(crate) fn bind_ids<'q, DB, O>(
-    mut query: sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>,
-    ids: &'q [&'q str],
-) -> sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>
-where
-    DB: sqlx::Database,
-    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-{
-    for id in ids {
-        query = query.bind(*id);
-    }
-    query
 }
 
 /// Seconds since the Unix epoch: the unit every stored timestamp uses, so

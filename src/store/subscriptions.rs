@@ -128,26 +128,19 @@ pub async fn read_many(tx: &mut Tx, provider: &str, provider_subscription_ids: &
     let mut ids = provider_subscription_ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
-    for chunk in super::id_chunks(tx.kind(), &ids) {
-        let list = super::ids_in(tx.kind(), 2, chunk.len());
-        let sql = format!(
-            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE provider = $1 AND provider_subscription_id IN ({list})"
-        );
-        let found: Vec<SubscriptionRow> = match tx.exec() {
-            super::Exec::Sqlite(c) => {
-                sqlx::query_as(&sql).bind(provider).bind(serde_json::to_string(chunk)?).fetch_all(c).await
-            }
-            super::Exec::Postgres(c) => {
-                super::bind_ids(sqlx::query_as(&sql).bind(provider), chunk).fetch_all(c).await
-            }
-        }
-        .db()?;
-        let mut found: std::collections::HashMap<String, SubscriptionRow> =
-            found.into_iter().map(|row| (row.provider_subscription_id.clone(), row)).collect();
-        for id in chunk {
-            let row = found.remove(*id);
-            tx.subscriptions_read.insert((provider.to_owned(), (*id).to_owned()), row);
-        }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let listed = super::in_json_ids(tx.kind(), "provider_subscription_id", "$2");
+    let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE provider = $1 AND {listed}");
+    let found: Vec<SubscriptionRow> =
+        sql!(tx, fresh query_as::<SubscriptionRow>(&sql, provider, serde_json::to_string(&ids)?).fetch_all)
+            .db()?;
+    let mut found: std::collections::HashMap<String, SubscriptionRow> =
+        found.into_iter().map(|row| (row.provider_subscription_id.clone(), row)).collect();
+    for id in ids {
+        let row = found.remove(id);
+        tx.subscriptions_read.insert((provider.to_owned(), id.to_owned()), row);
     }
     Ok(())
 }
@@ -280,19 +273,17 @@ pub async fn apply_subscription(
     if previous.is_none() && matches!(row.status.as_str(), "canceled" | "incomplete_expired") {
         emit(tx, announce("subscription.canceled")).await?;
     }
-    super::entitlements::recompute_soon(tx, customer_id, cause.provider_event_id, cause.actor, cause.policy)
-        .await?;
+    super::entitlements::recompute_later(tx, customer_id, cause.provider_event_id, cause.actor, cause.policy);
     if let Some(p) = previous.as_ref().filter(|p| p.customer_id != customer_id) {
         // Moved to another customer (a placeholder was claimed): the old
         // one loses what it had.
-        super::entitlements::recompute_soon(
+        super::entitlements::recompute_later(
             tx,
             &p.customer_id,
             cause.provider_event_id,
             cause.actor,
             cause.policy,
-        )
-        .await?;
+        );
     }
     Ok(())
 }

@@ -13,9 +13,8 @@ pub async fn advance(tx: &mut Tx, provider: &str, object_id: &str, position: &Po
 /// [`advance`] for many objects at once, one statement per 64 (an inbox
 /// batch moves its objects' watermarks together instead of one round trip
 /// per event). Each object must appear once. Answers the objects whose
-/// watermark moved; the others' events are stale. (The inbox batches
-/// watermarks on SQLite only today; sorted, it keeps one lock order on
-/// PostgreSQL too.)
+/// watermark moved; the others' events are stale. Sorted, so concurrent
+/// batches on PostgreSQL take the rows' locks in one order.
 pub async fn advance_many(
     tx: &mut Tx,
     objects: &[(&str, &str, &Position)],
