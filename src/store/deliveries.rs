@@ -312,19 +312,29 @@ impl Store {
         if due.is_none() {
             return Ok(Vec::new());
         }
-        let mut tx = self.begin().await?;
-        let lock = match tx.kind() {
-            super::DbKind::Postgres => " FOR UPDATE OF d SKIP LOCKED",
-            super::DbKind::Sqlite => "",
-        };
-        let q = format!(
-            "SELECT {CLAIMED_COLUMNS} WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= $1 \
+        let due = "d.status IN ('pending', 'failed') AND d.next_attempt_at <= $1 \
              AND (d.locked_until IS NULL OR d.locked_until < $1) \
              AND w.status = 'enabled' AND w.deleted_at IS NULL \
              AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.endpoint_id = d.endpoint_id \
-                 AND p.customer_id = d.customer_id AND p.status IN ('pending', 'failed') AND p.event_id < d.event_id) \
-             ORDER BY d.event_id LIMIT $2{lock}"
-        );
+                 AND p.customer_id = d.customer_id AND p.status IN ('pending', 'failed') AND p.event_id < d.event_id)";
+        if self.kind() == super::DbKind::Postgres {
+            // One statement, its own transaction: one round trip where a
+            // transaction of a read and an update took four, on the path
+            // from an event's commit to its send. The outer read sees the
+            // rows as they were before the lease, which changes nothing it
+            // reads.
+            let q = format!(
+                "WITH claimed AS ( \
+                   SELECT d.id FROM deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
+                   WHERE {due} ORDER BY d.event_id LIMIT $2 FOR UPDATE OF d SKIP LOCKED), \
+                 leased AS (UPDATE deliveries SET locked_until = $3 WHERE id IN (SELECT id FROM claimed) RETURNING id) \
+                 SELECT {CLAIMED_COLUMNS} WHERE d.id IN (SELECT id FROM leased) ORDER BY d.event_id"
+            );
+            return sql!(self, fresh query_as::<ClaimedDelivery>(&q, now, limit, now + lease_seconds).fetch_all)
+                .db();
+        }
+        let mut tx = self.begin().await?;
+        let q = format!("SELECT {CLAIMED_COLUMNS} WHERE {due} ORDER BY d.event_id LIMIT $2");
         let rows: Vec<ClaimedDelivery> =
             sql!(tx, fresh query_as::<ClaimedDelivery>(&q, now, limit).fetch_all).db()?;
         let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
