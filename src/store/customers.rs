@@ -537,12 +537,16 @@ pub async fn read_links(
     if ids.is_empty() {
         return Ok(());
     }
-    let listed = super::in_json_ids(tx.kind(), "provider_customer_id", "$2");
-    let lock =
-        if tx.kind() == super::DbKind::Postgres { " ORDER BY provider_customer_id FOR SHARE" } else { "" };
-    let sql = format!("SELECT provider_customer_id, customer_id FROM provider_customers WHERE provider = $1 AND {listed}{lock}");
+    // Ids sorted: on PostgreSQL the links are locked in that order.
+    let sql = super::provider_rows_in(
+        tx.kind(),
+        "provider_customer_id, customer_id",
+        "provider_customers",
+        "provider_customer_id",
+        true,
+    );
     let found: Vec<(String, String)> =
-        sql!(tx, fresh query_as::<(String, String)>(&sql, provider, serde_json::to_string(&ids)?).fetch_all)
+        sql!(tx, query_as::<(String, String)>(&sql, provider, serde_json::to_string(&ids)?).fetch_all)
             .db()?;
     let mut found: std::collections::HashMap<String, String> = found.into_iter().collect();
     for id in ids {

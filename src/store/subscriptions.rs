@@ -131,11 +131,15 @@ pub async fn read_many(tx: &mut Tx, provider: &str, provider_subscription_ids: &
     if ids.is_empty() {
         return Ok(());
     }
-    let listed = super::in_json_ids(tx.kind(), "provider_subscription_id", "$2");
-    let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE provider = $1 AND {listed}");
+    let sql = super::provider_rows_in(
+        tx.kind(),
+        SUBSCRIPTION_COLUMNS,
+        "subscriptions",
+        "provider_subscription_id",
+        false,
+    );
     let found: Vec<SubscriptionRow> =
-        sql!(tx, fresh query_as::<SubscriptionRow>(&sql, provider, serde_json::to_string(&ids)?).fetch_all)
-            .db()?;
+        sql!(tx, query_as::<SubscriptionRow>(&sql, provider, serde_json::to_string(&ids)?).fetch_all).db()?;
     let mut found: std::collections::HashMap<String, SubscriptionRow> =
         found.into_iter().map(|row| (row.provider_subscription_id.clone(), row)).collect();
     for id in ids {
