@@ -278,6 +278,9 @@ async fn apply_all_or_nothing<'a>(
     match attempt.await {
         Ok(done) => Ok(done),
         Err(e) => {
+            // Normal now and then (an event that fails, a clash with a
+            // concurrent writer); steadily, a batch's work done twice.
+            metrics::counter!("inbox_batch_fallbacks_total").increment(1);
             tracing::debug!(error = %e, events = ready.len(), "inbox batch failed as a whole; applying it event by event");
             Err(ready)
         }
