@@ -238,14 +238,30 @@ async fn apply_all_or_nothing<'a>(
             .filter(|(provider, object_id, _)| named_once(provider, object_id))
             .collect();
         let moved = crate::store::watermarks::advance_many(&mut tx, &once).await?;
-        let customers: Vec<&str> =
-            with_position().filter_map(|(event, prepared, _)| prepared.provider_customer(event)).collect();
+        // Links read ahead are held `FOR SHARE` (PostgreSQL) until the
+        // commit; a provider customer whose own event is in the batch may
+        // have its link taken `FOR UPDATE` by that event, and two batches
+        // each upgrading a link the other shares would deadlock. Those are
+        // read when their events need them.
+        let batch_objects: std::collections::HashSet<&str> =
+            ready.iter().filter_map(|(event, _)| event.object_id.as_deref()).collect();
+        let customers: Vec<&str> = with_position()
+            .filter_map(|(event, prepared, _)| prepared.provider_customer(event))
+            .filter(|customer| !batch_objects.contains(customer))
+            .collect();
         crate::store::customers::read_links(&mut tx, "stripe", &customers).await?;
         let subscription_event = |event: &ProviderEventRecord| {
             event.provider == "stripe" && event.event_type.starts_with("customer.subscription.")
         };
+        // Only objects named once: their watermarks are locked above, so
+        // no other transaction (another worker, the API applying Stripe's
+        // answer) changes them between this read and their event. An
+        // object named twice locks its watermark event by event, and its
+        // subscription is read then.
         let subscriptions: Vec<&str> = with_position()
-            .filter(|(event, _, _)| subscription_event(event))
+            .filter(|(event, _, (object_id, _))| {
+                subscription_event(event) && named_once(&event.provider, object_id)
+            })
             .map(|(_, _, (object_id, _))| *object_id)
             .collect();
         crate::store::subscriptions::read_many(&mut tx, "stripe", &subscriptions).await?;

@@ -464,10 +464,13 @@ async fn mirror_provider_customer(
     }
     if linked.is_none() {
         let inserted = if tx.defer_rows {
-            // Not linked when the batch read its links, and the one writer
-            // has had the database since: the insert will succeed (or fail
-            // the batch, see `Tx::write_deferred`). Later events of the
-            // batch find the link here.
+            // Not linked when the batch read its links. On SQLite the one
+            // writer has had the database since, so the insert succeeds
+            // unless the application owns a clashing customer; on
+            // PostgreSQL another transaction may link it meanwhile. Either
+            // clash fails the batch, which is then applied event by event
+            // (see `Tx::write_deferred`). Later events of the batch find
+            // the link here.
             tx.deferred.links.push(DeferredLink {
                 provider: pc.provider.to_owned(),
                 provider_customer_id: pc.id.clone(),
@@ -715,9 +718,10 @@ async fn adopt_as_placeholder(
     let id = new_id("cust");
     if tx.defer_rows {
         // The batch found the provider customer unlinked, so no placeholder
-        // of it exists; a customer the application named with the same id
-        // fails the batch's deferred write, and the event is then applied
-        // alone, finding that customer below.
+        // of it existed then; a customer the application named with the
+        // same id, or (PostgreSQL) a placeholder another transaction made
+        // since, fails the batch's deferred write, and the event is then
+        // applied alone, finding that customer below.
         tx.deferred.customers.push(DeferredCustomer {
             id: id.clone(),
             external_id: external.as_str().to_owned(),

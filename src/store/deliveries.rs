@@ -240,12 +240,21 @@ pub struct AttemptRecord {
     pub response: Option<String>,
 }
 
+/// What a claimed delivery's send needs beyond its own row (`d`).
+macro_rules! claimed_joins {
+    () => {
+        "JOIN webhook_endpoints w ON w.id = d.endpoint_id JOIN events e ON e.id = d.event_id \
+         LEFT JOIN customers c ON c.id = d.customer_id"
+    };
+}
+
 /// What a [`ClaimedDelivery`] is read from, up to its `WHERE`.
-const CLAIMED_COLUMNS: &str =
+const CLAIMED_COLUMNS: &str = concat!(
     "d.id, d.endpoint_id, w.url, w.secret, d.attempts, d.event_id, e.type AS event_type, \
      c.external_id AS customer, e.data, e.created_at AS event_created_at \
-     FROM deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id JOIN events e ON e.id = d.event_id \
-     LEFT JOIN customers c ON c.id = d.customer_id";
+     FROM deliveries d ",
+    claimed_joins!()
+);
 
 /// A claimed delivery with everything needed to send it.
 #[derive(Clone, sqlx::FromRow)]
@@ -320,15 +329,18 @@ impl Store {
         if self.kind() == super::DbKind::Postgres {
             // One statement, its own transaction: one round trip where a
             // transaction of a read and an update took four, on the path
-            // from an event's commit to its send. The outer read sees the
-            // rows as they were before the lease, which changes nothing it
-            // reads.
+            // from an event's commit to its send. The send reads the rows
+            // as leased (`RETURNING`), the versions the lock was taken on.
             let q = format!(
                 "WITH claimed AS ( \
                    SELECT d.id FROM deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
                    WHERE {due} ORDER BY d.event_id LIMIT $2 FOR UPDATE OF d SKIP LOCKED), \
-                 leased AS (UPDATE deliveries SET locked_until = $3 WHERE id IN (SELECT id FROM claimed) RETURNING id) \
-                 SELECT {CLAIMED_COLUMNS} WHERE d.id IN (SELECT id FROM leased) ORDER BY d.event_id"
+                 leased AS (UPDATE deliveries SET locked_until = $3 WHERE id IN (SELECT id FROM claimed) \
+                   RETURNING id, endpoint_id, attempts, event_id, customer_id) \
+                 SELECT d.id, d.endpoint_id, w.url, w.secret, d.attempts, d.event_id, e.type AS event_type, \
+                 c.external_id AS customer, e.data, e.created_at AS event_created_at \
+                 FROM leased d {} ORDER BY d.event_id",
+                claimed_joins!()
             );
             return sql!(self, fresh query_as::<ClaimedDelivery>(&q, now, limit, now + lease_seconds).fetch_all)
                 .db();

@@ -315,8 +315,8 @@ pub async fn recompute_entitlements(
 }
 
 /// Recomputes the entitlements of every customer `tx` has due (see
-/// [`recompute_later`]): their sources in one statement per 64 customers,
-/// the changed documents in one more, each change under the next version
+/// [`recompute_later`]): their sources in one statement, the changed
+/// documents in one more per 64, each change under the next version
 /// with its `entitlements.updated` event and audit entry. Answers what each
 /// customer's document is now. (A merge writes what is due before it
 /// moves a placeholder's sources, so nothing is due for a merged one.)

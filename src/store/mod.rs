@@ -614,10 +614,10 @@ impl Tx {
     /// this first: the entitlements recomputation (so every flush of
     /// events, savepoint and commit), reads of customers and links, and the
     /// inbox before it applies an event of another kind. A row that
-    /// conflicts (no other writer can have come first on SQLite, but the
-    /// application may own a customer with that external id) fails the
-    /// statement and so the batch, which is then applied event by event
-    /// without deferring.
+    /// conflicts (the application owns a customer with that external id,
+    /// or on PostgreSQL another transaction wrote the row since the batch
+    /// read) fails the statement and so the batch, which is then applied
+    /// event by event without deferring (`inbox_batch_fallbacks_total`).
     pub(crate) async fn write_deferred(&mut self) -> StoreResult<()> {
         if self.deferred.customers.is_empty()
             && self.deferred.links.is_empty()
