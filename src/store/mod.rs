@@ -291,9 +291,15 @@ impl Store {
                 Backend::Sqlite { writer, reader }
             }
             DbKind::Postgres => {
+                // No JIT compilation: tollgate's statements each touch a
+                // few rows, and a plan costed high (a table without
+                // statistics yet, or the inbox claim's `enable_sort` off,
+                // whose penalty counts as cost) was compiled at every
+                // execution: 200 ms of JIT for a claim that runs in 1 ms.
                 let connect = PgConnectOptions::from_str(url)
                     .map_err(|e| StoreError::InvalidUrl(e.to_string()))?
                     .application_name("tollgate")
+                    .options([("jit", "off")])
                     .statement_cache_capacity(STATEMENT_CACHE);
                 let pool = PgPoolOptions::new()
                     .max_connections(options.max_connections.max(1))
