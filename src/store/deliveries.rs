@@ -240,21 +240,17 @@ pub struct AttemptRecord {
     pub response: Option<String>,
 }
 
-/// What a claimed delivery's send needs beyond its own row (`d`).
-macro_rules! claimed_joins {
-    () => {
-        "JOIN webhook_endpoints w ON w.id = d.endpoint_id JOIN events e ON e.id = d.event_id \
+/// What a [`ClaimedDelivery`] is read from, up to its `WHERE`: the
+/// delivery rows `rows` (the table, or the rows a claim just leased), as
+/// `d`, with what their send needs.
+fn claimed_from(rows: &str) -> String {
+    format!(
+        "d.id, d.endpoint_id, w.url, w.secret, d.attempts, d.event_id, e.type AS event_type, \
+         c.external_id AS customer, e.data, e.created_at AS event_created_at \
+         FROM {rows} d JOIN webhook_endpoints w ON w.id = d.endpoint_id JOIN events e ON e.id = d.event_id \
          LEFT JOIN customers c ON c.id = d.customer_id"
-    };
+    )
 }
-
-/// What a [`ClaimedDelivery`] is read from, up to its `WHERE`.
-const CLAIMED_COLUMNS: &str = concat!(
-    "d.id, d.endpoint_id, w.url, w.secret, d.attempts, d.event_id, e.type AS event_type, \
-     c.external_id AS customer, e.data, e.created_at AS event_created_at \
-     FROM deliveries d ",
-    claimed_joins!()
-);
 
 /// A claimed delivery with everything needed to send it.
 #[derive(Clone, sqlx::FromRow)]
@@ -337,16 +333,14 @@ impl Store {
                    WHERE {due} ORDER BY d.event_id LIMIT $2 FOR UPDATE OF d SKIP LOCKED), \
                  leased AS (UPDATE deliveries SET locked_until = $3 WHERE id IN (SELECT id FROM claimed) \
                    RETURNING id, endpoint_id, attempts, event_id, customer_id) \
-                 SELECT d.id, d.endpoint_id, w.url, w.secret, d.attempts, d.event_id, e.type AS event_type, \
-                 c.external_id AS customer, e.data, e.created_at AS event_created_at \
-                 FROM leased d {} ORDER BY d.event_id",
-                claimed_joins!()
+                 SELECT {} ORDER BY d.event_id",
+                claimed_from("leased")
             );
             return sql!(self, fresh query_as::<ClaimedDelivery>(&q, now, limit, now + lease_seconds).fetch_all)
                 .db();
         }
         let mut tx = self.begin().await?;
-        let q = format!("SELECT {CLAIMED_COLUMNS} WHERE {due} ORDER BY d.event_id LIMIT $2");
+        let q = format!("SELECT {} WHERE {due} ORDER BY d.event_id LIMIT $2", claimed_from("deliveries"));
         let rows: Vec<ClaimedDelivery> =
             sql!(tx, fresh query_as::<ClaimedDelivery>(&q, now, limit).fetch_all).db()?;
         let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
@@ -399,8 +393,9 @@ impl Store {
         }
         let valid_until = now_unix() + lease_left;
         let q = format!(
-            "SELECT {CLAIMED_COLUMNS} WHERE {} AND d.status = 'pending' AND d.locked_until >= $2 \
+            "SELECT {} WHERE {} AND d.status = 'pending' AND d.locked_until >= $2 \
              AND w.status = 'enabled' AND w.deleted_at IS NULL ORDER BY d.event_id",
+            claimed_from("deliveries"),
             super::in_json_ids(self.kind(), "d.id", "$1")
         );
         let read =

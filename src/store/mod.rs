@@ -777,10 +777,11 @@ impl Tx {
 ///
 /// On PostgreSQL, run such a statement `fresh` (see [`sql!`]): planned
 /// once and kept, its generic plan made while the table was small scans
-/// the whole table for every list once the table has grown. In the
-/// delivery loadtest, an inbox batch's two read-ahead statements took
-/// 25 ms each that way, a third of PostgreSQL's CPU (docs/performance.md,
-/// session 10).
+/// the whole table for every list once the table has grown (an inbox
+/// batch's read-ahead statements, lists in a named statement, took 25 ms
+/// each that way in the delivery loadtest; docs/performance.md, session
+/// 10). Where the list's column is not first in its index, see
+/// [`provider_rows_in`].
 pub(crate) fn in_json_ids(kind: DbKind, column: &str, param: &str) -> String {
     match kind {
         DbKind::Sqlite => format!("{column} IN (SELECT value FROM json_each({param}))"),
