@@ -794,7 +794,9 @@ async fn audit_created(
 /// placeholder turns out to be an application's customer.
 /// (Deliveries too: they follow their events, so the application's customer
 /// keeps one order of deliveries per endpoint across the merge, and a
-/// delivery not yet sent names the application's customer.)
+/// delivery not yet sent names the application's customer. The
+/// placeholder's `entitlements.updated` events and their deliveries stay:
+/// see [`claim_adopted`].)
 const OWNED_TABLES: &[&str] = &[
     "orders",
     "subscriptions",
@@ -872,7 +874,21 @@ async fn claim_adopted(
     )
     .db()?;
     for table in OWNED_TABLES {
-        let sql = format!("UPDATE {table} SET customer_id = $1 WHERE customer_id = $2");
+        // The placeholder's `entitlements.updated` events stay its own, with
+        // their deliveries: each is a snapshot of what the placeholder's id
+        // was entitled to, numbered in the placeholder's own sequence, and
+        // one not sent yet goes out under that id. Moved, the application
+        // customer's events would repeat its first versions, and an unsent
+        // one would reach the application as an old version of its customer.
+        let kept = match *table {
+            "events" => " AND type <> 'entitlements.updated'",
+            "deliveries" => {
+                " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.id = deliveries.event_id \
+                 AND e.type = 'entitlements.updated')"
+            }
+            _ => "",
+        };
+        let sql = format!("UPDATE {table} SET customer_id = $1 WHERE customer_id = $2{kept}");
         sql!(tx, query(&sql, &target, linked_id).execute).db()?;
     }
     sql!(

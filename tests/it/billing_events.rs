@@ -890,7 +890,9 @@ async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_cu
         assert_eq!(row.customer_id, c["id"].as_str().unwrap(), "the subscription follows its customer");
     }
     // The placeholder that stood in for cus_known is gone, and what it
-    // owned, deliveries not yet sent included, is u_known's.
+    // owned, deliveries not yet sent included, is u_known's, except its
+    // `entitlements.updated` events: snapshots of its own id's entitlements,
+    // numbered in its own sequence, they stay its own with their deliveries.
     let resp = app.get("/v1/customers/cus_known", &app.read_key).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     let mut owners = std::collections::BTreeSet::new();
@@ -900,9 +902,33 @@ async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_cu
     }
     let deliveries = app.deliveries(endpoint["id"].as_str().unwrap()).await;
     assert!(deliveries.len() >= 4, "{deliveries:?}");
+    let mut kept_by_placeholder = 0;
     for d in &deliveries {
         let stored = app.server_store.get_delivery(d["id"].as_str().unwrap()).await.unwrap().unwrap();
-        assert!(owners.contains(stored.customer_id.as_deref().unwrap_or_default()), "{stored:?}");
+        let event = app.server_store.get_event(&stored.event_id).await.unwrap().unwrap();
+        assert_eq!(event.customer_id, stored.customer_id, "a delivery follows its event: {stored:?}");
+        let owner = stored.customer_id.clone().unwrap_or_default();
+        if !owners.contains(&owner) {
+            assert_eq!(event.event_type, "entitlements.updated", "{stored:?}");
+            kept_by_placeholder += 1;
+        }
+    }
+    assert!(kept_by_placeholder >= 1, "the placeholder's entitlements.updated stays its own: {deliveries:?}");
+    // Each application customer's events hold each entitlements version once.
+    for external in ["u_known", "u_new"] {
+        let listed = app.read_json(&format!("/v1/events?customer={external}&limit=100")).await;
+        let mut versions: Vec<i64> = listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "entitlements.updated")
+            .map(|e| e["data"]["version"].as_i64().unwrap())
+            .collect();
+        assert!(!versions.is_empty(), "{external}: {listed}");
+        versions.sort_unstable();
+        let listed_count = versions.len();
+        versions.dedup();
+        assert_eq!(versions.len(), listed_count, "{external}: one event per version: {listed}");
     }
     assert!(app.server_store.verify_audit_chain().await.unwrap().is_intact());
 }
