@@ -103,6 +103,13 @@ pub enum Recorded {
         session: String,
         product: String,
     },
+    /// Nothing was written: this subscription checkout (`chk_…`) sold one
+    /// of the checkout's products to the customer, and its subscription is
+    /// not recorded yet (its own event is still to come).
+    CheckoutCompleted {
+        session: String,
+        product: String,
+    },
 }
 
 /// A checkout session with its customer's external id, as the API shows it.
@@ -192,12 +199,20 @@ async fn duplicate_subscription(tx: &mut Tx, c: &NewCheckout<'_>, now: i64) -> S
         }
     }
     // Open and not past its time: the hosted page can still be paid. One
-    // without a URL yet is a checkout being opened right now.
-    let sessions: Vec<(String, Option<String>)> = sql!(
+    // without a URL yet is a checkout being opened right now. Complete,
+    // with a subscription not recorded yet: the provider announces the
+    // checkout and its subscription in separate events, and between the
+    // two the customer is subscribed though no subscription shows it.
+    let sessions: Vec<(String, String, Option<String>)> = sql!(
         tx,
-        query_as::<(String, Option<String>)>(
-            "SELECT id, line_items FROM checkout_sessions WHERE customer_id = $1 AND provider = $2 \
-             AND mode = 'subscription' AND status = 'open' AND (expires_at IS NULL OR expires_at > $3) ORDER BY id",
+        query_as::<(String, String, Option<String>)>(
+            "SELECT s.id, s.status, s.line_items FROM checkout_sessions s \
+             WHERE s.customer_id = $1 AND s.provider = $2 AND s.mode = 'subscription' \
+             AND ((s.status = 'open' AND (s.expires_at IS NULL OR s.expires_at > $3)) \
+               OR (s.status = 'complete' AND s.provider_subscription_id IS NOT NULL \
+                 AND NOT EXISTS (SELECT 1 FROM subscriptions sub WHERE sub.provider = s.provider \
+                   AND sub.provider_subscription_id = s.provider_subscription_id))) \
+             ORDER BY s.id",
             c.customer_id,
             c.provider,
             now
@@ -205,11 +220,14 @@ async fn duplicate_subscription(tx: &mut Tx, c: &NewCheckout<'_>, now: i64) -> S
         .fetch_all
     )
     .db()?;
-    for (id, line_items) in sessions {
+    for (id, status, line_items) in sessions {
         let lines: Vec<CheckoutLine> =
             line_items.as_deref().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default();
         if let Some(line) = lines.into_iter().find(|l| wanted(&l.product)) {
-            return Ok(Recorded::CheckoutOpen { session: id, product: line.product });
+            return Ok(match status.as_str() {
+                "complete" => Recorded::CheckoutCompleted { session: id, product: line.product },
+                _ => Recorded::CheckoutOpen { session: id, product: line.product },
+            });
         }
     }
     Ok(Recorded::Recorded)

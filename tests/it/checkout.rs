@@ -325,6 +325,41 @@ async fn a_second_subscription_checkout_for_a_product_is_refused_unless_the_call
     assert_eq!(second["status"], "open");
 }
 
+/// Stripe announces a completed checkout and the subscription it made in
+/// separate events; between the two the customer is subscribed though no
+/// subscription shows it yet, and a second checkout is still a duplicate.
+#[tokio::test]
+async fn a_completed_subscription_checkout_counts_until_its_subscription_is_recorded() {
+    let app = spawn_shop().await;
+    app.upsert_customer("u_window", json!({})).await;
+    let send = |body: Value, key: &'static str| {
+        app.post_json("/v1/checkout/sessions", body).header("idempotency-key", key).send()
+    };
+    let first = created(send(subscription("u_window", "pro_monthly"), "window-1").await.unwrap()).await;
+    let provider_session = first["provider_session"].as_str().unwrap().to_owned();
+    let mut completed = emulator_get(&app, &format!("/v1/checkout/sessions/{provider_session}")).await;
+    completed["status"] = json!("complete");
+    completed["payment_status"] = json!("paid");
+    completed["subscription"] = json!("sub_window_not_yet_announced");
+    let announced = crate::webhooks::inbox_event(
+        "evt_window_completed",
+        "checkout.session.completed",
+        tollgate::store::now_unix(),
+        completed,
+    );
+    app.server_store.insert_provider_events(&[announced]).await.unwrap();
+    app.read_until(&format!("/v1/checkout/sessions/{}", first["id"].as_str().unwrap()), |s| {
+        s["status"] == "complete"
+    })
+    .await;
+
+    let resp = send(subscription("u_window", "pro_yearly"), "window-2").await.unwrap();
+    let e = expect_error(resp, 409, "invalid_request_error", "subscription_exists").await;
+    assert!(e["message"].as_str().unwrap().contains(first["id"].as_str().unwrap()), "{e}");
+    // Another product is not a duplicate.
+    created(send(subscription("u_window", "starter_monthly"), "window-3").await.unwrap()).await;
+}
+
 #[tokio::test]
 async fn two_subscription_checkouts_at_once_open_one_session() {
     let app = spawn_shop().await;

@@ -66,7 +66,7 @@ pub(crate) fn event(id: &str, kind: &str, created: i64, object: Value) -> Vec<u8
 
 /// A Stripe event as the inbox stores it, for tests that put events in the
 /// inbox directly and then run the worker by hand.
-fn inbox_event(
+pub(crate) fn inbox_event(
     id: &str,
     kind: &str,
     created: i64,
