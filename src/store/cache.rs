@@ -41,7 +41,10 @@
 //! CLI: `api-key revoke`, `events replay`) is noticed by polling
 //! `PRAGMA data_version`, which clears the caches: such writes are seen
 //! within one poll ([`SQLITE_POLL`]); a stalled poller stops serving after
-//! the lease.
+//! the lease. It is polled on the writer's connection, every write of this
+//! process's being made there: `data_version` changes with the commits of
+//! other connections only, so the server's own writes (invalidated key by
+//! key) do not clear everything at the next poll.
 //!
 //! Redis is not used for invalidation: a publish cannot be part of the
 //! database transaction, so a crash between commit and publish would lose
@@ -320,6 +323,9 @@ pub struct CacheStats {
     /// Reads that went to the database because the cache may not serve now.
     pub bypassed: u64,
     pub resets: u64,
+    /// Times this process confirmed it may go on serving: SQLite polls, or
+    /// its own pings heard back on PostgreSQL.
+    pub polls: u64,
     /// Commits that waited out a peer's lease (no acknowledgement came).
     pub ack_timeouts: u64,
     pub listener_up: bool,
@@ -353,6 +359,7 @@ pub struct CacheHub {
     misses: AtomicU64,
     bypassed: AtomicU64,
     resets: AtomicU64,
+    polls: AtomicU64,
     ack_timeouts: AtomicU64,
 }
 
@@ -383,6 +390,7 @@ impl CacheHub {
             misses: AtomicU64::new(0),
             bypassed: AtomicU64::new(0),
             resets: AtomicU64::new(0),
+            polls: AtomicU64::new(0),
             ack_timeouts: AtomicU64::new(0),
         }
     }
@@ -420,6 +428,7 @@ impl CacheHub {
             misses: self.misses.load(Ordering::Relaxed),
             bypassed: self.bypassed.load(Ordering::Relaxed),
             resets: self.resets.load(Ordering::Relaxed),
+            polls: self.polls.load(Ordering::Relaxed),
             ack_timeouts: self.ack_timeouts.load(Ordering::Relaxed),
             listener_up: self.listener_up.load(Ordering::Relaxed),
             serving: self.serving(),
@@ -635,6 +644,7 @@ impl CacheHub {
                 if from == self.instance {
                     if let Ok(ms) = sent_at.parse() {
                         self.renew_lease(ms, LEASE);
+                        self.polls.fetch_add(1, Ordering::Relaxed);
                     }
                 } else {
                     let mut seen = self.peers_seen.lock().unwrap_or_else(PoisonError::into_inner);
@@ -694,7 +704,7 @@ pub async fn sync(store: Store, shutdown: CancellationToken) {
     }
     match &store.backend {
         Backend::Postgres(pool) => pg_sync(hub, pool.clone(), shutdown).await,
-        Backend::Sqlite { reader, .. } => sqlite_sync(hub, reader.clone(), shutdown).await,
+        Backend::Sqlite { writer, .. } => sqlite_sync(hub, writer.clone(), shutdown).await,
     }
 }
 
@@ -786,9 +796,11 @@ async fn receive(hub: &Arc<CacheHub>, pool: &PgPool, listener: &mut PgListener) 
     }
 }
 
-async fn sqlite_sync(hub: Arc<CacheHub>, reader: SqlitePool, shutdown: CancellationToken) {
-    // `data_version` is per connection: one connection, kept.
-    let mut conn: Option<sqlx::SqliteConnection> = None;
+async fn sqlite_sync(hub: Arc<CacheHub>, writer: SqlitePool, shutdown: CancellationToken) {
+    // `data_version` is per connection, and changes with other connections'
+    // commits: read on the writer's (the pool's one connection, taken for
+    // each poll, between two write transactions), it changes only when
+    // another process writes.
     let mut last: Option<i64> = None;
     let mut tick = tokio::time::interval(SQLITE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -799,24 +811,25 @@ async fn sqlite_sync(hub: Arc<CacheHub>, reader: SqlitePool, shutdown: Cancellat
             _ = tick.tick() => {}
         }
         let polled_at = hub.now_ms();
-        if conn.is_none() {
-            conn = reader.acquire().await.ok().map(|c| c.detach());
-            last = None;
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        match sqlx::query_scalar::<_, i64>("PRAGMA data_version").fetch_one(&mut *c).await {
+        let polled = match writer.acquire().await {
+            Ok(mut c) => sqlx::query_scalar::<_, i64>("PRAGMA data_version").fetch_one(&mut *c).await,
+            Err(e) => Err(e),
+        };
+        match polled {
             Ok(version) => {
-                // First poll, or another connection committed: anything
+                // First poll, or another process committed: anything
                 // cached may predate it.
                 if last != Some(version) {
                     hub.reset("data_version");
                 }
                 last = Some(version);
                 hub.renew_lease(polled_at, SQLITE_LEASE);
+                hub.polls.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot poll SQLite for changes; reading from the database");
-                conn = None;
+                // A new connection starts a new count.
+                last = None;
                 hub.revoke_lease();
             }
         }
