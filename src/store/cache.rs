@@ -817,8 +817,10 @@ async fn sqlite_sync(hub: Arc<CacheHub>, writer: SqlitePool, shutdown: Cancellat
         };
         match polled {
             Ok(version) => {
-                // First poll, or another process committed: anything
-                // cached may predate it.
+                // First poll, another process committed, or the pool
+                // replaced its connection (after its lifetime, half an
+                // hour), whose count starts elsewhere: anything cached may
+                // predate it.
                 if last != Some(version) {
                     hub.reset("data_version");
                 }
@@ -828,7 +830,6 @@ async fn sqlite_sync(hub: Arc<CacheHub>, writer: SqlitePool, shutdown: Cancellat
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot poll SQLite for changes; reading from the database");
-                // A new connection starts a new count.
                 last = None;
                 hub.revoke_lease();
             }

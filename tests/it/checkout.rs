@@ -358,6 +358,25 @@ async fn a_completed_subscription_checkout_counts_until_its_subscription_is_reco
     assert!(e["message"].as_str().unwrap().contains(first["id"].as_str().unwrap()), "{e}");
     // Another product is not a duplicate.
     created(send(subscription("u_window", "starter_monthly"), "window-3").await.unwrap()).await;
+
+    // Once the subscription is recorded, it decides: here it was canceled
+    // at once, so the product can be sold again.
+    let customer = app.read("/v1/customers/u_window").await;
+    let cus = customer["providers"]["stripe"].as_str().unwrap();
+    let canceled =
+        crate::billing_events::subscription("sub_window_not_yet_announced", cus, "canceled", json!({}));
+    let announced = crate::webhooks::inbox_event(
+        "evt_window_subscription",
+        "customer.subscription.created",
+        tollgate::store::now_unix(),
+        canceled,
+    );
+    app.server_store.insert_provider_events(&[announced]).await.unwrap();
+    app.read_until("/v1/subscriptions?customer=u_window", |l| {
+        l["data"].as_array().is_some_and(|d| !d.is_empty())
+    })
+    .await;
+    created(send(subscription("u_window", "pro_yearly"), "window-4").await.unwrap()).await;
 }
 
 #[tokio::test]
