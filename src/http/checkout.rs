@@ -76,9 +76,9 @@ pub struct CreateCheckoutSession {
     pub metadata: BTreeMap<String, String>,
     /// Subscription mode: open the checkout even though the customer already
     /// has a live subscription (`incomplete`, `trialing`, `active`,
-    /// `past_due`, `unpaid` or `paused`), an open subscription checkout, or a
-    /// completed one whose subscription is not recorded yet, for one of its
-    /// products. Without it such a checkout is refused with
+    /// `past_due`, `unpaid` or `paused`), an open subscription checkout, or one
+    /// completed within the last day whose subscription is not recorded yet,
+    /// for one of its products. Without it such a checkout is refused with
     /// 409 `subscription_exists` or `subscription_checkout_open`: that is
     /// what a double click or a stale page usually means.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -200,7 +200,7 @@ impl From<CheckoutRecord> for CheckoutSession {
         (status = 400, description = "Bad input; nothing was recorded", body = ErrorBody),
         (status = 402, description = "The provider declined a card", body = ErrorBody),
         (status = 404, description = "No such customer", body = ErrorBody),
-        (status = 409, description = "Subscription mode: the customer already has a live subscription, or a completed checkout whose subscription is not recorded yet (`subscription_exists`), or an open checkout (`subscription_checkout_open`) for one of these products; nothing was recorded. Pass `allow_duplicate_subscription: true` to sell it anyway. Also `checkout_prices_changed` (`idempotency_error`): a retry whose prices changed since its first attempt", body = ErrorBody),
+        (status = 409, description = "Subscription mode: the customer already has a live subscription, or a checkout completed within the last day whose subscription is not recorded yet (`subscription_exists`), or an open checkout (`subscription_checkout_open`) for one of these products; nothing was recorded. Pass `allow_duplicate_subscription: true` to sell it anyway. Also `checkout_prices_changed` (`idempotency_error`): a retry whose prices changed since its first attempt", body = ErrorBody),
         (status = 503, description = "The provider is failing (`provider_error`, with Retry-After); retry with the same Idempotency-Key", body = ErrorBody),
     ),
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry resume this checkout instead of starting another")),

@@ -704,7 +704,9 @@ pub async fn sync(store: Store, shutdown: CancellationToken) {
     }
     match &store.backend {
         Backend::Postgres(pool) => pg_sync(hub, pool.clone(), shutdown).await,
-        Backend::Sqlite { writer, .. } => sqlite_sync(hub, writer.clone(), shutdown).await,
+        Backend::Sqlite { writer, writer_connections, .. } => {
+            sqlite_sync(hub, writer.clone(), writer_connections.clone(), shutdown).await
+        }
     }
 }
 
@@ -796,12 +798,19 @@ async fn receive(hub: &Arc<CacheHub>, pool: &PgPool, listener: &mut PgListener) 
     }
 }
 
-async fn sqlite_sync(hub: Arc<CacheHub>, writer: SqlitePool, shutdown: CancellationToken) {
+async fn sqlite_sync(
+    hub: Arc<CacheHub>,
+    writer: SqlitePool,
+    connections: Arc<AtomicU64>,
+    shutdown: CancellationToken,
+) {
     // `data_version` is per connection, and changes with other connections'
     // commits: read on the writer's (the pool's one connection, taken for
     // each poll, between two write transactions), it changes only when
-    // another process writes.
-    let mut last: Option<i64> = None;
+    // another process writes. Readings of two connections cannot be
+    // compared (each starts at the same count, and its own writes do not
+    // move it), so a reading is paired with the connection it came from.
+    let mut last: Option<(u64, i64)> = None;
     let mut tick = tokio::time::interval(SQLITE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     hub.set_listener_up(true);
@@ -812,19 +821,24 @@ async fn sqlite_sync(hub: Arc<CacheHub>, writer: SqlitePool, shutdown: Cancellat
         }
         let polled_at = hub.now_ms();
         let polled = match writer.acquire().await {
-            Ok(mut c) => sqlx::query_scalar::<_, i64>("PRAGMA data_version").fetch_one(&mut *c).await,
+            Ok(mut c) => {
+                // Counted before the pool handed it over.
+                let connection = connections.load(Ordering::Acquire);
+                let version = sqlx::query_scalar::<_, i64>("PRAGMA data_version").fetch_one(&mut *c).await;
+                version.map(|v| (connection, v))
+            }
             Err(e) => Err(e),
         };
         match polled {
-            Ok(version) => {
-                // First poll, another process committed, or the pool
-                // replaced its connection (after its lifetime, half an
-                // hour), whose count starts elsewhere: anything cached may
-                // predate it.
-                if last != Some(version) {
+            Ok(reading) => {
+                // First poll, another process committed, or the writer's
+                // connection is a new one (the old one failed) whose count
+                // says nothing about what happened in between: anything
+                // cached may predate it.
+                if last != Some(reading) {
                     hub.reset("data_version");
                 }
-                last = Some(version);
+                last = Some(reading);
                 hub.renew_lease(polled_at, SQLITE_LEASE);
                 hub.polls.fetch_add(1, Ordering::Relaxed);
             }

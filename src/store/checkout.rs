@@ -168,14 +168,51 @@ const RECORD_SELECT: &str =
      s.trial_days, s.last_error, s.provider_idempotency_key, s.request_key, s.created_at, s.updated_at \
      FROM checkout_sessions s LEFT JOIN customers c ON c.id = s.customer_id";
 
-/// The customer's live subscription, or open subscription checkout, that
-/// sells one of `c`'s products already; `Recorded::Recorded` if none.
+/// How long a completed subscription checkout whose subscription is not
+/// recorded yet counts as the customer's subscription.
+const COMPLETED_CHECKOUT_COUNTS_SECONDS: i64 = 86_400;
+
+/// The customer's live subscription, or open subscription checkout (or one
+/// completed moments ago), that sells one of `c`'s products already;
+/// `Recorded::Recorded` if none.
 async fn duplicate_subscription(tx: &mut Tx, c: &NewCheckout<'_>, now: i64) -> StoreResult<Recorded> {
     if tx.kind() == DbKind::Postgres {
         let key = format!("tollgate:subscription_checkout:{}", c.customer_id);
         sql!(tx, query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &key).execute).db()?;
     }
     let wanted = |product: &str| c.lines.iter().any(|l| l.product == product);
+    // The checkouts are read before the subscriptions: on PostgreSQL each
+    // statement sees what had committed when it started, so a subscription
+    // recorded in between (which stops its completed checkout counting) is
+    // seen by the second read. Read the other way round, it could be missed
+    // by both.
+    //
+    // Open and not past its time: the hosted page can still be paid. One
+    // without a URL yet is a checkout being opened right now. Complete
+    // within the last day, with a subscription not recorded yet: the
+    // provider announces the checkout and its subscription in separate
+    // events, and between the two the customer is subscribed though no
+    // subscription shows it (a day covers the provider's retries and the
+    // reconciliation; a subscription event that never applies is a dead
+    // event to see to, and blocks the product no longer than that).
+    let sessions: Vec<(String, String, Option<String>)> = sql!(
+        tx,
+        query_as::<(String, String, Option<String>)>(
+            "SELECT s.id, s.status, s.line_items FROM checkout_sessions s \
+             WHERE s.customer_id = $1 AND s.provider = $2 AND s.mode = 'subscription' \
+             AND ((s.status = 'open' AND (s.expires_at IS NULL OR s.expires_at > $3)) \
+               OR (s.status = 'complete' AND s.updated_at > $4 AND s.provider_subscription_id IS NOT NULL \
+                 AND NOT EXISTS (SELECT 1 FROM subscriptions sub WHERE sub.provider = s.provider \
+                   AND sub.provider_subscription_id = s.provider_subscription_id))) \
+             ORDER BY s.id",
+            c.customer_id,
+            c.provider,
+            now,
+            now - COMPLETED_CHECKOUT_COUNTS_SECONDS
+        )
+        .fetch_all
+    )
+    .db()?;
     let subscriptions: Vec<(String, String, String, Option<String>)> = sql!(
         tx,
         query_as::<(String, String, String, Option<String>)>(
@@ -198,28 +235,6 @@ async fn duplicate_subscription(tx: &mut Tx, c: &NewCheckout<'_>, now: i64) -> S
             return Ok(Recorded::SubscriptionExists { subscription: id, product });
         }
     }
-    // Open and not past its time: the hosted page can still be paid. One
-    // without a URL yet is a checkout being opened right now. Complete,
-    // with a subscription not recorded yet: the provider announces the
-    // checkout and its subscription in separate events, and between the
-    // two the customer is subscribed though no subscription shows it.
-    let sessions: Vec<(String, String, Option<String>)> = sql!(
-        tx,
-        query_as::<(String, String, Option<String>)>(
-            "SELECT s.id, s.status, s.line_items FROM checkout_sessions s \
-             WHERE s.customer_id = $1 AND s.provider = $2 AND s.mode = 'subscription' \
-             AND ((s.status = 'open' AND (s.expires_at IS NULL OR s.expires_at > $3)) \
-               OR (s.status = 'complete' AND s.provider_subscription_id IS NOT NULL \
-                 AND NOT EXISTS (SELECT 1 FROM subscriptions sub WHERE sub.provider = s.provider \
-                   AND sub.provider_subscription_id = s.provider_subscription_id))) \
-             ORDER BY s.id",
-            c.customer_id,
-            c.provider,
-            now
-        )
-        .fetch_all
-    )
-    .db()?;
     for (id, status, line_items) in sessions {
         let lines: Vec<CheckoutLine> =
             line_items.as_deref().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default();

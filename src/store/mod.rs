@@ -223,6 +223,10 @@ enum Backend {
     Sqlite {
         writer: SqlitePool,
         reader: SqlitePool,
+        /// Connections the writer's pool has opened: the cache's poller
+        /// compares `data_version` readings of one connection only (see
+        /// `cache::sqlite_sync`).
+        writer_connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
     },
     Postgres(PgPool),
 }
@@ -276,8 +280,18 @@ impl Store {
                     .foreign_keys(true)
                     .busy_timeout(Duration::from_secs(5))
                     .statement_cache_capacity(STATEMENT_CACHE);
+                let writer_connections = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let counted = writer_connections.clone();
                 let writer = SqlitePoolOptions::new()
                     .max_connections(1)
+                    // Kept as long as it works: a new connection makes the
+                    // cache's poller start over, clearing the caches.
+                    .max_lifetime(None)
+                    .idle_timeout(None)
+                    .after_connect(move |_, _| {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                        Box::pin(async { Ok(()) })
+                    })
                     .acquire_timeout(options.acquire_timeout)
                     .connect_with(connect.clone())
                     .await
@@ -288,7 +302,7 @@ impl Store {
                     .connect_with(connect.read_only(true))
                     .await
                     .db()?;
-                Backend::Sqlite { writer, reader }
+                Backend::Sqlite { writer, reader, writer_connections }
             }
             DbKind::Postgres => {
                 // No JIT compilation: tollgate's statements each touch a
@@ -422,7 +436,7 @@ impl Store {
 
     pub async fn close(&self) {
         match &self.backend {
-            Backend::Sqlite { writer, reader } => {
+            Backend::Sqlite { writer, reader, .. } => {
                 writer.close().await;
                 reader.close().await;
             }

@@ -307,7 +307,11 @@ impl Store {
         let pool =
             sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await.db()?;
         Ok(Store {
-            backend: super::Backend::Sqlite { writer: pool.clone(), reader: pool },
+            backend: super::Backend::Sqlite {
+                writer: pool.clone(),
+                reader: pool,
+                writer_connections: Default::default(),
+            },
             delivery_wake: Default::default(),
             instance: super::new_instance(),
             cache: std::sync::Arc::new(super::cache::CacheHub::new(0)),
