@@ -791,21 +791,31 @@ async fn audit_created(
 }
 
 /// The rows that belong to a customer, re-parented when an adopted
-/// placeholder turns out to be an application's customer.
+/// placeholder turns out to be an application's customer, each table with
+/// the rows it keeps where they are.
 /// (Deliveries too: they follow their events, so the application's customer
 /// keeps one order of deliveries per endpoint across the merge, and a
-/// delivery not yet sent names the application's customer. The
-/// placeholder's `entitlements.updated` events and their deliveries stay:
-/// see [`claim_adopted`].)
-const OWNED_TABLES: &[&str] = &[
-    "orders",
-    "subscriptions",
-    "checkout_sessions",
-    "invoices",
-    "grants",
-    "credit_ledger",
-    "events",
-    "deliveries",
+/// delivery not yet sent names the application's customer.)
+///
+/// The placeholder's `entitlements.updated` events stay its own, with their
+/// deliveries: each is a snapshot of what the placeholder's id was entitled
+/// to, numbered in the placeholder's own sequence, and one not sent yet goes
+/// out under that id. Moved, the application customer's events would repeat
+/// its first versions, and an unsent one would reach the application as an
+/// old version of its customer.
+const OWNED_TABLES: &[(&str, &str)] = &[
+    ("orders", ""),
+    ("subscriptions", ""),
+    ("checkout_sessions", ""),
+    ("invoices", ""),
+    ("grants", ""),
+    ("credit_ledger", ""),
+    ("events", " AND type <> 'entitlements.updated'"),
+    (
+        "deliveries",
+        " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.id = deliveries.event_id \
+         AND e.type = 'entitlements.updated')",
+    ),
 ];
 
 /// A provider customer linked to `linked_id`, whose own event now names the
@@ -873,21 +883,7 @@ async fn claim_adopted(
             .execute
     )
     .db()?;
-    for table in OWNED_TABLES {
-        // The placeholder's `entitlements.updated` events stay its own, with
-        // their deliveries: each is a snapshot of what the placeholder's id
-        // was entitled to, numbered in the placeholder's own sequence, and
-        // one not sent yet goes out under that id. Moved, the application
-        // customer's events would repeat its first versions, and an unsent
-        // one would reach the application as an old version of its customer.
-        let kept = match *table {
-            "events" => " AND type <> 'entitlements.updated'",
-            "deliveries" => {
-                " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.id = deliveries.event_id \
-                 AND e.type = 'entitlements.updated')"
-            }
-            _ => "",
-        };
+    for (table, kept) in OWNED_TABLES {
         let sql = format!("UPDATE {table} SET customer_id = $1 WHERE customer_id = $2{kept}");
         sql!(tx, query(&sql, &target, linked_id).execute).db()?;
     }

@@ -69,6 +69,11 @@ impl TestApp {
         self.post_json("/v1/checkout/sessions", body).send().await.unwrap()
     }
 
+    /// A checkout under an `Idempotency-Key`, as a shop's button sends it.
+    async fn checkout_keyed(&self, body: Value, key: &str) -> reqwest::Response {
+        self.post_json("/v1/checkout/sessions", body).header("idempotency-key", key).send().await.unwrap()
+    }
+
     async fn read(&self, path: &str) -> Value {
         let resp = self.get(path, &self.read_key).send().await.unwrap();
         assert_eq!(resp.status(), 200, "GET {path}");
@@ -276,29 +281,26 @@ fn subscription(customer: &str, price: &str) -> Value {
 async fn a_second_subscription_checkout_for_a_product_is_refused_unless_the_caller_opts_in() {
     let app = spawn_shop().await;
     app.upsert_customer("u_twice", json!({})).await;
-    let send = |body: Value, key: &'static str| {
-        app.post_json("/v1/checkout/sessions", body).header("idempotency-key", key).send()
-    };
-    let first = created(send(subscription("u_twice", "pro_monthly"), "click-1").await.unwrap()).await;
+    let first = created(app.checkout_keyed(subscription("u_twice", "pro_monthly"), "click-1").await).await;
 
     // A double click (another key) while the first page is open: refused,
     // nothing recorded, here or at the provider.
-    let resp = send(subscription("u_twice", "pro_monthly"), "click-2").await.unwrap();
+    let resp = app.checkout_keyed(subscription("u_twice", "pro_monthly"), "click-2").await;
     let e = expect_error(resp, 409, "invalid_request_error", "subscription_checkout_open").await;
     assert!(e["message"].as_str().unwrap().contains(first["id"].as_str().unwrap()), "{e}");
     assert_eq!(e["param"], "line_items");
     // The same product on another price is the same product.
-    let resp = send(subscription("u_twice", "pro_yearly"), "click-yearly").await.unwrap();
+    let resp = app.checkout_keyed(subscription("u_twice", "pro_yearly"), "click-yearly").await;
     expect_error(resp, 409, "invalid_request_error", "subscription_checkout_open").await;
     let at_provider = emulator_get(&app, "/v1/checkout/sessions?limit=100").await;
     assert_eq!(at_provider["data"].as_array().unwrap().len(), 1, "{at_provider}");
     // The first request, retried, is still answered as before.
-    let again = send(subscription("u_twice", "pro_monthly"), "click-1").await.unwrap();
+    let again = app.checkout_keyed(subscription("u_twice", "pro_monthly"), "click-1").await;
     assert_eq!(again.status(), 201);
     assert_eq!(again.json::<Value>().await.unwrap()["id"], first["id"]);
     // Another product, or a one-time purchase, is not a duplicate.
-    created(send(subscription("u_twice", "starter_monthly"), "starter").await.unwrap()).await;
-    created(send(payment("u_twice", json!([{ "price": "card_pack_5" }])), "pack").await.unwrap()).await;
+    created(app.checkout_keyed(subscription("u_twice", "starter_monthly"), "starter").await).await;
+    created(app.checkout_keyed(payment("u_twice", json!([{ "price": "card_pack_5" }])), "pack").await).await;
 
     // Once subscribed, a new checkout for the product names the subscription.
     pay(&first, "4242424242424242").await;
@@ -312,7 +314,7 @@ async fn a_second_subscription_checkout_for_a_product_is_refused_unless_the_call
         })
         .await;
     let sub = subs["data"].as_array().unwrap().iter().find(|s| s["price"] == "pro_monthly").unwrap().clone();
-    let resp = send(subscription("u_twice", "pro_yearly"), "click-3").await.unwrap();
+    let resp = app.checkout_keyed(subscription("u_twice", "pro_yearly"), "click-3").await;
     let e = expect_error(resp, 409, "invalid_request_error", "subscription_exists").await;
     assert!(e["message"].as_str().unwrap().contains(sub["id"].as_str().unwrap()), "{e}");
 
@@ -320,7 +322,7 @@ async fn a_second_subscription_checkout_for_a_product_is_refused_unless_the_call
     // refusal left free), it is sold.
     let mut wanted = subscription("u_twice", "pro_yearly");
     wanted["allow_duplicate_subscription"] = json!(true);
-    let second = created(send(wanted, "click-3").await.unwrap()).await;
+    let second = created(app.checkout_keyed(wanted, "click-3").await).await;
     assert_ne!(second["id"], first["id"]);
     assert_eq!(second["status"], "open");
 }
@@ -332,10 +334,7 @@ async fn a_second_subscription_checkout_for_a_product_is_refused_unless_the_call
 async fn a_completed_subscription_checkout_counts_until_its_subscription_is_recorded() {
     let app = spawn_shop().await;
     app.upsert_customer("u_window", json!({})).await;
-    let send = |body: Value, key: &'static str| {
-        app.post_json("/v1/checkout/sessions", body).header("idempotency-key", key).send()
-    };
-    let first = created(send(subscription("u_window", "pro_monthly"), "window-1").await.unwrap()).await;
+    let first = created(app.checkout_keyed(subscription("u_window", "pro_monthly"), "window-1").await).await;
     let provider_session = first["provider_session"].as_str().unwrap().to_owned();
     let mut completed = emulator_get(&app, &format!("/v1/checkout/sessions/{provider_session}")).await;
     completed["status"] = json!("complete");
@@ -353,11 +352,11 @@ async fn a_completed_subscription_checkout_counts_until_its_subscription_is_reco
     })
     .await;
 
-    let resp = send(subscription("u_window", "pro_yearly"), "window-2").await.unwrap();
+    let resp = app.checkout_keyed(subscription("u_window", "pro_yearly"), "window-2").await;
     let e = expect_error(resp, 409, "invalid_request_error", "subscription_exists").await;
     assert!(e["message"].as_str().unwrap().contains(first["id"].as_str().unwrap()), "{e}");
     // Another product is not a duplicate.
-    created(send(subscription("u_window", "starter_monthly"), "window-3").await.unwrap()).await;
+    created(app.checkout_keyed(subscription("u_window", "starter_monthly"), "window-3").await).await;
 
     // Once the subscription is recorded, it decides: here it was canceled
     // at once, so the product can be sold again.
@@ -376,7 +375,7 @@ async fn a_completed_subscription_checkout_counts_until_its_subscription_is_reco
         l["data"].as_array().is_some_and(|d| !d.is_empty())
     })
     .await;
-    created(send(subscription("u_window", "pro_yearly"), "window-4").await.unwrap()).await;
+    created(app.checkout_keyed(subscription("u_window", "pro_yearly"), "window-4").await).await;
 }
 
 #[tokio::test]
