@@ -60,9 +60,11 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
     };
     let wake = store.delivery_wake();
     // Deliveries this process's commits lease to it as they queue them
-    // (SQLite) are sent without a claim transaction in between.
+    // are sent without a claim in between.
     let registration = store.register_for_handoff(options.lease_seconds());
-    if registration.as_ref().is_some_and(|r| r.first) {
+    // Only where one process serves the database: on PostgreSQL the leases
+    // may be other instances' (a previous run's lapse).
+    if registration.first && store.kind() == crate::store::DbKind::Sqlite {
         if let Err(e) = store.reset_delivery_leases().await {
             tracing::warn!(error = %e, "could not release a previous run's delivery leases; they lapse");
         }
@@ -108,7 +110,7 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
         }
         let mut room = options.batch - in_flight.len() as i64;
         let mut ready = Vec::new();
-        if room > 0 && registration.is_some() {
+        if room > 0 {
             let lease_left = options.timeout.as_secs() as i64 + 5;
             match store.take_handed_deliveries(room as usize, lease_left).await {
                 Ok(handed) => ready = handed,

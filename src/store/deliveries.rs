@@ -41,20 +41,19 @@ macro_rules! bind_values {
 pub(crate) type EndpointFilters = std::sync::Arc<[(String, Vec<String>)]>;
 
 /// The deliveries of events written together (see `events::flush`), in
-/// multi-row statements. On SQLite with delivery workers in this process,
-/// each is leased to them and handed over at commit (no claim transaction
-/// between the commit and the send), unless an earlier delivery of its
+/// multi-row statements. With delivery workers in this process, each is
+/// leased to them and handed over at commit (no claim between the commit
+/// and the send; see [`Handoff`]), unless an earlier delivery of its
 /// customer's is unfinished at its endpoint: that one goes first, and this
 /// one is claimed after it as usual (its lease stays NULL). Of several for
-/// one customer and endpoint here, only the first can be leased.
+/// one customer and endpoint here, only the first can be leased. On SQLite
+/// the earlier deliveries are looked for here; on PostgreSQL, where
+/// another transaction's are not visible yet, when the worker takes the
+/// handed ones.
 pub(crate) async fn insert_pending(tx: &mut Tx, events: &[&super::events::PendingEvent]) -> StoreResult<()> {
     let now = now_unix();
-    let until = match tx.kind() {
-        super::DbKind::Sqlite => {
-            tx.handoff.as_ref().and_then(|h| h.lease_seconds()).map(|seconds| now + seconds)
-        }
-        super::DbKind::Postgres => None,
-    };
+    let until = tx.handoff.lease_seconds().map(|seconds| now + seconds);
+    let check_earlier = tx.kind() == super::DbKind::Sqlite;
     let mut first_of_pair = std::collections::HashSet::new();
     let mut rows: Vec<Vec<Value>> = Vec::new();
     for event in events {
@@ -67,16 +66,19 @@ pub(crate) async fn insert_pending(tx: &mut Tx, events: &[&super::events::Pendin
                 Value::Int(now),
                 Value::Int(now),
             ];
-            if let Some(until) = until {
-                // Deliveries without a customer keep no order among themselves.
-                let first = event.customer_id.is_none()
-                    || first_of_pair.insert((endpoint_id.as_str(), event.customer_id.as_deref()));
+            // Deliveries without a customer keep no order among themselves.
+            let first = until.is_some()
+                && (event.customer_id.is_none()
+                    || first_of_pair.insert((endpoint_id.as_str(), event.customer_id.as_deref())));
+            if check_earlier && until.is_some() {
                 row.extend([
                     Value::Int(i64::from(first)),
                     Value::Text(endpoint_id.clone()),
                     Value::OptText(event.customer_id.clone()),
-                    Value::Int(until),
+                    Value::OptInt(until),
                 ]);
+            } else {
+                row.push(Value::OptInt(until.filter(|_| first)));
             }
             rows.push(row);
         }
@@ -84,12 +86,11 @@ pub(crate) async fn insert_pending(tx: &mut Tx, events: &[&super::events::Pendin
     if rows.is_empty() {
         return Ok(());
     }
-    let row_sql = match until {
-        Some(_) => {
-            "(?, ?, ?, ?, 'pending', 0, ?, ?, CASE WHEN ? = 1 AND NOT EXISTS (SELECT 1 FROM deliveries p \
-             WHERE p.endpoint_id = ? AND p.customer_id = ? AND p.status IN ('pending', 'failed')) THEN ? END)"
-        }
-        None => "(?, ?, ?, ?, 'pending', 0, ?, ?, NULL)",
+    let row_sql = if check_earlier && until.is_some() {
+        "(?, ?, ?, ?, 'pending', 0, ?, ?, CASE WHEN ? = 1 AND NOT EXISTS (SELECT 1 FROM deliveries p \
+         WHERE p.endpoint_id = ? AND p.customer_id = ? AND p.status IN ('pending', 'failed')) THEN ? END)"
+    } else {
+        "(?, ?, ?, ?, 'pending', 0, ?, ?, ?)"
     };
     for chunk in super::events::chunked(&rows) {
         let sql = numbered(
@@ -107,9 +108,14 @@ pub(crate) async fn insert_pending(tx: &mut Tx, events: &[&super::events::Pendin
             super::Exec::Postgres(c) => bind_values!(sqlx::query_as(&sql), values).fetch_all(c).await,
         }
         .db()?;
-        tx.handed.extend(written.into_iter().filter(|(_, leased)| leased.is_some()).map(|(id, _)| id));
+        for (id, leased) in written {
+            match leased {
+                Some(_) => tx.handed.push(id),
+                // Any worker's claim sends it: wake them all at commit.
+                None => tx.deliveries_queued = true,
+            }
+        }
     }
-    tx.deliveries_queued = true;
     Ok(())
 }
 
@@ -153,13 +159,17 @@ pub(crate) async fn new_deliveries(tx: &mut Tx, event_type: &str) -> StoreResult
 }
 
 /// Deliveries leased at commit to this process's delivery workers, so a
-/// delivery leaves as soon as the transaction that queued it commits.
+/// delivery leaves as soon as the transaction that queued it commits, with
+/// no claim (on PostgreSQL a statement planned at each run, the largest
+/// item of the delivery path's database time) in between.
 ///
-/// Only on SQLite: its one writer runs transactions one after another, so
-/// the check that no earlier delivery of the customer's is unfinished (in
-/// [`insert_pending`]) sees every other commit and per-customer order holds. On
-/// PostgreSQL two transactions could each miss the other's delivery, so
-/// there the worker claims as usual, woken by the commit.
+/// Per-customer order: on SQLite the one writer runs transactions one
+/// after another, so [`insert_pending`]'s check that no earlier delivery of
+/// the customer's is unfinished sees every other commit. On PostgreSQL two
+/// transactions could each miss the other's uncommitted delivery, so the
+/// check is made when the worker takes the handed deliveries, after their
+/// commit (see [`Store::take_handed_deliveries`]): one held back there is
+/// released to the claim, which sends it after the earlier one.
 #[derive(Debug, Default)]
 pub(crate) struct Handoff {
     /// Live delivery workers in this process; none, nothing is handed off.
@@ -349,13 +359,13 @@ impl Store {
         Ok(rows)
     }
 
-    /// Registers a delivery worker for handed-off deliveries (SQLite; see
-    /// [`Handoff`]); `None` where deliveries are not handed off.
-    pub fn register_for_handoff(&self, lease_seconds: i64) -> Option<HandoffRegistration> {
-        let handoff = self.handoff.clone()?;
+    /// Registers a delivery worker for handed-off deliveries (see
+    /// [`Handoff`]).
+    pub fn register_for_handoff(&self, lease_seconds: i64) -> HandoffRegistration {
+        let handoff = self.handoff.clone();
         handoff.lease_seconds.fetch_max(lease_seconds, std::sync::atomic::Ordering::AcqRel);
         let before = handoff.workers.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Some(HandoffRegistration { handoff, first: before == 0 })
+        HandoffRegistration { handoff, first: before == 0 }
     }
 
     /// At the first delivery worker's start (SQLite, served by one
@@ -381,38 +391,119 @@ impl Store {
     /// One whose lease has less than `lease_left` seconds to run (it waited
     /// in the queue) is left to a claim, which leases it again once it
     /// lapses: sending it now could overlap a send by that claim.
+    ///
+    /// On PostgreSQL one with an earlier delivery of its customer's still
+    /// unfinished at its endpoint (queued by a transaction that committed
+    /// meanwhile; see [`Handoff`]) is released to the claim instead, and
+    /// the workers woken to claim it once the earlier one is done.
     pub async fn take_handed_deliveries(
         &self,
         limit: usize,
         lease_left: i64,
     ) -> StoreResult<Vec<ClaimedDelivery>> {
-        let Some(handoff) = &self.handoff else { return Ok(Vec::new()) };
+        let handoff = &self.handoff;
         let ids = handoff.take(limit);
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let valid_until = now_unix() + lease_left;
-        let q = format!(
-            "SELECT {} WHERE {} AND d.status = 'pending' AND d.locked_until >= $2 \
-             AND w.status = 'enabled' AND w.deleted_at IS NULL ORDER BY d.event_id",
-            claimed_from("deliveries"),
-            super::in_json_ids(self.kind(), "d.id", "$1")
-        );
-        let read =
-            sql!(self, query_as::<ClaimedDelivery>(&q, serde_json::to_string(&ids)?, valid_until).fetch_all)
-                .db();
-        if read.is_err() {
-            // Still leased to this process: tried again at the next turn.
-            handoff.put_back(ids);
+        let listed = serde_json::to_string(&ids)?;
+        let read = match self.kind() {
+            super::DbKind::Sqlite => {
+                let q = format!(
+                    "SELECT {} WHERE d.id IN (SELECT value FROM json_each($1)) AND d.status = 'pending' \
+                     AND d.locked_until >= $2 AND w.status = 'enabled' AND w.deleted_at IS NULL ORDER BY d.event_id",
+                    claimed_from("deliveries"),
+                );
+                sql!(self, query_as::<ClaimedDelivery>(&q, &listed, valid_until).fetch_all).db()
+            }
+            super::DbKind::Postgres => self.take_handed_in_order(&listed, valid_until).await,
+        };
+        match read {
+            Ok(taken) => {
+                if self.kind() == super::DbKind::Postgres && taken.len() < ids.len() {
+                    if let Err(e) = self.release_held_back(&ids, &taken, valid_until).await {
+                        // The claim finds them once their leases lapse.
+                        tracing::warn!(error = %e, "could not release held-back deliveries; their leases lapse");
+                    }
+                }
+                Ok(taken)
+            }
+            Err(e) => {
+                // Still leased to this process: tried again at the next turn.
+                handoff.put_back(ids);
+                Err(e)
+            }
         }
-        read
+    }
+
+    /// PostgreSQL's read of handed deliveries (the JSON array `listed`):
+    /// those still leased past `valid_until` with no earlier delivery of
+    /// their customer's unfinished at their endpoint.
+    ///
+    /// Every row is looked up by its key on its own (lateral subqueries the
+    /// planner cannot flatten, an `EXISTS` it cannot turn into a join), so
+    /// the plan is the same whatever the tables' sizes and the statement is
+    /// kept prepared: a generic plan made while `deliveries` was nearly
+    /// empty must not scan it once it has grown (docs/performance.md,
+    /// session 11).
+    async fn take_handed_in_order(
+        &self,
+        listed: &str,
+        valid_until: i64,
+    ) -> StoreResult<Vec<ClaimedDelivery>> {
+        const TAKE: &str = "SELECT d.id, d.endpoint_id, w.url, w.secret, d.attempts, d.event_id, \
+             e.type AS event_type, c.external_id AS customer, e.data, e.created_at AS event_created_at \
+             FROM jsonb_array_elements_text(CAST($1 AS JSONB)) AS handed(id) \
+             CROSS JOIN LATERAL (SELECT id, endpoint_id, event_id, customer_id, attempts FROM deliveries \
+                 WHERE id = handed.id AND status = 'pending' AND locked_until >= $2 OFFSET 0) d \
+             CROSS JOIN LATERAL (SELECT url, secret FROM webhook_endpoints \
+                 WHERE id = d.endpoint_id AND status = 'enabled' AND deleted_at IS NULL OFFSET 0) w \
+             CROSS JOIN LATERAL (SELECT type, data, created_at FROM events WHERE id = d.event_id OFFSET 0) e \
+             LEFT JOIN LATERAL (SELECT external_id FROM customers WHERE id = d.customer_id OFFSET 0) c ON true \
+             WHERE NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.endpoint_id = d.endpoint_id \
+                 AND p.customer_id = d.customer_id AND p.status IN ('pending', 'failed') \
+                 AND p.event_id < d.event_id OFFSET 0) \
+             ORDER BY d.event_id";
+        sql!(self, query_as::<ClaimedDelivery>(TAKE, listed, valid_until).fetch_all).db()
+    }
+
+    /// Releases the handed deliveries `ids` not `taken` that are still
+    /// leased to this process (past `valid_until`, so no claim has leased
+    /// them since), and wakes the workers to claim them in order.
+    async fn release_held_back(
+        &self,
+        ids: &[String],
+        taken: &[ClaimedDelivery],
+        valid_until: i64,
+    ) -> StoreResult<()> {
+        let taken: std::collections::HashSet<&str> = taken.iter().map(|d| d.id.as_str()).collect();
+        let held_back: Vec<&str> = ids.iter().map(String::as_str).filter(|id| !taken.contains(id)).collect();
+        let listed = serde_json::to_string(&held_back)?;
+        // Rare (a customer's events queued by transactions side by side):
+        // planned at each run.
+        let released = sql!(
+            self,
+            fresh query(
+                "UPDATE deliveries SET locked_until = NULL FROM jsonb_array_elements_text(CAST($1 AS JSONB)) \
+                 AS held(id) WHERE deliveries.id = held.id AND status = 'pending' AND locked_until >= $2",
+                &listed,
+                valid_until
+            )
+            .execute
+        )
+        .db()?;
+        if released > 0 {
+            self.delivery_wake.notify_one();
+        }
+        Ok(())
     }
 
     /// Gives handed-off deliveries no worker will send (the last worker
     /// stopped) back to any worker's claim at once, instead of after their
     /// lease.
     pub async fn release_handed_deliveries(&self) -> StoreResult<()> {
-        let Some(handoff) = &self.handoff else { return Ok(()) };
+        let handoff = &self.handoff;
         if handoff.workers.load(std::sync::atomic::Ordering::Acquire) > 0 {
             return Ok(());
         }

@@ -246,7 +246,7 @@ pub struct Store {
     /// The in-memory caches every transaction invalidates on commit.
     cache: std::sync::Arc<cache::CacheHub>,
     /// Deliveries leased to this process's workers at commit (SQLite only).
-    handoff: Option<std::sync::Arc<deliveries::Handoff>>,
+    handoff: std::sync::Arc<deliveries::Handoff>,
 }
 
 impl std::fmt::Debug for Store {
@@ -324,10 +324,9 @@ impl Store {
                 Backend::Postgres(pool)
             }
         };
-        let handoff = matches!(backend, Backend::Sqlite { .. }).then(Default::default);
         Ok(Store {
             backend,
-            handoff,
+            handoff: Default::default(),
             delivery_wake: Default::default(),
             instance: new_instance(),
             cache: std::sync::Arc::new(cache::CacheHub::new(options.cache_capacity)),
@@ -541,8 +540,9 @@ pub struct Tx {
     inner: TxInner,
     wake: std::sync::Arc<tokio::sync::Notify>,
     instance: std::sync::Arc<str>,
-    /// Set by `events::emit` when it queued deliveries: committing wakes
-    /// the delivery worker.
+    /// Set when it queued deliveries for any worker's claim (not handed
+    /// to this process's workers): committing wakes the delivery workers,
+    /// on PostgreSQL every instance's.
     deliveries_queued: bool,
     cache: std::sync::Arc<cache::CacheHub>,
     /// Cache keys whose entries this transaction changes (encoded).
@@ -578,8 +578,8 @@ pub struct Tx {
     /// read them (see [`Tx::write_deferred`]).
     pub(crate) defer_rows: bool,
     pub(crate) deferred: DeferredRows,
-    /// Where deliveries leased at commit go (SQLite), and those queued so far.
-    pub(crate) handoff: Option<std::sync::Arc<deliveries::Handoff>>,
+    /// Where deliveries leased at commit go, and those queued so far.
+    pub(crate) handoff: std::sync::Arc<deliveries::Handoff>,
     pub(crate) handed: Vec<String>,
     /// The pool it came from (PostgreSQL), for what its commit asks after.
     pg: Option<PgPool>,
@@ -768,10 +768,11 @@ impl Tx {
             None if !keys.is_empty() => cache.await_sqlite_server().await,
             None => {}
         }
-        if let (Some(handoff), false) = (handoff, handed.is_empty()) {
+        let handing = !handed.is_empty();
+        if handing {
             handoff.push(handed);
         }
-        if deliveries_queued {
+        if deliveries_queued || handing {
             wake.notify_waiters();
             wake.notify_one();
         }

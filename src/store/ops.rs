@@ -315,7 +315,7 @@ impl Store {
             delivery_wake: Default::default(),
             instance: super::new_instance(),
             cache: std::sync::Arc::new(super::cache::CacheHub::new(0)),
-            handoff: None,
+            handoff: Default::default(),
         })
     }
 

@@ -31,6 +31,8 @@ struct ReceiverState {
     fail_next: usize,
     /// Answer every request with this status.
     always: Option<u16>,
+    /// Answer the next request only once this is notified.
+    hold_next: Option<Arc<tokio::sync::Notify>>,
 }
 
 fn now_ms() -> u64 {
@@ -43,16 +45,22 @@ fn minted_ms(id: &str) -> u64 {
 }
 
 async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let mut s = r.state.lock().unwrap();
-    let status = if let Some(code) = s.always {
-        code
-    } else if s.fail_next > 0 {
-        s.fail_next -= 1;
-        500
-    } else {
-        200
+    let (status, hold) = {
+        let mut s = r.state.lock().unwrap();
+        let status = if let Some(code) = s.always {
+            code
+        } else if s.fail_next > 0 {
+            s.fail_next -= 1;
+            500
+        } else {
+            200
+        };
+        s.received.push((headers, body, status, now_ms()));
+        (status, s.hold_next.take())
     };
-    s.received.push((headers, body, status, now_ms()));
+    if let Some(hold) = hold {
+        hold.notified().await;
+    }
     StatusCode::from_u16(status).unwrap()
 }
 
@@ -378,6 +386,35 @@ async fn an_endpoint_that_fails_three_times_then_recovers_receives_every_event_i
             assert_eq!(failed["status_code"], 500);
         }
     }
+}
+
+/// A customer's next delivery is queued (on PostgreSQL, leased to this
+/// process's worker by a transaction that cannot see whether an earlier
+/// one is unfinished) while the previous one is still being sent: it waits
+/// for that answer instead of overtaking it.
+#[tokio::test]
+async fn a_customers_next_event_waits_while_its_previous_delivery_is_unanswered() {
+    let app = spawn(|_| {}).await;
+    let receiver = Receiver::start().await;
+    let answer = Arc::new(tokio::sync::Notify::new());
+    receiver.set(|s| s.hold_next = Some(answer.clone()));
+    app.create_endpoint(&receiver.url(), json!(["subscription.created", "subscription.updated"])).await;
+    let (cus, sub) = ("cus_held", "sub_held");
+    let created = subscription(sub, cus, "active", json!({}));
+    send_in_order(&app, &[event("evt_held_1", "customer.subscription.created", T0, created)]).await;
+    eventually(Duration::from_secs(10), || async { (receiver.count() == 1).then_some(()) }).await;
+    let updated = subscription(sub, cus, "past_due", json!({}));
+    send_in_order(&app, &[event("evt_held_2", "customer.subscription.updated", T0 + 1, updated)]).await;
+    // Applied and committed; a second and a half for the worker to
+    // (wrongly) send it, far longer than a handed delivery takes to leave.
+    let early =
+        eventually_or(Duration::from_millis(1500), || async { (receiver.count() > 1).then_some(()) }).await;
+    assert!(early.is_none(), "sent before the previous one was answered: {:?}", receiver.log());
+    answer.notify_one();
+    eventually(Duration::from_secs(10), || async { (receiver.count() == 2).then_some(()) }).await;
+    let log = receiver.log();
+    assert!(log[0].0 < log[1].0, "in the order they happened: {log:?}");
+    assert!(log.iter().all(|(_, status, _)| *status == 200));
 }
 
 #[tokio::test]
