@@ -458,7 +458,7 @@ struct Sources {
 
 /// The entitlement sources of `customer_ids`, with each stored document
 /// (and the customer's external id if `with_customer`), in one statement
-/// whatever their number (see [`super::in_json_ids`]): every statement is
+/// whatever their number: every statement is
 /// a round trip (on SQLite to the one writer's thread). Writes nothing.
 async fn read_sources(
     tx: &mut Tx,
@@ -469,34 +469,65 @@ async fn read_sources(
     if customer_ids.is_empty() {
         return Ok(out);
     }
-    let listed = |column: &str| super::in_json_ids(tx.kind(), column, "$1");
+    // Each source's rows of the listed customers, `x`: on PostgreSQL each
+    // customer looked up in the source's index on its own (a lateral
+    // subquery the planner cannot flatten), so the plan does not depend on
+    // the tables' sizes and the statement is kept prepared (planned at each
+    // run, it was PostgreSQL's largest planning cost in the delivery
+    // loadtest; see `super::provider_rows_in`).
+    let kind = tx.kind();
+    let of_listed = |outer: &str, inner: &str, column: &str| match kind {
+        super::DbKind::Sqlite => format!(
+            "SELECT {outer} FROM ({}) x",
+            inner.replace("{listed}", &format!("{column} IN (SELECT value FROM json_each($1))"))
+        ),
+        super::DbKind::Postgres => format!(
+            "SELECT {outer} FROM jsonb_array_elements_text(CAST($1 AS JSONB)) AS listed(id) \
+             CROSS JOIN LATERAL ({} OFFSET 0) x",
+            inner.replace("{listed}", &format!("{column} = listed.id"))
+        ),
+    };
     // Tagged by source, each in its own order: the customer and its stored
     // document, live subscriptions and active grants by id, balances by key.
-    let customer = if with_customer {
-        format!(
-            " UNION ALL SELECT id, 'c', id, external_id, NULL, NULL, NULL FROM customers WHERE {}",
-            listed("id")
-        )
-    } else {
-        String::new()
-    };
-    let of_customers = listed("customer_id");
+    let mut branches = vec![
+        of_listed(
+            "x.customer_id AS customer, 's' AS source, x.id AS ord, x.status AS label, \
+             x.past_due_since AS amount, x.items AS document, CAST(NULL AS BIGINT) AS at",
+            "SELECT customer_id, id, status, past_due_since, items FROM subscriptions \
+             WHERE {listed} AND status IN ('active', 'trialing', 'past_due')",
+            "customer_id",
+        ),
+        of_listed(
+            "x.customer_id, 'g', x.id, NULL, NULL, x.grants, NULL",
+            "SELECT customer_id, id, grants FROM grants WHERE {listed} AND status = 'active'",
+            "customer_id",
+        ),
+        of_listed(
+            "x.customer_id, 'b', x.balance_key, x.balance_key, x.amount, NULL, NULL",
+            "SELECT customer_id, balance_key, CAST(SUM(amount) AS BIGINT) AS amount FROM credit_ledger \
+             WHERE {listed} GROUP BY customer_id, balance_key",
+            "customer_id",
+        ),
+        of_listed(
+            "x.customer_id, 'e', x.customer_id, NULL, x.version, x.document, x.updated_at",
+            "SELECT customer_id, version, document, updated_at FROM entitlements WHERE {listed}",
+            "customer_id",
+        ),
+    ];
+    if with_customer {
+        branches.push(of_listed(
+            "x.id, 'c', x.id, x.external_id, NULL, NULL, NULL",
+            "SELECT id, external_id FROM customers WHERE {listed}",
+            "id",
+        ));
+    }
     let sql = format!(
-        "SELECT customer, source, label, amount, document, at FROM ( \
-         SELECT customer_id AS customer, 's' AS source, id AS ord, status AS label, past_due_since AS amount, \
-         items AS document, CAST(NULL AS BIGINT) AS at \
-         FROM subscriptions WHERE {of_customers} AND status IN ('active', 'trialing', 'past_due') \
-         UNION ALL SELECT customer_id, 'g', id, NULL, NULL, grants, NULL FROM grants \
-         WHERE {of_customers} AND status = 'active' \
-         UNION ALL SELECT customer_id, 'b', balance_key, balance_key, CAST(SUM(amount) AS BIGINT), NULL, NULL \
-         FROM credit_ledger WHERE {of_customers} GROUP BY customer_id, balance_key \
-         UNION ALL SELECT customer_id, 'e', customer_id, NULL, version, document, updated_at FROM entitlements \
-         WHERE {of_customers}\
-         {customer}) sources ORDER BY customer, source, ord"
+        "SELECT customer, source, label, amount, document, at FROM ({}) sources ORDER BY customer, source, ord",
+        branches.join(" UNION ALL ")
     );
     type SourceRow = (String, String, Option<String>, Option<i64>, Option<String>, Option<i64>);
     let rows: Vec<SourceRow> =
-        sql!(tx, fresh query_as::<SourceRow>(&sql, serde_json::to_string(customer_ids)?).fetch_all).db()?;
+        sql!(tx, query_as::<SourceRow>(&sql, serde_json::to_string(customer_ids)?).fetch_all).db()?;
     for (customer, source, label, amount, document, at) in rows {
         let s = out.entry(customer).or_default();
         match source.as_str() {
