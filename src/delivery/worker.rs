@@ -149,6 +149,8 @@ pub async fn run(store: Store, options: DeliveryOptions, shutdown: CancellationT
         tokio::select! {
             () = shutdown.cancelled() => {}
             () = wake.notified() => may_be_due = true,
+            // Handed over: taken at the top of the loop, nothing to claim.
+            () = registration.handed() => {}
             () = tokio::time::sleep(options.idle_poll) => may_be_due = true,
             // A finished send frees a slot and is recorded.
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => finished.extend(done.ok()),

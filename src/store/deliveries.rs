@@ -177,6 +177,10 @@ pub(crate) struct Handoff {
     /// How long a handed delivery is leased for (the workers' lease).
     lease_seconds: std::sync::atomic::AtomicI64,
     queue: std::sync::Mutex<std::collections::VecDeque<String>>,
+    /// Woken when deliveries are handed over. Apart from the store's
+    /// delivery wake-up, which makes the workers look for claimable ones: a
+    /// commit that handed all its deliveries over leaves nothing to claim.
+    ready: tokio::sync::Notify,
 }
 
 impl Handoff {
@@ -187,6 +191,8 @@ impl Handoff {
 
     pub(crate) fn push(&self, ids: Vec<String>) {
         self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(ids);
+        self.ready.notify_waiters();
+        self.ready.notify_one();
     }
 
     fn take(&self, limit: usize) -> Vec<String> {
@@ -211,6 +217,14 @@ pub struct HandoffRegistration {
     handoff: std::sync::Arc<Handoff>,
     /// No other worker of this process was registered.
     pub first: bool,
+}
+
+impl HandoffRegistration {
+    /// Resolves when deliveries have been handed over (or were, since the
+    /// last wait).
+    pub async fn handed(&self) {
+        self.handoff.ready.notified().await;
+    }
 }
 
 impl Drop for HandoffRegistration {

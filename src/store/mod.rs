@@ -768,11 +768,10 @@ impl Tx {
             None if !keys.is_empty() => cache.await_sqlite_server().await,
             None => {}
         }
-        let handing = !handed.is_empty();
-        if handing {
+        if !handed.is_empty() {
             handoff.push(handed);
         }
-        if deliveries_queued || handing {
+        if deliveries_queued {
             wake.notify_waiters();
             wake.notify_one();
         }
