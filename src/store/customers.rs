@@ -893,7 +893,18 @@ async fn claim_adopted(
     )
     .db()?;
     // What the placeholder was entitled to is now the application customer's.
-    sql!(tx, query("DELETE FROM entitlements WHERE customer_id = $1", linked_id).execute).db()?;
+    // The application was told the placeholder's entitlements under its id,
+    // so it is told, under that id, that they are gone: a last version,
+    // derived from the nothing it now owns (none if it was never told).
+    let announced: Option<i64> = sql!(
+        tx,
+        query_scalar::<i64>("SELECT version FROM entitlements WHERE customer_id = $1", linked_id)
+            .fetch_optional
+    )
+    .db()?;
+    if announced.is_some() {
+        super::entitlements::recompute_later(tx, linked_id, None, actor, policy);
+    }
     // The placeholder's id (its external id until now) names no customer any more.
     tx.invalidate(super::cache::CacheKey::Customer(pc.id.clone()));
     super::entitlements::recompute_entitlements(tx, &target, None, actor, policy).await?;

@@ -851,6 +851,8 @@ async fn a_claim_racing_another_event_of_its_provider_customer_leaves_nothing_be
 #[tokio::test]
 async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_customer() {
     let app = spawn_with_secrets().await;
+    // The subscriptions' price is Pro's: each grants its features.
+    link_catalog(&app, &[("pro_monthly", "price_perm")]).await;
     // An endpoint that never answers: every delivery stays to be sent.
     let endpoint = app.create_endpoint("http://127.0.0.1:9/never", json!(["*"])).await;
     // The application knows u_known; u_new it has not told tollgate about.
@@ -902,7 +904,7 @@ async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_cu
     }
     let deliveries = app.deliveries(endpoint["id"].as_str().unwrap()).await;
     assert!(deliveries.len() >= 4, "{deliveries:?}");
-    let mut kept_by_placeholder = 0;
+    let mut kept_by_placeholder = Vec::new();
     for d in &deliveries {
         let stored = app.server_store.get_delivery(d["id"].as_str().unwrap()).await.unwrap().unwrap();
         let event = app.server_store.get_event(&stored.event_id).await.unwrap().unwrap();
@@ -910,10 +912,30 @@ async fn a_customer_adopted_before_its_own_event_is_handed_to_the_application_cu
         let owner = stored.customer_id.clone().unwrap_or_default();
         if !owners.contains(&owner) {
             assert_eq!(event.event_type, "entitlements.updated", "{stored:?}");
-            kept_by_placeholder += 1;
+            kept_by_placeholder.push(serde_json::from_str::<Value>(&event.data).unwrap());
         }
     }
-    assert!(kept_by_placeholder >= 1, "the placeholder's entitlements.updated stays its own: {deliveries:?}");
+    // What the application was told under the placeholder's id is taken
+    // back under it: Pro, then, in the next version, nothing.
+    kept_by_placeholder.sort_by_key(|data| data["version"].as_i64());
+    let versions: Vec<i64> = kept_by_placeholder.iter().map(|d| d["version"].as_i64().unwrap()).collect();
+    assert_eq!(
+        versions,
+        [1, 2],
+        "the placeholder's entitlements.updated stays its own: {kept_by_placeholder:?}"
+    );
+    assert_eq!(
+        kept_by_placeholder[0]["entitlements"]["features"],
+        json!(["api_access", "exports", "priority_support"])
+    );
+    assert_eq!(
+        kept_by_placeholder[1]["entitlements"],
+        json!({ "features": [], "limits": {}, "balances": {} })
+    );
+    assert_eq!(
+        entitlements_of(&app, "u_known").await["features"],
+        json!(["api_access", "exports", "priority_support"])
+    );
     // Each application customer's events hold each entitlements version once.
     for external in ["u_known", "u_new"] {
         let listed = app.read_json(&format!("/v1/events?customer={external}&limit=100")).await;
