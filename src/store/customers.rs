@@ -526,8 +526,8 @@ async fn mirror_provider_customer(
 }
 
 /// Reads the links of the provider customers an inbox batch names, in one
-/// statement, for [`resolve_provider_customer`] to use (each once) instead
-/// of one round trip per event; on PostgreSQL they are locked as each read
+/// statement, for [`resolve_provider_customer`] to use instead of one round
+/// trip per event (a customer's many invoices in one batch read it once); on PostgreSQL they are locked as each read
 /// would have locked them. Ones not linked yet are remembered as such.
 pub async fn read_links(
     tx: &mut super::Tx,
@@ -607,9 +607,10 @@ pub async fn resolve_provider_customer(
     actor: &Actor,
     policy: &Policy,
 ) -> StoreResult<String> {
-    let linked = match tx.provider_links.remove(&(provider.to_owned(), provider_customer_id.to_owned())) {
-        // Read (and on PostgreSQL locked) with the batch's other links.
-        Some(known) => known,
+    let linked = match tx.provider_links.get(&(provider.to_owned(), provider_customer_id.to_owned())) {
+        // Read (and on PostgreSQL locked) with the batch's other links, or
+        // written by this transaction since.
+        Some(known) => known.clone(),
         None => linked_customer(tx, provider, provider_customer_id).await?,
     };
     if let Some(id) = linked {

@@ -564,8 +564,9 @@ pub struct Tx {
     /// written (see [`entitlements::recompute_later`]).
     pub(crate) entitlements_due: Vec<entitlements::DueRecompute>,
     /// Provider customers' links read ahead for an inbox batch (see
-    /// [`customers::read_links`]); `None`: not linked when read. Each is
-    /// used once, and forgotten when the transaction writes it.
+    /// [`customers::read_links`]); `None`: not linked when read. Every
+    /// write of a link in the transaction replaces or forgets its entry
+    /// (a claim that moves links forgets them all: [`Tx::owners_changed`]).
     pub(crate) provider_links: std::collections::HashMap<(String, String), Option<String>>,
     /// Subscriptions read ahead for an inbox batch (see
     /// [`subscriptions::read_many`]), each used once.
