@@ -110,7 +110,7 @@ pub(crate) async fn insert_pending(tx: &mut Tx, events: &[&super::events::Pendin
         .db()?;
         for (id, leased) in written {
             match leased {
-                Some(_) => tx.handed.push(id),
+                Some(until) => tx.handed.push(Handed { id, until }),
                 // Any worker's claim sends it: wake them all at commit.
                 None => tx.deliveries_queued = true,
             }
@@ -170,13 +170,23 @@ pub(crate) async fn new_deliveries(tx: &mut Tx, event_type: &str) -> StoreResult
 /// check is made when the worker takes the handed deliveries, after their
 /// commit (see [`Store::take_handed_deliveries`]): one held back there is
 /// released to the claim, which sends it after the earlier one.
+/// A delivery handed to this process's workers, with the lease it was
+/// given. A take or a release acts on it only while the row still holds
+/// that lease: once it lapsed (the delivery waited in the queue), a claim
+/// may have leased it again, and it is that claim's to send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Handed {
+    pub(crate) id: String,
+    pub(crate) until: i64,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Handoff {
     /// Live delivery workers in this process; none, nothing is handed off.
     workers: std::sync::atomic::AtomicUsize,
     /// How long a handed delivery is leased for (the workers' lease).
     lease_seconds: std::sync::atomic::AtomicI64,
-    queue: std::sync::Mutex<std::collections::VecDeque<String>>,
+    queue: std::sync::Mutex<std::collections::VecDeque<Handed>>,
     /// Woken when deliveries are handed over. Apart from the store's
     /// delivery wake-up, which makes the workers look for claimable ones: a
     /// commit that handed all its deliveries over leaves nothing to claim.
@@ -189,20 +199,20 @@ impl Handoff {
         (self.workers.load(Ordering::Acquire) > 0).then(|| self.lease_seconds.load(Ordering::Acquire))
     }
 
-    pub(crate) fn push(&self, ids: Vec<String>) {
+    pub(crate) fn push(&self, ids: Vec<Handed>) {
         self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(ids);
         self.ready.notify_waiters();
         self.ready.notify_one();
     }
 
-    fn take(&self, limit: usize) -> Vec<String> {
+    fn take(&self, limit: usize) -> Vec<Handed> {
         let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = limit.min(queue.len());
         queue.drain(..n).collect()
     }
 
     /// Puts taken ids back in front, in their order (a read that failed).
-    fn put_back(&self, ids: Vec<String>) {
+    fn put_back(&self, ids: Vec<Handed>) {
         let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for id in ids.into_iter().rev() {
             queue.push_front(id);
@@ -290,6 +300,9 @@ pub struct ClaimedDelivery {
     pub customer: Option<String>,
     pub data: String,
     pub event_created_at: i64,
+    /// The row's lease as read, where a read selects it (handed deliveries).
+    #[sqlx(default)]
+    lease: Option<i64>,
 }
 
 impl std::fmt::Debug for ClaimedDelivery {
@@ -404,7 +417,8 @@ impl Store {
     /// read from the read side: they are already leased to this process.
     /// One whose lease has less than `lease_left` seconds to run (it waited
     /// in the queue) is left to a claim, which leases it again once it
-    /// lapses: sending it now could overlap a send by that claim.
+    /// lapses: sending it now could overlap a send by that claim. One whose
+    /// row no longer holds the lease it was handed with is that claim's.
     ///
     /// On PostgreSQL one with an earlier delivery of its customer's still
     /// unfinished at its endpoint (queued by a transaction that committed
@@ -416,44 +430,56 @@ impl Store {
         lease_left: i64,
     ) -> StoreResult<Vec<ClaimedDelivery>> {
         let handoff = &self.handoff;
-        let ids = handoff.take(limit);
-        if ids.is_empty() {
+        let valid_until = now_unix() + lease_left;
+        let handed: Vec<Handed> =
+            handoff.take(limit).into_iter().filter(|h| h.until >= valid_until).collect();
+        if handed.is_empty() {
             return Ok(Vec::new());
         }
-        let valid_until = now_unix() + lease_left;
+        let ids: Vec<&str> = handed.iter().map(|h| h.id.as_str()).collect();
         let listed = serde_json::to_string(&ids)?;
         let read = match self.kind() {
             super::DbKind::Sqlite => {
                 let q = format!(
-                    "SELECT {} WHERE d.id IN (SELECT value FROM json_each($1)) AND d.status = 'pending' \
-                     AND d.locked_until >= $2 AND w.status = 'enabled' AND w.deleted_at IS NULL ORDER BY d.event_id",
+                    "SELECT d.locked_until AS lease, {} WHERE d.id IN (SELECT value FROM json_each($1)) \
+                     AND d.status = 'pending' AND w.status = 'enabled' AND w.deleted_at IS NULL ORDER BY d.event_id",
                     claimed_from("deliveries"),
                 );
-                sql!(self, query_as::<ClaimedDelivery>(&q, &listed, valid_until).fetch_all).db()
+                sql!(self, query_as::<ClaimedDelivery>(&q, &listed).fetch_all).db()
             }
-            super::DbKind::Postgres => self.take_handed_in_order(&listed, valid_until).await,
+            super::DbKind::Postgres => self.take_handed_in_order(&listed).await,
         };
-        match read {
-            Ok(taken) => {
-                if self.kind() == super::DbKind::Postgres && taken.len() < ids.len() {
-                    if let Err(e) = self.release_held_back(&ids, &taken, valid_until).await {
-                        // The claim finds them once their leases lapse.
-                        tracing::warn!(error = %e, "could not release held-back deliveries; their leases lapse");
-                    }
-                }
-                Ok(taken)
-            }
+        let read = match read {
+            Ok(read) => read,
             Err(e) => {
                 // Still leased to this process: tried again at the next turn.
-                handoff.put_back(ids);
-                Err(e)
+                handoff.put_back(handed);
+                return Err(e);
+            }
+        };
+        let leases: std::collections::HashMap<&str, i64> =
+            handed.iter().map(|h| (h.id.as_str(), h.until)).collect();
+        let taken: Vec<ClaimedDelivery> = read
+            .into_iter()
+            .filter(|d| d.lease.is_some() && d.lease == leases.get(d.id.as_str()).copied())
+            .collect();
+        if self.kind() == super::DbKind::Postgres && taken.len() < handed.len() {
+            let taken_ids: std::collections::HashSet<&str> = taken.iter().map(|d| d.id.as_str()).collect();
+            let held_back: Vec<Handed> =
+                handed.into_iter().filter(|h| !taken_ids.contains(h.id.as_str())).collect();
+            // Those whose lease is still the one handed over (the rest are
+            // another worker's, or done): the claim sends them in order.
+            if let Err(e) = self.release_handed(&held_back).await {
+                // The claim finds them once their leases lapse.
+                tracing::warn!(error = %e, "could not release held-back deliveries; their leases lapse");
             }
         }
+        Ok(taken)
     }
 
-    /// PostgreSQL's read of handed deliveries (the JSON array `listed`):
-    /// those still leased past `valid_until` with no earlier delivery of
-    /// their customer's unfinished at their endpoint.
+    /// PostgreSQL's read of handed deliveries (the JSON array of ids
+    /// `listed`), with their leases: those pending with no earlier delivery
+    /// of their customer's unfinished at their endpoint.
     ///
     /// Every row is looked up by its key on its own (lateral subqueries the
     /// planner cannot flatten, an `EXISTS` it cannot turn into a join), so
@@ -461,16 +487,13 @@ impl Store {
     /// kept prepared: a generic plan made while `deliveries` was nearly
     /// empty must not scan it once it has grown (docs/performance.md,
     /// session 11).
-    async fn take_handed_in_order(
-        &self,
-        listed: &str,
-        valid_until: i64,
-    ) -> StoreResult<Vec<ClaimedDelivery>> {
+    async fn take_handed_in_order(&self, listed: &str) -> StoreResult<Vec<ClaimedDelivery>> {
         const TAKE: &str = "SELECT d.id, d.endpoint_id, w.url, w.secret, d.attempts, d.event_id, \
-             e.type AS event_type, c.external_id AS customer, e.data, e.created_at AS event_created_at \
+             e.type AS event_type, c.external_id AS customer, e.data, e.created_at AS event_created_at, \
+             d.locked_until AS lease \
              FROM jsonb_array_elements_text(CAST($1 AS JSONB)) AS handed(id) \
-             CROSS JOIN LATERAL (SELECT id, endpoint_id, event_id, customer_id, attempts FROM deliveries \
-                 WHERE id = handed.id AND status = 'pending' AND locked_until >= $2 OFFSET 0) d \
+             CROSS JOIN LATERAL (SELECT id, endpoint_id, event_id, customer_id, attempts, locked_until \
+                 FROM deliveries WHERE id = handed.id AND status = 'pending' OFFSET 0) d \
              CROSS JOIN LATERAL (SELECT url, secret FROM webhook_endpoints \
                  WHERE id = d.endpoint_id AND status = 'enabled' AND deleted_at IS NULL OFFSET 0) w \
              CROSS JOIN LATERAL (SELECT type, data, created_at FROM events WHERE id = d.event_id OFFSET 0) e \
@@ -479,56 +502,61 @@ impl Store {
                  AND p.customer_id = d.customer_id AND p.status IN ('pending', 'failed') \
                  AND p.event_id < d.event_id OFFSET 0) \
              ORDER BY d.event_id";
-        sql!(self, query_as::<ClaimedDelivery>(TAKE, listed, valid_until).fetch_all).db()
+        sql!(self, query_as::<ClaimedDelivery>(TAKE, listed).fetch_all).db()
     }
 
-    /// Releases the handed deliveries `ids` not `taken` that are still
-    /// leased to this process (past `valid_until`, so no claim has leased
-    /// them since), and wakes the workers to claim them in order.
-    async fn release_held_back(
-        &self,
-        ids: &[String],
-        taken: &[ClaimedDelivery],
-        valid_until: i64,
-    ) -> StoreResult<()> {
-        let taken: std::collections::HashSet<&str> = taken.iter().map(|d| d.id.as_str()).collect();
-        let held_back: Vec<&str> = ids.iter().map(String::as_str).filter(|id| !taken.contains(id)).collect();
-        let listed = serde_json::to_string(&held_back)?;
-        // Rare (a customer's events queued by transactions side by side):
-        // planned at each run.
-        let released = sql!(
-            self,
-            fresh query(
-                "UPDATE deliveries SET locked_until = NULL FROM jsonb_array_elements_text(CAST($1 AS JSONB)) \
-                 AS held(id) WHERE deliveries.id = held.id AND status = 'pending' AND locked_until >= $2",
-                &listed,
-                valid_until
-            )
-            .execute
-        )
+    /// Gives `handed` deliveries back to any worker's claim, those whose row
+    /// still holds the lease they were handed with (the rest are a claim's
+    /// now, or done), and wakes the workers here and, on PostgreSQL, in
+    /// every instance.
+    async fn release_handed(&self, handed: &[Handed]) -> StoreResult<()> {
+        if handed.is_empty() {
+            return Ok(());
+        }
+        let listed = serde_json::to_string(handed)?;
+        let mut tx = self.begin().await?;
+        // Rare (a customer's events queued by transactions side by side, a
+        // shutdown): planned at each run on PostgreSQL.
+        let released = match tx.kind() {
+            super::DbKind::Sqlite => sql!(
+                tx,
+                query(
+                    "UPDATE deliveries SET locked_until = NULL \
+                     WHERE id IN (SELECT json_extract(value, '$.id') FROM json_each($1)) AND status = 'pending' \
+                     AND locked_until = (SELECT json_extract(value, '$.until') FROM json_each($1) \
+                         WHERE json_extract(value, '$.id') = deliveries.id)",
+                    &listed
+                )
+                .execute
+            ),
+            super::DbKind::Postgres => sql!(
+                tx,
+                fresh query(
+                    "UPDATE deliveries SET locked_until = NULL \
+                     FROM jsonb_to_recordset(CAST($1 AS JSONB)) AS held(id TEXT, until BIGINT) \
+                     WHERE deliveries.id = held.id AND deliveries.status = 'pending' \
+                     AND deliveries.locked_until = held.until",
+                    &listed
+                )
+                .execute
+            ),
+        }
         .db()?;
         if released > 0 {
-            self.delivery_wake.notify_one();
+            tx.deliveries_queued = true;
         }
-        Ok(())
+        tx.commit().await
     }
 
     /// Gives handed-off deliveries no worker will send (the last worker
     /// stopped) back to any worker's claim at once, instead of after their
     /// lease.
     pub async fn release_handed_deliveries(&self) -> StoreResult<()> {
-        let handoff = &self.handoff;
-        if handoff.workers.load(std::sync::atomic::Ordering::Acquire) > 0 {
+        if self.handoff.workers.load(std::sync::atomic::Ordering::Acquire) > 0 {
             return Ok(());
         }
-        let ids = handoff.take(usize::MAX);
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.begin().await?;
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        set_where_id_in(&mut tx, "locked_until = NULL", &[], &ids).await?;
-        tx.commit().await
+        let handed = self.handoff.take(usize::MAX);
+        self.release_handed(&handed).await
     }
 
     /// Records finished attempts, each with its consequence (delivered,

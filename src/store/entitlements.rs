@@ -319,7 +319,8 @@ pub async fn recompute_entitlements(
 /// documents in one more per 64, each change under the next version
 /// with its `entitlements.updated` event and audit entry. Answers what each
 /// customer's document is now. (A merge writes what is due before it
-/// moves a placeholder's sources, so nothing is due for a merged one.)
+/// moves a placeholder's sources; the placeholder, if the application was
+/// told its entitlements, is due again afterwards, for its last version.)
 pub(crate) async fn recompute_due(
     tx: &mut Tx,
 ) -> StoreResult<std::collections::HashMap<String, StoredEntitlements>> {

@@ -245,7 +245,7 @@ pub struct Store {
     instance: std::sync::Arc<str>,
     /// The in-memory caches every transaction invalidates on commit.
     cache: std::sync::Arc<cache::CacheHub>,
-    /// Deliveries leased to this process's workers at commit (SQLite only).
+    /// Deliveries leased to this process's workers at commit.
     handoff: std::sync::Arc<deliveries::Handoff>,
 }
 
@@ -581,7 +581,7 @@ pub struct Tx {
     pub(crate) deferred: DeferredRows,
     /// Where deliveries leased at commit go, and those queued so far.
     pub(crate) handoff: std::sync::Arc<deliveries::Handoff>,
-    pub(crate) handed: Vec<String>,
+    pub(crate) handed: Vec<deliveries::Handed>,
     /// The pool it came from (PostgreSQL), for what its commit asks after.
     pg: Option<PgPool>,
 }
@@ -751,6 +751,7 @@ impl Tx {
                 seq = Some(s);
             }
         }
+        let hand_over = HandOver { handoff, handed };
         let committed = match inner {
             TxInner::Sqlite(tx) => tx.commit().await.db(),
             TxInner::Postgres(tx) => tx.commit().await.db(),
@@ -769,14 +770,32 @@ impl Tx {
             None if !keys.is_empty() => cache.await_sqlite_server().await,
             None => {}
         }
-        if !handed.is_empty() {
-            handoff.push(handed);
-        }
+        drop(hand_over);
         if deliveries_queued {
             wake.notify_waiters();
             wake.notify_one();
         }
         Ok(())
+    }
+}
+
+/// Hands a commit's leased deliveries to this process's workers when
+/// dropped: after the commit's cache acknowledgements on the way to `Ok`
+/// (a delivery must not overtake the invalidation of what it announces),
+/// at once if the commit failed or its caller stopped waiting (a request
+/// timed out). Left out, they would stay leased to nobody until the lease
+/// lapsed, holding back their customers' later deliveries; one whose
+/// transaction did not commit is simply not found by the take.
+struct HandOver {
+    handoff: std::sync::Arc<deliveries::Handoff>,
+    handed: Vec<deliveries::Handed>,
+}
+
+impl Drop for HandOver {
+    fn drop(&mut self) {
+        if !self.handed.is_empty() {
+            self.handoff.push(std::mem::take(&mut self.handed));
+        }
     }
 }
 
