@@ -158,6 +158,16 @@ pub(crate) async fn new_deliveries(tx: &mut Tx, event_type: &str) -> StoreResult
         .collect())
 }
 
+/// A delivery handed to this process's workers, with the lease it was
+/// given. A take or a release acts on it only while the row still holds
+/// that lease: once it lapsed (the delivery waited in the queue), a claim
+/// may have leased it again, and it is that claim's to send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Handed {
+    pub(crate) id: String,
+    pub(crate) until: i64,
+}
+
 /// Deliveries leased at commit to this process's delivery workers, so a
 /// delivery leaves as soon as the transaction that queued it commits, with
 /// no claim (on PostgreSQL a statement planned at each run, the largest
@@ -170,16 +180,6 @@ pub(crate) async fn new_deliveries(tx: &mut Tx, event_type: &str) -> StoreResult
 /// check is made when the worker takes the handed deliveries, after their
 /// commit (see [`Store::take_handed_deliveries`]): one held back there is
 /// released to the claim, which sends it after the earlier one.
-/// A delivery handed to this process's workers, with the lease it was
-/// given. A take or a release acts on it only while the row still holds
-/// that lease: once it lapsed (the delivery waited in the queue), a claim
-/// may have leased it again, and it is that claim's to send.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub(crate) struct Handed {
-    pub(crate) id: String,
-    pub(crate) until: i64,
-}
-
 #[derive(Debug, Default)]
 pub(crate) struct Handoff {
     /// Live delivery workers in this process; none, nothing is handed off.
