@@ -527,8 +527,9 @@ async fn mirror_provider_customer(
 
 /// Reads the links of the provider customers an inbox batch names, in one
 /// statement, for [`resolve_provider_customer`] to use instead of one round
-/// trip per event (a customer's many invoices in one batch read it once); on PostgreSQL they are locked as each read
-/// would have locked them. Ones not linked yet are remembered as such.
+/// trip per event (a customer's many invoices in one batch read it once);
+/// on PostgreSQL they are locked as each read would have locked them. Ones
+/// not linked yet are remembered as such.
 pub async fn read_links(
     tx: &mut super::Tx,
     provider: &str,
