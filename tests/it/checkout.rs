@@ -330,18 +330,21 @@ async fn a_second_subscription_checkout_for_a_product_is_refused_unless_the_call
 /// Stripe announces a completed checkout and the subscription it made in
 /// separate events; between the two the customer is subscribed though no
 /// subscription shows it yet, and a second checkout is still a duplicate.
-#[tokio::test]
-async fn a_completed_subscription_checkout_counts_until_its_subscription_is_recorded() {
-    let app = spawn_shop().await;
-    app.upsert_customer("u_window", json!({})).await;
-    let first = created(app.checkout_keyed(subscription("u_window", "pro_monthly"), "window-1").await).await;
+/// A Pro subscription checkout of `external`'s, completed at the provider
+/// (announced by `checkout.session.completed` alone, its subscription
+/// `sub`'s event not yet) and refused as a duplicate for Pro yearly.
+async fn completed_before_its_subscription(app: &TestApp, external: &str, sub: &str) -> Value {
+    app.upsert_customer(external, json!({})).await;
+    let first =
+        created(app.checkout_keyed(subscription(external, "pro_monthly"), &format!("{external}-1")).await)
+            .await;
     let provider_session = first["provider_session"].as_str().unwrap().to_owned();
-    let mut completed = emulator_get(&app, &format!("/v1/checkout/sessions/{provider_session}")).await;
+    let mut completed = emulator_get(app, &format!("/v1/checkout/sessions/{provider_session}")).await;
     completed["status"] = json!("complete");
     completed["payment_status"] = json!("paid");
-    completed["subscription"] = json!("sub_window_not_yet_announced");
+    completed["subscription"] = json!(sub);
     let announced = crate::webhooks::inbox_event(
-        "evt_window_completed",
+        &format!("evt_{external}_completed"),
         "checkout.session.completed",
         tollgate::store::now_unix(),
         completed,
@@ -351,10 +354,16 @@ async fn a_completed_subscription_checkout_counts_until_its_subscription_is_reco
         s["status"] == "complete"
     })
     .await;
-
-    let resp = app.checkout_keyed(subscription("u_window", "pro_yearly"), "window-2").await;
+    let resp = app.checkout_keyed(subscription(external, "pro_yearly"), &format!("{external}-2")).await;
     let e = expect_error(resp, 409, "invalid_request_error", "subscription_exists").await;
     assert!(e["message"].as_str().unwrap().contains(first["id"].as_str().unwrap()), "{e}");
+    first
+}
+
+#[tokio::test]
+async fn a_completed_subscription_checkout_counts_until_its_subscription_is_recorded() {
+    let app = spawn_shop().await;
+    completed_before_its_subscription(&app, "u_window", "sub_window_not_yet_announced").await;
     // Another product is not a duplicate.
     created(app.checkout_keyed(subscription("u_window", "starter_monthly"), "window-3").await).await;
 
@@ -376,6 +385,20 @@ async fn a_completed_subscription_checkout_counts_until_its_subscription_is_reco
     })
     .await;
     created(app.checkout_keyed(subscription("u_window", "pro_yearly"), "window-4").await).await;
+}
+
+/// A subscription event that never applies (a dead event to see to) does
+/// not block the product for ever: the completed checkout counts for a day.
+#[tokio::test]
+async fn a_completed_checkout_whose_subscription_never_comes_counts_for_a_day() {
+    let app = spawn_shop().await;
+    let first = completed_before_its_subscription(&app, "u_dayold", "sub_dayold_never_announced").await;
+    let aged = format!(
+        "UPDATE checkout_sessions SET updated_at = updated_at - 86401 WHERE id = '{}'",
+        first["id"].as_str().unwrap()
+    );
+    assert_eq!(app.server_store.execute_raw(&aged).await.unwrap(), 1);
+    created(app.checkout_keyed(subscription("u_dayold", "pro_yearly"), "u_dayold-3").await).await;
 }
 
 #[tokio::test]
