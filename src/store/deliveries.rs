@@ -416,9 +416,9 @@ impl Store {
     /// Up to `limit` deliveries handed to this process's workers at commit,
     /// read from the read side: they are already leased to this process.
     /// One whose lease has less than `lease_left` seconds to run (it waited
-    /// in the queue) is left to a claim, which leases it again once it
-    /// lapses: sending it now could overlap a send by that claim. One whose
-    /// row no longer holds the lease it was handed with is that claim's.
+    /// in the queue) is released to the claim rather than sent under a
+    /// lease that could lapse during its send. One whose row no longer
+    /// holds the lease it was handed with is a claim's already.
     ///
     /// On PostgreSQL one with an earlier delivery of its customer's still
     /// unfinished at its endpoint (queued by a transaction that committed
@@ -431,8 +431,14 @@ impl Store {
     ) -> StoreResult<Vec<ClaimedDelivery>> {
         let handoff = &self.handoff;
         let valid_until = now_unix() + lease_left;
-        let handed: Vec<Handed> =
-            handoff.take(limit).into_iter().filter(|h| h.until >= valid_until).collect();
+        let (handed, waited): (Vec<Handed>, Vec<Handed>) =
+            handoff.take(limit).into_iter().partition(|h| h.until >= valid_until);
+        // Waited too long in the queue (the workers were full) to be sent
+        // under this lease: any worker's claim takes them now, here or in
+        // another instance, instead of once the lease lapses.
+        if let Err(e) = self.release_handed(&waited).await {
+            tracing::warn!(error = %e, "could not release deliveries that waited; their leases lapse");
+        }
         if handed.is_empty() {
             return Ok(Vec::new());
         }
