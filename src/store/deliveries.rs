@@ -53,7 +53,7 @@ pub(crate) type EndpointFilters = std::sync::Arc<[(String, Vec<String>)]>;
 pub(crate) async fn insert_pending(tx: &mut Tx, events: &[&super::events::PendingEvent]) -> StoreResult<()> {
     let now = now_unix();
     let until = tx.handoff.lease_seconds().map(|seconds| now + seconds);
-    let check_earlier = tx.kind() == super::DbKind::Sqlite;
+    let check_earlier = until.is_some() && tx.kind() == super::DbKind::Sqlite;
     let mut first_of_pair = std::collections::HashSet::new();
     let mut rows: Vec<Vec<Value>> = Vec::new();
     for event in events {
@@ -70,7 +70,7 @@ pub(crate) async fn insert_pending(tx: &mut Tx, events: &[&super::events::Pendin
             let first = until.is_some()
                 && (event.customer_id.is_none()
                     || first_of_pair.insert((endpoint_id.as_str(), event.customer_id.as_deref())));
-            if check_earlier && until.is_some() {
+            if check_earlier {
                 row.extend([
                     Value::Int(i64::from(first)),
                     Value::Text(endpoint_id.clone()),
@@ -86,7 +86,7 @@ pub(crate) async fn insert_pending(tx: &mut Tx, events: &[&super::events::Pendin
     if rows.is_empty() {
         return Ok(());
     }
-    let row_sql = if check_earlier && until.is_some() {
+    let row_sql = if check_earlier {
         "(?, ?, ?, ?, 'pending', 0, ?, ?, CASE WHEN ? = 1 AND NOT EXISTS (SELECT 1 FROM deliveries p \
          WHERE p.endpoint_id = ? AND p.customer_id = ? AND p.status IN ('pending', 'failed')) THEN ? END)"
     } else {

@@ -459,8 +459,8 @@ struct Sources {
 
 /// The entitlement sources of `customer_ids`, with each stored document
 /// (and the customer's external id if `with_customer`), in one statement
-/// whatever their number: every statement is
-/// a round trip (on SQLite to the one writer's thread). Writes nothing.
+/// whatever their number: every statement is a round trip (on SQLite to
+/// the one writer's thread). Writes nothing.
 async fn read_sources(
     tx: &mut Tx,
     customer_ids: &[&str],

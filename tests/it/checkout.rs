@@ -327,9 +327,6 @@ async fn a_second_subscription_checkout_for_a_product_is_refused_unless_the_call
     assert_eq!(second["status"], "open");
 }
 
-/// Stripe announces a completed checkout and the subscription it made in
-/// separate events; between the two the customer is subscribed though no
-/// subscription shows it yet, and a second checkout is still a duplicate.
 /// A Pro subscription checkout of `external`'s, completed at the provider
 /// (announced by `checkout.session.completed` alone, its subscription
 /// `sub`'s event not yet) and refused as a duplicate for Pro yearly.
@@ -360,6 +357,9 @@ async fn completed_before_its_subscription(app: &TestApp, external: &str, sub: &
     first
 }
 
+/// Stripe announces a completed checkout and the subscription it made in
+/// separate events; between the two the customer is subscribed though no
+/// subscription shows it yet, and a second checkout is still a duplicate.
 #[tokio::test]
 async fn a_completed_subscription_checkout_counts_until_its_subscription_is_recorded() {
     let app = spawn_shop().await;
