@@ -111,7 +111,8 @@ pub fn spawn_all(state: &AppState, shutdown: CancellationToken) -> Workers {
     // request and per timed operation, for ever. Folding took 0.8–1.8 ms
     // every 5 s under the entitlement loadtest (45,000–90,000 requests/s),
     // time in which the requests queued on that worker waited; so it runs
-    // every second, off the runtime's workers.
+    // every second, on a fifth of the samples, and off the runtime's
+    // workers (where every core is busy the system still shares them).
     let (metrics, token) = (state.metrics.clone(), shutdown.clone());
     tasks.spawn(async move {
         every(&token, Duration::from_secs(1), || {

@@ -584,8 +584,8 @@ impl Phase {
             _ => None,
         };
         self.seconds += slice.seconds;
+        // Sorted again once all slices are in (see `sorted`).
         self.latencies_us.extend(slice.latencies_us);
-        self.latencies_us.sort_unstable();
         for (status, n) in slice.statuses {
             *self.statuses.entry(status).or_default() += n;
         }
@@ -624,7 +624,7 @@ impl Phase {
             self.ms(50.0),
             self.ms(99.0),
             self.latencies_us.last().copied().unwrap_or(0) as f64 / 1000.0,
-            self.cpu_us().map_or(String::new(), |us| format!("CPU {us:.1} µs/request, ")),
+            self.cpu_us().map_or(String::new(), |us| format!("process CPU {us:.1} µs/request, ")),
             self.statuses
         )
     }
@@ -639,8 +639,9 @@ struct CpuTimes {
     /// All threads, the generator's included.
     all: Duration,
     /// The load generator's threads (named [`GENERATOR_THREADS`]): the
-    /// rest is what the servers cost, which a client in another process
-    /// (wrk) would not share.
+    /// rest is what the servers cost (and, a little, the thread that
+    /// starts the phases and gathers their results), which a client in
+    /// another process (wrk) would not share.
     generator: Duration,
 }
 
@@ -679,7 +680,10 @@ impl std::ops::Add for CpuTimes {
     }
 }
 
-/// The generator's threads' name prefix.
+/// The generator's threads' name prefix. The pacer's thread (fixed-rate
+/// phases) carries it too, but it ends within its phase, and a thread that
+/// has ended counts in the process's time only: the servers' share is
+/// reported for the full-speed phases, which have no pacer.
 const GENERATOR_THREADS: &str = "loadtest-";
 
 /// utime + stime of a `/proc/…/stat` line.
@@ -919,7 +923,8 @@ pub async fn entitlements(mut config: Config, load: EntitlementLoad) -> Result<S
     // between consecutive 8 s phases, and back-to-back phases turned that
     // drift into the ratio (one run gave the check 104 % of bare axum).
     let (mut bare_full, mut check_full) = (Phase::default(), Phase::default());
-    let slices = (d.as_secs_f64() / FULL_SPEED_SLICE.as_secs_f64()).ceil().max(1.0) as u32;
+    // An even number, so that each handler goes first as often.
+    let slices = ((d.as_secs_f64() / FULL_SPEED_SLICE.as_secs_f64() / 2.0).ceil().max(1.0) as u32) * 2;
     for slice in 0..slices {
         let bare = || drive(g, &client, &bare_url, None, c, FULL_SPEED_SLICE, None);
         let check = || drive(g, &client, &check_url, auth, c, FULL_SPEED_SLICE, None);
@@ -931,6 +936,8 @@ pub async fn entitlements(mut config: Config, load: EntitlementLoad) -> Result<S
             bare_full.absorb(bare().await);
         }
     }
+    bare_full.latencies_us.sort_unstable();
+    check_full.latencies_us.sort_unstable();
     let half = bare_full.rate() / 2.0;
     let check_half = drive(g, &client, &check_url, auth, c, d, Some(half)).await;
     let bare_half = drive(g, &client, &bare_url, None, c, d, Some(half)).await;
@@ -947,7 +954,8 @@ pub async fn entitlements(mut config: Config, load: EntitlementLoad) -> Result<S
     let by_cpu = match (bare_full.cpu_us(), check_full.cpu_us()) {
         (Some(bare), Some(check)) if check > 0.0 => {
             format!(
-                "by CPU per request: {:.1} % (bare {bare:.1} µs, check {check:.1} µs)\n",
+                "by the process's CPU per request, generator included: {:.1} % \
+                 (bare {bare:.1} µs, check {check:.1} µs)\n",
                 100.0 * bare / check
             )
         }
@@ -968,7 +976,8 @@ pub async fn entitlements(mut config: Config, load: EntitlementLoad) -> Result<S
     };
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     let report = format!(
-        "entitlement check vs bare axum: {c} connections, {:.0} s per phase, database {}, {} build, one process \
+        "entitlement check vs bare axum: {c} connections, {:.0} s per phase \
+         (the full-speed ones in alternating {}-second slices), database {}, {} build, one process \
          (the generator on a runtime of its own, {} threads)\n\
          bare axum \"hello\", full speed:          {}\n\
          entitlement check, full speed:         {}\n\
@@ -980,6 +989,7 @@ pub async fn entitlements(mut config: Config, load: EntitlementLoad) -> Result<S
          bare axum \"hello\":                     {}\n\
          cache while measuring: {} hits, {} misses, {} bypassed\n",
         d.as_secs_f64(),
+        FULL_SPEED_SLICE.as_secs(),
         crate::store::DbKind::from_url(config.database_url.expose())
             .map(|k| format!("{k:?}"))
             .unwrap_or_default(),
