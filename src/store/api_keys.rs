@@ -104,21 +104,19 @@ impl Store {
     /// so it is answered from memory when it can be (revocation
     /// invalidates it in every instance; unknown digests are not cached).
     pub async fn find_api_key_by_digest(&self, digest: &str) -> StoreResult<Option<Arc<ApiKeyRecord>>> {
-        let key = CacheKey::api_key(digest);
-        let ticket = match self.cache.lookup(&self.cache.api_keys, &key) {
+        let ticket = match self.cache.lookup(&self.cache.api_keys, digest) {
             Some(Lookup::Hit(record)) => return Ok(Some(record)),
             Some(Lookup::Miss(ticket)) => Some(ticket),
             None => None,
         };
         // Boxed: the query's state would otherwise be allocated and moved
         // with every request's future, hits included.
-        Box::pin(self.read_api_key(digest, key, ticket)).await
+        Box::pin(self.read_api_key(digest, ticket)).await
     }
 
     async fn read_api_key(
         &self,
         digest: &str,
-        key: String,
         ticket: Option<Ticket>,
     ) -> StoreResult<Option<Arc<ApiKeyRecord>>> {
         let sql = format!("SELECT {COLUMNS} FROM api_keys WHERE digest = $1 AND revoked_at IS NULL");
@@ -126,7 +124,7 @@ impl Store {
         let Some(record) = row.map(ApiKeyRecord::try_from).transpose()? else { return Ok(None) };
         let record = Arc::new(record);
         if let Some(ticket) = ticket {
-            self.cache.api_keys.fill(key, ticket, record.clone());
+            self.cache.api_keys.fill(digest.to_owned(), ticket, record.clone());
         }
         Ok(Some(record))
     }

@@ -64,6 +64,7 @@
 //! LRU: a full shard drops the oldest insertion that has not been hit since
 //! it was last passed over.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -123,15 +124,12 @@ impl CacheKey {
         }
     }
 
-    /// [`CacheKey::Customer`]'s encoding, from a borrowed id: readers build
-    /// one per request, so without copying the id first.
-    pub(crate) fn customer(external: &str) -> String {
-        Self::prefixed("c:", external)
+    fn customer(external: &str) -> String {
+        Self::prefixed(CUSTOMER_PREFIX, external)
     }
 
-    /// [`CacheKey::ApiKey`]'s encoding, from a borrowed digest.
-    pub(crate) fn api_key(digest: &str) -> String {
-        Self::prefixed("k:", digest)
+    fn api_key(digest: &str) -> String {
+        Self::prefixed(API_KEY_PREFIX, digest)
     }
 
     fn prefixed(prefix: &str, id: &str) -> String {
@@ -139,6 +137,27 @@ impl CacheKey {
         key.push_str(prefix);
         key.push_str(id);
         key
+    }
+}
+
+/// The encodings' prefixes: an encoded key (a transaction's, or one heard
+/// from a peer) names its cache by them. Within a cache, entries are keyed
+/// by the id alone, so a lookup need not build the encoded key.
+const CUSTOMER_PREFIX: &str = "c:";
+const API_KEY_PREFIX: &str = "k:";
+
+/// An encoded key, as the cache it names and the key within that cache.
+enum Named<'a> {
+    Customer(&'a str),
+    ApiKey(&'a str),
+}
+
+fn named(encoded: &str) -> Named<'_> {
+    match (encoded.strip_prefix(CUSTOMER_PREFIX), encoded.strip_prefix(API_KEY_PREFIX)) {
+        (Some(external), _) => Named::Customer(external),
+        (None, Some(digest)) => Named::ApiKey(digest),
+        // Not an encoding this version makes.
+        (None, None) => Named::ApiKey(encoded),
     }
 }
 
@@ -162,8 +181,10 @@ struct Entry<V> {
 }
 
 struct Shard<V> {
-    /// In insertion order: the clock hand is the front.
-    entries: LinkedHashMap<String, Entry<V>>,
+    /// In insertion order: the clock hand is the front. Hashed with the
+    /// cache's hasher, so that a lookup hashes its key once, for the shard
+    /// and the map.
+    entries: LinkedHashMap<String, Entry<V>, RandomState>,
     capacity: usize,
     /// Bumped by every invalidation, pin, unpin and reset in the shard.
     generation: u64,
@@ -190,7 +211,7 @@ impl<V> Shard<V> {
 pub struct Cache<V> {
     name: &'static str,
     shards: Box<[RwLock<Shard<V>>]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: RandomState,
     /// `cache_requests_total` for this cache by result, made on first use:
     /// the registry lookup per request was a measurable part of a check.
     /// (Not at construction: the recorder may not be installed yet.)
@@ -206,17 +227,18 @@ struct Counters {
 impl<V> Cache<V> {
     fn new(name: &'static str, capacity: usize) -> Self {
         let per_shard = capacity.div_ceil(SHARDS).max(1);
+        let hasher = RandomState::new();
         let shards = (0..SHARDS)
             .map(|_| {
                 RwLock::new(Shard {
-                    entries: LinkedHashMap::new(),
+                    entries: LinkedHashMap::with_hasher(hasher.clone()),
                     capacity: per_shard,
                     generation: 0,
                     pinned: HashMap::new(),
                 })
             })
             .collect();
-        Cache { name, shards, hasher: Default::default(), counters: OnceLock::new() }
+        Cache { name, shards, hasher, counters: OnceLock::new() }
     }
 
     fn counters(&self) -> &Counters {
@@ -229,7 +251,13 @@ impl<V> Cache<V> {
     }
 
     fn shard_of(&self, key: &str) -> usize {
-        (self.hasher.hash_one(key) as usize) % SHARDS
+        Self::shard_for(self.hasher.hash_one(key))
+    }
+
+    /// Bits of the hash that the shard's map uses for neither the bucket
+    /// (the low bits) nor its tag (the top seven).
+    fn shard_for(hash: u64) -> usize {
+        ((hash >> 32) as usize) % SHARDS
     }
 
     fn lock(&self, shard: usize) -> RwLockWriteGuard<'_, Shard<V>> {
@@ -242,10 +270,11 @@ impl<V> Cache<V> {
     }
 
     pub fn lookup(&self, key: &str) -> Lookup<V> {
-        let shard = self.shard_of(key);
+        let hash = self.hasher.hash_one(key);
+        let shard = Self::shard_for(hash);
         let s = self.read(shard);
         if s.pinned.is_empty() || !s.pinned.contains_key(key) {
-            if let Some(entry) = s.entries.get(key) {
+            if let Some((_, entry)) = s.entries.raw_entry().from_key_hashed_nocheck(hash, key) {
                 // Written only when not yet set, so steady hits on the
                 // same entry from both threads only read its cache line.
                 if !entry.referenced.load(Ordering::Relaxed) {
@@ -458,9 +487,9 @@ impl CacheHub {
 
     fn invalidate(&self, keys: &[String], source: &'static str) {
         for key in keys {
-            match key.starts_with("c:") {
-                true => self.entitlements.invalidate(key),
-                false => self.api_keys.invalidate(key),
+            match named(key) {
+                Named::Customer(external) => self.entitlements.invalidate(external),
+                Named::ApiKey(digest) => self.api_keys.invalidate(digest),
             }
         }
         metrics::counter!("cache_invalidations_total", "source" => source).increment(keys.len() as u64);
@@ -468,9 +497,9 @@ impl CacheHub {
 
     pub(crate) fn pin(&self, keys: &[String]) {
         for key in keys {
-            match key.starts_with("c:") {
-                true => self.entitlements.pin(key),
-                false => self.api_keys.pin(key),
+            match named(key) {
+                Named::Customer(external) => self.entitlements.pin(external),
+                Named::ApiKey(digest) => self.api_keys.pin(digest),
             }
         }
     }
@@ -478,9 +507,9 @@ impl CacheHub {
     /// Drops and unpins the keys once their transaction has ended.
     pub(crate) fn unpin(&self, keys: &[String]) {
         for key in keys {
-            match key.starts_with("c:") {
-                true => self.entitlements.unpin(key),
-                false => self.api_keys.unpin(key),
+            match named(key) {
+                Named::Customer(external) => self.entitlements.unpin(external),
+                Named::ApiKey(digest) => self.api_keys.unpin(digest),
             }
         }
         metrics::counter!("cache_invalidations_total", "source" => "local").increment(keys.len() as u64);
@@ -940,6 +969,43 @@ mod tests {
         let off = CacheHub::new(0);
         off.renew_lease(off.now_ms(), LEASE);
         assert!(!off.serving(), "capacity 0 turns the cache off");
+    }
+
+    #[test]
+    fn encoded_keys_reach_the_entry_of_the_cache_they_name() {
+        let hub = CacheHub::new(10);
+        let ticket = miss_in(&hub.entitlements, "u_1");
+        let stored = StoredEntitlements { version: 1, entitlements: Default::default(), updated_at: 0 };
+        let entitlements = CustomerEntitlements { customer_id: "cus_1".into(), stored };
+        assert!(hub.entitlements.fill("u_1".into(), ticket, Arc::new(entitlements)));
+        let ticket = miss_in(&hub.api_keys, "d1");
+        let record = ApiKeyRecord {
+            id: "key_1".into(),
+            name: "k".into(),
+            scope: crate::auth::Scope::Read,
+            mode: crate::auth::KeyMode::Test,
+            prefix: "tg_test_".into(),
+            created_at: 0,
+            revoked_at: None,
+        };
+        assert!(hub.api_keys.fill("d1".into(), ticket, Arc::new(record)));
+        // Each encoding reaches its own cache only, by the id alone.
+        hub.invalidate(&[CacheKey::ApiKey("u_1".into()).encode()], "test");
+        assert!(matches!(hub.entitlements.lookup("u_1"), Lookup::Hit(_)));
+        hub.invalidate(&[CacheKey::Customer("u_1".into()).encode()], "test");
+        assert!(matches!(hub.entitlements.lookup("u_1"), Lookup::Miss(_)));
+        assert!(matches!(hub.api_keys.lookup("d1"), Lookup::Hit(_)));
+        hub.pin(&[CacheKey::ApiKey("d1".into()).encode()]);
+        assert!(matches!(hub.api_keys.lookup("d1"), Lookup::Miss(_)));
+        hub.unpin(&[CacheKey::ApiKey("d1".into()).encode()]);
+        assert!(hub.api_keys.shards.iter().all(|s| s.read().unwrap().pinned.is_empty()));
+    }
+
+    fn miss_in<V>(cache: &Cache<V>, key: &str) -> Ticket {
+        match cache.lookup(key) {
+            Lookup::Miss(t) => t,
+            Lookup::Hit(_) => panic!("unexpected hit"),
+        }
     }
 
     #[test]

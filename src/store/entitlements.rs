@@ -615,21 +615,19 @@ impl Store {
         &self,
         external: &ExternalId,
     ) -> StoreResult<Option<Arc<CustomerEntitlements>>> {
-        let key = CacheKey::customer(external.as_str());
-        let ticket = match self.cache.lookup(&self.cache.entitlements, &key) {
+        let ticket = match self.cache.lookup(&self.cache.entitlements, external.as_str()) {
             Some(Lookup::Hit(found)) => return Ok(Some(found)),
             Some(Lookup::Miss(ticket)) => Some(ticket),
             None => None,
         };
         // Boxed: the queries' state would otherwise be allocated and moved
         // with every check's future, hits included.
-        Box::pin(self.read_customer_entitlements(external, key, ticket)).await
+        Box::pin(self.read_customer_entitlements(external, ticket)).await
     }
 
     async fn read_customer_entitlements(
         &self,
         external: &ExternalId,
-        key: String,
         ticket: Option<Ticket>,
     ) -> StoreResult<Option<Arc<CustomerEntitlements>>> {
         // Unknown customers are not cached: creating one invalidates nothing.
@@ -637,7 +635,7 @@ impl Store {
         let stored = self.entitlements(&customer.id).await?;
         let found = Arc::new(CustomerEntitlements { customer_id: customer.id, stored });
         if let Some(ticket) = ticket {
-            self.cache.entitlements.fill(key, ticket, found.clone());
+            self.cache.entitlements.fill(external.as_str().to_owned(), ticket, found.clone());
         }
         Ok(Some(found))
     }
