@@ -136,9 +136,24 @@ fn base62_encode(bytes: &[u8; 32]) -> String {
 /// computes one, so it is encoded straight into one buffer
 /// (`hex::encode` goes through a char iterator, ten times slower).
 pub fn digest_key(plaintext: &str) -> String {
-    let mut hex = [0u8; 64];
-    hex::encode_to_slice(Sha256::digest(plaintext.as_bytes()), &mut hex).expect("32 bytes are 64 hex digits");
-    String::from_utf8(hex.to_vec()).expect("hex digits are ASCII")
+    KeyDigest::of(plaintext).as_str().to_owned()
+}
+
+/// [`digest_key`] on the stack: every API request computes one, and as a
+/// `String` it was an allocation of its own.
+pub struct KeyDigest([u8; 64]);
+
+impl KeyDigest {
+    pub fn of(plaintext: &str) -> Self {
+        let mut hex = [0u8; 64];
+        hex::encode_to_slice(Sha256::digest(plaintext.as_bytes()), &mut hex)
+            .expect("32 bytes are 64 hex digits");
+        KeyDigest(hex)
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
 }
 
 /// Cheap shape check before any database lookup, so junk never costs a query.

@@ -253,7 +253,7 @@ async fn create(
 ) -> ApiResult<(StatusCode, Json<CheckoutSession>)> {
     let request_key = idempotency_key
         .as_deref()
-        .map(|k| derived_idempotency_key(&["checkout", &caller.key_id, k, &fingerprint(&body)]));
+        .map(|k| derived_idempotency_key(&["checkout", caller.key_id(), k, &fingerprint(&body)]));
     let customer = customer_param(state, &body.customer).await?;
     let external = ExternalId::parse(&customer.external_id).map_err(|e| ApiError::internal(e.0))?;
     let success_url =

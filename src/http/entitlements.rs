@@ -216,7 +216,7 @@ pub async fn debit_balance(
     // The ledger entry is keyed by the caller's Idempotency-Key (per API
     // key), so even a replay that outlived the idempotency store consumes once.
     let entry_key = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
-        Some(k) => format!("debit:{}:{k}", principal.key_id),
+        Some(k) => format!("debit:{}:{k}", principal.key_id()),
         None => format!("debit:{}", new_id("dbt")),
     };
     let policy = state.config.fulfilment_policy();

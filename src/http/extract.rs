@@ -8,7 +8,10 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use super::error::{ApiError, ApiResult, ErrorType};
+use std::sync::Arc;
+
 use crate::auth::{KeyMode, Scope};
+use crate::store::api_keys::ApiKeyRecord;
 use crate::store::audit::Actor;
 use crate::store::Page;
 
@@ -222,17 +225,36 @@ pub fn text_filter(param: &str, value: Option<String>) -> ApiResult<Option<Strin
     }
 }
 
-/// The authenticated caller, placed in the request by the auth middleware.
+/// The authenticated caller, placed in the request by the auth middleware:
+/// the API key's cached record itself, so that neither authentication nor
+/// a handler's extractor copies the key's id (two allocations of every
+/// request).
 #[derive(Debug, Clone)]
-pub struct Principal {
-    pub key_id: String,
-    pub scope: Scope,
-    pub mode: KeyMode,
-}
+pub struct Principal(Arc<ApiKeyRecord>);
 
 impl Principal {
+    pub fn new(key: Arc<ApiKeyRecord>) -> Self {
+        Principal(key)
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.0.id
+    }
+
+    pub fn record(&self) -> &ApiKeyRecord {
+        &self.0
+    }
+
+    pub fn scope(&self) -> Scope {
+        self.0.scope
+    }
+
+    pub fn mode(&self) -> KeyMode {
+        self.0.mode
+    }
+
     pub fn actor(&self) -> Actor {
-        Actor::ApiKey(self.key_id.clone())
+        Actor::ApiKey(self.0.id.clone())
     }
 }
 
@@ -241,12 +263,13 @@ fn principal_with(parts: &Parts, needed: Scope) -> ApiResult<Principal> {
         parts.extensions.get::<Principal>().cloned().ok_or_else(|| {
             ApiError::unauthenticated("No API key provided. Send Authorization: Bearer tg_…")
         })?;
-    if principal.scope.allows(needed) {
+    if principal.scope().allows(needed) {
         Ok(principal)
     } else {
         Err(ApiError::forbidden(format!(
             "This API key has scope '{}'; this request needs '{}'.",
-            principal.scope, needed
+            principal.scope(),
+            needed
         )))
     }
 }

@@ -492,7 +492,7 @@ async fn api(state: AppState, req: Request, next: Route) -> Response {
 /// Authentication, the limit by API key and idempotency.
 async fn authenticated(state: &AppState, mut req: Request, next: Route) -> Result<Response, ApiError> {
     let principal = authenticate(state, req.headers()).await?;
-    let by_key = match ratelimit::check_key(state, &principal.key_id).await {
+    let by_key = match ratelimit::check_key(state, &principal.record().id).await {
         Ok(decision) => decision,
         Err(refused) => return Ok(refused),
     };
@@ -531,11 +531,11 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal
     }
     let record = state
         .store
-        .find_api_key_by_digest(&auth::digest_key(token))
+        .find_api_key_by_digest(auth::KeyDigest::of(token).as_str())
         .await?
         .ok_or_else(|| ApiError::unauthenticated("Invalid API key provided."))?;
     tracing::Span::current().record("api_key", record.id.as_str());
-    Ok(Principal { key_id: record.id.clone(), scope: record.scope, mode: record.mode })
+    Ok(Principal::new(record))
 }
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -591,7 +591,7 @@ async fn idempotency(state: &AppState, req: Request, next: Route) -> Result<Resp
     let lease = state.request_timeout_seconds + 30;
     let first = match state
         .store
-        .claim_idempotency_key(&principal.key_id, &key, &fingerprint, lease, ttl)
+        .claim_idempotency_key(principal.key_id(), &key, &fingerprint, lease, ttl)
         .await?
     {
         Claim::Acquired { first } => first,
@@ -619,7 +619,7 @@ async fn idempotency(state: &AppState, req: Request, next: Route) -> Result<Resp
     // the lease.
     let mut guard = ReleaseOnDrop {
         store: state.store.clone(),
-        api_key_id: principal.key_id.clone(),
+        api_key_id: principal.key_id().to_owned(),
         key,
         armed: true,
         forget: false,

@@ -90,7 +90,7 @@ pub async fn create_portal_session(
     let form = Form::new().set("customer", provider_customer).set("return_url", &return_url);
     // A retry of this request (same key and body) gets the same session.
     let key = idempotency_key(&headers)
-        .map(|k| derived_idempotency_key(&["portal", &caller.key_id, &k, &fingerprint(&body)]));
+        .map(|k| derived_idempotency_key(&["portal", caller.key_id(), &k, &fingerprint(&body)]));
     let session = state.stripe.post("/v1/billing_portal/sessions", &form, key.as_deref()).await?;
     let text = |field: &str| {
         session[field]

@@ -168,7 +168,7 @@ pub(super) fn provider_key(
 ) -> String {
     let theirs = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
     match theirs {
-        Some(key) => derived_idempotency_key(&[operation, &principal.key_id, key, object]),
+        Some(key) => derived_idempotency_key(&[operation, principal.key_id(), key, object]),
         None => {
             let request = current_request_id().unwrap_or_else(|| crate::ids::new_id("req"));
             derived_idempotency_key(&[operation, &request, object])
