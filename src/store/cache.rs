@@ -150,14 +150,16 @@ const API_KEY_PREFIX: &str = "k:";
 enum Named<'a> {
     Customer(&'a str),
     ApiKey(&'a str),
+    /// Not an encoding this version makes (a newer peer's, say): which
+    /// entry it names is unknown, so everything goes.
+    Unknown,
 }
 
 fn named(encoded: &str) -> Named<'_> {
     match (encoded.strip_prefix(CUSTOMER_PREFIX), encoded.strip_prefix(API_KEY_PREFIX)) {
         (Some(external), _) => Named::Customer(external),
         (None, Some(digest)) => Named::ApiKey(digest),
-        // Not an encoding this version makes.
-        (None, None) => Named::ApiKey(encoded),
+        (None, None) => Named::Unknown,
     }
 }
 
@@ -490,6 +492,7 @@ impl CacheHub {
             match named(key) {
                 Named::Customer(external) => self.entitlements.invalidate(external),
                 Named::ApiKey(digest) => self.api_keys.invalidate(digest),
+                Named::Unknown => self.reset("unknown_key"),
             }
         }
         metrics::counter!("cache_invalidations_total", "source" => source).increment(keys.len() as u64);
@@ -500,6 +503,7 @@ impl CacheHub {
             match named(key) {
                 Named::Customer(external) => self.entitlements.pin(external),
                 Named::ApiKey(digest) => self.api_keys.pin(digest),
+                Named::Unknown => self.reset("unknown_key"),
             }
         }
     }
@@ -510,6 +514,7 @@ impl CacheHub {
             match named(key) {
                 Named::Customer(external) => self.entitlements.unpin(external),
                 Named::ApiKey(digest) => self.api_keys.unpin(digest),
+                Named::Unknown => self.reset("unknown_key"),
             }
         }
         metrics::counter!("cache_invalidations_total", "source" => "local").increment(keys.len() as u64);
@@ -979,16 +984,7 @@ mod tests {
         let entitlements = CustomerEntitlements { customer_id: "cus_1".into(), stored };
         assert!(hub.entitlements.fill("u_1".into(), ticket, Arc::new(entitlements)));
         let ticket = miss_in(&hub.api_keys, "d1");
-        let record = ApiKeyRecord {
-            id: "key_1".into(),
-            name: "k".into(),
-            scope: crate::auth::Scope::Read,
-            mode: crate::auth::KeyMode::Test,
-            prefix: "tg_test_".into(),
-            created_at: 0,
-            revoked_at: None,
-        };
-        assert!(hub.api_keys.fill("d1".into(), ticket, Arc::new(record)));
+        assert!(hub.api_keys.fill("d1".into(), ticket, hub_record()));
         // Each encoding reaches its own cache only, by the id alone.
         hub.invalidate(&[CacheKey::ApiKey("u_1".into()).encode()], "test");
         assert!(matches!(hub.entitlements.lookup("u_1"), Lookup::Hit(_)));
@@ -999,6 +995,24 @@ mod tests {
         assert!(matches!(hub.api_keys.lookup("d1"), Lookup::Miss(_)));
         hub.unpin(&[CacheKey::ApiKey("d1".into()).encode()]);
         assert!(hub.api_keys.shards.iter().all(|s| s.read().unwrap().pinned.is_empty()));
+        // A key of an unknown encoding (a newer peer's) clears everything.
+        let ticket = miss_in(&hub.api_keys, "d1");
+        assert!(hub.api_keys.fill("d1".into(), ticket, hub_record()));
+        hub.invalidate(&["x:d1".to_owned()], "test");
+        assert!(matches!(hub.api_keys.lookup("d1"), Lookup::Miss(_)));
+        assert_eq!(hub.stats().resets, 1);
+    }
+
+    fn hub_record() -> Arc<ApiKeyRecord> {
+        Arc::new(ApiKeyRecord {
+            id: "key_1".into(),
+            name: "k".into(),
+            scope: crate::auth::Scope::Read,
+            mode: crate::auth::KeyMode::Test,
+            prefix: "tg_test_".into(),
+            created_at: 0,
+            revoked_at: None,
+        })
     }
 
     fn miss_in<V>(cache: &Cache<V>, key: &str) -> Ticket {
