@@ -584,7 +584,7 @@ impl Phase {
             _ => None,
         };
         self.seconds += slice.seconds;
-        // Sorted again once all slices are in (see `sorted`).
+        // Sorted by the caller once every slice is in.
         self.latencies_us.extend(slice.latencies_us);
         for (status, n) in slice.statuses {
             *self.statuses.entry(status).or_default() += n;
@@ -951,29 +951,25 @@ pub async fn entitlements(mut config: Config, load: EntitlementLoad) -> Result<S
     // Both full-speed phases keep the two cores busy, so on a quiet machine
     // the rate ratio is the inverse of the CPU-per-request ratio; unlike
     // the rate, the CPU per request does not move with other work.
-    let by_cpu = match (bare_full.cpu_us(), check_full.cpu_us()) {
+    let cpu_ratio = |what: &str, bare: Option<f64>, check: Option<f64>| match (bare, check) {
         (Some(bare), Some(check)) if check > 0.0 => {
-            format!(
-                "by the process's CPU per request, generator included: {:.1} % \
-                 (bare {bare:.1} µs, check {check:.1} µs)\n",
-                100.0 * bare / check
-            )
+            format!("by {what}: {:.1} % (bare {bare:.1} µs, check {check:.1} µs)\n", 100.0 * bare / check)
         }
         _ => String::new(),
     };
+    let by_cpu = cpu_ratio(
+        "the process's CPU per request, generator included",
+        bare_full.cpu_us(),
+        check_full.cpu_us(),
+    );
     // The generator takes about half the machine, the same for both
     // handlers, which lifts the ratio toward 100 %. The servers' own
     // threads are what a client in another process (wrk) measures.
-    let by_server_cpu = match (bare_full.server_cpu_us(), check_full.server_cpu_us()) {
-        (Some(bare), Some(check)) if check > 0.0 => {
-            format!(
-                "by the servers' CPU per request, the generator's threads left out: {:.1} % \
-                 (bare {bare:.1} µs, check {check:.1} µs)\n",
-                100.0 * bare / check
-            )
-        }
-        _ => String::new(),
-    };
+    let by_server_cpu = cpu_ratio(
+        "the servers' CPU per request, the generator's threads left out",
+        bare_full.server_cpu_us(),
+        check_full.server_cpu_us(),
+    );
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     let report = format!(
         "entitlement check vs bare axum: {c} connections, {:.0} s per phase \
