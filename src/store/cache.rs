@@ -155,6 +155,14 @@ enum Named<'a> {
     Unknown,
 }
 
+/// What a commit does to an entry (see the module docs).
+#[derive(Clone, Copy)]
+enum Change {
+    Invalidate,
+    Pin,
+    Unpin,
+}
+
 fn named(encoded: &str) -> Named<'_> {
     match (encoded.strip_prefix(CUSTOMER_PREFIX), encoded.strip_prefix(API_KEY_PREFIX)) {
         (Some(external), _) => Named::Customer(external),
@@ -301,6 +309,14 @@ impl<V> Cache<V> {
         }
         s.entries.insert(key, Entry { value, referenced: AtomicBool::new(false) });
         true
+    }
+
+    fn change(&self, key: &str, change: Change) {
+        match change {
+            Change::Invalidate => self.invalidate(key),
+            Change::Pin => self.pin(key),
+            Change::Unpin => self.unpin(key),
+        }
     }
 
     fn invalidate(&self, key: &str) {
@@ -487,36 +503,29 @@ impl CacheHub {
         Some(found)
     }
 
-    fn invalidate(&self, keys: &[String], source: &'static str) {
+    /// Applies `change` to the entry each encoded key names, in its cache.
+    fn change_each(&self, keys: &[String], change: Change) {
         for key in keys {
             match named(key) {
-                Named::Customer(external) => self.entitlements.invalidate(external),
-                Named::ApiKey(digest) => self.api_keys.invalidate(digest),
+                Named::Customer(external) => self.entitlements.change(external, change),
+                Named::ApiKey(digest) => self.api_keys.change(digest, change),
                 Named::Unknown => self.reset("unknown_key"),
             }
         }
+    }
+
+    fn invalidate(&self, keys: &[String], source: &'static str) {
+        self.change_each(keys, Change::Invalidate);
         metrics::counter!("cache_invalidations_total", "source" => source).increment(keys.len() as u64);
     }
 
     pub(crate) fn pin(&self, keys: &[String]) {
-        for key in keys {
-            match named(key) {
-                Named::Customer(external) => self.entitlements.pin(external),
-                Named::ApiKey(digest) => self.api_keys.pin(digest),
-                Named::Unknown => self.reset("unknown_key"),
-            }
-        }
+        self.change_each(keys, Change::Pin);
     }
 
     /// Drops and unpins the keys once their transaction has ended.
     pub(crate) fn unpin(&self, keys: &[String]) {
-        for key in keys {
-            match named(key) {
-                Named::Customer(external) => self.entitlements.unpin(external),
-                Named::ApiKey(digest) => self.api_keys.unpin(digest),
-                Named::Unknown => self.reset("unknown_key"),
-            }
-        }
+        self.change_each(keys, Change::Unpin);
         metrics::counter!("cache_invalidations_total", "source" => "local").increment(keys.len() as u64);
     }
 
@@ -891,10 +900,10 @@ async fn sqlite_sync(
 mod tests {
     use super::*;
 
-    fn miss(cache: &Cache<u32>, key: &str) -> Ticket {
+    fn miss<V>(cache: &Cache<V>, key: &str) -> Ticket {
         match cache.lookup(key) {
             Lookup::Miss(t) => t,
-            Lookup::Hit(v) => panic!("unexpected hit {v}"),
+            Lookup::Hit(_) => panic!("unexpected hit for {key}"),
         }
     }
 
@@ -979,11 +988,11 @@ mod tests {
     #[test]
     fn encoded_keys_reach_the_entry_of_the_cache_they_name() {
         let hub = CacheHub::new(10);
-        let ticket = miss_in(&hub.entitlements, "u_1");
+        let ticket = miss(&hub.entitlements, "u_1");
         let stored = StoredEntitlements { version: 1, entitlements: Default::default(), updated_at: 0 };
         let entitlements = CustomerEntitlements { customer_id: "cus_1".into(), stored };
         assert!(hub.entitlements.fill("u_1".into(), ticket, Arc::new(entitlements)));
-        let ticket = miss_in(&hub.api_keys, "d1");
+        let ticket = miss(&hub.api_keys, "d1");
         assert!(hub.api_keys.fill("d1".into(), ticket, hub_record()));
         // Each encoding reaches its own cache only, by the id alone.
         hub.invalidate(&[CacheKey::ApiKey("u_1".into()).encode()], "test");
@@ -996,7 +1005,7 @@ mod tests {
         hub.unpin(&[CacheKey::ApiKey("d1".into()).encode()]);
         assert!(hub.api_keys.shards.iter().all(|s| s.read().unwrap().pinned.is_empty()));
         // A key of an unknown encoding (a newer peer's) clears everything.
-        let ticket = miss_in(&hub.api_keys, "d1");
+        let ticket = miss(&hub.api_keys, "d1");
         assert!(hub.api_keys.fill("d1".into(), ticket, hub_record()));
         hub.invalidate(&["x:d1".to_owned()], "test");
         assert!(matches!(hub.api_keys.lookup("d1"), Lookup::Miss(_)));
@@ -1013,13 +1022,6 @@ mod tests {
             created_at: 0,
             revoked_at: None,
         })
-    }
-
-    fn miss_in<V>(cache: &Cache<V>, key: &str) -> Ticket {
-        match cache.lookup(key) {
-            Lookup::Miss(t) => t,
-            Lookup::Hit(_) => panic!("unexpected hit"),
-        }
     }
 
     #[test]
