@@ -1,12 +1,13 @@
 //! `/v1/audit-log`: the hash-chained record of every change (admin scope).
 
 use axum::routing::get;
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::ApiResult;
 use super::extract::{AdminKey, ApiQuery, ListParams};
+use super::Json;
 use super::{AppState, ListResponse};
 use crate::store::audit::AuditEntry as StoredEntry;
 

@@ -3,12 +3,13 @@
 use std::collections::BTreeMap;
 
 use axum::routing::get;
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{list_query, ApiQuery, ReadKey};
+use super::Json;
 use super::{AppState, ListResponse};
 use crate::billing::catalog::{Grants, Recurring};
 use crate::ids::CatalogKey;

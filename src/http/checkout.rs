@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -22,6 +22,7 @@ use utoipa::ToSchema;
 use super::error::{current_request_id, ApiError, ApiResult, ErrorBody, ErrorType};
 use super::extract::{ApiJson, ApiPath, Principal, ReadKey, WriteKey};
 use super::AppState;
+use super::Json;
 use crate::billing::checkout::{check_cart, CartLine, Mode};
 use crate::ids::{new_id, ExternalId};
 use crate::providers::stripe::{derived_idempotency_key, Form, StripeClientError};

@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 
 use axum::http::StatusCode;
 use axum::routing::get;
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{current_request_id, ApiError, ApiResult, ErrorBody};
 use super::extract::{list_query, text_filter, ApiJson, ApiPath, ApiQuery, ReadKey, WriteKey};
+use super::Json;
 use super::{AppState, ListResponse};
 use crate::ids::ExternalId;
 use crate::store::customers::{CustomerChanges, CustomerRecord, Upserted};

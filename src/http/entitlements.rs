@@ -5,13 +5,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult, ErrorBody, ErrorType};
 use super::extract::{ApiJson, ApiPath, ReadKey, WriteKey};
 use super::AppState;
+use super::Json;
 use crate::ids::{new_id, ExternalId};
 use crate::store::cache::CustomerEntitlements;
 use crate::store::entitlements::{DebitError, StoredEntitlements};

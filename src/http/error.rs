@@ -5,6 +5,9 @@
 //! where it happened, and answered with an opaque message: internal causes
 //! never reach the client.
 
+use std::cell::Cell;
+
+use axum::extract::MatchedPath;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -13,13 +16,35 @@ use crate::providers::stripe::StripeClientError;
 use crate::store::StoreError;
 
 tokio::task_local! {
-    /// The current request's id, so any error built while handling it can
-    /// carry it without threading it through every call.
-    pub static REQUEST_ID: String;
+    /// What the edge knows of the request being answered, for the code
+    /// answering it. One task-local rather than one per field: every poll
+    /// of a request's future swaps each task-local in and out.
+    pub static REQUEST: RequestContext;
+}
+
+pub struct RequestContext {
+    /// The request's id, so any error built while handling it can carry it
+    /// without threading it through every call. The edge takes it when it
+    /// answers, as the `Request-Id` header, so it is not copied.
+    pub id: Cell<Option<HeaderValue>>,
+    /// The route template the router matched, noted from inside the router
+    /// (`middleware::note_route`: the edge sees the request before routing)
+    /// and taken by the edge for the request's metrics and log line.
+    /// Requests no route takes (unknown paths, preflights CORS answers)
+    /// have none.
+    pub route: Cell<Option<MatchedPath>>,
 }
 
 pub fn current_request_id() -> Option<String> {
-    REQUEST_ID.try_with(Clone::clone).ok()
+    REQUEST
+        .try_with(|request| {
+            let id = request.id.take();
+            let text = id.as_ref().and_then(|v| v.to_str().ok()).map(str::to_owned);
+            request.id.set(id);
+            text
+        })
+        .ok()
+        .flatten()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -215,7 +240,7 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.body())).into_response();
+        let mut response = (self.status, super::Json(self.body())).into_response();
         if let Some(seconds) = self.retry_after {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from(seconds));
         }

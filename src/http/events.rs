@@ -2,12 +2,13 @@
 //! deliver, so an application can catch up on what it missed.
 
 use axum::routing::get;
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{list_query, text_filter, ApiPath, ApiQuery, ReadKey};
+use super::Json;
 use super::{AppState, ListResponse};
 use crate::ids::ExternalId;
 use crate::store::events::EventRecord;

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
+use super::Json;
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -24,7 +24,7 @@ use tower::{Layer, Service, ServiceExt};
 use tower_http::cors::{Cors, CorsLayer};
 use tracing::Instrument;
 
-use super::error::{ApiError, ErrorType, REQUEST_ID};
+use super::error::{ApiError, ErrorType, RequestContext, REQUEST};
 use super::extract::Principal;
 use super::{ratelimit, AppState, InFlightGuard};
 use crate::auth;
@@ -36,12 +36,22 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Accepts a caller's `X-Request-Id` only if it is short and plain, so ids
 /// can be logged and echoed without escaping.
-fn incoming_request_id(headers: &HeaderMap) -> Option<String> {
-    let raw = headers.get(X_REQUEST_ID)?.to_str().ok()?;
-    let ok = !raw.is_empty()
-        && raw.len() <= 128
-        && raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
-    ok.then(|| raw.to_owned())
+fn incoming_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
+    let raw = headers.get(X_REQUEST_ID)?;
+    let bytes = raw.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 128
+        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    ok.then(|| raw.clone())
+}
+
+/// The request's id: the caller's, or a new one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    incoming_request_id(headers).unwrap_or_else(|| {
+        // A new id is ASCII letters, digits and `_`, always a valid value.
+        HeaderValue::from_bytes(crate::ids::new_request_id().as_bytes())
+            .unwrap_or_else(|_| HeaderValue::from_static("req_"))
+    })
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -61,21 +71,12 @@ pub struct Edge {
     cors: Cors<Router>,
 }
 
-tokio::task_local! {
-    /// The route template the router matched, noted by [`note_route`] from
-    /// inside the router (the edge sees the request before routing) and
-    /// read by the edge for the request's metrics and log line. Requests
-    /// no route takes (unknown paths, preflights CORS answers) are
-    /// `unmatched`.
-    static MATCHED_ROUTE: Cell<Option<MatchedPath>>;
-}
-
 /// Tells the edge which route matched; called by [`RouteLabelLayer`], the
 /// outermost layer each route carries, when the router hands it the
 /// request.
 fn note_route<B>(req: &Request<B>) {
     if let Some(route) = req.extensions().get::<MatchedPath>() {
-        let _ = MATCHED_ROUTE.try_with(|slot| slot.set(Some(route.clone())));
+        let _ = REQUEST.try_with(|request| request.route.set(Some(route.clone())));
         tracing::Span::current().record("route", route.as_str());
     }
 }
@@ -122,13 +123,13 @@ impl Edge {
     /// Gives the request an id, a span, a log line and metrics. Headers are
     /// not recorded, so keys and signatures never reach the logs.
     pub fn call(&self, req: Request) -> BoxFuture<Result<Response, Infallible>> {
-        let request_id = incoming_request_id(req.headers()).unwrap_or_else(crate::ids::new_request_id);
+        let request_id = request_id(req.headers());
         let method_label = method_label(req.method());
         // Kept for the message of an error a layer answers with a bare status.
         let (method, uri) = (req.method().clone(), req.uri().clone());
         let span = tracing::info_span!(
             "request",
-            request_id = %request_id,
+            request_id = request_id.to_str().unwrap_or_default(),
             method = method_label,
             route = tracing::field::Empty,
             api_key = tracing::field::Empty
@@ -169,15 +170,14 @@ impl Edge {
                     // must not reuse this response for a request that has one.
                     response.headers_mut().append(header::VARY, HeaderValue::from_static("origin"));
                 }
-                if let Ok(Ok(value)) = REQUEST_ID.try_with(|id| HeaderValue::from_str(id)) {
-                    response.headers_mut().insert(REQUEST_ID_NAME, value);
+                let (id, route) = REQUEST.with(|request| (request.id.take(), request.route.take()));
+                if let Some(id) = id {
+                    response.headers_mut().insert(REQUEST_ID_NAME, id);
                 }
-                (response, MATCHED_ROUTE.with(Cell::take))
+                (response, route)
             };
-            let (response, route) = REQUEST_ID
-                .scope(request_id, MATCHED_ROUTE.scope(Cell::new(None), work))
-                .instrument(span.clone())
-                .await;
+            let context = RequestContext { id: Cell::new(Some(request_id)), route: Cell::new(None) };
+            let (response, route) = REQUEST.scope(context, work).instrument(span.clone()).await;
             let elapsed = started.elapsed();
             let status = response.status();
             let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
@@ -201,8 +201,11 @@ impl Edge {
 /// `metrics::counter!` with owned label strings built a key, hashed it and
 /// looked it up in the registry on every request. Routes are `MatchedPath`
 /// templates or `unmatched` and methods a fixed set, so the map is bounded.
+/// Its keys are those templates, never a caller's text, so it hashes with
+/// foldhash rather than SipHash (which resists collisions crafted by
+/// callers, at several times the cost per request).
 #[derive(Default)]
-pub struct RequestMetrics(RwLock<HashMap<Box<str>, Vec<Series>>>);
+pub struct RequestMetrics(RwLock<HashMap<Box<str>, Vec<Series>, foldhash::fast::RandomState>>);
 
 struct Series {
     method: &'static str,
@@ -350,53 +353,94 @@ fn security_headers(h: &mut HeaderMap, https: bool) {
     }
 }
 
-/// The request timeout: answers a bare 408 (made JSON by the edge) when
-/// the request is not done within the limit, as tower-http's
-/// `TimeoutLayer` did. Unlike it, the timer is armed only once the request
-/// has had to wait: tower-http polls a fresh timer before the request on
-/// every call, so every request inserted an entry into the runtime's
-/// timer wheel and removed it again, though most requests (every cached
-/// entitlement check) are answered on their first poll. The deadline is
-/// still taken when the request arrives.
+/// The limits on every route but the providers' webhooks (which enforce
+/// their own size, answering as providers expect), in one layer: the
+/// body's size and the request's time. Limits outside the handlers answer
+/// with a bare status, which the edge turns into the API's JSON error.
+///
+/// The size: a declared `Content-Length` over the limit is a 413 before
+/// anything is read; a longer body than declared, or one sent in chunks,
+/// fails when read past the limit (a 413 from the extractors). tower-http's
+/// `RequestBodyLimit` did the same, but wrapped every request's body and
+/// every response's body in its own type, which axum then boxed: two
+/// allocations per request, though most requests (every entitlement
+/// check) have no body at all. Here an empty body is left as it is and a
+/// response is not touched.
+///
+/// The time: a bare 408 when the request is not done within the limit, as
+/// tower-http's `TimeoutLayer` did. Unlike it, the timer is armed only once
+/// the request has had to wait: tower-http polls a fresh timer before the
+/// request on every call, so every request inserted an entry into the
+/// runtime's timer wheel and removed it again, though most requests are
+/// answered on their first poll. For the same reason the limit counts from
+/// the end of that first poll, not from the request's arrival: reading the
+/// clock is a measurable share of a cached check, and the first poll of a
+/// request that waits is short (it stops at the first thing it waits for).
 #[derive(Clone, Copy)]
-pub struct RequestTimeoutLayer(pub Duration);
+pub struct RouteLimitsLayer {
+    pub max_body_bytes: usize,
+    pub timeout: Duration,
+}
 
-impl<S> Layer<S> for RequestTimeoutLayer {
-    type Service = RequestTimeout<S>;
+impl<S> Layer<S> for RouteLimitsLayer {
+    type Service = RouteLimits<S>;
 
-    fn layer(&self, inner: S) -> RequestTimeout<S> {
-        RequestTimeout { inner, timeout: self.0 }
+    fn layer(&self, inner: S) -> RouteLimits<S> {
+        RouteLimits { inner, limits: *self }
     }
 }
 
 #[derive(Clone)]
-pub struct RequestTimeout<S> {
+pub struct RouteLimits<S> {
     inner: S,
-    timeout: Duration,
+    limits: RouteLimitsLayer,
 }
 
-impl<S, B> Service<Request<B>> for RequestTimeout<S>
+impl<S> Service<Request> for RouteLimits<S>
 where
-    S: Service<Request<B>, Response = Response>,
+    S: Service<Request, Response = Response>,
     S::Future: Unpin,
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = TimeoutFuture<S::Future>;
+    type Future = Either<std::future::Ready<Result<Response, S::Error>>, TimeoutFuture<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        TimeoutFuture { inner: self.inner.call(req), deadline, sleep: None }
+    fn call(&mut self, req: Request) -> Self::Future {
+        let max = self.limits.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > max as u64) {
+            return Either::Left(std::future::ready(Ok(bare(StatusCode::PAYLOAD_TOO_LARGE))));
+        }
+        let req = if req.body().is_end_stream() {
+            req
+        } else {
+            req.map(|body| Body::new(http_body_util::Limited::new(body, max)))
+        };
+        Either::Right(TimeoutFuture {
+            inner: self.inner.call(req),
+            timeout: self.limits.timeout,
+            sleep: None,
+        })
     }
+}
+
+fn bare(status: StatusCode) -> Response {
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = status;
+    response
 }
 
 pub struct TimeoutFuture<F> {
     inner: F,
-    deadline: tokio::time::Instant,
+    timeout: Duration,
     /// Created on the first poll that leaves the request waiting.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -412,14 +456,10 @@ where
         if let Poll::Ready(output) = Pin::new(&mut this.inner).poll(cx) {
             return Poll::Ready(output);
         }
-        let deadline = this.deadline;
-        let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        let timeout = this.timeout;
+        let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                let mut response = Response::new(Body::empty());
-                *response.status_mut() = StatusCode::REQUEST_TIMEOUT;
-                Poll::Ready(Ok(response))
-            }
+            Poll::Ready(()) => Poll::Ready(Ok(bare(StatusCode::REQUEST_TIMEOUT))),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -744,6 +784,37 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"]["code"], "internal_error");
         assert!(!body.to_string().contains("handler bug"), "the panic message stays in the log");
+    }
+
+    /// The limits' service over a handler that reads the whole body and
+    /// says whether it could.
+    fn limited(max_body_bytes: usize) -> impl Service<Request, Response = Response, Error = Infallible> {
+        let reads_the_body = tower::service_fn(|req: Request| async move {
+            let read = axum::body::to_bytes(req.into_body(), usize::MAX).await;
+            Ok::<_, Infallible>(bare(if read.is_ok() {
+                StatusCode::OK
+            } else {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }))
+        });
+        RouteLimitsLayer { max_body_bytes, timeout: Duration::from_secs(5) }
+            .layer(reads_the_body.map_future(Box::pin))
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_refused_whether_declared_or_streamed() {
+        let declared =
+            Request::post("/").header(header::CONTENT_LENGTH, "9").body(Body::from("123456789")).unwrap();
+        assert_eq!(limited(8).oneshot(declared).await.unwrap().status(), StatusCode::PAYLOAD_TOO_LARGE);
+        // Chunks with no declared length: refused when read past the limit.
+        let chunks =
+            futures_util::stream::iter(["12345", "6789"].map(|c| Ok::<_, Infallible>(Bytes::from(c))));
+        let streamed = Request::post("/").body(Body::from_stream(chunks)).unwrap();
+        assert_eq!(limited(8).oneshot(streamed).await.unwrap().status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let within = Request::post("/").body(Body::from("12345678")).unwrap();
+        assert_eq!(limited(8).oneshot(within).await.unwrap().status(), StatusCode::OK);
+        let empty = Request::get("/").body(Body::empty()).unwrap();
+        assert_eq!(limited(0).oneshot(empty).await.unwrap().status(), StatusCode::OK);
     }
 
     #[tokio::test]

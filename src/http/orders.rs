@@ -2,7 +2,7 @@
 
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -10,6 +10,7 @@ use super::checkout::{fingerprint, idempotency_key};
 use super::error::{current_request_id, ApiError, ApiResult, ErrorBody};
 use super::extract::{list_query, text_filter, ApiJson, ApiPath, ApiQuery, Principal, ReadKey, WriteKey};
 use super::subscriptions::provider_key;
+use super::Json;
 use super::{AppState, ListResponse};
 use crate::ids::ExternalId;
 use crate::providers::stripe::{objects, Form, StripeClientError};

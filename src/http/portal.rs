@@ -4,7 +4,7 @@
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -12,6 +12,7 @@ use super::checkout::{customer_param, fingerprint, idempotency_key, url_param, P
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{ApiJson, WriteKey};
 use super::AppState;
+use super::Json;
 use crate::providers::stripe::{derived_idempotency_key, Form};
 
 pub fn router() -> Router<AppState> {

@@ -1,12 +1,13 @@
 //! `/v1/provider-events`: the inbox of provider webhooks (admin scope).
 
 use axum::routing::{get, post};
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{list_query, AdminKey, ApiPath, ApiQuery};
+use super::Json;
 use super::{AppState, ListResponse};
 use crate::store::provider_events::ProviderEventRecord;
 

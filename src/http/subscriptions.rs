@@ -2,7 +2,7 @@
 
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 use super::error::{current_request_id, ApiError, ApiResult, ErrorBody};
 use super::extract::{list_query, ApiJson, ApiPath, ApiQuery, Principal, ReadKey, WriteKey};
 use super::orders::customer_filter;
+use super::Json;
 use super::{AppState, ListResponse};
 use crate::providers::stripe::{derived_idempotency_key, objects, Answer, Form};
 use crate::store::subscriptions::{Answered, SubscriptionRow};

@@ -7,13 +7,14 @@
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{ApiPath, ReadKey};
 use super::AppState;
+use super::Json;
 use crate::ids::{new_id, ExternalId};
 use crate::store::now_unix;
 use crate::tokens::keys::KeyRingError;

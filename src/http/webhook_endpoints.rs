@@ -4,12 +4,13 @@
 
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{extract::State, Json, Router};
+use axum::{extract::State, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{current_request_id, ApiError, ApiResult, ErrorBody, ErrorType};
 use super::extract::{AdminKey, ApiJson, ApiPath, ApiQuery, ListParams};
+use super::Json;
 use super::{AppState, ListResponse};
 use crate::delivery::{self, signing, TargetPolicy};
 use crate::store::deliveries::{AttemptRecord, DeliveryRecord};
