@@ -15,6 +15,7 @@ use axum::body::{Body, HttpBody};
 use axum::extract::{MatchedPath, Request};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::routing::future::RouteFuture;
 use axum::routing::Route;
 use axum::Router;
 use bytes::Bytes;
@@ -28,6 +29,8 @@ use super::error::{ApiError, ErrorType, RequestContext, REQUEST};
 use super::extract::Principal;
 use super::{ratelimit, AppState, InFlightGuard};
 use crate::auth;
+use crate::ratelimit::Decision;
+use crate::store::cache::Ticket;
 use crate::store::idempotency::{Claim, StoredResponse};
 
 pub const REQUEST_ID_HEADER: &str = "request-id";
@@ -491,91 +494,204 @@ where
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response, Infallible>>;
+    type Future = ApiFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    /// Most requests are admitted without waiting for anything: their key
+    /// is in the cache, the limits are kept in this process, and they carry
+    /// no idempotency key. Those are decided here and go to their route
+    /// as they are; the others take [`api`]'s path, boxed. The request,
+    /// two hundred bytes and more, was otherwise moved through four nested
+    /// futures, and the route cloned twice, on every request.
+    fn call(&mut self, req: Request<B>) -> ApiFuture {
+        let req = req.map(Body::new);
+        let caller = identify(&self.state, req.headers());
+        let decided_here = !is_idempotent_write(&req) && ratelimit::decided_here(&self.state);
+        let caller = match (caller, decided_here) {
+            (Caller::Known(principal), true) => return self.admit_here(req, Ok(principal)),
+            (Caller::Refused(error), true) => return self.admit_here(req, Err(error)),
+            (caller, _) => caller,
+        };
         // The inner call comes after awaiting checks, so the future owns
         // the route.
         let next = self.inner.clone();
         let state = self.state.clone();
-        Box::pin(async move { Ok(api(state, req.map(Body::new), next).await) })
+        ApiFuture::Waiting(Box::pin(async move { Ok(api(state, req, next, caller).await) }))
     }
 }
 
-/// Everything `/v1` does before its handlers, as one layer: each layer
-/// costs every request a boxed clone of the route and a boxed future, and
-/// four of them were a large part of an entitlement check. In order: the
-/// limit by client address (so a flood of bad keys never reaches a key
-/// lookup), authentication, the limit by API key, then idempotency for
-/// POST, PUT and PATCH (its keys live under the authenticated API key).
-/// Each step's refusal carries the `RateLimit-*` headers of the limits
-/// already passed, as when they were separate layers.
-async fn api(state: AppState, req: Request, next: Route) -> Response {
-    let by_address = match ratelimit::check_address(&state, req.extensions(), req.headers()).await {
-        Ok(decision) => decision,
-        Err(refused) => return refused,
-    };
-    let mut response = match authenticated(&state, req, next).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    };
-    if let Some(decision) = &by_address {
+impl Api {
+    /// [`api`]'s steps, when none of them waits (see [`Api::call`]).
+    fn admit_here(&mut self, mut req: Request, caller: Result<Principal, ApiError>) -> ApiFuture {
+        let answered = |response| ApiFuture::Answered(std::future::ready(Ok(response)));
+        let by_address = match ratelimit::check_address_here(&self.state, req.extensions(), req.headers()) {
+            Ok(decision) => decision,
+            Err(refused) => return answered(refused.into_response()),
+        };
+        let principal = match caller {
+            Ok(principal) => principal,
+            Err(error) => return answered(reported(error.into_response(), [None, by_address])),
+        };
+        note_caller(&principal);
+        let by_key = match ratelimit::check_key_here(&self.state, &principal.record().id) {
+            Ok(decision) => decision,
+            Err(refused) => return answered(reported(refused.into_response(), [None, by_address])),
+        };
+        req.extensions_mut().insert(principal);
+        ApiFuture::Admitted { route: self.inner.call(req), limits: [by_key, by_address] }
+    }
+}
+
+/// [`Api`]'s answer: decided before any route ran (a refusal), a route's
+/// answer that the limits' headers are added to, or [`api`]'s path.
+// The large variant is the common one: a route's future, unboxed on purpose.
+#[allow(clippy::large_enum_variant)]
+pub enum ApiFuture {
+    Answered(std::future::Ready<Result<Response, Infallible>>),
+    Admitted { route: RouteFuture<Infallible>, limits: [Option<Decision>; 2] },
+    Waiting(BoxFuture<Result<Response, Infallible>>),
+}
+
+impl Future for ApiFuture {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            ApiFuture::Answered(answer) => Pin::new(answer).poll(cx),
+            ApiFuture::Admitted { route, limits } => match Pin::new(route).poll(cx) {
+                Poll::Ready(Ok(response)) => Poll::Ready(Ok(reported(response, *limits))),
+                Poll::Ready(Err(never)) => match never {},
+                Poll::Pending => Poll::Pending,
+            },
+            ApiFuture::Waiting(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Adds the `RateLimit-*` headers of the limits passed, innermost first:
+/// the limit per key, then per address, as [`api`] does.
+fn reported(mut response: Response, limits: [Option<Decision>; 2]) -> Response {
+    for decision in limits.iter().flatten() {
         ratelimit::report(response.headers_mut(), decision);
     }
     response
 }
 
+fn is_idempotent_write(req: &Request) -> bool {
+    matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH)
+        && req.headers().contains_key(IDEMPOTENCY_HEADER)
+}
+
+/// Everything `/v1` does before its handlers, as one layer: each layer
+/// costs every request a boxed clone of the route and a boxed future, and
+/// four of them were a large part of an entitlement check. In order: the
+/// limit by client address (so a flood of bad keys never reaches a
+/// database lookup), authentication, the limit by API key, then
+/// idempotency for POST, PUT and PATCH (its keys live under the
+/// authenticated API key). Each step's refusal carries the `RateLimit-*`
+/// headers of the limits already passed, as when they were separate
+/// layers. [`Api::admit_here`] takes the same steps when none waits.
+async fn api(state: AppState, req: Request, next: Route, caller: Caller) -> Response {
+    let by_address = match ratelimit::check_address(&state, req.extensions(), req.headers()).await {
+        Ok(decision) => decision,
+        Err(refused) => return refused.into_response(),
+    };
+    let response = match authenticated(&state, req, next, caller).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    reported(response, [None, by_address])
+}
+
 /// Authentication, the limit by API key and idempotency.
-async fn authenticated(state: &AppState, mut req: Request, next: Route) -> Result<Response, ApiError> {
-    let principal = authenticate(state, req.headers()).await?;
+async fn authenticated(
+    state: &AppState,
+    mut req: Request,
+    next: Route,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let principal = authenticate(state, caller).await?;
     let by_key = match ratelimit::check_key(state, &principal.record().id).await {
         Ok(decision) => decision,
-        Err(refused) => return Ok(refused),
+        Err(refused) => return Ok(refused.into_response()),
     };
     req.extensions_mut().insert(principal);
     // Boxed, and only for writes that carry a key: its state (request
     // body, database calls) would otherwise be part of every request's
     // future, allocated and moved on every read.
-    let idempotent = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH)
-        && req.headers().contains_key(IDEMPOTENCY_HEADER);
-    let outcome =
-        if idempotent { Box::pin(idempotency(state, req, next)).await } else { Ok(run(next, req).await) };
-    let mut response = match outcome {
+    let outcome = if is_idempotent_write(&req) {
+        Box::pin(idempotency(state, req, next)).await
+    } else {
+        Ok(run(next, req).await)
+    };
+    let response = match outcome {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
-    if let Some(decision) = &by_key {
-        ratelimit::report(response.headers_mut(), decision);
-    }
-    Ok(response)
+    Ok(reported(response, [by_key, None]))
 }
 
-/// `Authorization: Bearer tg_…` on every `/v1` route: 401 without a valid,
-/// unrevoked key. Scope is checked by each handler's extractor.
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
-    let header = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthenticated("No API key provided. Send Authorization: Bearer tg_…"))?;
+/// Who the `Authorization: Bearer tg_…` header says is calling, as far as
+/// memory tells without waiting. Every `/v1` route requires a valid,
+/// unrevoked key (401 otherwise); scope is checked by each handler's
+/// extractor.
+enum Caller {
+    /// A live key the cache holds.
+    Known(Principal),
+    /// A key of the right shape that the cache could not answer for: it is
+    /// read from the database (and cached when the ticket allows).
+    Unread { digest: auth::KeyDigest, ticket: Option<Ticket> },
+    /// No key, or not one tollgate issues.
+    Refused(ApiError),
+}
+
+fn identify(state: &AppState, headers: &HeaderMap) -> Caller {
+    let Some(header) = headers.get(header::AUTHORIZATION) else {
+        return Caller::Refused(ApiError::unauthenticated(
+            "No API key provided. Send Authorization: Bearer tg_…",
+        ));
+    };
     let token = header
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .ok_or_else(|| ApiError::unauthenticated("The Authorization header must be 'Bearer tg_…'."))?;
+        .map(str::trim);
+    let Some(token) = token else {
+        return Caller::Refused(ApiError::unauthenticated("The Authorization header must be 'Bearer tg_…'."));
+    };
     if !auth::looks_like_key(token) {
-        return Err(ApiError::unauthenticated("Invalid API key provided."));
+        return Caller::Refused(invalid_key());
     }
-    let record = state
-        .store
-        .find_api_key_by_digest(auth::KeyDigest::of(token).as_str())
-        .await?
-        .ok_or_else(|| ApiError::unauthenticated("Invalid API key provided."))?;
-    tracing::Span::current().record("api_key", record.id.as_str());
-    Ok(Principal::new(record))
+    let digest = auth::KeyDigest::of(token);
+    match state.store.cached_api_key(digest.as_str()) {
+        Ok(record) => Caller::Known(Principal::new(record)),
+        Err(ticket) => Caller::Unread { digest, ticket },
+    }
+}
+
+async fn authenticate(state: &AppState, caller: Caller) -> Result<Principal, ApiError> {
+    let principal = match caller {
+        Caller::Known(principal) => principal,
+        Caller::Refused(error) => return Err(error),
+        Caller::Unread { digest, ticket } => {
+            let record = Box::pin(state.store.read_api_key(digest.as_str(), ticket)).await?;
+            Principal::new(record.ok_or_else(invalid_key)?)
+        }
+    };
+    note_caller(&principal);
+    Ok(principal)
+}
+
+fn invalid_key() -> ApiError {
+    ApiError::unauthenticated("Invalid API key provided.")
+}
+
+/// Names the caller's key (its id, never the key) in the request's span.
+fn note_caller(principal: &Principal) {
+    tracing::Span::current().record("api_key", principal.key_id());
 }
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";

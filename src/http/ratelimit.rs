@@ -90,26 +90,65 @@ pub(super) async fn check_address(
     state: &AppState,
     extensions: &Extensions,
     headers: &HeaderMap,
-) -> Result<Option<Decision>, Response> {
+) -> Result<Option<Decision>, Refusal> {
     let Some(limiter) = &state.rate_limits.per_address else { return Ok(None) };
     let ClientAddr(ip) = ClientAddr::of(extensions, headers, state);
     // Boxed: without it the limiter's state is part of every `/v1`
     // request's future, limits on or off.
-    let decision = Box::pin(limiter.check(&AddressKey::new(ip))).await;
+    admit(Box::pin(limiter.check(&AddressKey::new(ip))).await, FROM_ADDRESS)
+}
+
+/// The limit per API key, once authenticated; as [`check_address`].
+pub(super) async fn check_key(state: &AppState, key_id: &String) -> Result<Option<Decision>, Refusal> {
+    let Some(limiter) = &state.rate_limits.per_key else { return Ok(None) };
+    admit(Box::pin(limiter.check(key_id)).await, FOR_KEY)
+}
+
+/// Whether both limits above decide without waiting (each off, or kept in
+/// this process), so that the `_here` checks below stand for them.
+pub(super) fn decided_here(state: &AppState) -> bool {
+    let limits = &state.rate_limits;
+    limits.per_address.as_ref().is_none_or(|l| l.is_local())
+        && limits.per_key.as_ref().is_none_or(|l| l.is_local())
+}
+
+/// [`check_address`], when [`decided_here`].
+pub(super) fn check_address_here(
+    state: &AppState,
+    extensions: &Extensions,
+    headers: &HeaderMap,
+) -> Result<Option<Decision>, Refusal> {
+    let Some(limiter) = &state.rate_limits.per_address else { return Ok(None) };
+    let ClientAddr(ip) = ClientAddr::of(extensions, headers, state);
+    admit(limiter.check_here(&AddressKey::new(ip)), FROM_ADDRESS)
+}
+
+/// [`check_key`], when [`decided_here`].
+pub(super) fn check_key_here(state: &AppState, key_id: &String) -> Result<Option<Decision>, Refusal> {
+    let Some(limiter) = &state.rate_limits.per_key else { return Ok(None) };
+    admit(limiter.check_here(key_id), FOR_KEY)
+}
+
+const FROM_ADDRESS: &str = "from this address";
+const FOR_KEY: &str = "for this API key";
+
+fn admit(decision: Decision, whom: &'static str) -> Result<Option<Decision>, Refusal> {
     if !decision.allowed {
-        return Err(too_many_requests(&decision, "from this address"));
+        return Err(Refusal { decision, whom });
     }
     Ok(Some(decision))
 }
 
-/// The limit per API key, once authenticated; as [`check_address`].
-pub(super) async fn check_key(state: &AppState, key_id: &String) -> Result<Option<Decision>, Response> {
-    let Some(limiter) = &state.rate_limits.per_key else { return Ok(None) };
-    let decision = Box::pin(limiter.check(key_id)).await;
-    if !decision.allowed {
-        return Err(too_many_requests(&decision, "for this API key"));
+/// A limit's refusal: a 429 with `Retry-After` and the limit's headers.
+pub(super) struct Refusal {
+    decision: Decision,
+    whom: &'static str,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        too_many_requests(&self.decision, self.whom)
     }
-    Ok(Some(decision))
 }
 
 fn too_many_requests(decision: &Decision, whom: &str) -> Response {

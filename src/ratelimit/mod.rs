@@ -141,6 +141,22 @@ impl<K: Hash + Eq + Clone + Display> Limiter<K> {
             },
             None => self.check_local(key),
         };
+        self.counted(decision)
+    }
+
+    /// Whether this limiter decides in this process alone (no shared
+    /// store), so that [`check_here`](Self::check_here) stands for
+    /// [`check`](Self::check) without waiting.
+    pub fn is_local(&self) -> bool {
+        self.shared.is_none()
+    }
+
+    /// Counts one request for `key` in this process's buckets.
+    pub fn check_here(&self, key: &K) -> Decision {
+        self.counted(self.check_local(key))
+    }
+
+    fn counted(&self, decision: Decision) -> Decision {
         if !decision.allowed {
             metrics::counter!("rate_limited_total", "scope" => self.scope.as_str()).increment(1);
         }

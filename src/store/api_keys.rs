@@ -104,17 +104,27 @@ impl Store {
     /// so it is answered from memory when it can be (revocation
     /// invalidates it in every instance; unknown digests are not cached).
     pub async fn find_api_key_by_digest(&self, digest: &str) -> StoreResult<Option<Arc<ApiKeyRecord>>> {
-        let ticket = match self.cache.lookup(&self.cache.api_keys, digest) {
-            Some(Lookup::Hit(record)) => return Ok(Some(record)),
-            Some(Lookup::Miss(ticket)) => Some(ticket),
-            None => None,
-        };
-        // Boxed: the query's state would otherwise be allocated and moved
-        // with every request's future, hits included.
-        Box::pin(self.read_api_key(digest, ticket)).await
+        match self.cached_api_key(digest) {
+            Ok(record) => Ok(Some(record)),
+            // Boxed: the query's state would otherwise be allocated and
+            // moved with every request's future, hits included.
+            Err(ticket) => Box::pin(self.read_api_key(digest, ticket)).await,
+        }
     }
 
-    async fn read_api_key(
+    /// [`find_api_key_by_digest`](Self::find_api_key_by_digest) as far as
+    /// memory answers it, without waiting: the key, or what
+    /// [`read_api_key`](Self::read_api_key) needs to read it (and cache it
+    /// if it may). Counted once in the cache's figures either way.
+    pub fn cached_api_key(&self, digest: &str) -> Result<Arc<ApiKeyRecord>, Option<Ticket>> {
+        match self.cache.lookup(&self.cache.api_keys, digest) {
+            Some(Lookup::Hit(record)) => Ok(record),
+            Some(Lookup::Miss(ticket)) => Err(Some(ticket)),
+            None => Err(None),
+        }
+    }
+
+    pub async fn read_api_key(
         &self,
         digest: &str,
         ticket: Option<Ticket>,
