@@ -204,7 +204,7 @@ struct Services {
 impl Service<Request> for HttpService {
     type Response = Response;
     type Error = Infallible;
-    type Future = Either<BoxFuture<Result<Response, Infallible>>, RouteFuture<Infallible>>;
+    type Future = Either<middleware::EdgeFuture, RouteFuture<Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -225,7 +225,7 @@ struct EdgeService(Arc<middleware::Edge>);
 impl Service<Request> for EdgeService {
     type Response = Response;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response, Infallible>>;
+    type Future = middleware::EdgeFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -235,8 +235,6 @@ impl Service<Request> for EdgeService {
         self.0.call(req)
     }
 }
-
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 fn is_emulator_path(path: &str) -> bool {
     path.strip_prefix(EMULATOR_PREFIX).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
