@@ -7,6 +7,8 @@
 //! unchecked string travels past the HTTP layer.
 
 use std::fmt;
+use std::sync::LazyLock;
+use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -31,13 +33,17 @@ pub fn new_id(prefix: &str) -> String {
 /// order across threads, and `new_id`'s process-wide lock (taken by both
 /// server threads on every request) and `format!` were measurable on an
 /// entitlement check. Ordered within each thread. Kept on the stack: the
-/// edge copies it once, into the header value it answers with.
-pub fn new_request_id() -> RequestId {
+/// edge copies it once, into the header value it answers with. Its time is
+/// the request's arrival, `at`, which the edge reads anyway for the
+/// request's duration (see [`wall_clock`]).
+pub fn new_request_id(at: Instant) -> RequestId {
     thread_local! {
         static GENERATOR: std::cell::RefCell<ulid::Generator> =
             const { std::cell::RefCell::new(ulid::Generator::new()) };
     }
-    let generated = GENERATOR.try_with(|g| g.try_borrow_mut().ok().and_then(|mut g| g.generate().ok()));
+    let time = wall_clock(at);
+    let generated =
+        GENERATOR.try_with(|g| g.try_borrow_mut().ok().and_then(|mut g| g.generate_from_datetime(time).ok()));
     let ulid = match generated {
         Ok(Some(ulid)) => ulid,
         // As in `new_id`: still unique, just not ordered (and not the nil
@@ -53,6 +59,16 @@ pub fn new_request_id() -> RequestId {
 }
 
 const REQUEST_ID_LEN: usize = 4 + ulid::ULID_LEN;
+
+/// The wall-clock time of the monotonic instant `at`, from one reading of
+/// both clocks: a request id's time is for people and ordering, so it need
+/// not follow steps of the wall clock after start, and reading the wall
+/// clock was one of the few clock reads left on a cached check.
+fn wall_clock(at: Instant) -> SystemTime {
+    static ORIGIN: LazyLock<(Instant, SystemTime)> = LazyLock::new(|| (Instant::now(), SystemTime::now()));
+    let (origin, wall) = *ORIGIN;
+    wall + at.saturating_duration_since(origin)
+}
 
 /// A request id from [`new_request_id`]: ASCII letters, digits and `_`.
 pub struct RequestId([u8; REQUEST_ID_LEN]);
@@ -197,8 +213,8 @@ mod tests {
 
     #[test]
     fn request_ids_are_prefixed_ulids_and_distinct() {
-        let a = new_request_id().as_str().to_owned();
-        let b = new_request_id().as_str().to_owned();
+        let a = new_request_id(Instant::now()).as_str().to_owned();
+        let b = new_request_id(Instant::now()).as_str().to_owned();
         assert!(is_tollgate_id(&a, "req"), "{a}");
         assert_eq!(a, format!("req_{}", ulid::Ulid::from_string(&a[4..]).unwrap()));
         assert!(a < b, "ordered within a thread: {a} {b}");

@@ -48,11 +48,11 @@ fn incoming_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
     ok.then(|| raw.clone())
 }
 
-/// The request's id: the caller's, or a new one.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
+/// The request's id: the caller's, or a new one of the request's arrival.
+fn request_id(headers: &HeaderMap, arrived: Instant) -> HeaderValue {
     incoming_request_id(headers).unwrap_or_else(|| {
         // A new id is ASCII letters, digits and `_`, always a valid value.
-        HeaderValue::from_bytes(crate::ids::new_request_id().as_bytes())
+        HeaderValue::from_bytes(crate::ids::new_request_id(arrived).as_bytes())
             .unwrap_or_else(|_| HeaderValue::from_static("req_"))
     })
 }
@@ -126,7 +126,8 @@ impl Edge {
     /// Gives the request an id, a span, a log line and metrics. Headers are
     /// not recorded, so keys and signatures never reach the logs.
     pub fn call(&self, req: Request) -> EdgeFuture {
-        let request_id = request_id(req.headers());
+        let started = Instant::now();
+        let request_id = request_id(req.headers(), started);
         let method_label = method_label(req.method());
         // Kept for the message of an error a layer answers with a bare status.
         let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -143,7 +144,6 @@ impl Edge {
         // for each response.
         let cross_origin = *req.method() == Method::OPTIONS || req.headers().contains_key(header::ORIGIN);
         let state = InFlightGuard::enter(self.state.clone());
-        let started = Instant::now();
         // Panics are caught in `call` too, as tower-http's `CatchPanic` did.
         let inner = catch_unwind(AssertUnwindSafe(|| {
             // `Service::call` takes `&mut`: each request calls its own
@@ -245,9 +245,11 @@ impl Future for Answering {
         // than the map growing twice.
         response.headers_mut().reserve(8);
         security_headers(response.headers_mut(), this.https);
-        if !this.cross_origin {
+        if !this.cross_origin && may_be_stored(response.headers()) {
             // What CORS would answer depends on `Origin`, so a cache must
-            // not reuse this response for a request that has one.
+            // not reuse this response for a request that has one. (No cache
+            // keeps a `no-store` answer, most of the API's, so it needs no
+            // `Vary`: one header less to write and parse on each.)
             response.headers_mut().append(header::VARY, HeaderValue::from_static("origin"));
         }
         let (id, route) = REQUEST.with(|request| (request.id.take(), request.route.take()));
@@ -384,6 +386,12 @@ fn json_errors(response: Response, method: &Method, uri: &Uri) -> Response {
         parts.headers.insert(header::CONTENT_TYPE, ct.clone());
     }
     Response::from_parts(parts, body)
+}
+
+/// Whether a cache may keep this answer (it is not `no-store`).
+fn may_be_stored(headers: &HeaderMap) -> bool {
+    let directives = headers.get_all(header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok());
+    !directives.flat_map(|v| v.split(',')).any(|d| d.trim().eq_ignore_ascii_case("no-store"))
 }
 
 /// Security headers on every response: OWASP's set for API responses

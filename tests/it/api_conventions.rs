@@ -182,7 +182,8 @@ async fn cors_allows_only_configured_origins() {
     assert!(!resp.headers().contains_key("access-control-allow-origin"));
 
     // An allowed origin's request is answered with CORS headers; a request
-    // with no origin gets none, but says the answer depends on Origin.
+    // with no origin gets none, but an answer a cache may keep says it
+    // depends on Origin (a `no-store` answer is kept by no cache).
     let cors = app
         .client
         .get(app.url("/v1/customers"))
@@ -194,16 +195,22 @@ async fn cors_allows_only_configured_origins() {
     assert_eq!(cors.status(), 200);
     assert_eq!(cors.headers()["access-control-allow-origin"], "https://app.example.com");
     assert!(cors.headers()["access-control-expose-headers"].to_str().unwrap().contains("request-id"));
+    let varies_by_origin = |resp: &reqwest::Response| {
+        resp.headers()
+            .get_all("vary")
+            .iter()
+            .any(|v| v.to_str().unwrap().split(',').any(|name| name.trim().eq_ignore_ascii_case("origin")))
+    };
     let plain = app.client.get(app.url("/v1/customers")).bearer_auth(&app.read_key).send().await.unwrap();
     assert_eq!(plain.status(), 200);
     assert!(!plain.headers().contains_key("access-control-expose-headers"));
     assert!(!plain.headers().contains_key("access-control-allow-origin"));
-    let vary: Vec<_> =
-        plain.headers().get_all("vary").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
-    assert!(
-        vary.iter().any(|v| v.split(',').any(|name| name.trim().eq_ignore_ascii_case("origin"))),
-        "{vary:?}"
-    );
+    assert_eq!(plain.headers()["cache-control"], "no-store");
+    assert!(!varies_by_origin(&plain), "{:?}", plain.headers());
+    let stored = app.client.get(app.url("/.well-known/jwks.json")).send().await.unwrap();
+    assert_eq!(stored.status(), 200);
+    assert!(!stored.headers()["cache-control"].to_str().unwrap().contains("no-store"));
+    assert!(varies_by_origin(&stored), "{:?}", stored.headers());
 }
 
 #[tokio::test]
