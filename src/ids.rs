@@ -6,9 +6,9 @@
 //! application's `external_id`, catalog keys) are validated newtypes, so no
 //! unchecked string travels past the HTTP layer.
 
+use std::cell::Cell;
 use std::fmt;
-use std::sync::LazyLock;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -60,14 +60,31 @@ pub fn new_request_id(at: Instant) -> RequestId {
 
 const REQUEST_ID_LEN: usize = 4 + ulid::ULID_LEN;
 
-/// The wall-clock time of the monotonic instant `at`, from one reading of
-/// both clocks: a request id's time is for people and ordering, so it need
-/// not follow steps of the wall clock after start, and reading the wall
-/// clock was one of the few clock reads left on a cached check.
+/// The wall-clock time of the monotonic instant `at`, from a reading of
+/// both clocks taken on this thread within the last second: a request id's
+/// time is for people and ordering, and reading the wall clock for each
+/// request was one of the few clock reads left on a cached check. Read
+/// again every second, so that a step of the wall clock (NTP, a resumed
+/// host) shows in the ids within a second.
 fn wall_clock(at: Instant) -> SystemTime {
-    static ORIGIN: LazyLock<(Instant, SystemTime)> = LazyLock::new(|| (Instant::now(), SystemTime::now()));
-    let (origin, wall) = *ORIGIN;
-    wall + at.saturating_duration_since(origin)
+    thread_local! {
+        static ORIGIN: Cell<Option<(Instant, SystemTime)>> = const { Cell::new(None) };
+    }
+    let read_both = || (Instant::now(), SystemTime::now());
+    let (instant, wall) = ORIGIN
+        .try_with(|origin| match origin.get() {
+            Some(pair) if at.saturating_duration_since(pair.0) < Duration::from_secs(1) => pair,
+            _ => {
+                let pair = read_both();
+                origin.set(Some(pair));
+                pair
+            }
+        })
+        .unwrap_or_else(|_| read_both());
+    match at.checked_duration_since(instant) {
+        Some(since) => wall + since,
+        None => wall.checked_sub(instant - at).unwrap_or(wall),
+    }
 }
 
 /// A request id from [`new_request_id`]: ASCII letters, digits and `_`.
@@ -76,10 +93,6 @@ pub struct RequestId([u8; REQUEST_ID_LEN]);
 impl RequestId {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
-    }
-
-    pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).unwrap_or("req_")
     }
 }
 
@@ -212,9 +225,22 @@ mod tests {
     }
 
     #[test]
+    fn a_request_ids_time_is_the_wall_clock_at_its_instant() {
+        let close = |a: SystemTime, b: SystemTime| {
+            a.duration_since(b).or_else(|e| Ok::<_, ()>(e.duration())).unwrap() < Duration::from_millis(200)
+        };
+        let now = Instant::now();
+        assert!(close(wall_clock(now), SystemTime::now()));
+        // An instant before the thread's last reading of the clocks.
+        let earlier = now - Duration::from_secs(5);
+        assert!(close(wall_clock(earlier), SystemTime::now() - Duration::from_secs(5)));
+    }
+
+    #[test]
     fn request_ids_are_prefixed_ulids_and_distinct() {
-        let a = new_request_id(Instant::now()).as_str().to_owned();
-        let b = new_request_id(Instant::now()).as_str().to_owned();
+        let text = |id: RequestId| String::from_utf8(id.as_bytes().to_vec()).unwrap();
+        let a = text(new_request_id(Instant::now()));
+        let b = text(new_request_id(Instant::now()));
         assert!(is_tollgate_id(&a, "req"), "{a}");
         assert_eq!(a, format!("req_{}", ulid::Ulid::from_string(&a[4..]).unwrap()));
         assert!(a < b, "ordered within a thread: {a} {b}");

@@ -30,8 +30,7 @@ pub struct RequestContext {
     /// The route template the router matched, noted from inside the router
     /// (`middleware::note_route`: the edge sees the request before routing)
     /// and taken by the edge for the request's metrics and log line.
-    /// Requests no route takes (unknown paths, preflights CORS answers)
-    /// have none.
+    /// Requests no route takes (unknown paths, CORS preflights) have none.
     pub route: Cell<Option<MatchedPath>>,
 }
 

@@ -448,9 +448,10 @@ fn security_headers(h: &mut HeaderMap, https: bool) {
 /// request on every call, so every request inserted an entry into the
 /// runtime's timer wheel and removed it again, though most requests are
 /// answered on their first poll. For the same reason the limit counts from
-/// the end of that first poll, not from the request's arrival: reading the
-/// clock is a measurable share of a cached check, and the first poll of a
-/// request that waits is short (it stops at the first thing it waits for).
+/// the request's first wait, not from its arrival: reading the clock is a
+/// measurable share of a cached check. The work before that first wait is
+/// not limited; it is short (a request stops at the first thing it waits
+/// for), and no handler computes for long without waiting.
 #[derive(Clone, Copy)]
 pub struct RouteLimitsLayer {
     pub max_body_bytes: usize,
@@ -580,12 +581,17 @@ where
     /// futures, and the route cloned twice, on every request.
     fn call(&mut self, req: Request<B>) -> ApiFuture {
         let req = req.map(Body::new);
-        let caller = identify(&self.state, req.headers());
-        let decided_here = !is_idempotent_write(&req) && ratelimit::decided_here(&self.state);
-        let caller = match (caller, decided_here) {
-            (Caller::Known(principal), true) => return self.admit_here(req, Ok(principal)),
-            (Caller::Refused(error), true) => return self.admit_here(req, Err(error)),
-            (caller, _) => caller,
+        // Looked up here only when the limits decide at once: behind a
+        // shared limit, a key is looked up after the wait for it, as a
+        // key revoked meanwhile must not be served.
+        let caller = if !is_idempotent_write(&req) && ratelimit::decided_here(&self.state) {
+            match identify(&self.state, req.headers()) {
+                Caller::Known(principal) => return self.admit_here(req, Ok(principal)),
+                Caller::Refused(error) => return self.admit_here(req, Err(error)),
+                unread => Some(unread),
+            }
+        } else {
+            None
         };
         // The inner call comes after awaiting checks, so the future owns
         // the route.
@@ -666,7 +672,7 @@ fn is_idempotent_write(req: &Request) -> bool {
 /// authenticated API key). Each step's refusal carries the `RateLimit-*`
 /// headers of the limits already passed, as when they were separate
 /// layers. [`Api::admit_here`] takes the same steps when none waits.
-async fn api(state: AppState, req: Request, next: Route, caller: Caller) -> Response {
+async fn api(state: AppState, req: Request, next: Route, caller: Option<Caller>) -> Response {
     let by_address = match ratelimit::check_address(&state, req.extensions(), req.headers()).await {
         Ok(decision) => decision,
         Err(refused) => return refused.into_response(),
@@ -683,8 +689,9 @@ async fn authenticated(
     state: &AppState,
     mut req: Request,
     next: Route,
-    caller: Caller,
+    caller: Option<Caller>,
 ) -> Result<Response, ApiError> {
+    let caller = caller.unwrap_or_else(|| identify(state, req.headers()));
     let principal = authenticate(state, caller).await?;
     let by_key = match ratelimit::check_key(state, &principal.record().id).await {
         Ok(decision) => decision,
@@ -955,6 +962,9 @@ fn replay(stored: StoredResponse) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use axum::extract::FromRequest;
+
+    use super::super::extract::ApiJson;
     use super::*;
 
     #[tokio::test]
@@ -974,16 +984,12 @@ mod tests {
         assert!(!body.to_string().contains("handler bug"), "the panic message stays in the log");
     }
 
-    /// The limits' service over a handler that reads the whole body and
-    /// says whether it could.
+    /// The limits' service over a handler that reads a JSON body as the
+    /// API's handlers do, answering its error or 200.
     fn limited(max_body_bytes: usize) -> impl Service<Request, Response = Response, Error = Infallible> {
         let reads_the_body = tower::service_fn(|req: Request| async move {
-            let read = axum::body::to_bytes(req.into_body(), usize::MAX).await;
-            Ok::<_, Infallible>(bare(if read.is_ok() {
-                StatusCode::OK
-            } else {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }))
+            let read = ApiJson::<serde_json::Value>::from_request(req, &()).await;
+            Ok::<_, Infallible>(read.map_or_else(IntoResponse::into_response, |_| bare(StatusCode::OK)))
         });
         RouteLimitsLayer { max_body_bytes, timeout: Duration::from_secs(5) }
             .layer(reads_the_body.map_future(Box::pin))
@@ -996,10 +1002,10 @@ mod tests {
         assert_eq!(limited(8).oneshot(declared).await.unwrap().status(), StatusCode::PAYLOAD_TOO_LARGE);
         // Chunks with no declared length: refused when read past the limit.
         let chunks =
-            futures_util::stream::iter(["12345", "6789"].map(|c| Ok::<_, Infallible>(Bytes::from(c))));
+            futures_util::stream::iter([r#"{"a":"#, "12345}"].map(|c| Ok::<_, Infallible>(Bytes::from(c))));
         let streamed = Request::post("/").body(Body::from_stream(chunks)).unwrap();
         assert_eq!(limited(8).oneshot(streamed).await.unwrap().status(), StatusCode::PAYLOAD_TOO_LARGE);
-        let within = Request::post("/").body(Body::from("12345678")).unwrap();
+        let within = Request::post("/").body(Body::from(r#"{"a":1}"#)).unwrap();
         assert_eq!(limited(8).oneshot(within).await.unwrap().status(), StatusCode::OK);
         let empty = Request::get("/").body(Body::empty()).unwrap();
         assert_eq!(limited(0).oneshot(empty).await.unwrap().status(), StatusCode::OK);
