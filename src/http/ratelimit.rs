@@ -15,7 +15,7 @@ use ipnet::IpNet;
 
 use super::error::{ApiError, ErrorType};
 use super::AppState;
-use crate::ratelimit::{AddressKey, Decision};
+use crate::ratelimit::{AddressKey, Decision, Limiter};
 
 pub const LIMIT: &str = "ratelimit-limit";
 pub const REMAINING: &str = "ratelimit-remaining";
@@ -91,11 +91,22 @@ pub(super) async fn check_address(
     extensions: &Extensions,
     headers: &HeaderMap,
 ) -> Result<Option<Decision>, Refusal> {
-    let Some(limiter) = &state.rate_limits.per_address else { return Ok(None) };
-    let ClientAddr(ip) = ClientAddr::of(extensions, headers, state);
+    let Some((limiter, address)) = address_limit(state, extensions, headers) else { return Ok(None) };
     // Boxed: without it the limiter's state is part of every `/v1`
     // request's future, limits on or off.
-    admit(Box::pin(limiter.check(&AddressKey::new(ip))).await, FROM_ADDRESS)
+    admit(Box::pin(limiter.check(&address)).await, FROM_ADDRESS)
+}
+
+/// The limit per client address and this request's bucket in it (`None`:
+/// no such limit).
+fn address_limit<'a>(
+    state: &'a AppState,
+    extensions: &Extensions,
+    headers: &HeaderMap,
+) -> Option<(&'a Limiter<AddressKey>, AddressKey)> {
+    let limiter = state.rate_limits.per_address.as_ref()?;
+    let ClientAddr(ip) = ClientAddr::of(extensions, headers, state);
+    Some((limiter, AddressKey::new(ip)))
 }
 
 /// The limit per API key, once authenticated; as [`check_address`].
@@ -118,9 +129,8 @@ pub(super) fn check_address_here(
     extensions: &Extensions,
     headers: &HeaderMap,
 ) -> Result<Option<Decision>, Refusal> {
-    let Some(limiter) = &state.rate_limits.per_address else { return Ok(None) };
-    let ClientAddr(ip) = ClientAddr::of(extensions, headers, state);
-    admit(limiter.check_here(&AddressKey::new(ip)), FROM_ADDRESS)
+    let Some((limiter, address)) = address_limit(state, extensions, headers) else { return Ok(None) };
+    admit(limiter.check_here(&address), FROM_ADDRESS)
 }
 
 /// [`check_key`], when [`decided_here`].
